@@ -1,0 +1,295 @@
+"""The catalogs, as data: Llama models, quantizations and accelerators.
+
+The YAML files beside this module are the source; this module only loads them into frozen values the
+estimator and planner read. Nothing here decides anything.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+CATALOG_DIR = Path(__file__).resolve().parent
+
+Runtime = Literal["vllm", "llamacpp"]
+Capability = Literal["text", "vision"]
+
+
+@dataclass(frozen=True)
+class VisionArch:
+    """The vision tower of a Llama 3.2 Vision model (HF vision_config)."""
+
+    hidden_size: int
+    intermediate_size: int
+    layers: int
+    patch_size: int
+    image_size: int
+    max_tiles: int
+    output_dim: int
+    image_tokens: int  # encoder tokens one image yields (per request), held in the cross-attention KV cache
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    layers: int  # all decoder layers, cross-attention ones included (HF text_config.num_hidden_layers)
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    max_context: int
+    cross_attention_layers: int = 0
+    vision: VisionArch | None = None
+
+    @property
+    def self_attention_layers(self) -> int:
+        return self.layers - self.cross_attention_layers
+
+
+@dataclass(frozen=True)
+class GgufSource:
+    repo: str
+    file: str  # with {QUANT}
+    split: dict[str, int] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)  # quant id -> file token, where not the GGUF name
+    unpublished: tuple[str, ...] = ()
+
+    def file_for(self, quant_gguf_name: str, quant_id: str) -> str:
+        """The file llama.cpp loads: the first part of a split upload (llama.cpp finds the rest)."""
+        name = self.file.replace("{QUANT}", self.names.get(quant_id, quant_gguf_name))
+        parts = self.split.get(quant_id)
+        if parts:
+            stem = name[: -len(".gguf")]
+            return f"{stem}/{stem}-00001-of-{parts:05d}.gguf"
+        return name
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    name: str
+    family: str
+    capability: Capability
+    published_parameters: float
+    arch: ModelArch
+    source: str
+    vllm_repos: dict[str, str]  # quantization id -> HF repo
+    gguf: GgufSource | None
+
+    def variants(self) -> list[str]:
+        """Quantization ids published for this model, vLLM ones first."""
+        out = list(self.vllm_repos)
+        if self.gguf is not None:
+            out += [
+                q.id
+                for q in load_catalog().quantizations.values()
+                if q.runtime == "llamacpp" and q.id not in self.gguf.unpublished
+            ]
+        return out
+
+
+@dataclass(frozen=True)
+class Quantization:
+    id: str
+    runtime: Runtime
+    quality: int
+    bits: int
+    # vLLM checkpoints
+    linear_bits: float | None = None
+    min_compute_capability: str | None = None
+    needs: str | None = None  # "bf16" | "fp8": tensor support the GPU must have
+    vllm_quantization: str | None = None
+    vllm_quantization_fast: str | None = None
+    # GGUF mixes
+    gguf: str | None = None
+    base: str | None = None
+    attn_v: str | None = None
+    ffn_down: str | None = None
+    more_bits_share: float = 1.0
+    attn_output: str | None = None
+    output: str | None = None
+    embedding: str | None = None
+
+
+@dataclass(frozen=True)
+class GPU:
+    product: str
+    aliases: tuple[str, ...]
+    name: str
+    vendor: str
+    memory_gib: float
+    memory_bandwidth_gbps: float
+    bf16_tflops: float | None
+    fp16_tflops: float | None
+    fp8_tflops: float | None
+    int8_tops: float | None
+    compute_capability: str | None
+    interconnect: str
+    label_key: str = "nvidia.com/gpu.product"
+    arch: str | None = None
+    known: bool = True  # False for a product missing from the catalog, built from its node labels
+
+    @property
+    def resource_name(self) -> str:
+        return "amd.com/gpu" if self.vendor == "amd" else "nvidia.com/gpu"
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+    @property
+    def tensor_tflops_16bit(self) -> float:
+        """Dense 16-bit tensor throughput: BF16 where the GPU has it, else FP16."""
+        return self.bf16_tflops or self.fp16_tflops or 0.0
+
+    def supports(self, feature: str | None) -> bool:
+        if feature is None:
+            return True
+        if feature == "bf16":
+            return self.bf16_tflops is not None
+        if feature == "fp8":
+            return self.fp8_tflops is not None
+        raise ValueError(f"unknown hardware feature {feature!r}")
+
+
+@dataclass(frozen=True)
+class CpuDefaults:
+    """What the estimator assumes of a CPU node without better information."""
+
+    memory_bandwidth_gbps: float  # node default; the node label `bandwidth_label` overrides it
+    bandwidth_label: str
+    tflops: float  # effective prefill throughput of a 16-core node (measured), scaled by cores
+    source: str
+
+
+@dataclass(frozen=True)
+class Catalog:
+    models: dict[str, Model]
+    quantizations: dict[str, Quantization]
+    ggml_type_bits: dict[str, float]
+    gguf_metadata_bytes: float
+    gpus: dict[str, GPU]  # canonical product -> GPU
+    gpu_index: dict[str, GPU]  # lower-cased product or alias -> GPU
+    cpu: CpuDefaults
+
+    def model(self, model_id: str) -> Model:
+        return self.models[model_id]
+
+    def find_gpu(self, product: str) -> GPU | None:
+        return self.gpu_index.get(product.strip().lower())
+
+
+_ACRONYMS = {"GiB": "Gib", "GBps": "Gbps", "TFLOPS": "Tflops", "TOPS": "Tops"}
+
+
+def _camel_to_snake(name: str) -> str:
+    """YAML keys are camelCase like Kubernetes manifests; Python fields are snake_case."""
+    for acronym, word in _ACRONYMS.items():
+        name = name.replace(acronym, word)
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
+def _snake_keys(d: dict) -> dict:
+    return {_camel_to_snake(k): v for k, v in d.items()}
+
+
+def _load_yaml(name: str) -> dict:
+    with open(CATALOG_DIR / name, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _load_models() -> dict[str, Model]:
+    models: dict[str, Model] = {}
+    for raw in _load_yaml("models.yaml")["models"]:
+        arch = dict(raw["arch"])
+        vision = arch.pop("vision", None)
+        arch_kwargs = _snake_keys(arch)
+        if vision:
+            arch_kwargs["vision"] = VisionArch(**_snake_keys(vision))
+        gguf = raw.get("gguf")
+        models[raw["id"]] = Model(
+            id=raw["id"],
+            name=raw["name"],
+            family=str(raw["family"]),
+            capability=raw["capability"],
+            published_parameters=float(raw["publishedParameters"]),
+            arch=ModelArch(**arch_kwargs),
+            source=raw["source"],
+            vllm_repos={q: v["repo"] for q, v in (raw.get("vllm") or {}).items()},
+            gguf=GgufSource(
+                repo=gguf["repo"],
+                file=gguf["file"],
+                split=dict(gguf.get("split") or {}),
+                names=dict(gguf.get("names") or {}),
+                unpublished=tuple(gguf.get("unpublished") or ()),
+            )
+            if gguf
+            else None,
+        )
+    return models
+
+
+def _load_hardware() -> tuple[dict[str, GPU], dict[str, GPU], CpuDefaults]:
+    raw = _load_yaml("hardware.yaml")
+    gpus: dict[str, GPU] = {}
+    index: dict[str, GPU] = {}
+    for entry in raw["gpus"]:
+        kw = _snake_keys(entry)
+        kw.pop("source", None)
+        kw["aliases"] = tuple(kw.get("aliases") or ())
+        if kw.get("compute_capability") is not None:
+            kw["compute_capability"] = str(kw["compute_capability"])
+        allowed = GPU.__dataclass_fields__.keys()
+        gpu = GPU(**{k: v for k, v in kw.items() if k in allowed})
+        gpus[gpu.product] = gpu
+        for name in (gpu.product, *gpu.aliases):
+            index[name.lower()] = gpu
+    cpu_raw = raw["cpu"]
+    cpu = CpuDefaults(
+        memory_bandwidth_gbps=float(cpu_raw["defaultMemoryBandwidthGBps"]),
+        bandwidth_label=cpu_raw["memoryBandwidthLabelKey"],
+        tflops=float(cpu_raw["defaultEffectiveTFLOPS"]),
+        source=cpu_raw.get("source", ""),
+    )
+    return gpus, index, cpu
+
+
+@functools.cache
+def load_catalog() -> Catalog:
+    """The catalogs shipped with the package (read once; they are immutable)."""
+    q_raw = _load_yaml("quantizations.yaml")
+    quants = {}
+    for qid, q in q_raw["quantizations"].items():
+        kw = _snake_keys(q)
+        if kw.get("min_compute_capability") is not None:
+            kw["min_compute_capability"] = str(kw["min_compute_capability"])
+        quants[qid] = Quantization(id=qid, **kw)
+    gpus, index, cpu = _load_hardware()
+    return Catalog(
+        models=_load_models(),
+        quantizations=quants,
+        ggml_type_bits={k: float(v) for k, v in q_raw["ggmlTypeBits"].items()},
+        gguf_metadata_bytes=float(q_raw["ggufMetadataBytes"]),
+        gpus=gpus,
+        gpu_index=index,
+        cpu=cpu,
+    )
+
+
+def model_ids() -> list[str]:
+    """Model ids in catalog order (used for the CRD enum and CEL rules, so they must not need hardware)."""
+    return [m["id"] for m in _load_yaml("models.yaml")["models"]]
+
+
+def capability_version(cc: str | None) -> tuple[int, int]:
+    """'8.9' -> (8, 9); None (no CUDA capability, e.g. AMD) -> (0, 0)."""
+    if not cc:
+        return (0, 0)
+    major, _, minor = cc.partition(".")
+    return (int(major), int(minor or 0))

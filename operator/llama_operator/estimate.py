@@ -1,0 +1,373 @@
+"""The estimator: memory and latency of one replica, from the architecture and the hardware.
+
+Pure functions of their inputs. Every formula is written out in docs/estimator.md; the constants
+below say where each number comes from. The shape of the model:
+
+* Weights: parameters counted from the architecture (attention, MLP, embeddings, norms, vision
+  tower) times the bytes each tensor costs in the variant's format (see catalog/quantizations.yaml).
+* KV cache: 2 (K and V) x self-attention layers x KV heads x head dim x bytes per element, per token,
+  for `contextLength x concurrency` tokens; vision models add the cross-attention cache of one image
+  per sequence.
+* Overhead: what the runtime holds besides weights and KV cache (measured for vLLM; llama.cpp's
+  compute buffers from its graph sizes).
+* Decode (time per output token): one step reads every weight once and the KV cache of every running
+  sequence; it takes the longer of that traffic at the calibrated share of peak bandwidth plus a
+  fixed per-parameter kernel cost, and the step's FLOPs at the calibrated share of peak throughput.
+* Prefill (time to first token): 2 x parameters x prompt tokens plus causal attention FLOPs, at the
+  calibrated share of peak tensor throughput, never faster than one pass over the weights; plus one
+  decode step of the running batch the new request joins.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from .catalog import GPU, Model, ModelArch, Quantization, load_catalog
+
+GiB = 2**30
+
+# --- Constants: measured or fitted (docs/estimator.md, "Constants") ----------------------------------
+
+#: vLLM's memory outside PyTorch's allocator (CUDA context, cuBLAS workspaces, NCCL), per GPU:
+#: 1.79 GiB at TP1 and 3.58 GiB at TP2 in vLLM's startup profile of Llama 3 8B on H100
+#: (calibration D rows). The TP>1 extra is NCCL's buffers.
+VLLM_NON_TORCH_BYTES = 1.79 * GiB
+VLLM_NON_TORCH_EXTRA_TP_BYTES = (3.58 - 1.79) * GiB
+#: vLLM's activation peak in the profiling run: 1.26 GiB for Llama 3 8B (hidden 4096), the same at TP1
+#: and TP2 (calibration D). Scaled by hidden size for other models.
+VLLM_ACTIVATION_PEAK_BYTES_AT_4096 = 1.26 * GiB
+#: The highest --gpu-memory-utilization the operator plans (vLLM's default is 0.90; the rest of the
+#: device is left to the driver and fragmentation).
+VLLM_MAX_GPU_MEMORY_UTILIZATION = 0.95
+
+#: llama.cpp processes prompts in micro-batches of 512 tokens (its default --ubatch-size).
+LLAMACPP_UBATCH = 512
+#: CUDA context and cuBLAS workspace a llama.cpp server holds on each GPU it uses.
+LLAMACPP_GPU_CONTEXT_BYTES = 0.30 * GiB
+
+#: Decode: share of peak memory bandwidth the weight-streaming kernels reach, and the per-parameter
+#: fixed cost (dequantisation, kernel launches) per token. Fitted to llama.cpp's llama-bench tg512
+#: results for Llama 3 8B (calibration C) by benchmarks/calibrate_estimator.py; the same
+#: kernels' costs are assumed for vLLM (no vLLM batch-1 measurement is in the calibration set).
+DECODE_BANDWIDTH_EFFICIENCY_16BIT = 0.92
+DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED = 0.92
+DECODE_SECONDS_PER_PARAMETER_16BIT = 0.10e-12
+DECODE_SECONDS_PER_PARAMETER_QUANTIZED = 0.30e-12
+#: llama.cpp's batch-1 kernels stop scaling with bandwidth on HBM GPUs: in the same llama-bench run an
+#: A100 (2039 GB/s) decodes no faster than an RTX 4090 (1008 GB/s). The effective bandwidth it reaches is
+#: capped (fitted to the same calibration rows). vLLM's kernels are not capped.
+LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_16BIT = 1000.0
+LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED = 900.0
+#: CPU decode: share of the node's memory bandwidth llama.cpp's CPU kernels reach (assumed equal to
+#: the GPU 16-bit figure; no x86 CPU decode result is in the calibration set).
+CPU_BANDWIDTH_EFFICIENCY = 0.92
+#: Prefill: share of peak dense tensor throughput reached on a 512-token prompt. Measured: llama.cpp
+#: pp512 of Llama 3 8B Q4_K_M on an RTX 4090 = 7139 tokens/s = 0.70 of 165 TFLOPS (calibration C).
+PREFILL_COMPUTE_EFFICIENCY = 0.70
+#: Decode compute (matters at high concurrency): batched GEMMs reach less of peak than prefill.
+DECODE_COMPUTE_EFFICIENCY = 0.50
+#: Tensor parallelism: every layer all-reduces twice per step. Latency per all-reduce (assumed from
+#: NCCL's published small-message latencies: NVLink ~10 us, PCIe ~25 us).
+ALLREDUCE_LATENCY_SECONDS = {"nvlink": 10e-6, "pcie": 25e-6, "infinity-fabric": 12e-6}
+#: Decode speed is reported at a reference context: the prompt plus half of a 256-token answer.
+REFERENCE_OUTPUT_TOKENS = 256
+#: CPU prefill throughput in the catalog was measured on 16 cores; it scales with cores.
+CPU_REFERENCE_CORES = 16
+
+KvCacheDtype = Literal["auto", "fp8", "q8_0"]
+RuntimeName = Literal["vllm", "llamacpp"]
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What one replica runs on: `gpu_count` GPUs of one product in one node, or a CPU node."""
+
+    gpu: GPU | None
+    gpu_count: int = 1
+    cpu_cores: int = 0
+    cpu_bandwidth_gbps: float = 0.0
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.gpu is None
+
+    def describe(self) -> str:
+        if self.gpu is None:
+            return f"cpu ({self.cpu_cores} cores, {self.cpu_bandwidth_gbps:g} GB/s)"
+        return f"{self.gpu_count}x {self.gpu.product}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    context_length: int
+    concurrency: int = 1
+    prompt_tokens: int = 512
+    kv_cache_dtype: KvCacheDtype = "auto"
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    embedding: float
+    output: float  # 0 when tied to the embedding
+    attention: float  # all decoder layers' q/k/v/o projections
+    mlp: float
+    norms: float
+    vision: float  # vision tower and projector (vision models only)
+    attn_v: float  # part of `attention` in v projections (GGUF mixes treat them apart)
+    attn_output: float  # part of `attention` in o projections
+    ffn_down: float  # part of `mlp` in down projections
+
+    @property
+    def linear(self) -> float:
+        """Weights of the decoder's linear layers: what AWQ/GPTQ/FP8 quantize."""
+        return self.attention + self.mlp
+
+    @property
+    def total(self) -> float:
+        return self.embedding + self.output + self.attention + self.mlp + self.norms + self.vision
+
+    @property
+    def active_per_token(self) -> float:
+        """Parameters a text token passes through (the embedding is a lookup, not a matmul)."""
+        return self.output_matmul + self.attention + self.mlp
+
+    @property
+    def output_matmul(self) -> float:
+        return self.output or self.embedding
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights_bytes: int
+    kv_cache_bytes: int
+    overhead_bytes: int
+    total_bytes: int
+    per_gpu_bytes: int  # for CPU: equal to total (RAM)
+    ttft_seconds: float
+    tpot_seconds: float
+    decode_tokens_per_second: float  # per sequence, at the workload's concurrency
+    prefill_tokens_per_second: float
+    gpu_memory_utilization: float | None = None  # vLLM's flag, when planned on GPUs
+
+    def to_dict(self) -> dict:
+        return {
+            "weightsBytes": self.weights_bytes,
+            "kvCacheBytes": self.kv_cache_bytes,
+            "overheadBytes": self.overhead_bytes,
+            "totalBytes": self.total_bytes,
+            "perGpuBytes": self.per_gpu_bytes,
+            "ttftSeconds": round(self.ttft_seconds, 6),
+            "tpotSeconds": round(self.tpot_seconds, 6),
+            "decodeTokensPerSecond": round(self.decode_tokens_per_second, 3),
+            "prefillTokensPerSecond": round(self.prefill_tokens_per_second, 3),
+        }
+
+
+# --- Parameters and bytes ------------------------------------------------------------------------------
+
+
+def parameter_counts(arch: ModelArch) -> ParameterCounts:
+    """Count parameters from the architecture, tensor by tensor (HF Llama / Mllama layouts).
+
+    Cross-attention layers of the vision models have the same projections and MLP as self-attention
+    layers (their K/V read the projected vision features), so every decoder layer counts alike.
+    """
+    h, L = arch.hidden_size, arch.layers
+    q = h * arch.heads * arch.head_dim
+    kv = h * arch.kv_heads * arch.head_dim
+    o = arch.heads * arch.head_dim * h
+    mlp_layer = 3 * h * arch.intermediate_size
+    embedding = arch.vocab_size * h
+    vision = 0.0
+    if arch.vision is not None:
+        v = arch.vision
+        per_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+        patches = (v.image_size // v.patch_size) ** 2 + 1
+        patch_embed = 3 * v.patch_size**2 * v.hidden_size
+        position = patches * v.hidden_size * (1 + v.max_tiles**2)  # gated + tile position embeddings
+        projector = v.output_dim * h
+        vision = v.layers * per_layer + patch_embed + position + projector
+    return ParameterCounts(
+        embedding=embedding,
+        output=0.0 if arch.tied_embeddings else embedding,
+        attention=L * (q + 2 * kv + o),
+        mlp=L * mlp_layer,
+        norms=L * 2 * h + h,
+        vision=vision,
+        attn_v=L * kv,
+        attn_output=L * o,
+        ffn_down=L * h * arch.intermediate_size,
+    )
+
+
+def weights_bytes(model: Model, quant: Quantization) -> int:
+    """Bytes of the variant's weights as the runtime loads them."""
+    p = parameter_counts(model.arch)
+    if quant.runtime == "vllm":
+        # Linear layers in the checkpoint's format; embeddings, lm_head, norms and the vision tower
+        # stay 16-bit in every published Llama AWQ/GPTQ/FP8 checkpoint.
+        assert quant.linear_bits is not None
+        unquantized = p.embedding + p.output + p.norms + p.vision
+        return int(p.linear * quant.linear_bits / 8 + unquantized * 2)
+    bits = load_catalog().ggml_type_bits
+    share = quant.more_bits_share
+    base = bits[quant.base]
+    attn_v_bits = share * bits[quant.attn_v] + (1 - share) * base
+    ffn_down_bits = share * bits[quant.ffn_down] + (1 - share) * base
+    other_linear = p.linear - p.attn_v - p.attn_output - p.ffn_down
+    total_bits = (
+        other_linear * base
+        + p.attn_v * attn_v_bits
+        + p.ffn_down * ffn_down_bits
+        + p.attn_output * bits[quant.attn_output]
+        + p.norms * bits["F32"]
+    )
+    if model.arch.tied_embeddings:
+        total_bits += p.embedding * bits[quant.output]  # llama.cpp treats a tied embedding as the output
+    else:
+        total_bits += p.embedding * bits[quant.embedding] + p.output * bits[quant.output]
+    return int(total_bits / 8 + load_catalog().gguf_metadata_bytes)
+
+
+def kv_bytes_per_element(runtime: RuntimeName, dtype: KvCacheDtype) -> float:
+    if dtype == "fp8":
+        return 1.0
+    if dtype == "q8_0":
+        return load_catalog().ggml_type_bits["Q8_0"] / 8
+    return 2.0  # the model's 16-bit dtype (vLLM "auto", llama.cpp f16)
+
+
+def kv_cache_bytes(arch: ModelArch, workload: Workload, runtime: RuntimeName) -> int:
+    """KV cache for `context_length` tokens in each of `concurrency` sequences.
+
+    Vision models also cache, per sequence, the cross-attention K/V of one image's encoder tokens.
+    """
+    elem = kv_bytes_per_element(runtime, workload.kv_cache_dtype)
+    per_token = 2 * arch.self_attention_layers * arch.kv_heads * arch.head_dim * elem
+    total = per_token * workload.context_length * workload.concurrency
+    if arch.vision is not None and arch.cross_attention_layers:
+        per_image = 2 * arch.cross_attention_layers * arch.kv_heads * arch.head_dim * elem * arch.vision.image_tokens
+        total += per_image * workload.concurrency
+    return int(total)
+
+
+def kv_read_bytes_per_step(arch: ModelArch, workload: Workload, runtime: RuntimeName) -> float:
+    """KV bytes one decode step reads: every running sequence at the reference context."""
+    elem = kv_bytes_per_element(runtime, workload.kv_cache_dtype)
+    context = min(workload.context_length, workload.prompt_tokens + REFERENCE_OUTPUT_TOKENS // 2)
+    per_token = 2 * arch.self_attention_layers * arch.kv_heads * arch.head_dim * elem
+    return per_token * context * workload.concurrency
+
+
+# --- The estimate --------------------------------------------------------------------------------------
+
+
+def _conservative_tflops() -> float:
+    """For a GPU whose tensor throughput no source gives: the slowest 16-bit figure in the catalog."""
+    known = [g.tensor_tflops_16bit for g in load_catalog().gpus.values() if g.tensor_tflops_16bit]
+    return min(known)
+
+
+def _gpu_tflops(gpu: GPU, quant: Quantization) -> float:
+    if quant.id == "fp8" and gpu.fp8_tflops:
+        return gpu.fp8_tflops
+    return gpu.tensor_tflops_16bit or _conservative_tflops()
+
+
+def _is_16bit(quant: Quantization) -> bool:
+    return quant.bits >= 16 or quant.id == "fp8"
+
+
+def _overhead_bytes(model: Model, quant: Quantization, hw: Hardware) -> tuple[int, int]:
+    """(total overhead, overhead per GPU) the runtime holds besides weights and KV cache."""
+    arch = model.arch
+    if quant.runtime == "vllm":
+        per_gpu = VLLM_NON_TORCH_BYTES + VLLM_ACTIVATION_PEAK_BYTES_AT_4096 * arch.hidden_size / 4096
+        if hw.gpu_count > 1:
+            per_gpu += VLLM_NON_TORCH_EXTRA_TP_BYTES
+        return int(per_gpu * hw.gpu_count), int(per_gpu)
+    # llama.cpp: one micro-batch's activations and logits in f32 (the compute buffer), per device.
+    compute = LLAMACPP_UBATCH * (arch.vocab_size + arch.intermediate_size + 4 * arch.hidden_size) * 4
+    if hw.is_cpu:
+        return int(compute), int(compute)
+    per_gpu = compute + LLAMACPP_GPU_CONTEXT_BYTES
+    return int(per_gpu * hw.gpu_count), int(per_gpu)
+
+
+def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload) -> Estimate:
+    """Memory and latency of one replica of `model` in `quant` on `hw` under `workload`.
+
+    vLLM splits a model across GPUs by tensor parallelism (each GPU holds 1/N of every layer and
+    works on every token, so bandwidth adds up); llama.cpp by layers (--split-mode layer: each GPU
+    holds a contiguous block of layers and a token passes through them in turn, so memory adds up
+    but one token's time does not shrink).
+    """
+    arch = model.arch
+    runtime: RuntimeName = quant.runtime
+    params = parameter_counts(arch)
+    w_bytes = weights_bytes(model, quant)
+    kv_bytes = kv_cache_bytes(arch, workload, runtime)
+    overhead, overhead_per_gpu = _overhead_bytes(model, quant, hw)
+    total = w_bytes + kv_bytes + overhead
+    n = max(1, hw.gpu_count)
+    per_gpu = total if hw.is_cpu else math.ceil((w_bytes + kv_bytes) / n) + overhead_per_gpu
+
+    active = params.active_per_token
+    kv_read = kv_read_bytes_per_step(arch, workload, runtime)
+    c = workload.concurrency
+    sixteen = _is_16bit(quant)
+    eff_bw = DECODE_BANDWIDTH_EFFICIENCY_16BIT if sixteen else DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED
+    per_param = DECODE_SECONDS_PER_PARAMETER_16BIT if sixteen else DECODE_SECONDS_PER_PARAMETER_QUANTIZED
+
+    if hw.is_cpu:
+        cores = max(1, hw.cpu_cores)
+        bandwidth = hw.cpu_bandwidth_gbps * 1e9 * CPU_BANDWIDTH_EFFICIENCY
+        flops = load_catalog().cpu.tflops * 1e12 * cores / CPU_REFERENCE_CORES
+        t_memory = (w_bytes + kv_read) / bandwidth
+        t_compute = 2 * active * c / flops
+        step = max(t_memory, t_compute)
+        prefill_flops_rate = flops
+        parallel = 1
+        comm = 0.0
+    else:
+        gpu = hw.gpu
+        assert gpu is not None
+        bandwidth = gpu.memory_bandwidth_gbps * 1e9 * eff_bw
+        if runtime == "llamacpp":
+            cap = LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_16BIT if sixteen else LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED
+            bandwidth = min(bandwidth, cap * 1e9)
+        peak = _gpu_tflops(gpu, quant) * 1e12
+        if runtime == "vllm":
+            parallel = n  # tensor parallel: the traffic and the FLOPs split N ways
+            comm = 2 * arch.layers * ALLREDUCE_LATENCY_SECONDS.get(gpu.interconnect, 25e-6) if n > 1 else 0.0
+        else:
+            parallel = 1  # layer split: shards run one after another
+            comm = 0.0
+        t_memory = (w_bytes + kv_read) / (bandwidth * parallel) + active * per_param / parallel
+        t_compute = 2 * active * c / (peak * DECODE_COMPUTE_EFFICIENCY * parallel)
+        step = max(t_memory, t_compute) + comm
+        prefill_flops_rate = peak * PREFILL_COMPUTE_EFFICIENCY * parallel
+
+    prompt = workload.prompt_tokens
+    prefill_flops = 2 * active * prompt + 2 * arch.self_attention_layers * prompt**2 * arch.heads * arch.head_dim
+    prefill = max(prefill_flops / prefill_flops_rate, w_bytes / (bandwidth * parallel))
+    if not hw.is_cpu and runtime == "vllm" and n > 1:
+        prefill += comm
+    ttft = prefill + step
+
+    utilization = None
+    if runtime == "vllm" and hw.gpu is not None:
+        utilization = min(VLLM_MAX_GPU_MEMORY_UTILIZATION, per_gpu / hw.gpu.memory_bytes)
+    return Estimate(
+        weights_bytes=w_bytes,
+        kv_cache_bytes=kv_bytes,
+        overhead_bytes=overhead,
+        total_bytes=total,
+        per_gpu_bytes=per_gpu,
+        ttft_seconds=ttft,
+        tpot_seconds=step,
+        decode_tokens_per_second=1.0 / step,
+        prefill_tokens_per_second=prompt / prefill,
+        gpu_memory_utilization=utilization,
+    )
