@@ -70,7 +70,7 @@ class GgufSource:
         return name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one instance per catalog id: identity is equality (and hashable)
 class Model:
     id: str
     name: str

@@ -1,0 +1,334 @@
+"""`llama-operator`: plan, estimate, crd (and run, sandbox: the operator itself).
+
+Exit codes: 0 success (for `plan`: feasible), 2 `plan` found no feasible candidate, 1 bad input (a
+message naming the problem, never a traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from . import api
+from .api import SpecError, format_bytes, format_seconds
+from .catalog import load_catalog
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 1, 2
+
+
+class UserError(Exception):
+    """Bad input from the person at the keyboard: printed as one clear message, exit 1."""
+
+
+# --- Loading files --------------------------------------------------------------------------------------
+
+
+def _load_documents(path: str) -> list[Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        docs = [d for d in yaml.safe_load_all(p.read_text(encoding="utf-8")) if d is not None]
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    out = []
+    for d in docs:
+        if isinstance(d, dict) and d.get("kind", "").endswith("List") and isinstance(d.get("items"), list):
+            out.extend(d["items"])
+        else:
+            out.append(d)
+    return out
+
+
+def load_deployments(path: str) -> list[tuple[str, api.LlamaDeploymentSpec]]:
+    """(name, spec) of every LlamaDeployment in the file; other kinds are ignored."""
+    found = []
+    for i, doc in enumerate(_load_documents(path)):
+        if not isinstance(doc, dict) or doc.get("kind") != api.KIND:
+            continue
+        name = (doc.get("metadata") or {}).get("name") or f"document {i + 1}"
+        try:
+            found.append((name, api.parse_object(doc)))
+        except SpecError as e:
+            raise UserError(f"{path}: LlamaDeployment {name}:\n  " + "\n  ".join(e.problems)) from None
+    if not found:
+        raise UserError(f"{path}: no LlamaDeployment in the file (expected kind {api.KIND}, apiVersion {api.API_VERSION})")
+    return found
+
+
+def load_cluster_file(path: str):
+    from .inventory import Inventory
+
+    docs = _load_documents(path)
+    nodes = [d for d in docs if isinstance(d, dict) and d.get("kind", "Node") == "Node" and "metadata" in d]
+    pods = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Pod"]
+    if not nodes:
+        raise UserError(f"{path}: no Node in the file (a `kubectl get nodes -o yaml` dump works)")
+    return Inventory.from_manifests(nodes, pods), len(nodes)
+
+
+def load_live_cluster():
+    """Nodes and Pods of the current kubeconfig's cluster."""
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    from .inventory import Inventory
+
+    try:
+        config.load_kube_config()
+    except (ConfigException, FileNotFoundError, TypeError) as e:
+        raise UserError(f"no --cluster file given and no usable kubeconfig ({e}); pass --cluster FILE or set "
+                        "KUBECONFIG") from None
+    core = client.CoreV1Api()
+    try:
+        nodes = core.list_node(_request_timeout=30).to_dict()["items"]
+        pods = core.list_pod_for_all_namespaces(field_selector="status.phase!=Succeeded,status.phase!=Failed",
+                                                _request_timeout=30).to_dict()["items"]
+    except Exception as e:  # noqa: BLE001 - any API failure is reported the same way
+        raise UserError(f"could not read Nodes and Pods from the cluster: {e}") from None
+    nodes = [_camel_keys(n) for n in nodes]
+    pods = [_camel_keys(p) for p in pods]
+    return Inventory.from_manifests(nodes, pods), len(nodes)
+
+
+def _camel_keys(obj):
+    """The Python client's to_dict() uses snake_case; manifests use camelCase. Labels stay as they are."""
+    if isinstance(obj, list):
+        return [_camel_keys(x) for x in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {}
+    for k, v in obj.items():
+        parts = k.split("_")
+        key = parts[0] + "".join(p.title() for p in parts[1:]) if "_" in k and "/" not in k and "." not in k else k
+        out[key] = v if key in ("labels", "annotations", "allocatable", "capacity", "limits", "requests") else _camel_keys(v)
+    return out
+
+
+# --- plan -----------------------------------------------------------------------------------------------
+
+
+def _predicted_cells(c) -> tuple[str, str, str]:
+    if c.estimate is None:
+        return "-", "-", "-"
+    e = c.estimate
+    return format_bytes(e.total_bytes), format_seconds(e.ttft_seconds), format_seconds(e.tpot_seconds)
+
+
+def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_label: str) -> str:
+    out = []
+    slo = spec.slo
+    out.append(f"LlamaDeployment {name} on {cluster_label}")
+    out.append("")
+    out.append(f"  Requested  {spec.model}, {spec.replicas} replica(s), context {spec.contextLength} tokens x "
+               f"{slo.concurrency} concurrent")
+    out.append(f"  Limits     TTFT p95 <= {slo.ttftP95} (prompt {slo.promptTokens} tokens), TPOT p95 <= {slo.tpotP95}, "
+               f"memory budget {format_bytes(spec.memory_budget_bytes)} per replica")
+    c = plan.chosen
+    if c is None:
+        out.append("  Result     INFEASIBLE: no candidate meets every limit")
+    else:
+        flag = "  [FALLBACK]" if plan.fallback else ""
+        out.append(f"  Chosen     {c.model.id} {c.quant.id} on {c.runtime}, {c.hardware} per replica{flag}")
+        e = c.estimate
+        per_gpu = f", {format_bytes(e.per_gpu_bytes)} per GPU" if c.pool.gpu else " of RAM"
+        out.append(f"  Predicted  memory {format_bytes(e.total_bytes)}{per_gpu} (weights {format_bytes(e.weights_bytes)},"
+                   f" KV cache {format_bytes(e.kv_cache_bytes)}, overhead {format_bytes(e.overhead_bytes)})")
+        out.append(f"             TTFT {format_seconds(e.ttft_seconds)} (limit {slo.ttftP95}), "
+                   f"TPOT {format_seconds(e.tpot_seconds)} (limit {slo.tpotP95})")
+        if c.kv_cache_dtype != "auto":
+            out.append(f"  KV cache   {c.kv_cache_dtype}")
+        out.append(f"  Weights    {c.weights_source()}")
+    if plan.fallback_reason:
+        out.append("  Why        " + plan.fallback_reason.replace(" | ", "\n             "))
+    for note in plan.notes:
+        out.append(f"  Note       {note}")
+    out.append("")
+    headers = ("VERDICT", "MODEL", "QUANT", "RUNTIME", "HARDWARE", "MEMORY", "TTFT", "TPOT")
+    rows = []
+    for cand in plan.candidates:
+        mem, ttft, tpot = _predicted_cells(cand)
+        quant = cand.quant.id + (f"+kv:{cand.kv_cache_dtype}" if cand.kv_cache_dtype != "auto" else "")
+        rows.append(((cand.verdict, cand.model.id, quant, cand.runtime, cand.hardware, mem, ttft, tpot), cand.reasons))
+    widths = [max([len(h)] + [len(r[0][i]) for r in rows]) for i, h in enumerate(headers)]
+    out.append(f"  Candidates tried: {len(plan.candidates)}")
+    out.append("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for cells, reasons in rows:
+        out.append("  " + "  ".join(v.ljust(w) for v, w in zip(cells, widths)).rstrip())
+        for r in reasons:
+            out.append(f"      - {r}")
+    return "\n".join(out)
+
+
+def cmd_plan(args) -> int:
+    from .planner import plan as make_plan
+
+    deployments = load_deployments(args.file)
+    if args.cluster:
+        inventory, count = load_cluster_file(args.cluster)
+        cluster_label = f"{args.cluster} ({count} nodes)"
+    else:
+        inventory, count = load_live_cluster()
+        cluster_label = f"the current kubeconfig's cluster ({count} nodes)"
+    results = []
+    worst = EXIT_OK
+    for name, spec in deployments:
+        p = make_plan(spec, inventory)
+        results.append((name, spec, p))
+        if not p.feasible:
+            worst = EXIT_INFEASIBLE
+        else:
+            # Later deployments in the same file see the GPUs this one takes (as the operator does).
+            c = p.chosen
+            inventory = inventory.reserve(
+                c.pool.gpu.product if c.pool.gpu else None,
+                c.gpus_per_replica,
+                spec.replicas,
+                cpu_millis=0 if c.pool.gpu else c.pool.cpu_cores * 1000,
+                memory_bytes=0 if c.pool.gpu else c.estimate.total_bytes,
+            )
+    if args.output == "table":
+        print("\n\n".join(render_plan_table(n, s, p, cluster_label) for n, s, p in results))
+    else:
+        docs = [{"name": n, **p.to_dict()} for n, _, p in results]
+        payload: Any = docs[0] if len(docs) == 1 else docs
+        if args.output == "json":
+            print(json.dumps(payload, indent=2))
+        else:
+            print(yaml.safe_dump(payload, sort_keys=False), end="")
+    return worst
+
+
+# --- estimate -------------------------------------------------------------------------------------------
+
+
+def cmd_estimate(args) -> int:
+    from .estimate import Hardware, Workload, estimate
+
+    catalog = load_catalog()
+    if args.model not in catalog.models:
+        raise UserError(f"--model: unknown model {args.model!r}; known: {', '.join(catalog.models)}")
+    model = catalog.model(args.model)
+    if args.quantization not in catalog.quantizations:
+        raise UserError(f"--quantization: unknown {args.quantization!r}; known: {', '.join(catalog.quantizations)}")
+    quant = catalog.quantizations[args.quantization]
+    if quant.runtime != args.runtime:
+        raise UserError(f"--runtime: {args.quantization} is served by {quant.runtime}, not {args.runtime}")
+    if args.quantization not in model.variants():
+        raise UserError(f"--quantization: {args.model} is not published as {args.quantization}; "
+                        f"it is published as {', '.join(model.variants())}")
+    if args.gpu == "cpu":
+        if args.runtime == "vllm":
+            raise UserError("--gpu cpu: vLLM needs a GPU; use --runtime llamacpp for CPU")
+        hw = Hardware(gpu=None, cpu_cores=args.cpu_cores,
+                      cpu_bandwidth_gbps=args.cpu_bandwidth or catalog.cpu.memory_bandwidth_gbps)
+    else:
+        gpu = catalog.find_gpu(args.gpu)
+        if gpu is None:
+            raise UserError(f"--gpu: unknown GPU {args.gpu!r}; known: {', '.join(sorted(catalog.gpus))} (or cpu)")
+        hw = Hardware(gpu=gpu, gpu_count=args.gpus)
+    for flag, value, low in (("--context", args.context, 1), ("--concurrency", args.concurrency, 1),
+                             ("--prompt-tokens", args.prompt_tokens, 1), ("--gpus", args.gpus, 1)):
+        if value < low:
+            raise UserError(f"{flag}: must be at least {low}, got {value}")
+    if args.context > model.arch.max_context:
+        raise UserError(f"--context: {args.model} serves at most {model.arch.max_context} tokens")
+    kv = args.kv_cache_dtype
+    if kv == "fp8" and args.runtime != "vllm" or kv == "q8_0" and args.runtime != "llamacpp":
+        raise UserError(f"--kv-cache-dtype: {kv} is not a {args.runtime} KV cache type")
+    workload = Workload(context_length=args.context, concurrency=args.concurrency,
+                        prompt_tokens=min(args.prompt_tokens, args.context), kv_cache_dtype=kv)
+    e = estimate(model, quant, hw, workload)
+    data = e.to_dict()
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    else:
+        print(f"{args.model} {args.quantization} on {args.runtime}, {hw.describe()}")
+        print(f"  weights   {format_bytes(e.weights_bytes)}")
+        print(f"  KV cache  {format_bytes(e.kv_cache_bytes)} ({args.context} tokens x {args.concurrency})")
+        print(f"  overhead  {format_bytes(e.overhead_bytes)}")
+        print(f"  total     {format_bytes(e.total_bytes)} ({format_bytes(e.per_gpu_bytes)} per GPU)")
+        print(f"  TTFT      {format_seconds(e.ttft_seconds)} for {workload.prompt_tokens} prompt tokens")
+        print(f"  TPOT      {format_seconds(e.tpot_seconds)} ({e.decode_tokens_per_second:.1f} tokens/s per sequence)")
+    return EXIT_OK
+
+
+# --- crd ------------------------------------------------------------------------------------------------
+
+
+def cmd_crd(args) -> int:
+    from .crd import render_crd
+
+    text = render_crd()
+    if args.stdout:
+        sys.stdout.write(text)
+        return EXIT_OK
+    target = Path(args.output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}")
+    return EXIT_OK
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: usage and exit 1 (bad input), not 2
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llama-operator", description="Serve Llama models on the hardware you have.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("plan", help="what the operator would run for a LlamaDeployment, and why")
+    p.add_argument("-f", "--file", required=True, help="a YAML file with one or more LlamaDeployments")
+    p.add_argument("--cluster", help="a file of Node manifests (kubectl get nodes -o yaml); default: the live "
+                   "cluster of the current kubeconfig")
+    p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    p.set_defaults(func=cmd_plan)
+
+    e = sub.add_parser("estimate", help="memory and latency of one variant on given hardware")
+    e.add_argument("--model", required=True)
+    e.add_argument("--quantization", required=True)
+    e.add_argument("--runtime", required=True, choices=["vllm", "llamacpp"])
+    e.add_argument("--gpu", required=True, help="GPU product (GFD name or alias) or cpu")
+    e.add_argument("--gpus", type=int, default=1, help="GPUs per replica")
+    e.add_argument("--context", type=int, default=8192)
+    e.add_argument("--concurrency", type=int, default=1)
+    e.add_argument("--prompt-tokens", type=int, default=512)
+    e.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "q8_0"], default="auto")
+    e.add_argument("--cpu-cores", type=int, default=16, help="with --gpu cpu")
+    e.add_argument("--cpu-bandwidth", type=float, default=None, help="with --gpu cpu: memory bandwidth, GB/s")
+    e.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    e.set_defaults(func=cmd_estimate)
+
+    c = sub.add_parser("crd", help="write the CustomResourceDefinition generated from the API models")
+    c.add_argument("--output", default="crds/llamadeployments.yaml")
+    c.add_argument("--stdout", action="store_true")
+    c.set_defaults(func=cmd_crd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:  # `llama-operator plan ... | head`
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

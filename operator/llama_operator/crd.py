@@ -1,0 +1,202 @@
+"""The CustomResourceDefinition, generated from the pydantic models in api.py.
+
+pydantic's JSON Schema is close to what Kubernetes wants but not the same: Kubernetes needs a
+*structural* schema (no $ref, no nullable unions, types everywhere), marks int-or-string fields with
+`x-kubernetes-int-or-string`, and checks cross-field rules written in CEL. This module does that
+translation and adds the CEL rules that mirror api.cross_field_problems.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from . import api
+from .catalog import load_catalog
+
+_DROP_KEYS = {"title"}
+
+
+def _inline(schema: dict, defs: dict) -> Any:
+    """Resolve $ref, drop nullable unions and titles, recursively."""
+    if isinstance(schema, list):
+        return [_inline(s, defs) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        target = copy.deepcopy(defs[schema["$ref"].split("/")[-1]])
+        extra = {k: v for k, v in schema.items() if k != "$ref"}
+        target.update(extra)
+        return _inline(target, defs)
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _DROP_KEYS or key == "$defs":
+            continue
+        out[key] = _inline(value, defs)
+    if "anyOf" in out:
+        members = [m for m in out["anyOf"] if m.get("type") != "null"]
+        types = sorted(m.get("type") for m in members if "type" in m)
+        if out.get("x-kubernetes-int-or-string") or types == ["integer", "string"]:
+            # int-or-string: Kubernetes' own convention, as for resource quantities.
+            pattern = out.pop("pattern", None) or next((m.get("pattern") for m in members if m.get("pattern")), None)
+            out.pop("anyOf")
+            out["x-kubernetes-int-or-string"] = True
+            out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+            if pattern:
+                out["pattern"] = pattern
+        elif len(members) == 1:
+            out.pop("anyOf")
+            merged = dict(members[0])
+            merged.update(out)
+            out = merged
+        else:
+            out["anyOf"] = members
+    if out.get("additionalProperties") is False:
+        # Structural schemas forbid additionalProperties beside properties; the API server prunes
+        # unknown fields instead (and `kubectl apply --validate=strict` reports them).
+        out.pop("additionalProperties")
+    if out.get("default", "unset") is None:
+        out.pop("default")
+    if "enum" in out and "type" not in out:
+        out["type"] = "string"
+    return out
+
+
+def _default_empty_objects(schema: dict) -> None:
+    """A field holding an object with no required fields defaults to {}, so the API server fills in the
+    defaults inside it and `kubectl get -o yaml` shows what the operator will assume."""
+    for prop in schema.get("properties", {}).values():
+        if prop.get("type") == "object" and "properties" in prop:
+            if not prop.get("required") and "default" not in prop:
+                prop["default"] = {}
+            _default_empty_objects(prop)
+
+
+def _schema_of(model: type, *, fill_defaults: bool) -> dict:
+    raw = model.model_json_schema(mode="validation")
+    schema = _inline(raw, raw.get("$defs", {}))
+    if fill_defaults:
+        _default_empty_objects(schema)
+    return schema
+
+
+def _cel_list(items) -> str:
+    return "[" + ", ".join(f"'{i}'" for i in items) + "]"
+
+
+def cel_rules() -> list[dict[str, str]]:
+    """Cross-field rules the API server evaluates (the same checks as api.cross_field_problems)."""
+    catalog = load_catalog()
+    no_gguf = [m.id for m in catalog.models.values() if m.gguf is None]
+    vision_models = _cel_list(m.id for m in catalog.models.values() if m.capability == "vision")
+    sizes = "{" + ", ".join(f"'{m.id}': {int(m.published_parameters / 1e6)}" for m in catalog.models.values()) + "}"
+    floor = "has(self.fallback) && has(self.fallback.minimumModel)"
+    quants = "has(self.fallback) && has(self.fallback.quantizations)"
+    return [
+        {
+            "rule": f"!has(self.runtime) || self.runtime != 'llamacpp' || !(self.model in {_cel_list(no_gguf)})",
+            "message": "llama.cpp does not serve the vision models; use runtime vllm or auto",
+            "fieldPath": ".runtime",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": f"!({floor}) || (self.fallback.minimumModel in {vision_models}) == (self.model in {vision_models})",
+            "message": "fallback.minimumModel must have the same capability (text or vision) as model",
+            "fieldPath": ".fallback.minimumModel",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": f"!({floor}) || {sizes}[self.fallback.minimumModel] <= {sizes}[self.model]",
+            "message": "fallback.minimumModel must not be larger than model",
+            "fieldPath": ".fallback.minimumModel",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": "!has(self.slo.promptTokens) || self.slo.promptTokens < (has(self.contextLength) ? self.contextLength : 8192)",
+            "message": "slo.promptTokens must be smaller than contextLength, to leave room for the answer",
+            "fieldPath": ".slo.promptTokens",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": f"!has(self.runtime) || self.runtime != 'vllm' || !({quants}) || "
+                    f"self.fallback.quantizations.exists(q, q in {_cel_list(api.VLLM_QUANTIZATIONS)})",
+            "message": "fallback.quantizations has nothing vLLM serves (bf16, fp8, awq-int4, gptq-int4)",
+            "fieldPath": ".fallback.quantizations",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": f"!has(self.runtime) || self.runtime != 'llamacpp' || !({quants}) || "
+                    f"self.fallback.quantizations.exists(q, q in {_cel_list(api.GGUF_QUANTIZATIONS)})",
+            "message": "fallback.quantizations has nothing llama.cpp serves (the GGUF types f16 ... q2_k)",
+            "fieldPath": ".fallback.quantizations",
+            "reason": "FieldValueInvalid",
+        },
+    ]
+
+
+def openapi_schema() -> dict:
+    spec = _schema_of(api.LlamaDeploymentSpec, fill_defaults=True)
+    spec["description"] = ("A Llama model to serve, the latency it must meet and the memory one replica may use. "
+                           "The operator picks the variant, runtime and GPUs, falling back when it must.")
+    spec["x-kubernetes-validations"] = cel_rules()
+    fallback = spec["properties"]["fallback"]["properties"]
+    fallback["quantizations"]["minItems"] = 1
+    status = _schema_of(api.LlamaDeploymentStatus, fill_defaults=False)
+    status["description"] = "What the operator chose and why, and how the deployment is doing."
+    return {
+        "type": "object",
+        "description": "LlamaDeployment serves a Llama model on the hardware the cluster has.",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "required": ["spec"],
+    }
+
+
+def crd_manifest() -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": api.SHORT_NAMES,
+                "categories": ["llama"],
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
+                        {"name": "Variant", "type": "string", "jsonPath": ".status.variant"},
+                        {"name": "Runtime", "type": "string", "jsonPath": ".status.runtime"},
+                        {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated by `llama-operator crd` from operator/llama_operator/api.py. Do not edit by hand.\n"
+
+
+def render_crd() -> str:
+    return HEADER + yaml.safe_dump(crd_manifest(), sort_keys=False, width=120)

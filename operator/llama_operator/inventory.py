@@ -1,0 +1,255 @@
+"""The cluster as the planner sees it: nodes grouped into shapes, with free capacity.
+
+Built from Node and Pod manifests (what `kubectl get nodes -o yaml` prints, or what the operator's
+watches deliver). Nodes that look alike (same GPU product and count, same labels apart from the
+hostname, same taints, same allocatable CPU and memory) form one shape, so planning costs the same
+on 10 nodes as on 10,000. Pure: no API calls.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping
+
+from .api import parse_quantity
+from .catalog import GPU, load_catalog
+
+GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
+GPU_PRODUCT_LABELS = ("nvidia.com/gpu.product", "amd.com/gpu.product-name")
+#: Labels that differ node by node and say nothing about what a node can run.
+PER_NODE_LABELS = ("kubernetes.io/hostname",)
+
+
+@dataclass(frozen=True)
+class Taint:
+    key: str
+    value: str | None
+    effect: str
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a group of alike nodes offers one pod."""
+
+    gpu: GPU | None
+    gpus_per_node: int
+    cpu_millis: int
+    memory_bytes: int
+    cpu_bandwidth_gbps: float
+    labels: tuple[tuple[str, str], ...]
+    taints: tuple[Taint, ...]
+
+    @property
+    def key(self) -> str:
+        return self.gpu.product if self.gpu else "cpu"
+
+    def label_dict(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+@dataclass
+class ShapeGroup:
+    shape: Shape
+    nodes: list[str] = field(default_factory=list)
+    #: free GPUs per node -> how many nodes have exactly that many
+    free_gpus: Counter = field(default_factory=Counter)
+    #: (free CPU millicores, free memory bytes) -> how many nodes
+    free_cpu_memory: Counter = field(default_factory=Counter)
+
+
+def _quantity_millis(value: str | int | float) -> int:
+    """CPU quantity to millicores: '32' -> 32000, '7910m' -> 7910."""
+    text = str(value)
+    if text.endswith("m"):
+        return int(float(text[:-1]))
+    return int(float(text) * 1000)
+
+
+def _resource_bytes(value) -> int:
+    try:
+        return parse_quantity(value)
+    except ValueError:
+        return 0
+
+
+def _unknown_gpu(product: str, labels: Mapping[str, str]) -> GPU:
+    """A GPU missing from the catalog: its memory from GFD's label, the slowest catalog speeds.
+
+    The planner can still place on it, conservatively, and says the product was unknown.
+    """
+    catalog = load_catalog()
+    gpus = list(catalog.gpus.values())
+    memory_mib = float(labels.get("nvidia.com/gpu.memory", "0") or 0)
+    major, minor = labels.get("nvidia.com/gpu.compute.major"), labels.get("nvidia.com/gpu.compute.minor")
+    cc = f"{major}.{minor or 0}" if major else None
+    return GPU(
+        product=product,
+        aliases=(),
+        name=product,
+        vendor="amd" if product.lower().startswith("amd") else "nvidia",
+        memory_gib=memory_mib / 1024,
+        memory_bandwidth_gbps=min(g.memory_bandwidth_gbps for g in gpus),
+        bf16_tflops=None,
+        fp16_tflops=min(g.tensor_tflops_16bit for g in gpus if g.tensor_tflops_16bit),
+        fp8_tflops=None,
+        int8_tops=None,
+        compute_capability=cc,
+        interconnect="pcie",
+        known=False,
+    )
+
+
+def _node_gpu(labels: Mapping[str, str]) -> GPU | None:
+    catalog = load_catalog()
+    for key in GPU_PRODUCT_LABELS:
+        product = labels.get(key)
+        if product:
+            return catalog.find_gpu(product) or _unknown_gpu(product, labels)
+    return None
+
+
+def _is_ready(node: dict) -> bool:
+    if (node.get("spec") or {}).get("unschedulable"):
+        return False
+    conditions = (node.get("status") or {}).get("conditions") or []
+    ready = [c for c in conditions if c.get("type") == "Ready"]
+    return not ready or ready[0].get("status") == "True"
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    shape: Shape
+    ready: bool
+
+
+def node_from_manifest(node: dict) -> Node:
+    meta = node.get("metadata") or {}
+    labels = dict(meta.get("labels") or {})
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    gpu = _node_gpu(labels)
+    gpus = sum(int(_resource_bytes(allocatable.get(r, 0))) for r in GPU_RESOURCES)
+    if gpu is None or gpus == 0:
+        gpu, gpus = None, 0
+    cpu_defaults = load_catalog().cpu
+    try:
+        bandwidth = float(labels.get(cpu_defaults.bandwidth_label, cpu_defaults.memory_bandwidth_gbps))
+    except ValueError:
+        bandwidth = cpu_defaults.memory_bandwidth_gbps
+    taints = tuple(
+        Taint(t.get("key", ""), t.get("value"), t.get("effect", ""))
+        for t in (node.get("spec") or {}).get("taints") or []
+    )
+    shape = Shape(
+        gpu=gpu,
+        gpus_per_node=gpus,
+        cpu_millis=_quantity_millis(allocatable.get("cpu", 0)),
+        memory_bytes=_resource_bytes(allocatable.get("memory", 0)),
+        cpu_bandwidth_gbps=bandwidth,
+        labels=tuple(sorted((k, v) for k, v in labels.items() if k not in PER_NODE_LABELS)),
+        taints=taints,
+    )
+    return Node(name=meta.get("name", ""), shape=shape, ready=_is_ready(node))
+
+
+@dataclass(frozen=True)
+class PodUsage:
+    node: str
+    gpus: int
+    cpu_millis: int
+    memory_bytes: int
+
+
+def pod_usage(pod: dict) -> PodUsage | None:
+    """What a bound, unfinished pod takes from its node (requests; limits where requests are absent)."""
+    spec = pod.get("spec") or {}
+    node = spec.get("nodeName")
+    phase = (pod.get("status") or {}).get("phase")
+    if not node or phase in ("Succeeded", "Failed"):
+        return None
+    gpus = cpu = mem = 0
+    for container in spec.get("containers") or []:
+        resources = container.get("resources") or {}
+        requests = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+        gpus += sum(int(_resource_bytes(requests.get(r, 0))) for r in GPU_RESOURCES)
+        if "cpu" in requests:
+            cpu += _quantity_millis(requests["cpu"])
+        if "memory" in requests:
+            mem += _resource_bytes(requests["memory"])
+    return PodUsage(node=node, gpus=gpus, cpu_millis=cpu, memory_bytes=mem)
+
+
+class Inventory:
+    """Nodes with what is free on them, grouped by shape."""
+
+    def __init__(self, nodes: Iterable[Node], usage: Iterable[PodUsage] = ()):
+        self.nodes: dict[str, Node] = {n.name: n for n in nodes}
+        used_gpus: Counter = Counter()
+        used_cpu: Counter = Counter()
+        used_mem: Counter = Counter()
+        for u in usage:
+            used_gpus[u.node] += u.gpus
+            used_cpu[u.node] += u.cpu_millis
+            used_mem[u.node] += u.memory_bytes
+        self.free: dict[str, tuple[int, int, int]] = {}
+        for node in self.nodes.values():
+            s = node.shape
+            self.free[node.name] = (
+                max(0, s.gpus_per_node - used_gpus[node.name]),
+                max(0, s.cpu_millis - used_cpu[node.name]),
+                max(0, s.memory_bytes - used_mem[node.name]),
+            )
+        self._groups: list[ShapeGroup] | None = None
+
+    @classmethod
+    def from_manifests(cls, nodes: Iterable[dict], pods: Iterable[dict] = ()) -> "Inventory":
+        usage = [u for u in (pod_usage(p) for p in pods) if u is not None]
+        return cls([node_from_manifest(n) for n in nodes], usage)
+
+    def groups(self) -> list[ShapeGroup]:
+        """Ready nodes grouped by shape (computed once per inventory)."""
+        if self._groups is None:
+            by_shape: dict[Shape, ShapeGroup] = {}
+            for node in self.nodes.values():
+                if not node.ready:
+                    continue
+                group = by_shape.get(node.shape)
+                if group is None:
+                    group = by_shape[node.shape] = ShapeGroup(node.shape)
+                gpus, cpu, mem = self.free[node.name]
+                group.nodes.append(node.name)
+                group.free_gpus[gpus] += 1
+                group.free_cpu_memory[(cpu, mem)] += 1
+            self._groups = sorted(by_shape.values(), key=lambda g: (g.shape.key, g.shape.gpus_per_node, g.nodes[0]))
+        return self._groups
+
+    def reserve(self, product: str | None, gpus_per_replica: int, replicas: int,
+                cpu_millis: int = 0, memory_bytes: int = 0) -> "Inventory":
+        """A copy with capacity taken for `replicas` pods not yet bound (first fit, in name order).
+
+        The operator uses it to count GPUs promised to other LlamaDeployments whose pods do not exist yet.
+        """
+        out = Inventory([])
+        out.nodes = dict(self.nodes)
+        out.free = dict(self.free)
+        left = replicas
+        for name in sorted(out.nodes):
+            if left == 0:
+                break
+            node = out.nodes[name]
+            if (node.shape.gpu.product if node.shape.gpu else None) != product or not node.ready:
+                continue
+            gpus, cpu, mem = out.free[name]
+            while left and gpus >= gpus_per_replica and cpu >= cpu_millis and mem >= memory_bytes:
+                gpus, cpu, mem = gpus - gpus_per_replica, cpu - cpu_millis, mem - memory_bytes
+                left -= 1
+            out.free[name] = (gpus, cpu, mem)
+        return out
+
+
+def synthetic_nodes(shapes: Mapping[str, tuple[Shape, int]]) -> list[Node]:
+    """Nodes for benchmarks and tests: `count` nodes of each shape, named `<prefix>-<i>`."""
+    out = []
+    for prefix, (shape, count) in shapes.items():
+        out.extend(Node(name=f"{prefix}-{i}", shape=replace(shape), ready=True) for i in range(count))
+    return out

@@ -1,0 +1,549 @@
+"""The planner: from a LlamaDeployment spec and the cluster's inventory, the variant to run and why.
+
+Pure and deterministic. It walks the fallback ladder rung by rung (docs/fallback.md):
+
+1. the requested model at its best quality tier (16-bit), then its lower tiers (8, 6, 5, 4 bits; 3 and
+   2 bits only when listed in fallback.quantizations);
+2. the same tiers again with an 8-bit KV cache (vLLM fp8, llama.cpp q8_0), when allowed;
+3. the next smaller model of the same capability (a vision request stays vision), never below the floor,
+   and so on down.
+
+Within a rung every candidate (variant x runtime x hardware pool x GPUs per replica) is estimated and
+checked against the hard limits: the support matrix, the memory budget, GPU memory, free GPUs, the SLO.
+The first rung with a feasible candidate wins, and among its candidates the cheapest: CPU (when it
+meets the SLO), then fewer GPUs, then smaller GPUs. Every rejected candidate keeps its reasons.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterable
+
+from .api import LlamaDeploymentSpec, format_bytes, format_seconds
+from .catalog import GPU, Model, Quantization, capability_version, load_catalog
+from .estimate import (
+    VLLM_MAX_GPU_MEMORY_UTILIZATION,
+    Estimate,
+    Hardware,
+    Workload,
+    estimate,
+)
+from .inventory import GPU_RESOURCES, Inventory, Shape, ShapeGroup
+
+#: Bits below which a quantization is used only when the spec lists it ("down to 4-bit by default").
+DEFAULT_MIN_BITS = 4
+#: llama.cpp on GPU loads everything it is given; leave the driver a little room.
+LLAMACPP_MAX_GPU_MEMORY_FRACTION = 0.95
+#: Tensor-parallel sizes vLLM supports for Llama (they must divide the KV heads).
+VLLM_TP_SIZES = (1, 2, 4, 8)
+#: GPUs one llama.cpp replica may split layers over.
+LLAMACPP_MAX_GPUS = 8
+#: llama.cpp's CPU decode is bandwidth-bound; past 16 threads it gains little, so a replica asks for at
+#: most this many cores and leaves the rest of the node to others.
+CPU_MAX_THREADS = 16
+#: CPU replicas leave this share of a node's free memory to the page cache and the kubelet.
+CPU_MEMORY_HEADROOM = 0.9
+#: How many rejected candidates status carries (the CLI shows them all).
+STATUS_REJECTED_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Where replicas of one candidate can go: all placement-compatible nodes of one GPU product, or the
+    CPU nodes of one shape. `free_gpus` counts nodes by their free GPUs."""
+
+    key: str
+    gpu: GPU | None
+    max_gpus_per_node: int
+    free_gpus: tuple[tuple[int, int], ...] = ()
+    cpu_cores: int = 0
+    cpu_bandwidth_gbps: float = 0.0
+    free_cpu_memory: tuple[tuple[tuple[int, int], int], ...] = ()
+
+    def slots(self, gpus_per_replica: int) -> int:
+        """Replicas of `gpus_per_replica` GPUs each that fit on the free GPUs (one node per replica)."""
+        return sum(count * (free // gpus_per_replica) for free, count in self.free_gpus)
+
+    def cpu_slots(self, cpu_millis: int, memory_bytes: int) -> int:
+        total = 0
+        for (cpu, mem), count in self.free_cpu_memory:
+            total += count * min(cpu // max(cpu_millis, 1), int(mem * CPU_MEMORY_HEADROOM) // max(memory_bytes, 1))
+        return total
+
+
+@dataclass
+class Candidate:
+    model: Model
+    quant: Quantization
+    kv_cache_dtype: str
+    pool: Pool
+    gpus_per_replica: int
+    rung: int
+    estimate: Estimate | None = None
+    reasons: list[str] = field(default_factory=list)
+    verdict: str = "rejected"  # chosen | feasible | rejected
+    #: How far the candidate is from working: the largest of needed/available over every limit
+    #: (<= 1 when feasible; infinite when the hardware cannot run the format at all).
+    shortfall: float = float("inf")
+
+    @property
+    def runtime(self) -> str:
+        return self.quant.runtime
+
+    @property
+    def cpu_threads(self) -> int:
+        return min(self.pool.cpu_cores, CPU_MAX_THREADS)
+
+    @property
+    def hardware(self) -> str:
+        if self.pool.gpu is None:
+            return f"cpu ({self.cpu_threads} cores, {self.pool.cpu_bandwidth_gbps:g} GB/s)"
+        return f"{self.gpus_per_replica}x {self.pool.gpu.product}"
+
+    @property
+    def feasible(self) -> bool:
+        return not self.reasons
+
+    def cost_key(self) -> tuple:
+        """Cheaper first: CPU, then fewer GPUs, then smaller GPUs, then vLLM, then faster; names break ties."""
+        gpu = self.pool.gpu
+        if gpu is None:
+            return (0, 0, 0.0, self.estimate.tpot_seconds if self.estimate else 0, self.pool.key, self.quant.id)
+        return (
+            1,
+            self.gpus_per_replica,
+            gpu.memory_gib * self.gpus_per_replica,
+            # vLLM before llama.cpp on GPUs: continuous batching, and latency histograms for the SLO alerts
+            0 if self.runtime == "vllm" else 1,
+            self.estimate.tpot_seconds if self.estimate else 0,
+            gpu.product,
+            self.quant.id,
+        )
+
+    def describe(self) -> str:
+        kv = f", {self.kv_cache_dtype} KV cache" if self.kv_cache_dtype != "auto" else ""
+        return f"{self.model.id} {self.quant.id} ({self.runtime}{kv}) on {self.hardware}"
+
+    def weights_source(self) -> str:
+        if self.runtime == "vllm":
+            return self.model.vllm_repos[self.quant.id]
+        assert self.model.gguf is not None and self.quant.gguf is not None
+        return f"{self.model.gguf.repo}/{self.model.gguf.file_for(self.quant.gguf, self.quant.id)}"
+
+    def to_dict(self) -> dict:
+        out = {
+            "model": self.model.id,
+            "quantization": self.quant.id,
+            "runtime": self.runtime,
+            "hardware": self.hardware,
+            "gpuProduct": self.pool.gpu.product if self.pool.gpu else None,
+            "gpusPerReplica": self.gpus_per_replica,
+            "kvCacheDtype": self.kv_cache_dtype,
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+        }
+        if self.estimate is not None:
+            out["predicted"] = {
+                "memoryBytes": self.estimate.total_bytes,
+                "perGpuBytes": self.estimate.per_gpu_bytes if self.pool.gpu else None,
+                "ttftSeconds": round(self.estimate.ttft_seconds, 6),
+                "tpotSeconds": round(self.estimate.tpot_seconds, 6),
+            }
+        return out
+
+
+@dataclass
+class Plan:
+    requested_model: str
+    feasible: bool
+    chosen: Candidate | None
+    candidates: list[Candidate]
+    fallback: bool
+    fallback_reason: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.verdict == "rejected"]
+
+    def summary(self) -> str:
+        if self.chosen is None:
+            return "no feasible plan: " + (self.fallback_reason or "no candidate")
+        return self.chosen.describe()
+
+    def to_dict(self) -> dict:
+        chosen = None
+        if self.chosen is not None:
+            c = self.chosen
+            chosen = c.to_dict()
+            chosen.pop("verdict")
+            chosen.pop("reasons")
+            chosen["weightsSource"] = c.weights_source()
+            if c.estimate and c.estimate.gpu_memory_utilization is not None:
+                chosen["gpuMemoryUtilization"] = round(c.estimate.gpu_memory_utilization, 3)
+        return {
+            "feasible": self.feasible,
+            "requestedModel": self.requested_model,
+            "fallback": self.fallback,
+            "fallbackReason": self.fallback_reason,
+            "chosen": chosen,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "notes": list(self.notes),
+        }
+
+
+# --- The ladder ---------------------------------------------------------------------------------------
+
+
+def ladder_models(spec: LlamaDeploymentSpec) -> list[Model]:
+    """The requested model, then smaller ones of the same capability down to the floor (largest first).
+
+    Models of one size share one rung (Llama 3.3 70B and 3.1 70B need the same memory), so only the
+    newest of a size is offered as a fallback.
+    """
+    catalog = load_catalog()
+    requested = catalog.model(spec.model)
+    out = [requested]
+    if not spec.fallback.allowSmallerModels:
+        return out
+    same = [m for m in catalog.models.values() if m.capability == requested.capability]
+    floor_id = spec.fallback.minimumModel
+    floor_size = catalog.model(floor_id).published_parameters if floor_id else 0.0
+    smaller = [m for m in same if floor_size <= m.published_parameters < requested.published_parameters * 0.95]
+    smaller.sort(key=lambda m: (-m.published_parameters, -float(m.family)))
+    seen_sizes: set[int] = set()
+    for m in smaller:
+        size = round(m.published_parameters / 1e9)
+        if size not in seen_sizes:
+            seen_sizes.add(size)
+            out.append(m)
+    return out
+
+
+def allowed_quantizations(spec: LlamaDeploymentSpec, model: Model) -> list[Quantization]:
+    catalog = load_catalog()
+    listed = spec.fallback.quantizations
+    out = []
+    for qid in model.variants():
+        q = catalog.quantizations[qid]
+        if spec.runtime != "auto" and q.runtime != spec.runtime:
+            continue
+        if listed is not None:
+            if qid not in listed:
+                continue
+        elif q.bits < DEFAULT_MIN_BITS:
+            continue
+        if not spec.fallback.allowQuantization and q.bits < 16:
+            continue
+        out.append(q)
+    return out
+
+
+def quality_tiers(quants: Iterable[Quantization]) -> list[list[Quantization]]:
+    """Quantizations grouped by quality, best first (bf16 and f16 share a tier, fp8 and q8_0 another)."""
+    by_quality: dict[int, list[Quantization]] = {}
+    for q in quants:
+        by_quality.setdefault(q.quality, []).append(q)
+    return [by_quality[k] for k in sorted(by_quality, reverse=True)]
+
+
+# --- Pools --------------------------------------------------------------------------------------------
+
+
+def _tolerates(taints, tolerations: list[dict]) -> bool:
+    for taint in taints:
+        if taint.effect not in ("NoSchedule", "NoExecute"):
+            continue
+        ok = False
+        for t in tolerations:
+            if t.get("effect") and t["effect"] != taint.effect:
+                continue
+            if t.get("operator") == "Exists":
+                if not t.get("key") or t["key"] == taint.key:
+                    ok = True
+            elif t.get("key") == taint.key and (t.get("value") or None) == (taint.value or None):
+                ok = True
+            if ok:
+                break
+        if not ok:
+            return False
+    return True
+
+
+GPU_TOLERATIONS = [{"key": r, "operator": "Exists", "effect": "NoSchedule"} for r in GPU_RESOURCES]
+
+
+def _allowed_products(spec: LlamaDeploymentSpec) -> set[str] | None:
+    if not spec.placement.gpuProducts:
+        return None
+    catalog = load_catalog()
+    out = set()
+    for name in spec.placement.gpuProducts:
+        gpu = catalog.find_gpu(name)
+        out.add(gpu.product if gpu else name)
+    return out
+
+
+def _shape_matches(shape: Shape, spec: LlamaDeploymentSpec, allowed_products: set[str] | None) -> bool:
+    labels = shape.label_dict()
+    if any(labels.get(k) != v for k, v in spec.placement.nodeSelector.items()):
+        return False
+    tolerations = [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
+    if shape.gpu is not None:
+        tolerations = tolerations + GPU_TOLERATIONS
+        if allowed_products is not None and shape.gpu.product not in allowed_products:
+            return False
+    return _tolerates(shape.taints, tolerations)
+
+
+def build_pools(spec: LlamaDeploymentSpec, groups: list[ShapeGroup]) -> tuple[list[Pool], list[str]]:
+    """Placement-compatible pools, and notes on what placement excluded."""
+    allowed = _allowed_products(spec)
+    by_product: dict[str, list[ShapeGroup]] = {}
+    cpu_groups: list[ShapeGroup] = []
+    excluded = 0
+    for group in groups:
+        if not _shape_matches(group.shape, spec, allowed):
+            excluded += len(group.nodes)
+            continue
+        if group.shape.gpu is None:
+            cpu_groups.append(group)
+        else:
+            by_product.setdefault(group.shape.gpu.product, []).append(group)
+    pools = []
+    for product, gs in sorted(by_product.items()):
+        free: dict[int, int] = {}
+        for g in gs:
+            for n, count in g.free_gpus.items():
+                free[n] = free.get(n, 0) + count
+        pools.append(Pool(
+            key=product,
+            gpu=gs[0].shape.gpu,
+            max_gpus_per_node=max(g.shape.gpus_per_node for g in gs),
+            free_gpus=tuple(sorted(free.items())),
+        ))
+    if spec.fallback.allowCPU:
+        by_cpu_shape: dict[tuple[int, float], list[ShapeGroup]] = {}
+        for g in cpu_groups:
+            by_cpu_shape.setdefault((g.shape.cpu_millis // 1000, g.shape.cpu_bandwidth_gbps), []).append(g)
+        for (cores, bandwidth), gs in sorted(by_cpu_shape.items()):
+            free_cm: dict[tuple[int, int], int] = {}
+            for g in gs:
+                for k, count in g.free_cpu_memory.items():
+                    free_cm[k] = free_cm.get(k, 0) + count
+            pools.append(Pool(
+                key=f"cpu-{cores}c-{bandwidth:g}gbps",
+                gpu=None,
+                max_gpus_per_node=0,
+                cpu_cores=cores,
+                cpu_bandwidth_gbps=bandwidth,
+                free_cpu_memory=tuple(sorted(free_cm.items())),
+            ))
+    notes = []
+    if excluded:
+        notes.append(f"placement excluded {excluded} node(s)")
+    unknown = sorted({p.gpu.product for p in pools if p.gpu is not None and not p.gpu.known})
+    for product in unknown:
+        notes.append(f"GPU product {product} is not in the catalog: planned from its memory label with the slowest "
+                     "catalog GPU's bandwidth and throughput")
+    return pools, notes
+
+
+# --- Checking one candidate ----------------------------------------------------------------------------
+
+
+def _support_problem(quant: Quantization, gpu: GPU | None) -> str | None:
+    """The support matrix: which formats run where."""
+    if gpu is None:
+        return "vLLM needs a GPU" if quant.runtime == "vllm" else None
+    if quant.runtime != "vllm":
+        return None
+    if gpu.vendor == "nvidia" and quant.min_compute_capability:
+        need = capability_version(quant.min_compute_capability)
+        have = capability_version(gpu.compute_capability)
+        if have < need:
+            cc = gpu.compute_capability or "unknown"
+            return f"{quant.id} needs compute capability >= {quant.min_compute_capability}; {gpu.product} has {cc}"
+    if gpu.vendor != "nvidia" and quant.needs and not gpu.supports(quant.needs):
+        return f"{quant.id} needs {quant.needs} support, which {gpu.product} lacks"
+    if gpu.vendor != "nvidia" and quant.id in ("awq-int4", "gptq-int4"):
+        return f"{quant.id} kernels are CUDA-only in vLLM; {gpu.product} is {gpu.vendor}"
+    return None
+
+
+@lru_cache(maxsize=65536)
+def _cached_estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload) -> Estimate:
+    return estimate(model, quant, hw, workload)
+
+
+def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload) -> None:
+    gpu = c.pool.gpu
+    problem = _support_problem(c.quant, gpu)
+    if problem:
+        c.reasons.append(problem)
+        return
+    if gpu is None:
+        hw = Hardware(gpu=None, cpu_cores=c.cpu_threads, cpu_bandwidth_gbps=c.pool.cpu_bandwidth_gbps)
+    else:
+        hw = Hardware(gpu=gpu, gpu_count=c.gpus_per_replica)
+    e = _cached_estimate(c.model, c.quant, hw, workload)
+    c.estimate = e
+    ratios = []
+    budget = spec.memory_budget_bytes
+    ratios.append(e.total_bytes / budget)
+    if e.total_bytes > budget:
+        c.reasons.append(f"needs {format_bytes(e.total_bytes)} per replica > memory budget {format_bytes(budget)} "
+                         f"(weights {format_bytes(e.weights_bytes)}, KV cache {format_bytes(e.kv_cache_bytes)})")
+    if gpu is not None:
+        fraction = VLLM_MAX_GPU_MEMORY_UTILIZATION if c.runtime == "vllm" else LLAMACPP_MAX_GPU_MEMORY_FRACTION
+        usable = gpu.memory_bytes * fraction
+        ratios.append(e.per_gpu_bytes / usable)
+        if e.per_gpu_bytes > usable:
+            c.reasons.append(f"needs {format_bytes(e.per_gpu_bytes)} per GPU > {format_bytes(usable)} usable on "
+                             f"{gpu.product}")
+        slots = c.pool.slots(c.gpus_per_replica)
+        if slots < spec.replicas:
+            c.reasons.append(f"{spec.replicas} replica(s) need {c.gpus_per_replica} free {gpu.product} GPU(s) on one "
+                             f"node each; only {slots} such placement(s) are free")
+    else:
+        slots = c.pool.cpu_slots(c.cpu_threads * 1000, e.total_bytes)
+        if slots < spec.replicas:
+            c.reasons.append(f"{spec.replicas} replica(s) need {c.cpu_threads} free cores and "
+                             f"{format_bytes(e.total_bytes)} RAM on one node each; only {slots} such node slot(s)")
+    ratios.append(spec.replicas / slots if slots else float("inf"))
+    ratios.append(e.ttft_seconds / spec.slo.ttft_seconds)
+    ratios.append(e.tpot_seconds / spec.slo.tpot_seconds)
+    if e.ttft_seconds > spec.slo.ttft_seconds:
+        c.reasons.append(f"predicted TTFT {format_seconds(e.ttft_seconds)} > SLO {spec.slo.ttftP95}")
+    if e.tpot_seconds > spec.slo.tpot_seconds:
+        c.reasons.append(f"predicted TPOT {format_seconds(e.tpot_seconds)} > SLO {spec.slo.tpotP95}")
+    c.shortfall = max(ratios)
+
+
+def _gpu_counts(quant: Quantization, model: Model, pool: Pool) -> list[int]:
+    if pool.gpu is None:
+        return [0]
+    top = pool.max_gpus_per_node
+    if quant.runtime == "vllm":
+        return [n for n in VLLM_TP_SIZES if n <= top and model.arch.kv_heads % n == 0 and model.arch.heads % n == 0]
+    return list(range(1, min(top, LLAMACPP_MAX_GPUS) + 1))
+
+
+def _best_of(attempts: list[Candidate]) -> Candidate:
+    """One line per (variant, pool): the cheapest feasible GPU count, else the attempt closest to working."""
+    feasible = [a for a in attempts if a.feasible]
+    if feasible:
+        return min(feasible, key=lambda a: a.gpus_per_replica)
+    return min(attempts, key=lambda a: (a.shortfall, a.gpus_per_replica))
+
+
+def _kv_dtype(quant: Quantization) -> str:
+    return "fp8" if quant.runtime == "vllm" else "q8_0"
+
+
+def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
+    """Choose what to run for `spec` on `inventory`, with the verdict and reasons for every candidate tried."""
+    pools, notes = build_pools(spec, inventory.groups())
+    base = Workload(context_length=spec.contextLength, concurrency=spec.slo.concurrency,
+                    prompt_tokens=spec.slo.promptTokens)
+    kv_options = ["auto"] + (["8bit"] if spec.fallback.allowKVCacheQuantization else [])
+    candidates: list[Candidate] = []
+    chosen: Candidate | None = None
+    rung = 0
+    rung_labels: list[str] = []
+    rung_gaps: dict[int, str] = {}
+    if not pools:
+        notes.append("no ready node matches the placement (nodeSelector, tolerations, gpuProducts)")
+    for model in ladder_models(spec):
+        tiers = quality_tiers(allowed_quantizations(spec, model))
+        for kv in kv_options:
+            for tier in tiers:
+                rung_candidates = []
+                for quant in tier:
+                    kv_dtype = "auto" if kv == "auto" else _kv_dtype(quant)
+                    workload = base if kv_dtype == "auto" else Workload(
+                        base.context_length, base.concurrency, base.prompt_tokens, kv_dtype)  # type: ignore[arg-type]
+                    for pool in pools:
+                        if pool.gpu is None and quant.runtime == "vllm":
+                            continue  # vLLM serves on GPUs only; not a candidate at all
+                        attempts = []
+                        for n in _gpu_counts(quant, model, pool):
+                            c = Candidate(model, quant, kv_dtype, pool, n, rung)
+                            _check(c, spec, workload)
+                            attempts.append(c)
+                        if attempts:
+                            rung_candidates.append(_best_of(attempts))
+                rung_labels.append(f"{model.id} {'/'.join(q.id for q in tier)}"
+                                   + (" with 8-bit KV cache" if kv != "auto" else ""))
+                if not rung_candidates:
+                    rung_gaps[rung] = _why_nothing_to_try(tier, pools)
+                rung_candidates.sort(key=lambda c: c.cost_key())
+                candidates.extend(rung_candidates)
+                feasible = [c for c in rung_candidates if c.feasible]
+                if feasible:
+                    chosen = feasible[0]
+                    chosen.verdict = "chosen"
+                    for other in feasible[1:]:
+                        other.verdict = "feasible"
+                    break
+                rung += 1
+            if chosen:
+                break
+            if not _kv_is_the_problem(candidates, rung_labels):
+                # An 8-bit KV cache only helps when the cache is what does not fit.
+                break
+        if chosen:
+            break
+    fallback = chosen is not None and chosen.rung > 0
+    reason = _fallback_reason(candidates, chosen, rung_labels, rung_gaps, notes)
+    return Plan(
+        requested_model=spec.model,
+        feasible=chosen is not None,
+        chosen=chosen,
+        candidates=candidates,
+        fallback=fallback,
+        fallback_reason=reason,
+        notes=notes,
+    )
+
+
+def _why_nothing_to_try(tier: list[Quantization], pools: list[Pool]) -> str:
+    if not pools:
+        return "no ready node matches the placement"
+    if all(q.runtime == "vllm" for q in tier) and all(p.gpu is None for p in pools):
+        return "served by vLLM, which needs a GPU, and no GPU node matches the placement"
+    return "no hardware to try"
+
+
+def _kv_is_the_problem(candidates: list[Candidate], rung_labels: list[str]) -> bool:
+    """True when some candidate failed on memory alone and its KV cache is a large share of its memory."""
+    for c in candidates:
+        if c.estimate is None or c.kv_cache_dtype != "auto":
+            continue
+        memory_only = all(r.startswith("needs ") or "per GPU" in r for r in c.reasons)
+        if memory_only and c.estimate.kv_cache_bytes >= 0.25 * c.estimate.total_bytes:
+            return True
+    return False
+
+
+def _fallback_reason(candidates: list[Candidate], chosen: Candidate | None, rung_labels: list[str],
+                     rung_gaps: dict[int, str], notes: list[str]) -> str:
+    """Why the rungs above the chosen one did not work: the closest candidate's reasons, per rung."""
+    if chosen is not None and chosen.rung == 0:
+        return ""
+    parts = []
+    last = chosen.rung if chosen else len(rung_labels)
+    for rung in range(last):
+        rejected = [c for c in candidates if c.rung == rung]
+        if not rejected:
+            parts.append(f"{rung_labels[rung]}: {rung_gaps.get(rung, 'no hardware to try')}")
+            continue
+        # The candidate closest to working explains the rung best; a support-matrix refusal (no
+        # estimate, infinite shortfall) says less than a limit missed on hardware that can run the format.
+        closest = min(rejected, key=lambda c: (c.shortfall, c.cost_key()))
+        parts.append(f"{rung_labels[rung]}: {closest.hardware}: {'; '.join(closest.reasons)}")
+    if not parts and notes:
+        parts = list(notes)
+    head = "" if chosen is None else f"chose {chosen.describe()} because "
+    shown = parts[:4] + ([f"and {len(parts) - 4} more rung(s)"] if len(parts) > 4 else [])
+    return head + " | ".join(shown)
