@@ -1,0 +1,274 @@
+"""End to end: a real Prometheus scrapes a simulated vLLM and the operator, and evaluates the rules.
+
+What it proves that promtool's unit tests cannot:
+- the shipped rule file loads into a real server, unchanged;
+- the operator's exporter (metrics.py, served over HTTP) is scraped and its series join with vLLM's
+  (`namespace`/`llamadeployment` added by the scrape config, as the PodMonitor does; the operator's
+  own labels kept by honor_labels);
+- the p95 TTFT alert goes pending (state pending or firing: its `for: 10m` is too long to wait for,
+  and pending happens on the first evaluation where the expression is true) for the slow deployment,
+  and not for the healthy one with the same target.
+
+Everything listens on 127.0.0.1 on free ports; everything started is stopped afterwards.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llama_operator.metrics import VLLM_TPOT_BUCKETS, VLLM_TTFT_BUCKETS, OperatorMetrics, format_le
+from toolcheck import PROJECT_ROOT, require_tool
+
+RULE_FILE = PROJECT_ROOT / "charts" / "llama-operator" / "files" / "prometheus-rules.yaml"
+TOTAL_BUDGET_S = 60.0
+ALERT = "LlamaDeploymentTTFTAboveTarget"
+
+
+class FakeVLLM:
+    """A plain-text /metrics endpoint imitating one vLLM server (colons intact, see TOOLCHAIN.md).
+
+    Every scrape records `requests_per_scrape` more requests, all with the same TTFT and inter-token
+    latency, so rate() over the histograms is non-zero from the second scrape on.
+    """
+
+    def __init__(self, model: str, ttft_s: float, itl_s: float, requests_per_scrape: int = 5):
+        self.model = model
+        self.ttft_s = ttft_s
+        self.itl_s = itl_s
+        self.per_scrape = requests_per_scrape
+        self.requests = 0
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server API)
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                body = fake.scrape().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> "FakeVLLM":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _histogram(self, name: str, help_text: str, buckets, value: float, count: int) -> list[str]:
+        labels = f'engine="0",model_name="{self.model}"'
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        for boundary in buckets:
+            n = count if value <= boundary else 0
+            lines.append(f'{name}_bucket{{{labels},le="{format_le(boundary)}"}} {float(n)}')
+        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {float(count)}')
+        lines.append(f"{name}_count{{{labels}}} {float(count)}")
+        lines.append(f"{name}_sum{{{labels}}} {value * count}")
+        return lines
+
+    def scrape(self) -> str:
+        with self._lock:
+            self.requests += self.per_scrape
+            requests = self.requests
+        tokens = requests * 20
+        labels = f'engine="0",model_name="{self.model}"'
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{labels}}} 2.0",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{labels}}} 0.0",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{{{labels}}} {float(tokens)}",
+        ]
+        lines += self._histogram("vllm:time_to_first_token_seconds",
+                                 "Histogram of time to first token in seconds.",
+                                 VLLM_TTFT_BUCKETS, self.ttft_s, requests)
+        lines += self._histogram("vllm:inter_token_latency_seconds",
+                                 "Histogram of inter-token latency in seconds.",
+                                 VLLM_TPOT_BUCKETS, self.itl_s, tokens)
+        return "\n".join(lines) + "\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return json.load(response)
+
+
+def _set_deployment(metrics: OperatorMetrics, name: str, model: str) -> None:
+    metrics.set_deployment(
+        "team-a", name, phase="Ready", requested_model=model, model=model, quantization="bf16",
+        runtime="vllm", gpu_product="NVIDIA-L4", fallback=False,
+        slo_ttft_s=1.0, slo_tpot_s=0.1, predicted_ttft_s=0.4, predicted_tpot_s=0.03,
+        replicas_desired=1, replicas_ready=1,
+    )
+
+
+@pytest.fixture
+def operator_metrics():
+    metrics = OperatorMetrics()
+    _set_deployment(metrics, "slow", "meta-llama/Llama-3.1-70B-Instruct")
+    _set_deployment(metrics, "healthy", "meta-llama/Llama-3.1-8B-Instruct")
+    server = metrics.serve(0, host="127.0.0.1")
+    yield server.server_port
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def fake_vllms():
+    slow = FakeVLLM("meta-llama/Llama-3.1-70B-Instruct", ttft_s=3.0, itl_s=0.03).start()
+    healthy = FakeVLLM("meta-llama/Llama-3.1-8B-Instruct", ttft_s=0.05, itl_s=0.03).start()
+    yield {"slow": slow, "healthy": healthy}
+    slow.stop()
+    healthy.stop()
+
+
+def _prometheus_config(operator_port: int, vllms: dict[str, FakeVLLM]) -> dict:
+    vllm_targets = [
+        {
+            "targets": [f"127.0.0.1:{server.port}"],
+            # What the chart's PodMonitor relabelings add from the pod.
+            "labels": {"namespace": "team-a", "llamadeployment": name, "runtime": "vllm", "pod": f"{name}-0"},
+        }
+        for name, server in vllms.items()
+    ]
+    return {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULE_FILE)],
+        "scrape_configs": [
+            {
+                # Like the chart's ServiceMonitor: job "llama-operator", honorLabels.
+                "job_name": "llama-operator",
+                "honor_labels": True,
+                "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"]}],
+            },
+            {
+                "job_name": "llama-system/llama-operator-vllm",
+                "static_configs": vllm_targets,
+            },
+        ],
+    }
+
+
+def test_ttft_alert_pending_for_the_slow_deployment_only(tmp_path: Path, operator_metrics, fake_vllms):
+    started = time.monotonic()
+    deadline = started + TOTAL_BUDGET_S
+    prometheus = require_tool("prometheus")
+
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(_prometheus_config(operator_metrics, fake_vllms)))
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "prometheus.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_ready(base, proc, deadline, log_path)
+        states: dict[str, str] = {}
+        alerts: list[dict] = []
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"prometheus exited:\n{log_path.read_text()}"
+            alerts = _get_json(f"{base}/api/v1/alerts")["data"]["alerts"]
+            states = {
+                a["labels"].get("llamadeployment"): a["state"]
+                for a in alerts
+                if a["labels"].get("alertname") == ALERT
+            }
+            assert "healthy" not in states, f"{ALERT} is {states['healthy']} for the healthy deployment"
+            if states.get("slow") in {"pending", "firing"}:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(
+                f"{ALERT} not pending for team-a/slow within {TOTAL_BUDGET_S}s; alerts: {alerts}\n"
+                f"p95: {_query(base, 'llamadeployment:vllm_ttft_seconds:p95_rate5m')}\n"
+                f"targets: {_query(base, 'llama_operator_slo_ttft_seconds')}\n"
+                f"up: {_query(base, 'up')}\n"
+                f"log:\n{log_path.read_text()}"
+            )
+
+        slow = next(a for a in alerts if a["labels"].get("alertname") == ALERT)
+        assert slow["labels"]["namespace"] == "team-a"
+        assert slow["labels"]["severity"] == "warning"
+        assert "4.875s" in slow["annotations"]["description"], slow["annotations"]
+        assert "spec.slo.ttftP95 = 1s" in slow["annotations"]["description"], slow["annotations"]
+
+        # One more evaluation later the healthy deployment, same 1s target, is still not alerting,
+        # and its observed p95 is really below the target (the join did not just drop it).
+        time.sleep(1.5)
+        alerts = _get_json(f"{base}/api/v1/alerts")["data"]["alerts"]
+        assert not [a for a in alerts if a["labels"].get("alertname") == ALERT
+                    and a["labels"].get("llamadeployment") == "healthy"]
+        p95 = {r["metric"]["llamadeployment"]: float(r["value"][1])
+               for r in _query(base, "llamadeployment:vllm_ttft_seconds:p95_rate5m")}
+        assert p95["healthy"] < 1.0 < p95["slow"], p95
+        assert time.monotonic() - started <= TOTAL_BUDGET_S
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _wait_ready(base: str, proc: subprocess.Popen, deadline: float, log_path: Path) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"prometheus exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"prometheus not ready in time:\n{log_path.read_text()}")
+
+
+def _query(base: str, expr: str) -> list[dict]:
+    try:
+        url = f"{base}/api/v1/query?query={urllib.request.quote(expr)}"
+        return _get_json(url)["data"]["result"]
+    except OSError as exc:  # diagnostics only
+        return [{"error": str(exc)}]
