@@ -10,7 +10,17 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .catalog import load_catalog, model_ids
 
@@ -55,7 +65,7 @@ def parse_quantity(value: str | int) -> int:
         return value
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a quantity: write bytes with a suffix, e.g. 48Gi or 80G")
-    m = re.fullmatch(QUANTITY_PATTERN, value.strip())
+    m = re.fullmatch(QUANTITY_PATTERN, value)
     if not m:
         raise ValueError(f"{value!r} is not a quantity: write bytes with a suffix, e.g. 48Gi or 80G")
     try:
@@ -175,7 +185,7 @@ class SecretKeyRef(_Model):
 
 
 class ModelCache(_Model):
-    size: str | int | None = Field(
+    size: StrictStr | StrictInt | None = Field(
         default=None, description="Size of a PersistentVolumeClaim the operator creates for the model cache "
         "(e.g. 200Gi). Without size and existingClaim the cache is an emptyDir.",
         json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})
@@ -202,7 +212,7 @@ class LlamaDeploymentSpec(_Model):
         description="The Llama model to serve, by catalog id (e.g. llama-3.1-8b-instruct, "
         "llama-3.2-11b-vision-instruct).")
     slo: SLO = Field(description="The latency service-level objective.")
-    memoryBudget: str | int = Field(
+    memoryBudget: StrictStr | StrictInt = Field(
         description="Accelerator memory one replica may use in total, summed over its GPUs (RAM on CPU), as a "
         "Kubernetes quantity (e.g. 48Gi).",
         json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})
@@ -309,7 +319,23 @@ class ChosenPlan(_Model):
     gpusPerReplica: int
     kvCacheDtype: str = Field(default="auto", description="auto (the model's dtype), fp8 or q8_0.")
     weightsSource: str = Field(default="", description="Where the weights come from (Hugging Face repo[/file]).")
+    gpuMemoryUtilization: float | None = Field(default=None, description="vLLM --gpu-memory-utilization.")
+    cpuThreads: int | None = Field(default=None, description="llama.cpp threads on a CPU node.")
+    cpuMemoryBandwidthGbps: float | None = Field(
+        default=None, description="Memory bandwidth of the CPU nodes planned on (GB/s); pods are pinned to them.")
     predicted: Predicted
+
+    @property
+    def variant(self) -> str:
+        return f"{self.model}/{self.quantization}"
+
+    def same_choice(self, other: "ChosenPlan | None") -> bool:
+        """Whether two plans run the same thing (predictions aside)."""
+        if other is None:
+            return False
+        keys = ("model", "quantization", "runtime", "gpuProduct", "gpusPerReplica", "kvCacheDtype", "cpuThreads",
+                "cpuMemoryBandwidthGbps")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
 class RejectedCandidate(_Model):
@@ -323,6 +349,12 @@ class RejectedCandidate(_Model):
 class FallbackStatus(_Model):
     inForce: bool = False
     requestedModel: str | None = None
+    reason: str = ""
+
+
+class PendingChange(_Model):
+    plan: ChosenPlan = Field(description="The better plan waiting for the cluster to stay stable.")
+    since: str = Field(description="When this plan was first proposed (RFC 3339).")
     reason: str = ""
 
 
@@ -341,6 +373,9 @@ class LlamaDeploymentStatus(_Model):
     readyReplicas: int | None = None
     ready: str | None = Field(default=None, description="Ready replicas out of desired, e.g. 1/2 (printer column).")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI-compatible API.")
+    pendingChange: PendingChange | None = Field(
+        default=None, description="A better plan the operator will move to once the capacity behind it has been "
+        "stable for the upgrade delay.")
 
 
 # --- Parsing user objects --------------------------------------------------------------------------------

@@ -166,6 +166,7 @@ def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_la
 
 def cmd_plan(args) -> int:
     from .planner import plan as make_plan
+    from .planner import reserve_plan
 
     deployments = load_deployments(args.file)
     if args.cluster:
@@ -183,14 +184,7 @@ def cmd_plan(args) -> int:
             worst = EXIT_INFEASIBLE
         else:
             # Later deployments in the same file see the GPUs this one takes (as the operator does).
-            c = p.chosen
-            inventory = inventory.reserve(
-                c.pool.gpu.product if c.pool.gpu else None,
-                c.gpus_per_replica,
-                spec.replicas,
-                cpu_millis=0 if c.pool.gpu else c.pool.cpu_cores * 1000,
-                memory_bytes=0 if c.pool.gpu else c.estimate.total_bytes,
-            )
+            inventory = reserve_plan(inventory, spec, p.chosen.to_chosen_plan(), spec.replicas)
     if args.output == "table":
         print("\n\n".join(render_plan_table(n, s, p, cluster_label) for n, s, p in results))
     else:
@@ -222,6 +216,10 @@ def cmd_estimate(args) -> int:
         raise UserError(f"--quantization: {args.model} is not published as {args.quantization}; "
                         f"it is published as {', '.join(model.variants())}")
     if args.gpu == "cpu":
+        if args.cpu_cores < 1:
+            raise UserError(f"--cpu-cores: must be at least 1, got {args.cpu_cores}")
+        if args.cpu_bandwidth is not None and args.cpu_bandwidth <= 0:
+            raise UserError(f"--cpu-bandwidth: must be a positive number of GB/s, got {args.cpu_bandwidth:g}")
         if args.runtime == "vllm":
             raise UserError("--gpu cpu: vLLM needs a GPU; use --runtime llamacpp for CPU")
         hw = Hardware(gpu=None, cpu_cores=args.cpu_cores,
@@ -230,6 +228,9 @@ def cmd_estimate(args) -> int:
         gpu = catalog.find_gpu(args.gpu)
         if gpu is None:
             raise UserError(f"--gpu: unknown GPU {args.gpu!r}; known: {', '.join(sorted(catalog.gpus))} (or cpu)")
+        if args.runtime == "vllm" and args.gpus >= 1 and model.arch.kv_heads % args.gpus:
+            raise UserError(f"--gpus: vLLM's tensor parallelism must divide {args.model}'s {model.arch.kv_heads} KV "
+                            f"heads; use 1, 2, 4 or 8")
         hw = Hardware(gpu=gpu, gpu_count=args.gpus)
     for flag, value, low in (("--context", args.context, 1), ("--concurrency", args.concurrency, 1),
                              ("--prompt-tokens", args.prompt_tokens, 1), ("--gpus", args.gpus, 1)):
@@ -253,7 +254,8 @@ def cmd_estimate(args) -> int:
         print(f"  weights   {format_bytes(e.weights_bytes)}")
         print(f"  KV cache  {format_bytes(e.kv_cache_bytes)} ({args.context} tokens x {args.concurrency})")
         print(f"  overhead  {format_bytes(e.overhead_bytes)}")
-        print(f"  total     {format_bytes(e.total_bytes)} ({format_bytes(e.per_gpu_bytes)} per GPU)")
+        where = f"{format_bytes(e.per_gpu_bytes)} per GPU" if hw.gpu is not None else "of RAM"
+        print(f"  total     {format_bytes(e.total_bytes)} ({where})")
         print(f"  TTFT      {format_seconds(e.ttft_seconds)} for {workload.prompt_tokens} prompt tokens")
         print(f"  TPOT      {format_seconds(e.tpot_seconds)} ({e.decode_tokens_per_second:.1f} tokens/s per sequence)")
     return EXIT_OK
@@ -276,6 +278,74 @@ def cmd_crd(args) -> int:
     return EXIT_OK
 
 
+# --- run ------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    import asyncio
+    import logging
+    from datetime import timedelta
+
+    import kopf
+
+    from .handlers import Settings
+    from .kube import ConfigError
+    from .render import Images
+    from .runner import RunOptions, run_async
+
+    if args.metrics_port == args.health_port:
+        raise UserError("--metrics-port and --health-port must differ")
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON if args.log_format == "json"
+                   else kopf.LogFormat.FULL)
+    logging.getLogger("llama_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    images = Images(vllm=args.vllm_image, llamacpp_cuda=args.llamacpp_image,
+                    llamacpp_cpu=args.llamacpp_cpu_image)
+    options = RunOptions(
+        kubeconfig=args.kubeconfig,
+        namespaces=[] if args.all_namespaces or not args.namespace else list(args.namespace),
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        peering=None if args.standalone or not args.peering else args.peering,
+        settings=Settings(upgrade_delay=timedelta(seconds=args.upgrade_delay), resync_seconds=args.resync,
+                          images=images),
+    )
+    try:
+        asyncio.run(run_async(options))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+# --- sandbox --------------------------------------------------------------------------------------------
+
+SANDBOX_DEFAULT_EXAMPLES = ["chat.yaml", "chat-11b-vision.yaml", "vision-90b-on-l4.yaml", "70b-tight-tpot.yaml",
+                            "tiny-cpu.yaml", "impossible.yaml"]
+
+
+def cmd_sandbox(args) -> int:
+    try:
+        from .sandbox import EXAMPLES, run_sandbox
+    except ImportError as e:
+        raise UserError(f"the sandbox needs the optional extra: pip install 'llama-operator[sandbox]' ({e})") from None
+    cluster = Path(args.cluster) if args.cluster else EXAMPLES / "clusters" / "mixed.yaml"
+    files = [Path(f) for f in args.file] if args.file else [EXAMPLES / f for f in SANDBOX_DEFAULT_EXAMPLES]
+    for path in [cluster, *files]:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+    if args.serve and not args.kubeconfig:
+        raise UserError("--serve needs --kubeconfig PATH, where the sandbox writes the kubeconfig to use")
+    load_cluster_file(str(cluster))  # fail early, with a clear message, on a bad cluster file
+    for path in files:
+        load_deployments(str(path))
+    join = None if args.no_scenario else Path(args.join) if args.join else EXAMPLES / "clusters" / "h100-8x.yaml"
+    if join is not None and not join.is_file():
+        raise UserError(f"{join}: no such file")
+    return run_sandbox(cluster, files, serve=args.serve, kubeconfig_path=Path(args.kubeconfig) if args.kubeconfig
+                       else None, upgrade_delay=args.upgrade_delay, timeout=args.timeout, join=join)
+
+
 # --- main -----------------------------------------------------------------------------------------------
 
 
@@ -287,6 +357,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .render import Images
+
     parser = _Parser(prog="llama-operator", description="Serve Llama models on the hardware you have.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -311,6 +383,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cpu-bandwidth", type=float, default=None, help="with --gpu cpu: memory bandwidth, GB/s")
     e.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     e.set_defaults(func=cmd_estimate)
+
+    r = sub.add_parser("run", help="run the operator against the current kubeconfig or in-cluster config")
+    scope = r.add_mutually_exclusive_group()
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    scope.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable)")
+    r.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, then $KUBECONFIG)")
+    r.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (/metrics)")
+    r.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (/healthz)")
+    r.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    peer = r.add_mutually_exclusive_group()
+    peer.add_argument("--peering", help="kopf peering object name: with several replicas only one acts")
+    peer.add_argument("--standalone", action="store_true", help="no peering (a single replica)")
+    r.add_argument("--upgrade-delay", type=float, default=120.0,
+                   help="seconds new capacity must stay before a deployment moves up to a better variant")
+    r.add_argument("--resync", type=float, default=300.0, help="seconds between periodic re-plans")
+    images = Images()
+    r.add_argument("--vllm-image", default=images.vllm)
+    r.add_argument("--llamacpp-image", default=images.llamacpp_cuda, help="llama.cpp server image for GPUs")
+    r.add_argument("--llamacpp-cpu-image", default=images.llamacpp_cpu, help="llama.cpp server image for CPUs")
+    r.add_argument("-v", "--verbose", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    sb = sub.add_parser("sandbox", help="run the operator against a local API emulator with example nodes")
+    sb.add_argument("--cluster", help="example cluster: a file of Node manifests (default "
+                    "examples/clusters/mixed.yaml)")
+    sb.add_argument("-f", "--file", action="append", help="LlamaDeployments to apply (repeatable; default: the "
+                    "examples)")
+    sb.add_argument("--join", help="nodes that join after the first plans, then leave again (default "
+                    "examples/clusters/h100-8x.yaml)")
+    sb.add_argument("--no-scenario", action="store_true", help="skip the join-and-leave scenario")
+    sb.add_argument("--serve", action="store_true", help="keep running for kubectl (needs --kubeconfig)")
+    sb.add_argument("--kubeconfig", help="write the emulator's kubeconfig here once the API answers")
+    sb.add_argument("--upgrade-delay", type=float, default=5.0, help="seconds before moving up to a better variant")
+    sb.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the deployments to settle")
+    sb.set_defaults(func=cmd_sandbox)
 
     c = sub.add_parser("crd", help="write the CustomResourceDefinition generated from the API models")
     c.add_argument("--output", default="crds/llamadeployments.yaml")

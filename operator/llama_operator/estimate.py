@@ -358,7 +358,8 @@ def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload
 
     utilization = None
     if runtime == "vllm" and hw.gpu is not None:
-        utilization = min(VLLM_MAX_GPU_MEMORY_UTILIZATION, per_gpu / hw.gpu.memory_bytes)
+        # What the plan needs, plus 2% of the device for allocator fragmentation.
+        utilization = min(VLLM_MAX_GPU_MEMORY_UTILIZATION, per_gpu / hw.gpu.memory_bytes + 0.02)
     return Estimate(
         weights_bytes=w_bytes,
         kv_cache_bytes=kv_bytes,

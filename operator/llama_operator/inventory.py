@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .api import parse_quantity
 from .catalog import GPU, load_catalog
@@ -121,6 +121,7 @@ class Node:
     name: str
     shape: Shape
     ready: bool
+    hostname: str = ""  # kubernetes.io/hostname: per node, so not part of the shape
 
 
 def node_from_manifest(node: dict) -> Node:
@@ -149,7 +150,8 @@ def node_from_manifest(node: dict) -> Node:
         labels=tuple(sorted((k, v) for k, v in labels.items() if k not in PER_NODE_LABELS)),
         taints=taints,
     )
-    return Node(name=meta.get("name", ""), shape=shape, ready=_is_ready(node))
+    return Node(name=meta.get("name", ""), shape=shape, ready=_is_ready(node),
+                hostname=labels.get("kubernetes.io/hostname", meta.get("name", "")))
 
 
 @dataclass(frozen=True)
@@ -223,27 +225,42 @@ class Inventory:
             self._groups = sorted(by_shape.values(), key=lambda g: (g.shape.key, g.shape.gpus_per_node, g.nodes[0]))
         return self._groups
 
-    def reserve(self, product: str | None, gpus_per_replica: int, replicas: int,
-                cpu_millis: int = 0, memory_bytes: int = 0) -> "Inventory":
-        """A copy with capacity taken for `replicas` pods not yet bound (first fit, in name order).
-
-        The operator uses it to count GPUs promised to other LlamaDeployments whose pods do not exist yet.
-        """
+    def _copy(self) -> "Inventory":
         out = Inventory([])
-        out.nodes = dict(self.nodes)
+        out.nodes = self.nodes  # shared: nodes are immutable values
         out.free = dict(self.free)
+        return out
+
+    def release(self, usage: Iterable[PodUsage]) -> "Inventory":
+        """A copy in which these pods' requests are free again (a deployment re-planning counts its own
+        pods' GPUs as available to itself)."""
+        out = self._copy()
+        for u in usage:
+            if u.node not in out.free:
+                continue
+            s = out.nodes[u.node].shape
+            gpus, cpu, mem = out.free[u.node]
+            out.free[u.node] = (min(s.gpus_per_node, gpus + u.gpus), min(s.cpu_millis, cpu + u.cpu_millis),
+                                min(s.memory_bytes, mem + u.memory_bytes))
+        return out
+
+    def reserve(self, fits: Callable[[Node], bool], replicas: int, gpus: int, cpu_millis: int = 0,
+                memory_bytes: int = 0) -> "Inventory":
+        """A copy with capacity taken for `replicas` pods not yet bound, on ready nodes where `fits` (first
+        fit, in name order). The operator counts GPUs promised to other LlamaDeployments this way."""
+        out = self._copy()
         left = replicas
         for name in sorted(out.nodes):
             if left == 0:
                 break
             node = out.nodes[name]
-            if (node.shape.gpu.product if node.shape.gpu else None) != product or not node.ready:
+            if not node.ready or not fits(node):
                 continue
-            gpus, cpu, mem = out.free[name]
-            while left and gpus >= gpus_per_replica and cpu >= cpu_millis and mem >= memory_bytes:
-                gpus, cpu, mem = gpus - gpus_per_replica, cpu - cpu_millis, mem - memory_bytes
+            free_gpus, cpu, mem = out.free[name]
+            while left and free_gpus >= gpus and cpu >= cpu_millis and mem >= memory_bytes:
+                free_gpus, cpu, mem = free_gpus - gpus, cpu - cpu_millis, mem - memory_bytes
                 left -= 1
-            out.free[name] = (gpus, cpu, mem)
+            out.free[name] = (free_gpus, cpu, mem)
         return out
 
 

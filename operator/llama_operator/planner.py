@@ -28,7 +28,7 @@ from .estimate import (
     Workload,
     estimate,
 )
-from .inventory import GPU_RESOURCES, Inventory, Shape, ShapeGroup
+from .inventory import GPU_RESOURCES, PER_NODE_LABELS, Inventory, Node, Shape, ShapeGroup
 
 #: Bits below which a quantization is used only when the spec lists it ("down to 4-bit by default").
 DEFAULT_MIN_BITS = 4
@@ -129,6 +129,31 @@ class Candidate:
             return self.model.vllm_repos[self.quant.id]
         assert self.model.gguf is not None and self.quant.gguf is not None
         return f"{self.model.gguf.repo}/{self.model.gguf.file_for(self.quant.gguf, self.quant.id)}"
+
+    def to_chosen_plan(self):
+        """This candidate as status records it, and as the renderer consumes it."""
+        from .api import ChosenPlan, Predicted
+
+        e = self.estimate
+        assert e is not None
+        return ChosenPlan(
+            model=self.model.id,
+            quantization=self.quant.id,
+            runtime=self.runtime,
+            gpuProduct=self.pool.gpu.product if self.pool.gpu else None,
+            gpusPerReplica=self.gpus_per_replica,
+            kvCacheDtype=self.kv_cache_dtype,
+            weightsSource=self.weights_source(),
+            gpuMemoryUtilization=round(e.gpu_memory_utilization, 3) if e.gpu_memory_utilization is not None else None,
+            cpuThreads=self.cpu_threads if self.pool.gpu is None else None,
+            cpuMemoryBandwidthGbps=self.pool.cpu_bandwidth_gbps if self.pool.gpu is None else None,
+            predicted=Predicted(
+                memoryBytes=e.total_bytes,
+                perGpuBytes=e.per_gpu_bytes if self.pool.gpu else None,
+                ttftSeconds=round(e.ttft_seconds, 6),
+                tpotSeconds=round(e.tpot_seconds, 6),
+            ),
+        )
 
     def to_dict(self) -> dict:
         out = {
@@ -286,7 +311,7 @@ def _allowed_products(spec: LlamaDeploymentSpec) -> set[str] | None:
 
 def _shape_matches(shape: Shape, spec: LlamaDeploymentSpec, allowed_products: set[str] | None) -> bool:
     labels = shape.label_dict()
-    if any(labels.get(k) != v for k, v in spec.placement.nodeSelector.items()):
+    if any(labels.get(k) != v for k, v in spec.placement.nodeSelector.items() if k not in PER_NODE_LABELS):
         return False
     tolerations = [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
     if shape.gpu is not None:
@@ -296,16 +321,40 @@ def _shape_matches(shape: Shape, spec: LlamaDeploymentSpec, allowed_products: se
     return _tolerates(shape.taints, tolerations)
 
 
-def build_pools(spec: LlamaDeploymentSpec, groups: list[ShapeGroup]) -> tuple[list[Pool], list[str]]:
+def _per_node_selector(spec: LlamaDeploymentSpec) -> dict[str, str]:
+    return {k: v for k, v in spec.placement.nodeSelector.items() if k in PER_NODE_LABELS}
+
+
+def _narrowed(group: ShapeGroup, inventory: Inventory, hostname: str) -> ShapeGroup | None:
+    """The part of a group on the named host (a nodeSelector on kubernetes.io/hostname)."""
+    names = [n for n in group.nodes if inventory.nodes[n].hostname == hostname]
+    if not names:
+        return None
+    out = ShapeGroup(group.shape, names)
+    for n in names:
+        gpus, cpu, mem = inventory.free[n]
+        out.free_gpus[gpus] += 1
+        out.free_cpu_memory[(cpu, mem)] += 1
+    return out
+
+
+def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory) -> tuple[list[Pool], list[str]]:
     """Placement-compatible pools, and notes on what placement excluded."""
     allowed = _allowed_products(spec)
     by_product: dict[str, list[ShapeGroup]] = {}
     cpu_groups: list[ShapeGroup] = []
     excluded = 0
-    for group in groups:
+    hostname = _per_node_selector(spec).get("kubernetes.io/hostname")
+    for group in inventory.groups():
         if not _shape_matches(group.shape, spec, allowed):
             excluded += len(group.nodes)
             continue
+        if hostname is not None:
+            narrowed = _narrowed(group, inventory, hostname)
+            excluded += len(group.nodes) - (len(narrowed.nodes) if narrowed else 0)
+            if narrowed is None:
+                continue
+            group = narrowed
         if group.shape.gpu is None:
             cpu_groups.append(group)
         else:
@@ -443,7 +492,7 @@ def _kv_dtype(quant: Quantization) -> str:
 
 def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
     """Choose what to run for `spec` on `inventory`, with the verdict and reasons for every candidate tried."""
-    pools, notes = build_pools(spec, inventory.groups())
+    pools, notes = build_pools(spec, inventory)
     base = Workload(context_length=spec.contextLength, concurrency=spec.slo.concurrency,
                     prompt_tokens=spec.slo.promptTokens)
     kv_options = ["auto"] + (["8bit"] if spec.fallback.allowKVCacheQuantization else [])
@@ -547,3 +596,73 @@ def _fallback_reason(candidates: list[Candidate], chosen: Candidate | None, rung
     head = "" if chosen is None else f"chose {chosen.describe()} because "
     shown = parts[:4] + ([f"and {len(parts) - 4} more rung(s)"] if len(parts) > 4 else [])
     return head + " | ".join(shown)
+
+
+# --- Judging a plan already in force ---------------------------------------------------------------------
+
+
+def rank(spec: LlamaDeploymentSpec, chosen) -> tuple:
+    """Where a plan (api.ChosenPlan) stands on this spec's ladder: smaller is better.
+
+    (model position, 8-bit KV cache, quality tier, GPUs, GPU memory); a plan off the ladder (the spec
+    changed since) ranks last.
+    """
+    catalog = load_catalog()
+    models = [m.id for m in ladder_models(spec)]
+    if chosen.model not in models or chosen.quantization not in catalog.quantizations:
+        return (len(models), 1, 0, 0, 0.0)
+    gpu = catalog.find_gpu(chosen.gpuProduct) if chosen.gpuProduct else None
+    return (
+        models.index(chosen.model),
+        0 if chosen.kvCacheDtype == "auto" else 1,
+        -catalog.quantizations[chosen.quantization].quality,
+        chosen.gpusPerReplica if chosen.gpuProduct else 0,
+        gpu.memory_gib if gpu else 0.0,
+    )
+
+
+def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen) -> list[str]:
+    """Reasons the plan in force (api.ChosenPlan) no longer works on `inventory`; empty while it does.
+
+    The operator keeps a working plan until a better one has been stable for a while, but moves at once
+    when the one in force has lost its hardware.
+    """
+    catalog = load_catalog()
+    if chosen.model not in catalog.models or chosen.quantization not in catalog.quantizations:
+        return [f"{chosen.model} {chosen.quantization} is no longer in the catalog"]
+    model = catalog.model(chosen.model)
+    quant = catalog.quantizations[chosen.quantization]
+    pools, _ = build_pools(spec, inventory)
+    if chosen.gpuProduct:
+        pool = next((p for p in pools if p.gpu is not None and p.gpu.product == chosen.gpuProduct), None)
+    else:
+        pool = next((p for p in pools if p.gpu is None and p.cpu_bandwidth_gbps == chosen.cpuMemoryBandwidthGbps),
+                    None)
+    if pool is None:
+        return [f"no ready node of {chosen.gpuProduct or 'the planned CPU shape'} matches the placement any more"]
+    workload = Workload(spec.contextLength, spec.slo.concurrency, spec.slo.promptTokens,
+                        chosen.kvCacheDtype)  # type: ignore[arg-type]
+    c = Candidate(model, quant, chosen.kvCacheDtype, pool, chosen.gpusPerReplica, rung=0)
+    _check(c, spec, workload)
+    return c.reasons
+
+
+def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replicas: int) -> Inventory:
+    """`inventory` with `replicas` replicas of the plan `chosen` (api.ChosenPlan) taken, on the nodes that
+    plan can use: its GPU product or CPU shape, within the spec's placement."""
+    allowed = _allowed_products(spec)
+    hostname = _per_node_selector(spec).get("kubernetes.io/hostname")
+
+    def fits(node: Node) -> bool:
+        shape = node.shape
+        if hostname is not None and node.hostname != hostname:
+            return False
+        if not _shape_matches(shape, spec, allowed):
+            return False
+        if chosen.gpuProduct is not None:
+            return shape.gpu is not None and shape.gpu.product == chosen.gpuProduct
+        return shape.gpu is None and shape.cpu_bandwidth_gbps == chosen.cpuMemoryBandwidthGbps
+
+    if chosen.gpuProduct is not None:
+        return inventory.reserve(fits, replicas, chosen.gpusPerReplica)
+    return inventory.reserve(fits, replicas, 0, (chosen.cpuThreads or 1) * 1000, chosen.predicted.memoryBytes)

@@ -81,6 +81,7 @@ class Model:
     source: str
     vllm_repos: dict[str, str]  # quantization id -> HF repo
     gguf: GgufSource | None
+    vllm_quantization: dict[str, str] = field(default_factory=dict)  # quantization id -> --quantization override
 
     def variants(self) -> list[str]:
         """Quantization ids published for this model, vLLM ones first."""
@@ -222,6 +223,7 @@ def _load_models() -> dict[str, Model]:
             arch=ModelArch(**arch_kwargs),
             source=raw["source"],
             vllm_repos={q: v["repo"] for q, v in (raw.get("vllm") or {}).items()},
+            vllm_quantization={q: v["quantization"] for q, v in (raw.get("vllm") or {}).items() if "quantization" in v},
             gguf=GgufSource(
                 repo=gguf["repo"],
                 file=gguf["file"],

@@ -1,0 +1,237 @@
+"""The reconcile decision: from what the operator sees, what to run, what status to write, what to say.
+
+Pure: the kopf handlers gather the inputs (the object, a fresh plan, whether the plan in force still
+fits, the owned Deployment's status, the time) and carry out the Decision. Rules:
+
+* A spec change re-plans at once. A cluster change re-plans at once only when the plan in force has
+  lost its hardware; a better plan (a bigger GPU joined) waits until it has been proposed continuously
+  for the upgrade delay (hysteresis), so a flapping node does not bounce a model between variants.
+* No feasible plan keeps whatever runs and says Unschedulable, with the reasons.
+* An invalid spec keeps whatever runs and says Invalid, naming the field; it is not retried in a loop.
+* Events only on transitions, so a resync writes nothing new.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from .api import (
+    ChosenPlan,
+    Condition,
+    FallbackStatus,
+    LlamaDeploymentSpec,
+    LlamaDeploymentStatus,
+    PendingChange,
+    RejectedCandidate,
+)
+from .catalog import load_catalog
+from .planner import STATUS_REJECTED_LIMIT, Plan, rank
+from .render import endpoint
+
+NORMAL, WARNING = "Normal", "Warning"
+
+
+@dataclass(frozen=True)
+class Observed:
+    name: str
+    namespace: str
+    generation: int
+    status: LlamaDeploymentStatus
+    deployment_status: dict | None  # the owned Deployment's .status, None when it does not exist
+    now: datetime
+    upgrade_delay: timedelta = timedelta(minutes=2)
+
+
+@dataclass
+class Decision:
+    apply: ChosenPlan | None  # what the workload should run; None: leave the workload as it is
+    status: LlamaDeploymentStatus
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    outcome: str = "requested"  # requested | fallback | infeasible | invalid (for metrics)
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_iso(s: str) -> datetime:
+    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def _conditions(previous: list[Condition], wanted: list[tuple[str, str, str, str]], now: datetime,
+                generation: int) -> list[Condition]:
+    """Conditions with lastTransitionTime kept while their status does not change (API conventions)."""
+    before = {c.type: c for c in previous}
+    out = []
+    for ctype, status, reason, message in wanted:
+        old = before.get(ctype)
+        since = old.lastTransitionTime if old is not None and old.status == status else _iso(now)
+        out.append(Condition(type=ctype, status=status, reason=reason, message=message,
+                             lastTransitionTime=since, observedGeneration=generation))
+    return out
+
+
+def fallback_kind(spec: LlamaDeploymentSpec, chosen: ChosenPlan) -> str | None:
+    """Why the plan is not the requested model at full precision, as a condition reason."""
+    catalog = load_catalog()
+    if chosen.model != spec.model:
+        return "SmallerModel"
+    if catalog.quantizations[chosen.quantization].quality < 100:
+        return "Quantized"
+    if chosen.kvCacheDtype != "auto":
+        return "KVCacheQuantized"
+    return None
+
+
+def _rejected(plan: Plan) -> list[RejectedCandidate]:
+    return [
+        RejectedCandidate(model=c.model.id, quantization=c.quant.id, runtime=c.runtime, hardware=c.hardware,
+                          reasons=list(c.reasons))
+        for c in plan.rejected[:STATUS_REJECTED_LIMIT]
+    ]
+
+
+def decide_invalid(obs: Observed, problems: list[str]) -> Decision:
+    status = obs.status.model_copy(deep=True)
+    message = "; ".join(problems)
+    first_time = not (status.phase == "Invalid" and status.observedGeneration == obs.generation)
+    status.phase = "Invalid"
+    status.message = message
+    status.observedGeneration = obs.generation
+    status.conditions = _conditions(status.conditions, [
+        ("Ready", "False" if not status.readyReplicas else "True", "InvalidSpec", message),
+        ("PlanFeasible", "False", "InvalidSpec", message),
+    ], obs.now, obs.generation)
+    events = [(WARNING, "InvalidSpec", message)] if first_time else []
+    return Decision(apply=None, status=status, events=events, outcome="invalid")
+
+
+def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problems: list[str] | None) -> Decision:
+    """`current_problems`: why the plan in force no longer fits (empty: it still fits; None: none in force)."""
+    prev = obs.status
+    status = prev.model_copy(deep=True)
+    current = prev.plan
+    new = plan.chosen.to_chosen_plan() if plan.chosen is not None else None
+    spec_changed = prev.observedGeneration != obs.generation
+    events: list[tuple[str, str, str]] = []
+    apply: ChosenPlan | None = current
+    pending: PendingChange | None = None
+
+    if new is None:
+        outcome = "infeasible"
+        if prev.phase != "Unschedulable" or spec_changed:
+            events.append((WARNING, "Unschedulable", f"No feasible plan: {plan.fallback_reason}"))
+    else:
+        outcome = "fallback" if plan.fallback else "requested"
+        if current is None or spec_changed or current_problems:
+            if not new.same_choice(current):
+                apply = new
+                if current is None:
+                    events.append((NORMAL, "Planned", f"Serving {plan.chosen.describe()}"))
+                elif current_problems:
+                    events.append((WARNING, "Replanned", f"{current.variant} no longer fits "
+                                   f"({'; '.join(current_problems)}); moving to {plan.chosen.describe()}"))
+                else:
+                    events.append((NORMAL, "Replanned", f"Spec changed: moving from {current.variant} to "
+                                   f"{plan.chosen.describe()}"))
+                if plan.fallback:
+                    events.append((NORMAL, "FallbackApplied", plan.fallback_reason))
+            else:
+                apply = new
+        elif new.same_choice(current):
+            apply = new  # same choice; refresh the predictions
+        else:
+            # A different plan while the one in force still works: a better one after a cluster change.
+            better = rank(spec, new) < rank(spec, current)
+            old_pending = prev.pendingChange
+            since = obs.now
+            if old_pending is not None and old_pending.plan.same_choice(new):
+                since = _parse_iso(old_pending.since)
+            if obs.now - since >= obs.upgrade_delay:
+                apply = new
+                verb = "Upgraded" if better else "Replanned"
+                events.append((NORMAL, verb, f"Capacity stable for {int(obs.upgrade_delay.total_seconds())}s: moving "
+                               f"from {current.variant} to {plan.chosen.describe()}"))
+            else:
+                pending = PendingChange(plan=new, since=_iso(since), reason=(
+                    f"{plan.chosen.describe()} became possible; moving once the capacity has been stable until "
+                    f"{_iso(since + obs.upgrade_delay)}"))
+                if old_pending is None or not old_pending.plan.same_choice(new):
+                    events.append((NORMAL, "UpgradePending", pending.reason))
+
+    status.pendingChange = pending
+    status.observedGeneration = obs.generation
+    if apply is not None:
+        status.plan = apply
+        status.variant = apply.variant
+        status.runtime = apply.runtime
+        status.endpoint = endpoint(obs.name, obs.namespace, apply.runtime)
+        if new is not None and apply.same_choice(new):
+            kind = fallback_kind(spec, apply)
+            status.fallback = FallbackStatus(inForce=kind is not None, requestedModel=spec.model,
+                                             reason=plan.fallback_reason if kind else "")
+    status.rejected = _rejected(plan)
+
+    # Replicas and phase, from the owned Deployment.
+    desired = spec.replicas
+    ds = obs.deployment_status or {}
+    ready = int(ds.get("readyReplicas") or 0)
+    updated = int(ds.get("updatedReplicas") or 0)
+    rolling_to_new = apply is not None and not apply.same_choice(current)
+    status.replicas = desired
+    status.readyReplicas = ready
+    status.ready = f"{ready}/{desired}"
+    stalled = any(c.get("type") == "Progressing" and c.get("status") == "False"
+                  for c in ds.get("conditions") or [])
+
+    if new is None:
+        phase = "Unschedulable"
+        message = f"No feasible plan: {plan.fallback_reason}"
+        if ready:
+            message = f"Still serving {current.variant if current else 'the previous plan'} on {ready} replica(s). " \
+                      + message
+    elif apply is None or obs.deployment_status is None:
+        phase, message = "Pending", "Creating the workload"
+    elif ready >= desired and updated >= desired and not rolling_to_new:
+        phase, message = "Ready", f"Serving {apply.variant} on {apply.runtime}"
+    elif stalled:
+        phase, message = "Degraded", f"{ready}/{desired} replicas ready; the rollout is not progressing"
+    elif prev.phase in ("Ready", "Degraded") and not rolling_to_new and updated >= desired:
+        phase, message = "Degraded", f"{ready}/{desired} replicas ready"
+    elif updated == 0 and ready == 0:
+        phase, message = "Pending", "Waiting for the first replica to be scheduled"
+    else:
+        phase, message = "Deploying", f"Rolling out {apply.variant}: {ready}/{desired} replicas ready"
+    if pending is not None and phase == "Ready":
+        message += f"; {pending.reason}"
+    status.phase = phase
+    status.message = message
+
+    fb = status.fallback
+    wanted = [
+        ("Ready", "True" if phase in ("Ready",) or (ready >= desired and desired > 0) else "False",
+         "ReplicasReady" if ready >= desired else "ReplicasNotReady", f"{ready}/{desired} replicas ready"),
+        ("PlanFeasible", "True" if new is not None else "False",
+         "Planned" if new is not None else "NoFeasiblePlan",
+         plan.chosen.describe() if plan.chosen is not None else plan.fallback_reason),
+        ("FallbackApplied", "True" if fb and fb.inForce else "False",
+         (fallback_kind(spec, apply) or "RequestedVariant") if apply is not None else "NoPlan",
+         fb.reason if fb and fb.inForce else "Serving the requested model at its best precision"),
+        ("Progressing",
+         "True" if pending is not None or phase in ("Deploying", "Pending") else "False",
+         "UpgradePending" if pending is not None else ("RollingOut" if phase in ("Deploying", "Pending") else "Stable"),
+         pending.reason if pending is not None else message),
+    ]
+    status.conditions = _conditions(prev.conditions, wanted, obs.now, obs.generation)
+    if prev.phase != phase and phase == "Ready":
+        events.append((NORMAL, "Ready", message))
+    if prev.phase == "Ready" and phase == "Degraded":
+        events.append((WARNING, "Degraded", message))
+    return Decision(apply=apply, status=status, events=events, outcome=outcome)
+
+
+def status_patch(status: LlamaDeploymentStatus) -> dict[str, Any]:
+    """The status as a JSON merge patch: absent optional fields are written as null so they clear."""
+    data = status.model_dump(mode="json")
+    return data

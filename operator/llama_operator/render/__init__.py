@@ -1,0 +1,219 @@
+"""Rendering a plan into Kubernetes objects: one Jinja2 template per runtime.
+
+Pure: a LlamaDeployment's identity, its spec and the chosen plan in, manifests out. Each manifest
+carries a hash of itself in the annotation `llama-operator.dev/spec-hash`, so the operator writes an
+object only when what it would write differs from what it wrote before.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from ..api import API_VERSION, KIND, ChosenPlan, LlamaDeploymentSpec
+from ..catalog import load_catalog
+from ..estimate import weights_bytes
+
+TEMPLATES = Path(__file__).resolve().parent
+HASH_ANNOTATION = "llama-operator.dev/spec-hash"
+LABEL_DEPLOYMENT = "llama-operator.dev/llamadeployment"
+LABEL_RUNTIME = "llama-operator.dev/runtime"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "llama-operator"}
+PORTS = {"vllm": 8000, "llamacpp": 8080}
+GiB = 2**30
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    autoescape=False,  # YAML, not HTML; values go through tojson
+)
+
+
+@dataclass(frozen=True)
+class Images:
+    """Model server images; `llama-operator run --vllm-image ...` overrides them."""
+
+    vllm: str = "vllm/vllm-openai:v0.11.0"
+    vllm_rocm: str = "rocm/vllm:latest"
+    llamacpp_cuda: str = "ghcr.io/ggml-org/llama.cpp:server-cuda"
+    llamacpp_rocm: str = "ghcr.io/ggml-org/llama.cpp:server-rocm"
+    llamacpp_cpu: str = "ghcr.io/ggml-org/llama.cpp:server"
+
+
+@dataclass(frozen=True)
+class Owner:
+    name: str
+    namespace: str
+    uid: str
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """What the Deployment and Service select on: stable across runtimes and variants."""
+    return {LABEL_DEPLOYMENT: name, **MANAGED_BY}
+
+
+def endpoint(name: str, namespace: str, runtime: str) -> str:
+    return f"http://{name}.{namespace}.svc:{PORTS[runtime]}/v1"
+
+
+def cache_claim_name(owner: Owner, spec: LlamaDeploymentSpec) -> str | None:
+    cache = spec.source.cache
+    if cache.existingClaim:
+        return cache.existingClaim
+    if cache.size is not None:
+        return f"{owner.name}-model-cache"
+    return None
+
+
+def _startup_failure_threshold(weights: int) -> int:
+    """Probe attempts (10 s apart) before a starting server is restarted: 10 minutes, plus 30 s per GiB of
+    weights to download (a 35 MB/s link), so a 140 GiB model gets 80 minutes on its first start."""
+    return math.ceil((600 + 30 * weights / GiB) / 10)
+
+
+def _gpu_affinity(plan: ChosenPlan) -> list[dict]:
+    gpu = load_catalog().find_gpu(plan.gpuProduct or "")
+    if gpu is None:  # a product the catalog does not know: match the label as the node has it
+        return [{"key": "nvidia.com/gpu.product", "operator": "In", "values": [plan.gpuProduct]}]
+    values = [gpu.product] + [a for a in gpu.aliases if "-" in a or "_" in a]
+    return [{"key": gpu.label_key, "operator": "In", "values": values}]
+
+
+def _cpu_affinity(plan: ChosenPlan) -> list[dict]:
+    cpu = load_catalog().cpu
+    expressions = [
+        {"key": "nvidia.com/gpu.product", "operator": "DoesNotExist"},
+        {"key": "amd.com/gpu.product-name", "operator": "DoesNotExist"},
+    ]
+    bandwidth = plan.cpuMemoryBandwidthGbps
+    if bandwidth is not None and bandwidth != cpu.memory_bandwidth_gbps:
+        # Planned on nodes labelled faster than the default: stay on them.
+        expressions.append({"key": cpu.bandwidth_label, "operator": "In", "values": [f"{bandwidth:g}"]})
+    return expressions
+
+
+def _quantity(n_bytes: float) -> str:
+    return f"{math.ceil(n_bytes / 2**20)}Mi"
+
+
+def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images) -> dict[str, Any]:
+    catalog = load_catalog()
+    model = catalog.model(plan.model)
+    on_gpu = plan.gpuProduct is not None
+    gpu = catalog.find_gpu(plan.gpuProduct) if on_gpu else None
+    vendor = gpu.vendor if gpu else "nvidia"
+    gpu_resource = "amd.com/gpu" if vendor == "amd" else "nvidia.com/gpu"
+    n = plan.gpusPerReplica if on_gpu else 0
+    labels = {
+        **selector_labels(owner.name),
+        "app.kubernetes.io/name": "vllm" if plan.runtime == "vllm" else "llama-cpp",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": "model-server",
+        LABEL_RUNTIME: plan.runtime,
+        "llama-operator.dev/model": plan.model,
+        "llama-operator.dev/quantization": plan.quantization,
+    }
+    weights = weights_bytes(model, catalog.quantizations[plan.quantization])
+    if plan.runtime == "vllm":
+        image = images.vllm_rocm if vendor == "amd" else images.vllm
+        # Host memory: vLLM's process plus its default 4 GiB CPU swap space per GPU worker (calibration D).
+        host_memory = 8 * GiB + 4 * GiB * n
+        requests = {"cpu": str(2 + n), "memory": _quantity(host_memory), gpu_resource: str(n)}
+        limits = {"memory": _quantity(2 * host_memory), gpu_resource: str(n)}
+        threads = 0
+    elif on_gpu:
+        image = images.llamacpp_rocm if vendor == "amd" else images.llamacpp_cuda
+        threads = 4
+        requests = {"cpu": str(threads), "memory": "4Gi", gpu_resource: str(n)}
+        limits = {"memory": "8Gi", gpu_resource: str(n)}
+    else:
+        image = images.llamacpp_cpu
+        threads = plan.cpuThreads or 1
+        # The weights are memory-mapped and stay resident: the replica's whole estimate, plus 1 GiB.
+        memory = plan.predicted.memoryBytes + GiB
+        requests = {"cpu": str(threads), "memory": _quantity(memory)}
+        limits = {"memory": _quantity(memory * 1.25)}
+    quantization_flag = None
+    if plan.runtime == "vllm":
+        q = catalog.quantizations[plan.quantization]
+        quantization_flag = model.vllm_quantization.get(plan.quantization)
+        if quantization_flag is None and q.vllm_quantization:
+            fast = gpu is not None and gpu.vendor == "nvidia" and gpu.compute_capability and \
+                float(gpu.compute_capability) >= 8.0 and q.vllm_quantization_fast
+            quantization_flag = q.vllm_quantization_fast if fast else q.vllm_quantization
+    weights_file = None
+    if plan.runtime == "vllm":
+        weights_repo = plan.weightsSource
+    else:
+        assert model.gguf is not None
+        weights_repo = model.gguf.repo
+        weights_file = plan.weightsSource[len(model.gguf.repo) + 1:]
+    tolerations = [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
+    if on_gpu:
+        tolerations = [{"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"}] + tolerations
+    claim = cache_claim_name(owner, spec)
+    cache = spec.source.cache
+    token = spec.source.hfTokenSecretRef
+    return {
+        "name": owner.name,
+        "namespace": owner.namespace,
+        "owner": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name, "uid": owner.uid},
+        "labels": labels,
+        "selector": selector_labels(owner.name),
+        "annotations": {},
+        "pod_annotations": {"llama-operator.dev/variant": f"{plan.model}/{plan.quantization}"},
+        "replicas": spec.replicas,
+        "image": image,
+        "port": PORTS[plan.runtime],
+        "weights_repo": weights_repo,
+        "weights_file": weights_file,
+        "served_model_name": owner.name,
+        "context_length": spec.contextLength,
+        "concurrency": spec.slo.concurrency,
+        "gpus": n,
+        "gpu_layers": 999 if on_gpu else 0,
+        "threads": threads,
+        "gpu_memory_utilization": plan.gpuMemoryUtilization if plan.gpuMemoryUtilization is not None else 0.9,
+        "quantization_flag": quantization_flag,
+        "kv_cache_dtype": plan.kvCacheDtype,
+        "requests": requests,
+        "limits": limits,
+        "node_selector": dict(spec.placement.nodeSelector),
+        "node_affinity": _gpu_affinity(plan) if on_gpu else _cpu_affinity(plan),
+        "tolerations": tolerations,
+        "shm_size": "8Gi",
+        "startup_failure_threshold": _startup_failure_threshold(weights),
+        "hf_token_secret": token.name if token else None,
+        "hf_token_key": token.key if token else None,
+        "cache_claim_name": claim,
+        "cache_claim_create": bool(cache.size is not None and not cache.existingClaim),
+        "cache_size": str(cache.size) if cache.size is not None else None,
+        "cache_storage_class": cache.storageClassName,
+        "cache_access_mode": "ReadWriteOnce" if spec.replicas == 1 else "ReadWriteMany",
+    }
+
+
+def content_hash(obj: dict) -> str:
+    """sha256 of the object as written, without its own hash annotation."""
+    clean = json.loads(json.dumps(obj))
+    annotations = (clean.get("metadata") or {}).get("annotations") or {}
+    annotations.pop(HASH_ANNOTATION, None)
+    return hashlib.sha256(json.dumps(clean, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def render(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images = Images()) -> list[dict]:
+    """The objects one LlamaDeployment owns: Deployment, Service, and a model-cache claim when asked."""
+    template = _env.get_template("vllm.yaml.j2" if plan.runtime == "vllm" else "llamacpp.yaml.j2")
+    text = template.render(w=build_context(owner, spec, plan, images))
+    objects = [d for d in yaml.safe_load_all(text) if d]
+    for obj in objects:
+        obj["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = content_hash(obj)
+    return objects
+

@@ -1,0 +1,65 @@
+"""Starting the operator: kopf with the project's handlers, metrics and health endpoints.
+
+Used by `llama-operator run` (in a cluster or against any kubeconfig), by the sandbox and by the
+integration tests (in-process, with a stop flag).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+import kopf
+
+from .handlers import OperatorState, Settings, register
+from .kube import Writer, load_client_configuration
+from .metrics import OperatorMetrics
+
+
+@dataclass
+class RunOptions:
+    kubeconfig: str | None = None
+    namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
+    metrics_port: int | None = 8080
+    metrics_host: str = "0.0.0.0"
+    health_port: int | None = 8081
+    health_host: str = "0.0.0.0"
+    peering: str | None = None  # None: standalone
+    settings: Settings = field(default_factory=Settings)
+    watch_timeout: int = 300
+
+
+def build(options: RunOptions) -> tuple[kopf.OperatorRegistry, OperatorState]:
+    cfg = load_client_configuration(options.kubeconfig)
+    registry = kopf.OperatorRegistry()
+    register(registry)
+    state = OperatorState(Writer(cfg), options.settings, OperatorMetrics(), client_config=cfg)
+    return registry, state
+
+
+async def run_async(options: RunOptions, *, stop_flag: asyncio.Event | threading.Event | None = None,
+                    ready_flag: asyncio.Event | threading.Event | None = None,
+                    state_holder: list | None = None) -> None:
+    registry, state = build(options)
+    if state_holder is not None:
+        state_holder.append(state)
+    server = None
+    if options.metrics_port is not None:
+        server = state.metrics.serve(options.metrics_port, host=options.metrics_host)
+    liveness = f"http://{options.health_host}:{options.health_port}/healthz" if options.health_port else None
+    try:
+        await kopf.operator(
+            registry=registry,
+            memo=kopf.Memo(state=state, watch_timeout=options.watch_timeout),
+            clusterwide=not options.namespaces,
+            namespaces=options.namespaces,
+            standalone=options.peering is None,
+            peering_name=options.peering,
+            liveness_endpoint=liveness,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()

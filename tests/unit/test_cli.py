@@ -1,0 +1,429 @@
+"""The `llama-operator` CLI: plan, estimate and crd, their outputs and every exit code.
+
+Exit codes: 0 success (plan: feasible), 2 plan found nothing feasible, 1 bad input with a message and no
+traceback.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llama_operator.cli import main
+from llama_operator.crd import render_crd
+
+ROOT = Path(__file__).resolve().parents[2]
+EX = ROOT / "examples"
+CL = EX / "clusters"
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def bad_input(capsys, *argv) -> str:
+    """Run, expect exit 1 with a message on stderr; return the message."""
+    code, out, err = run(capsys, *argv)
+    assert code == 1, (code, out, err)
+    assert err.strip().startswith("error:"), err
+    return err
+
+
+def write_yaml(path: Path, *docs) -> Path:
+    path.write_text(yaml.safe_dump_all(list(docs), sort_keys=False))
+    return path
+
+
+def deployment(name: str, **spec) -> dict:
+    return {"apiVersion": "llama-operator.dev/v1alpha1", "kind": "LlamaDeployment",
+            "metadata": {"name": name, "namespace": "default"}, "spec": spec}
+
+
+def node_list(*nodes) -> dict:
+    return {"apiVersion": "v1", "kind": "List", "items": list(nodes)}
+
+
+# --- plan: tables ---------------------------------------------------------------------------------------
+
+
+def test_plan_table_for_a_feasible_fallback(capsys):
+    code, out, _ = run(capsys, "plan", "-f", EX / "vision-90b-on-l4.yaml", "--cluster", CL / "l4-pool.yaml")
+    assert code == 0
+    assert "LlamaDeployment vision-90b" in out
+    chosen = next(line for line in out.splitlines() if line.strip().startswith("Chosen"))
+    assert "llama-3.2-11b-vision-instruct" in chosen and "vllm" in chosen and "1x NVIDIA-L4" in chosen
+    assert "[FALLBACK]" in chosen
+    assert "Predicted" in out and "memory" in out
+    assert "(limit 2s)" in out and "(limit 100ms)" in out  # predicted TTFT/TPOT next to the limits
+    assert "Why" in out and "llama-3.2-90b-vision-instruct" in out
+    # the rejected candidates, each with its reasons
+    rejected = [line for line in out.splitlines() if line.strip().startswith("rejected")]
+    assert rejected and any("llama-3.2-90b-vision-instruct" in line for line in rejected)
+    assert "- needs" in out and "usable on NVIDIA-L4" in out
+    assert "VERDICT" in out and "HARDWARE" in out and "TPOT" in out
+
+
+def test_plan_table_without_fallback(capsys):
+    code, out, _ = run(capsys, "plan", "-f", EX / "70b-tight-tpot.yaml", "--cluster", CL / "a100.yaml")
+    assert code == 0
+    chosen = next(line for line in out.splitlines() if line.strip().startswith("Chosen"))
+    assert "llama-3.3-70b-instruct bf16 on vllm" in chosen and "NVIDIA-A100-SXM4-80GB" in chosen
+    assert "[FALLBACK]" not in chosen
+    assert "(limit 30ms)" in out and "(limit 1s)" in out
+    assert "Weights    meta-llama/Llama-3.3-70B-Instruct" in out
+
+
+def test_plan_table_for_cpu(capsys):
+    code, out, _ = run(capsys, "plan", "-f", EX / "tiny-cpu.yaml", "--cluster", CL / "cpu-only.yaml")
+    assert code == 0
+    chosen = next(line for line in out.splitlines() if line.strip().startswith("Chosen"))
+    assert "llama-3.2-1b-instruct" in chosen and "llamacpp" in chosen and "cpu" in chosen
+    assert "of RAM" in out
+
+
+def test_plan_table_infeasible_exits_2(capsys):
+    code, out, _ = run(capsys, "plan", "-f", EX / "impossible.yaml", "--cluster", CL / "h100-8x.yaml")
+    assert code == 2
+    assert "INFEASIBLE" in out
+    assert "Chosen" not in out
+    assert "memory budget 16.0 GiB" in out
+
+
+# --- plan: json and yaml --------------------------------------------------------------------------------
+
+
+def plan_json(capsys, example, cluster) -> tuple[int, dict]:
+    code, out, _ = run(capsys, "plan", "-f", EX / example, "--cluster", CL / cluster, "-o", "json")
+    return code, json.loads(out)
+
+
+def test_plan_json_has_the_documented_keys(capsys):
+    code, d = plan_json(capsys, "70b-tight-tpot.yaml", "mixed.yaml")
+    assert code == 0
+    assert d["feasible"] is True and d["fallback"] is True and d["name"] == "assistant-70b"
+    ch = d["chosen"]
+    assert {"model", "quantization", "runtime", "gpuProduct", "gpusPerReplica", "predicted"} <= set(ch)
+    assert {"memoryBytes", "ttftSeconds", "tpotSeconds"} <= set(ch["predicted"])
+    assert ch["model"] == "llama-3.3-70b-instruct" and ch["quantization"] not in ("bf16", "f16")
+    assert isinstance(ch["gpuProduct"], str) and ch["gpusPerReplica"] >= 1
+    # the prediction is within the limits of examples/70b-tight-tpot.yaml
+    assert ch["predicted"]["tpotSeconds"] <= 0.030 and ch["predicted"]["ttftSeconds"] <= 1.0
+    assert ch["predicted"]["memoryBytes"] <= 320 * 2**30
+    assert d["candidates"]
+    for c in d["candidates"]:
+        assert {"model", "quantization", "runtime", "hardware", "verdict", "reasons"} <= set(c)
+        assert c["verdict"] in ("chosen", "feasible", "rejected")
+        assert (c["verdict"] == "rejected") == bool(c["reasons"])
+    estimated = [c for c in d["candidates"] if "predicted" in c]
+    assert estimated and all({"memoryBytes", "ttftSeconds", "tpotSeconds"} <= set(c["predicted"]) for c in estimated)
+    assert [c["verdict"] for c in d["candidates"]].count("chosen") == 1
+
+
+def test_plan_json_cpu_choice_has_null_gpu_product(capsys):
+    code, d = plan_json(capsys, "tiny-cpu.yaml", "cpu-only.yaml")
+    assert code == 0 and d["fallback"] is False
+    assert d["chosen"]["gpuProduct"] is None and d["chosen"]["runtime"] == "llamacpp"
+
+
+def test_plan_json_infeasible(capsys):
+    code, d = plan_json(capsys, "impossible.yaml", "h100-8x.yaml")
+    assert code == 2
+    assert d["feasible"] is False and d["chosen"] is None
+    assert d["candidates"] and all(c["verdict"] == "rejected" and c["reasons"] for c in d["candidates"])
+
+
+def test_plan_yaml_parses_to_the_same_document(capsys):
+    code, out, _ = run(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", CL / "mixed.yaml", "-o", "yaml")
+    assert code == 0
+    as_yaml = yaml.safe_load(out)
+    _, as_json = plan_json(capsys, "chat.yaml", "mixed.yaml")
+    assert as_yaml == as_json
+
+
+def test_plan_output_is_deterministic(capsys):
+    first = run(capsys, "plan", "-f", EX / "70b-tight-tpot.yaml", "--cluster", CL / "mixed.yaml")
+    second = run(capsys, "plan", "-f", EX / "70b-tight-tpot.yaml", "--cluster", CL / "mixed.yaml")
+    assert first == second
+
+
+@pytest.mark.parametrize("example, cluster, code", [
+    ("chat.yaml", "a100.yaml", 0), ("chat-11b-vision.yaml", "l4-pool.yaml", 0),
+    ("vision-90b-on-l4.yaml", "l4-pool.yaml", 0), ("70b-tight-tpot.yaml", "a100.yaml", 0),
+    ("70b-tight-tpot.yaml", "mixed.yaml", 0), ("tiny-cpu.yaml", "cpu-only.yaml", 0),
+    ("impossible.yaml", "h100-8x.yaml", 2), ("chat-11b-vision.yaml", "cpu-only.yaml", 2),
+])
+def test_plan_exit_codes_on_the_examples(capsys, example, cluster, code):
+    got, d = plan_json(capsys, example, cluster)
+    assert got == code and d["feasible"] is (code == 0)
+
+
+# --- plan: several deployments in one file --------------------------------------------------------------
+
+
+def test_later_deployments_see_the_gpus_earlier_ones_take(capsys, tmp_path, make_node):
+    cluster = write_yaml(tmp_path / "cluster.yaml", node_list(make_node("only-l4", "NVIDIA-L4", 1)))
+    spec = dict(model="llama-3.1-8b-instruct", slo={"ttftP95": "10s", "tpotP95": "1s"}, memoryBudget="24Gi",
+                fallback={"allowCPU": False})
+    one = write_yaml(tmp_path / "one.yaml", deployment("first", **spec))
+    two = write_yaml(tmp_path / "two.yaml", deployment("first", **spec), deployment("second", **spec))
+    assert run(capsys, "plan", "-f", one, "--cluster", cluster)[0] == 0
+    code, out, _ = run(capsys, "plan", "-f", two, "--cluster", cluster, "-o", "json")
+    assert code == 2
+    first, second = json.loads(out)
+    assert first["name"] == "first" and first["feasible"]
+    assert second["name"] == "second" and not second["feasible"]
+
+
+def test_later_deployments_see_the_cpu_node_earlier_ones_take(capsys, tmp_path, make_node):
+    # Two 16-core CPU nodes; only the one labelled 120 GB/s streams the 1B fast enough (~2.5 GB of f16
+    # weights per token: ~22 ms at 120 GB/s, ~67 ms at the 40 GB/s default, against a 40 ms TPOT).
+    # A replica takes 16 cores, so the fast node holds one replica: the second deployment has nowhere to go.
+    cluster = write_yaml(tmp_path / "cluster.yaml", node_list(
+        make_node("a-slow", cpu="16", memory="64Gi"),
+        make_node("z-fast", cpu="16", memory="64Gi", labels={"llama-operator.dev/memory-bandwidth-gbps": "120"}),
+    ))
+    spec = dict(model="llama-3.2-1b-instruct", runtime="llamacpp", contextLength=4096, memoryBudget="8Gi",
+                slo={"ttftP95": "3s", "tpotP95": "40ms", "promptTokens": 256},
+                fallback={"allowQuantization": False})
+    one = write_yaml(tmp_path / "one.yaml", deployment("first", **spec))
+    code, out, _ = run(capsys, "plan", "-f", one, "--cluster", cluster, "-o", "json")
+    assert code == 0 and "120 GB/s" in json.loads(out)["chosen"]["hardware"]
+    two = write_yaml(tmp_path / "two.yaml", deployment("first", **spec), deployment("second", **spec))
+    code, out, _ = run(capsys, "plan", "-f", two, "--cluster", cluster, "-o", "json")
+    first, second = json.loads(out)
+    assert first["feasible"]
+    assert not second["feasible"], f"second deployment planned on {second['chosen']['hardware']}, already taken"
+    assert code == 2
+
+
+def test_later_deployments_see_the_gpus_taken_where_the_earlier_one_was_placed(capsys, tmp_path, make_node):
+    # Two single-L4 nodes of two teams. "y-first" may only run on team y's node and takes its GPU; then
+    # "x-second" (team x) still has team x's GPU, and "y-second" (team y) has none.
+    cluster = write_yaml(tmp_path / "cluster.yaml", node_list(
+        make_node("a", "NVIDIA-L4", 1, labels={"team": "x"}),
+        make_node("b", "NVIDIA-L4", 1, labels={"team": "y"}),
+    ))
+
+    def pinned(name, team):
+        return deployment(name, model="llama-3.1-8b-instruct", slo={"ttftP95": "10s", "tpotP95": "1s"},
+                          memoryBudget="24Gi", fallback={"allowCPU": False},
+                          placement={"nodeSelector": {"team": team}})
+
+    f = write_yaml(tmp_path / "d.yaml", pinned("y-first", "y"), pinned("x-second", "x"), pinned("y-second", "y"))
+    code, out, _ = run(capsys, "plan", "-f", f, "--cluster", cluster, "-o", "json")
+    verdicts = {d["name"]: d["feasible"] for d in json.loads(out)}
+    assert verdicts == {"y-first": True, "x-second": True, "y-second": False}
+    assert code == 2
+
+
+# --- plan: bad input ------------------------------------------------------------------------------------
+
+
+def test_missing_file(capsys, tmp_path):
+    err = bad_input(capsys, "plan", "-f", tmp_path / "nope.yaml", "--cluster", CL / "a100.yaml")
+    assert "nope.yaml" in err and "no such file" in err
+
+
+def test_missing_cluster_file(capsys, tmp_path):
+    err = bad_input(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", tmp_path / "gone.yaml")
+    assert "gone.yaml" in err
+
+
+def test_invalid_yaml(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed\n  model: x\n")
+    err = bad_input(capsys, "plan", "-f", bad, "--cluster", CL / "a100.yaml")
+    assert "not valid YAML" in err
+    err = bad_input(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", bad)
+    assert "not valid YAML" in err
+
+
+@pytest.mark.parametrize("content", ["", "just a string\n", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"])
+def test_file_without_a_llamadeployment(capsys, tmp_path, content):
+    f = tmp_path / "other.yaml"
+    f.write_text(content)
+    err = bad_input(capsys, "plan", "-f", f, "--cluster", CL / "a100.yaml")
+    assert "no LlamaDeployment" in err
+
+
+def test_a_cluster_file_as_the_deployment_file(capsys):
+    assert "no LlamaDeployment" in bad_input(capsys, "plan", "-f", CL / "a100.yaml", "--cluster", CL / "a100.yaml")
+
+
+@pytest.mark.parametrize("spec_overrides, field", [
+    ({"memoryBudget": "lots"}, "spec.memoryBudget"),
+    ({"slo": {"ttftP95": "500 ms", "tpotP95": "50ms"}}, "spec.slo.ttftP95"),
+    ({"model": "llama-3.2-11b-vision-instruct", "runtime": "llamacpp"}, "spec.runtime"),
+    ({"fallback": {"quantizations": []}}, "spec.fallback.quantizations"),
+    ({"runtime": "vllm", "fallback": {"quantizations": ["q4_k_m"]}}, "spec.fallback.quantizations"),
+    ({"runtime": "llamacpp", "fallback": {"quantizations": ["awq-int4"]}}, "spec.fallback.quantizations"),
+])
+def test_invalid_spec_names_the_deployment_and_the_field(capsys, tmp_path, spec_overrides, field):
+    spec = {"model": "llama-3.1-8b-instruct", "slo": {"ttftP95": "1s", "tpotP95": "50ms"}, "memoryBudget": "40Gi"}
+    spec.update(spec_overrides)
+    f = write_yaml(tmp_path / "bad-spec.yaml", deployment("broken", **spec))
+    err = bad_input(capsys, "plan", "-f", f, "--cluster", CL / "a100.yaml")
+    assert "broken" in err and field in err
+
+
+@pytest.mark.parametrize("cluster", [
+    node_list(),
+    deployment("not-a-node", model="llama-3.1-8b-instruct"),
+    {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}},
+])
+def test_cluster_file_without_nodes(capsys, tmp_path, cluster):
+    f = write_yaml(tmp_path / "empty-cluster.yaml", cluster)
+    assert "no Node" in bad_input(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", f)
+
+
+def test_no_cluster_and_no_kubeconfig(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "does-not-exist"))
+    err = bad_input(capsys, "plan", "-f", EX / "chat.yaml")
+    assert "kubeconfig" in err.lower() and "--cluster" in err
+
+
+def test_cluster_with_pods_holding_the_gpus(capsys, tmp_path, make_node, make_pod):
+    f = write_yaml(tmp_path / "busy.yaml", make_node("l4", "NVIDIA-L4", 1), make_pod("l4", gpus=1))
+    spec = dict(model="llama-3.1-8b-instruct", slo={"ttftP95": "10s", "tpotP95": "1s"}, memoryBudget="24Gi",
+                fallback={"allowCPU": False})
+    d = write_yaml(tmp_path / "d.yaml", deployment("d", **spec))
+    code, out, _ = run(capsys, "plan", "-f", d, "--cluster", f, "-o", "json")
+    assert code == 2
+    assert any("free" in r for c in json.loads(out)["candidates"] for r in c["reasons"])
+
+
+def test_argparse_errors_exit_1(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["plan"])  # -f is required
+    assert info.value.code == 1
+    assert "-f" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "-f", str(EX / "chat.yaml"), "-o", "xml"])
+    assert info.value.code == 1
+
+
+# --- estimate -------------------------------------------------------------------------------------------
+
+
+def estimate_json(capsys, *extra, model="llama-3.1-8b-instruct", quant="bf16", runtime="vllm", gpu="A100-80GB"):
+    code, out, _ = run(capsys, "estimate", "--model", model, "--quantization", quant, "--runtime", runtime,
+                       "--gpu", gpu, "-o", "json", *extra)
+    assert code == 0
+    return json.loads(out)
+
+
+def test_estimate_json_keys_and_sums(capsys):
+    d = estimate_json(capsys)
+    assert {"weightsBytes", "kvCacheBytes", "overheadBytes", "totalBytes", "perGpuBytes", "ttftSeconds",
+            "tpotSeconds", "decodeTokensPerSecond"} <= set(d)
+    assert d["totalBytes"] == d["weightsBytes"] + d["kvCacheBytes"] + d["overheadBytes"]
+    assert d["perGpuBytes"] == d["totalBytes"]  # one GPU
+    assert d["decodeTokensPerSecond"] == pytest.approx(1 / d["tpotSeconds"], rel=1e-3)
+    assert d["weightsBytes"] == pytest.approx(2 * 8.03e9, rel=0.01)  # 8B parameters x 2 bytes
+
+
+def test_estimate_more_gpus_with_vllm(capsys):
+    two = estimate_json(capsys, "--gpus", 2, model="llama-3.3-70b-instruct")
+    four = estimate_json(capsys, "--gpus", 4, model="llama-3.3-70b-instruct")
+    assert four["perGpuBytes"] < two["perGpuBytes"]
+    assert four["tpotSeconds"] < two["tpotSeconds"]
+    assert four["weightsBytes"] == two["weightsBytes"]
+
+
+def test_estimate_longer_context_more_kv(capsys):
+    short = estimate_json(capsys, "--context", 4096)
+    long_ = estimate_json(capsys, "--context", 32768)
+    assert long_["kvCacheBytes"] == 8 * short["kvCacheBytes"]
+    assert long_["totalBytes"] > short["totalBytes"]
+
+
+def test_estimate_gguf_weights_order(capsys):
+    w = {q: estimate_json(capsys, quant=q, runtime="llamacpp")["weightsBytes"] for q in ("q4_k_m", "q8_0", "f16")}
+    assert w["q4_k_m"] < w["q8_0"] < w["f16"]
+
+
+def test_estimate_fp8_kv_cache(capsys):
+    auto = estimate_json(capsys, "--context", 16384)
+    fp8 = estimate_json(capsys, "--context", 16384, "--kv-cache-dtype", "fp8")
+    assert fp8["kvCacheBytes"] * 2 == auto["kvCacheBytes"]
+
+
+def test_estimate_on_cpu(capsys):
+    d = estimate_json(capsys, "--cpu-cores", 32, "--cpu-bandwidth", 120, model="llama-3.2-1b-instruct",
+                      quant="q8_0", runtime="llamacpp", gpu="cpu")
+    slow = estimate_json(capsys, "--cpu-cores", 32, "--cpu-bandwidth", 40, model="llama-3.2-1b-instruct",
+                         quant="q8_0", runtime="llamacpp", gpu="cpu")
+    assert d["tpotSeconds"] < slow["tpotSeconds"]
+    assert d["perGpuBytes"] == d["totalBytes"]
+
+
+def test_estimate_table_and_yaml(capsys):
+    args = ["estimate", "--model", "llama-3.1-8b-instruct", "--quantization", "q4_k_m", "--runtime", "llamacpp",
+            "--gpu", "L4"]
+    code, out, _ = run(capsys, *args)
+    assert code == 0
+    assert "llama-3.1-8b-instruct q4_k_m on llamacpp, 1x NVIDIA-L4" in out
+    for label in ("weights", "KV cache", "overhead", "total", "TTFT", "TPOT"):
+        assert label in out
+    code, out, _ = run(capsys, *args, "-o", "yaml")
+    assert code == 0 and yaml.safe_load(out) == estimate_json(capsys, quant="q4_k_m", runtime="llamacpp", gpu="L4")
+
+
+@pytest.mark.parametrize("argv, mentions", [
+    (["--model", "llama-9b", "--quantization", "bf16", "--runtime", "vllm", "--gpu", "L4"], "--model"),
+    (["--model", "llama-3.1-8b-instruct", "--quantization", "q9", "--runtime", "vllm", "--gpu", "L4"],
+     "--quantization"),
+    (["--model", "llama-3.1-8b-instruct", "--quantization", "bf16", "--runtime", "vllm", "--gpu", "B9000"], "--gpu"),
+    (["--model", "llama-3.1-8b-instruct", "--quantization", "q4_k_m", "--runtime", "vllm", "--gpu", "L4"],
+     "--runtime"),
+    (["--model", "llama-3.1-8b-instruct", "--quantization", "awq-int4", "--runtime", "llamacpp", "--gpu", "L4"],
+     "--runtime"),
+    (["--model", "llama-3.2-11b-vision-instruct", "--quantization", "q4_k_m", "--runtime", "llamacpp", "--gpu", "L4"],
+     "not published"),
+    (["--model", "llama-3.1-8b-instruct", "--quantization", "bf16", "--runtime", "vllm", "--gpu", "cpu"], "vLLM"),
+    (["--model", "llama-3.1-8b-instruct", "--quantization", "bf16", "--runtime", "vllm", "--gpu", "L4",
+      "--gpus", "0"], "--gpus"),
+    (["--model", "llama-3.1-8b-instruct", "--quantization", "bf16", "--runtime", "vllm", "--gpu", "L4",
+      "--context", "0"], "--context"),
+    (["--model", "llama-3.1-8b-instruct", "--quantization", "bf16", "--runtime", "vllm", "--gpu", "L4",
+      "--context", "200000"], "--context"),
+    (["--model", "llama-3.1-8b-instruct", "--quantization", "bf16", "--runtime", "vllm", "--gpu", "L4",
+      "--kv-cache-dtype", "q8_0"], "--kv-cache-dtype"),
+])
+def test_estimate_bad_input(capsys, argv, mentions):
+    assert mentions in bad_input(capsys, "estimate", *argv)
+
+
+def test_estimate_unknown_gpu_lists_the_known_ones(capsys):
+    err = bad_input(capsys, "estimate", "--model", "llama-3.1-8b-instruct", "--quantization", "bf16",
+                    "--runtime", "vllm", "--gpu", "B9000")
+    assert "NVIDIA-L4" in err and "cpu" in err
+
+
+@pytest.mark.parametrize("flag, value", [("--cpu-bandwidth", "-5"), ("--cpu-cores", "0")])
+def test_estimate_refuses_impossible_cpu_figures(capsys, flag, value):
+    # a negative memory bandwidth or a node without cores cannot be estimated; like --gpus 0 or
+    # --context 0 these are bad input (exit 1), not a number to print
+    err = bad_input(capsys, "estimate", "--model", "llama-3.1-8b-instruct", "--quantization", "q4_k_m",
+                    "--runtime", "llamacpp", "--gpu", "cpu", flag, value)
+    assert flag in err
+
+
+# --- crd ------------------------------------------------------------------------------------------------
+
+
+def test_crd_stdout(capsys):
+    code, out, _ = run(capsys, "crd", "--stdout")
+    assert code == 0 and out == render_crd()
+
+
+def test_crd_writes_the_file(capsys, tmp_path):
+    target = tmp_path / "out" / "crd.yaml"
+    code, out, _ = run(capsys, "crd", "--output", target)
+    assert code == 0 and str(target) in out
+    assert target.read_text() == render_crd()

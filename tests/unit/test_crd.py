@@ -1,0 +1,326 @@
+"""The CRD: committed copies are current, the schema admits the examples and refuses bad specs, and the
+CEL rules the API server runs agree with the operator's own checks (api.parse_spec)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import celpy
+import jsonschema
+import pytest
+import yaml
+
+from llama_operator import api
+from llama_operator.api import SpecError, parse_spec
+from llama_operator.catalog import model_ids
+from llama_operator.crd import render_crd
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "llamadeployments.yaml"
+CHART_CRD_FILE = ROOT / "charts" / "llama-operator" / "crds" / "llamadeployments.yaml"
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def crd() -> dict:
+    return yaml.safe_load(CRD_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def version(crd) -> dict:
+    (v,) = crd["spec"]["versions"]
+    return v
+
+
+@pytest.fixture(scope="module")
+def schema(version) -> dict:
+    return version["schema"]["openAPIV3Schema"]
+
+
+@pytest.fixture(scope="module")
+def spec_schema(schema) -> dict:
+    return schema["properties"]["spec"]
+
+
+def example_objects() -> list[tuple[str, dict]]:
+    out = []
+    for path in EXAMPLES:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == api.KIND:
+                out.append((path.name, doc))
+    return out
+
+
+# --- Generated and committed copies --------------------------------------------------------------------
+
+
+def test_committed_crd_is_not_stale():
+    assert CRD_FILE.read_text(encoding="utf-8") == render_crd(), (
+        "crds/llamadeployments.yaml differs from what api.py generates; run `llama-operator crd`")
+
+
+def test_chart_crd_is_the_same_file():
+    assert CHART_CRD_FILE.read_text(encoding="utf-8") == render_crd(), (
+        "charts/llama-operator/crds/llamadeployments.yaml differs from the generated CRD; copy crds/llamadeployments.yaml")
+
+
+def test_rendering_is_deterministic():
+    assert render_crd() == render_crd()
+
+
+# --- Names, columns, subresources ----------------------------------------------------------------------
+
+
+def test_names_and_short_name(crd):
+    assert crd["apiVersion"] == "apiextensions.k8s.io/v1" and crd["kind"] == "CustomResourceDefinition"
+    assert crd["metadata"]["name"] == "llamadeployments.llama-operator.dev"
+    names = crd["spec"]["names"]
+    assert names["kind"] == "LlamaDeployment"
+    assert names["plural"] == "llamadeployments" and names["singular"] == "llamadeployment"
+    assert "llamad" in names["shortNames"]
+    assert crd["spec"]["scope"] == "Namespaced"
+    assert crd["spec"]["group"] == "llama-operator.dev"
+
+
+def test_served_storage_version_with_status_subresource(version):
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+
+
+def test_printer_columns_point_at_fields_that_exist(version, schema):
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert {"Model", "Variant", "Runtime", "Ready", "Phase", "Age"} <= set(columns)
+    assert columns["Model"]["jsonPath"] == ".spec.model"
+    assert columns["Age"]["type"] == "date" and columns["Age"]["jsonPath"] == ".metadata.creationTimestamp"
+    for name, column in columns.items():
+        path = column["jsonPath"].lstrip(".").split(".")
+        if path[0] == "metadata":
+            continue
+        node = schema
+        for part in path:
+            assert part in node.get("properties", {}), f"column {name}: {column['jsonPath']} is not in the schema"
+            node = node["properties"][part]
+        assert node.get("type") == column["type"], f"column {name} has type {column['type']}, field {node.get('type')}"
+
+
+# --- Structural schema and descriptions ----------------------------------------------------------------
+
+
+def _walk(node: dict, path: str):
+    yield path, node
+    for key, child in (node.get("properties") or {}).items():
+        yield from _walk(child, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural(schema):
+    for path, node in _walk(schema, ""):
+        assert "$ref" not in node and "$defs" not in node, path
+        if node.get("x-kubernetes-int-or-string"):
+            assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}], path
+        else:
+            assert "type" in node, f"{path} has no type"
+            for member in node.get("anyOf", []):
+                assert member.get("type") != "null", f"{path}: nullable union is not structural"
+        if "properties" in node:
+            assert node.get("additionalProperties") in (None,), f"{path}: additionalProperties beside properties"
+
+
+def test_every_spec_property_has_a_description(spec_schema):
+    assert spec_schema.get("description")
+    missing = [path for path, node in _walk(spec_schema, "spec")
+               if path != "spec" and not path.endswith(("[]", "{}")) and not node.get("description")]
+    assert not missing, f"kubectl explain would show nothing for: {missing}"
+
+
+def test_enums_follow_the_catalog(spec_schema):
+    props = spec_schema["properties"]
+    assert props["model"]["enum"] == model_ids()
+    assert props["fallback"]["properties"]["minimumModel"]["enum"] == model_ids()
+    assert props["fallback"]["properties"]["quantizations"]["items"]["enum"] == api.QUANTIZATIONS
+    assert props["runtime"]["enum"] == ["auto", "vllm", "llamacpp"]
+
+
+def test_required_fields(spec_schema, schema):
+    assert set(spec_schema["required"]) == {"model", "slo", "memoryBudget"}
+    assert set(spec_schema["properties"]["slo"]["required"]) == {"ttftP95", "tpotP95"}
+    assert schema["required"] == ["spec"]
+
+
+def test_defaults_match_the_python_defaults(spec_schema, spec_dict):
+    parsed = parse_spec(spec_dict())
+    props = spec_schema["properties"]
+    assert props["contextLength"]["default"] == parsed.contextLength
+    assert props["replicas"]["default"] == parsed.replicas
+    assert props["runtime"]["default"] == parsed.runtime
+    assert props["slo"]["properties"]["promptTokens"]["default"] == parsed.slo.promptTokens
+    assert props["slo"]["properties"]["concurrency"]["default"] == parsed.slo.concurrency
+    for key, value in props["fallback"]["properties"].items():
+        if "default" in value:
+            assert value["default"] == getattr(parsed.fallback, key), key
+
+
+# --- jsonschema: the examples and bad specs ------------------------------------------------------------
+
+
+def validator(schema: dict) -> jsonschema.Draft7Validator:
+    # x-kubernetes-* keywords are unknown to JSON Schema and ignored; int-or-string is already spelt
+    # anyOf [integer, string] beside the marker, and `pattern` applies to strings only, as in Kubernetes.
+    return jsonschema.Draft7Validator(schema)
+
+
+@pytest.mark.parametrize("name, obj", example_objects(), ids=[n for n, _ in example_objects()])
+def test_examples_validate_against_the_schema(schema, name, obj):
+    errors = sorted(validator(schema).iter_errors(obj), key=str)
+    assert not errors, f"{name}: " + "; ".join(e.message for e in errors)
+
+
+BAD_FOR_SCHEMA = [
+    ("memoryBudget", {"memoryBudget": "lots"}),
+    ("memoryBudget", {"memoryBudget": "48 GB"}),
+    ("slo.ttftP95", {"slo": {"ttftP95": "500 ms"}}),
+    ("slo.tpotP95", {"slo": {"tpotP95": "fast"}}),
+    ("model", {"model": "llama-9b"}),
+    ("replicas", {"replicas": 0}),
+    ("contextLength", {"contextLength": 100}),
+    ("runtime", {"runtime": "tgi"}),
+    ("fallback.quantizations", {"fallback": {"quantizations": []}}),
+    ("fallback.quantizations", {"fallback": {"quantizations": ["q9"]}}),
+    ("placement.tolerations", {"placement": {"tolerations": [{"operator": "Maybe"}]}}),
+]
+
+
+@pytest.mark.parametrize("field, overrides", BAD_FOR_SCHEMA, ids=[f"{f}={o}" for f, o in BAD_FOR_SCHEMA])
+def test_schema_and_parse_spec_both_refuse_bad_fields(spec_schema, spec_dict, field, overrides):
+    bad = spec_dict(**overrides)
+    assert list(validator(spec_schema).iter_errors(bad)), f"the CRD schema admits {overrides}"
+    with pytest.raises(SpecError) as info:
+        parse_spec(bad)
+    assert any(p.startswith(f"spec.{field}") for p in info.value.problems), info.value.problems
+
+
+def test_int_or_string_accepts_both_forms(spec_schema, spec_dict):
+    for budget in (1024, "48Gi", "80G"):
+        assert not list(validator(spec_schema).iter_errors(spec_dict(memoryBudget=budget)))
+
+
+# --- CEL rules ----------------------------------------------------------------------------------------
+
+
+def apply_defaults(schema: dict, value):
+    """What the API server does before validating: fill in defaults of absent properties, recursively."""
+    if not isinstance(value, dict) or "properties" not in schema:
+        return value
+    out = dict(value)
+    for key, prop in schema["properties"].items():
+        if key not in out and "default" in prop:
+            out[key] = copy.deepcopy(prop["default"])
+        if key in out:
+            out[key] = apply_defaults(prop, out[key])
+    return out
+
+
+@pytest.fixture(scope="module")
+def rules(spec_schema) -> list[dict]:
+    return spec_schema["x-kubernetes-validations"]
+
+
+@pytest.fixture(scope="module")
+def programs(rules):
+    env = celpy.Environment()
+    return [env.program(env.compile(r["rule"])) for r in rules]
+
+
+def cel_verdicts(programs, spec: dict) -> list[bool]:
+    out = []
+    for prog in programs:
+        result = prog.evaluate({"self": celpy.json_to_cel(spec)})
+        assert isinstance(result, celpy.celtypes.BoolType), f"rule did not evaluate to a bool: {result!r}"
+        out.append(bool(result))
+    return out
+
+
+def test_every_rule_has_message_field_path_and_reason(rules):
+    assert len(rules) >= 6
+    for r in rules:
+        assert r["message"] and r["fieldPath"].startswith(".") and r["reason"] == "FieldValueInvalid"
+
+
+@pytest.mark.parametrize("defaults", [False, True], ids=["as-written", "defaulted"])
+@pytest.mark.parametrize("name, obj", example_objects(), ids=[n for n, _ in example_objects()])
+def test_examples_pass_every_cel_rule(programs, spec_schema, name, obj, defaults):
+    spec = apply_defaults(spec_schema, obj["spec"]) if defaults else obj["spec"]
+    assert all(cel_verdicts(programs, spec)), name
+
+
+GOOD_FOR_CEL = [
+    {"model": "llama-3.2-11b-vision-instruct", "runtime": "vllm"},
+    {"runtime": "llamacpp", "fallback": {"quantizations": ["q4_k_m", "awq-int4"]}},
+    {"runtime": "vllm", "fallback": {"quantizations": ["awq-int4"]}},
+    {"fallback": {"minimumModel": "llama-3.2-1b-instruct"}},
+    {"model": "llama-3.1-70b-instruct", "fallback": {"minimumModel": "llama-3.3-70b-instruct"}},
+    {"model": "llama-3.2-90b-vision-instruct", "fallback": {"minimumModel": "llama-3.2-11b-vision-instruct"}},
+    {"slo": {"promptTokens": 8191}},
+    {"contextLength": 1024, "slo": {"promptTokens": 1000}},
+]
+
+
+@pytest.mark.parametrize("defaults", [False, True], ids=["as-written", "defaulted"])
+@pytest.mark.parametrize("overrides", GOOD_FOR_CEL, ids=[str(o) for o in GOOD_FOR_CEL])
+def test_valid_specs_pass_every_rule_and_parse(programs, spec_schema, spec_dict, overrides, defaults):
+    spec = spec_dict(**overrides)
+    parse_spec(spec)
+    assert all(cel_verdicts(programs, apply_defaults(spec_schema, spec) if defaults else spec))
+
+
+# Each bad spec, and the fieldPath of the rule that must refuse it.
+BAD_FOR_CEL = [
+    (".runtime", {"model": "llama-3.2-11b-vision-instruct", "runtime": "llamacpp"}),
+    (".runtime", {"model": "llama-3.2-90b-vision-instruct", "runtime": "llamacpp"}),
+    (".fallback.minimumModel", {"fallback": {"minimumModel": "llama-3.2-11b-vision-instruct"}}),
+    (".fallback.minimumModel", {"model": "llama-3.2-11b-vision-instruct",
+                                "fallback": {"minimumModel": "llama-3.2-1b-instruct"}}),
+    (".fallback.minimumModel", {"fallback": {"minimumModel": "llama-3.1-70b-instruct"}}),
+    (".fallback.minimumModel", {"model": "llama-3.2-11b-vision-instruct",
+                                "fallback": {"minimumModel": "llama-3.2-90b-vision-instruct"}}),
+    (".slo.promptTokens", {"slo": {"promptTokens": 8192}}),  # against the default context of 8192
+    (".slo.promptTokens", {"contextLength": 2048, "slo": {"promptTokens": 4096}}),
+    (".fallback.quantizations", {"runtime": "vllm", "fallback": {"quantizations": ["q4_k_m"]}}),
+    (".fallback.quantizations", {"runtime": "llamacpp", "fallback": {"quantizations": ["awq-int4", "fp8"]}}),
+]
+
+
+@pytest.mark.parametrize("field_path, overrides", BAD_FOR_CEL, ids=[f"{p}:{o}" for p, o in BAD_FOR_CEL])
+def test_cel_and_parse_spec_refuse_the_same_bad_spec(programs, rules, spec_dict, field_path, overrides):
+    bad = spec_dict(**overrides)
+    verdicts = cel_verdicts(programs, bad)
+    refusing = {rules[i]["fieldPath"] for i, ok in enumerate(verdicts) if not ok}
+    assert field_path in refusing, f"no CEL rule on {field_path} refuses {overrides}"
+    with pytest.raises(SpecError) as info:
+        parse_spec(bad)
+    assert any(p.startswith("spec" + field_path + ":") for p in info.value.problems), info.value.problems
+
+
+def test_every_cel_rule_refuses_at_least_one_bad_spec(programs, rules, spec_dict):
+    refused_by = [set() for _ in rules]
+    for _, overrides in BAD_FOR_CEL:
+        for i, ok in enumerate(cel_verdicts(programs, spec_dict(**overrides))):
+            if not ok:
+                refused_by[i].add(str(overrides))
+    idle = [rules[i]["message"] for i, s in enumerate(refused_by) if not s]
+    assert not idle, f"rules no bad spec exercises: {idle}"
+
+
+def test_defaulted_prompt_tokens_is_checked_by_both(programs, rules, spec_schema, spec_dict):
+    # promptTokens left out defaults to 512, which a 256-token context cannot hold: the API server
+    # applies the default before CEL runs, and the operator refuses the same spec.
+    bad = spec_dict(contextLength=256)
+    defaulted = apply_defaults(spec_schema, bad)
+    assert defaulted["slo"]["promptTokens"] == 512
+    refusing = {rules[i]["fieldPath"] for i, ok in enumerate(cel_verdicts(programs, defaulted)) if not ok}
+    assert ".slo.promptTokens" in refusing
+    with pytest.raises(SpecError, match="spec.slo.promptTokens"):
+        parse_spec(bad)
