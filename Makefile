@@ -1,5 +1,5 @@
 # The two commands of the README's quick start. Each does its own set-up (scripts/setup.sh).
-.PHONY: sandbox test crd bench
+.PHONY: sandbox test crd docs bench
 
 PY := .venv/bin/python
 
@@ -13,6 +13,9 @@ test:
 
 crd:
 	@$(PY) -m llama_operator.cli crd
+
+docs:
+	@$(PY) scripts/update_docs.py
 
 bench:
 	@$(PY) benchmarks/bench_planner.py

@@ -63,3 +63,21 @@ def test_vllm_memory_profile_of_llama3_8b_on_h100():
     assert abs(two.per_gpu_bytes - expected_per_gpu) / GiB < 0.01
     # The KV cache of 8192 tokens: 2 x 32 layers x 8 heads x 128 dims x 2 bytes = 128 KiB a token.
     assert one.kv_cache_bytes == 8192 * 131072
+
+
+def test_docs_show_the_current_calibration_tables():
+    """docs/estimator.md carries the error tables of the committed estimator (`make docs` refreshes them)."""
+    doc = (calibration.HERE.parent.parent / "docs" / "estimator.md").read_text()
+    start = doc.index(calibration.GENERATED_BEGIN)
+    end = doc.index(calibration.GENERATED_END) + len(calibration.GENERATED_END)
+    assert doc[start:end] == calibration.generated_section(), "docs/estimator.md is stale: run `make docs`"
+
+
+def test_docs_show_the_current_field_reference():
+    """docs/operator.md carries the field reference of the committed CRD schema (`make docs`)."""
+    from llama_operator import reference
+
+    doc = (calibration.HERE.parent.parent / "docs" / "operator.md").read_text()
+    start = doc.index(reference.BEGIN)
+    end = doc.index(reference.END) + len(reference.END)
+    assert doc[start:end] == reference.field_reference(), "docs/operator.md is stale: run `make docs`"
