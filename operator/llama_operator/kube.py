@@ -21,6 +21,9 @@ from .api import API_VERSION, KIND
 from .render import HASH_ANNOTATION
 
 
+USER_AGENT = "llama-operator"
+
+
 class ConfigError(Exception):
     """No way to reach a cluster: neither in-cluster config nor a usable kubeconfig."""
 
@@ -69,6 +72,7 @@ class Writer:
 
     def __init__(self, cfg: kubernetes.client.Configuration):
         self._api = kubernetes.client.ApiClient(cfg)
+        self._api.user_agent = USER_AGENT
         self._dyn: dynamic.DynamicClient | None = None
         self._resources: dict[tuple[str, str], Any] = {}
 

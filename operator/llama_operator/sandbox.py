@@ -31,10 +31,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples"
 
 
-def _client(kubeconfig: str):
+def _client(kubeconfig: str, user_agent: str = "llama-operator-sandbox"):
     from kubernetes import config, dynamic
 
-    return dynamic.DynamicClient(config.new_client_from_config(config_file=kubeconfig))
+    api = config.new_client_from_config(config_file=kubeconfig)
+    api.user_agent = user_agent  # tells the operator's requests apart from the sandbox's own
+    return dynamic.DynamicClient(api)
 
 
 def _requests(pod_spec: dict) -> tuple[int, int, int]:
@@ -72,7 +74,7 @@ class SimulatedKubelet:
     """Schedules and 'runs' the pods of llama-operator's Deployments, polling the API every `interval`."""
 
     def __init__(self, kubeconfig: str, interval: float = 0.3):
-        self.dyn = _client(kubeconfig)
+        self.dyn = _client(kubeconfig, user_agent="simulated-kubelet")
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="simulated-kubelet", daemon=True)

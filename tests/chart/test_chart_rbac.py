@@ -6,30 +6,32 @@ needs is granted, cluster-wide or in each watched namespace, depending on the in
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from chartkit import FULLNAME, NAMESPACE, SCENARIOS, WATCHED, by_kind, one
 
-# The operator's Kubernetes API use, as (apiGroup, resource) -> verbs. This is the one place the
-# tests keep it. It is the contract the operator is written to today; a later change replaces it
-# with the verbs observed while the operator runs against the API emulator.
-ALLOWED: dict[tuple[str, str], set[str]] = {
-    ("llama-operator.dev", "llamadeployments"): {"get", "list", "watch", "patch"},
-    ("llama-operator.dev", "llamadeployments/status"): {"get", "patch"},
-    ("", "nodes"): {"get", "list", "watch"},
-    ("", "pods"): {"list", "watch"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("monitoring.coreos.com", "podmonitors"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
-    # kopf's own needs
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-    ("", "namespaces"): {"get", "list", "watch"},
-    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
-    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
-}
+# The operator's Kubernetes API use, per install mode, as observed while it runs against the API
+# emulator (tests/integration/test_api_usage.py keeps operator-api-usage.json true).
+USAGE = json.loads((Path(__file__).resolve().parent / "operator-api-usage.json").read_text())["usage"]
+
+
+def _pairs(mode: str) -> dict[tuple[str, str], set[str]]:
+    """{(apiGroup, resource): verbs}; keys are "resource" (core) or "group/resource[/subresource]"."""
+    out = {}
+    for key, verbs in USAGE[mode].items():
+        group, _, resource = key.partition("/") if "/" in key else ("", "", key)
+        out[(group, resource)] = set(verbs)
+    return out
+
+
+USED = {mode: _pairs(mode) for mode in USAGE}
+ALLOWED: dict[tuple[str, str], set[str]] = {}
+for _mode in USED.values():
+    for _pair, _verbs in _mode.items():
+        ALLOWED.setdefault(_pair, set()).update(_verbs)
 # Reads that planning needs across the whole cluster, and kopf's reads of cluster-scoped kinds:
 # always in a ClusterRole, whatever the install mode.
 CLUSTER_WIDE = {
@@ -69,8 +71,9 @@ def granted_in(docs: list[dict], kind: str, namespace: str | None = None) -> set
     return out
 
 
-def expand(pairs) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for (g, r) in pairs for v in ALLOWED[(g, r)]}
+def expand(pairs, mode: str) -> set[tuple[str, str, str]]:
+    used = USED[mode]
+    return {(g, r, v) for (g, r) in pairs if (g, r) in used for v in used[(g, r)]}
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -92,17 +95,17 @@ def test_cluster_wide_install_grants_everything_in_cluster_roles(scenario, name)
     assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
     granted = granted_in(docs, "ClusterRole")
     peering = {("kopf.dev", "clusterkopfpeerings")} if name == "all-on" else set()
-    assert granted == expand(CLUSTER_WIDE | PER_NAMESPACE | peering)
+    assert granted == expand(CLUSTER_WIDE | PER_NAMESPACE | peering, "clusterwide")
 
 
 @pytest.mark.parametrize("name", ["namespaced", "namespaced-all-on"])
 def test_namespaced_install_writes_only_in_watched_namespaces(scenario, name):
     docs = scenario(name)
     # Cluster-wide: only the reads planning and kopf need; no write verb at all.
-    assert granted_in(docs, "ClusterRole") == expand(CLUSTER_WIDE)
+    assert granted_in(docs, "ClusterRole") == expand(CLUSTER_WIDE, "namespaced")
     peering = {("kopf.dev", "kopfpeerings")} if name == "namespaced-all-on" else set()
     for ns in WATCHED:
-        assert granted_in(docs, "Role", ns) == expand(PER_NAMESPACE | peering), ns
+        assert granted_in(docs, "Role", ns) == expand(PER_NAMESPACE | peering, "namespaced"), ns
     role_namespaces = {r["metadata"]["namespace"] for r in by_kind(docs, "Role")}
     assert role_namespaces == set(WATCHED)
 

@@ -1,0 +1,152 @@
+"""What the operator really asks of the Kubernetes API, against what the Helm chart's RBAC grants.
+
+The operator runs against the emulator through its whole life (plans on both runtimes, a cache
+claim, an invalid spec, an update, a delete, peering), every request it sends is recorded, and each
+becomes (apiGroup, resource, verb). tests/chart/operator-api-usage.json keeps that set: this test fails
+when it is stale, and tests/chart/test_chart_rbac.py checks the rendered RBAC against it (nothing
+missing, nothing more).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llama_operator.crd import crd_manifest
+from llama_operator.emulator import EmulatorThread, declare_crd
+from llama_operator.handlers import Settings
+from llama_operator.sandbox import SandboxOperator, SimulatedKubelet, _client, load_docs
+
+ROOT = Path(__file__).resolve().parents[2]
+USAGE_FILE = ROOT / "tests" / "chart" / "operator-api-usage.json"
+pytestmark = pytest.mark.looptime(False)
+
+
+def _verb(method: str, path_parts: list[str], params) -> tuple[str, str, str] | None:
+    """(apiGroup, resource, verb) of one request path like /apis/apps/v1/namespaces/ns/deployments/x."""
+    if path_parts[:1] == ["api"]:
+        group, rest = "", path_parts[2:]
+    elif path_parts[:1] == ["apis"] and len(path_parts) >= 3:
+        group, rest = path_parts[1], path_parts[3:]
+    else:
+        return None  # discovery, /version, /healthz: not authorised per resource
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        rest = rest[2:]  # namespaced resource
+    if not rest:
+        return None
+    resource, named, sub = rest[0], len(rest) >= 2, rest[2] if len(rest) >= 3 else None
+    if sub:
+        resource = f"{resource}/{sub}"
+    method = method.upper()
+    if method == "GET":
+        verb = "watch" if str(params.get("watch", "")).lower() in ("true", "1") else "get" if named else "list"
+    else:
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update",
+                "DELETE": "delete" if named else "deletecollection"}[method]
+    return group, resource, verb
+
+
+def _observed(emulator) -> set[tuple[str, str, str]]:
+    out = set()
+    for request in list(emulator._requests):
+        agent = (request.headers or {}).get("User-Agent", "")
+        if not (agent.startswith("kopf") or agent.startswith("llama-operator/") or agent == "llama-operator"):
+            continue
+        parts = [p for p in request.url.path.split("/") if p]
+        verb = _verb(str(getattr(request.method, "value", request.method)), parts, request.params or {})
+        if verb is not None:
+            out.add(verb)
+    return out
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[tuple[str, str, str]]:
+    with EmulatorThread() as emu:
+        declare_crd(emu.emulator, crd_manifest())
+        for crd in load_docs(ROOT / "charts" / "llama-operator" / "crds" / "kopf-peerings.yaml"):
+            declare_crd(emu.emulator, crd)
+        kubeconfig = str(emu.write_kubeconfig(Path(tempfile.mkdtemp()) / "kubeconfig"))
+        api = _client(kubeconfig, user_agent="test")
+        nodes = api.resources.get(api_version="v1", kind="Node")
+        for n in load_docs(ROOT / "examples" / "clusters" / "mixed.yaml"):
+            nodes.create(body={**n, "metadata": {"name": n["metadata"]["name"], "labels": n["metadata"]["labels"]}})
+        if peering and not namespaces:
+            api.resources.get(api_version="kopf.dev/v1", kind="ClusterKopfPeering").create(
+                body={"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}})
+        for ns in namespaces or []:
+            if peering:
+                api.resources.get(api_version="kopf.dev/v1", kind="KopfPeering").create(
+                    body={"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": peering}},
+                    namespace=ns)
+        kubelet = SimulatedKubelet(kubeconfig).start()
+        settings = Settings(upgrade_delay=timedelta(seconds=1), resync_seconds=2)
+        operator = SandboxOperator(kubeconfig, settings)
+        operator.options.peering = peering
+        operator.options.namespaces = list(namespaces or [])
+        operator.start()
+        lds = api.resources.get(api_version="llama-operator.dev/v1alpha1", kind="LlamaDeployment")
+        try:
+            docs = [yaml.safe_load((ROOT / "examples" / f).read_text()) for f in ("chat.yaml", "tiny-cpu.yaml")]
+            docs[0]["spec"]["source"]["cache"] = {"size": "100Gi"}
+            bad = {"apiVersion": "llama-operator.dev/v1alpha1", "kind": "LlamaDeployment",
+                   "metadata": {"name": "bad"}, "spec": {"model": "llama-9"}}
+            for doc in docs + [bad]:
+                lds.create(body=doc, namespace="default")
+            assert _wait(lambda: all((i.get("status") or {}).get("phase") in ("Ready", "Invalid")
+                                     for i in lds.get(namespace="default").to_dict()["items"]), 30)
+            lds.patch(body={"spec": {"contextLength": 4096}}, name="chat", namespace="default",
+                      content_type="application/merge-patch+json")
+            assert _wait(lambda: (lds.get(name="chat", namespace="default").to_dict().get("status") or {})
+                         .get("observedGeneration") == 2, 30)
+            lds.delete(name="tiny", namespace="default")
+            assert _wait(lambda: not [i for i in lds.get(namespace="default").to_dict()["items"]
+                                      if i["metadata"]["name"] == "tiny"], 30)
+            time.sleep(3)  # a resync pass
+        finally:
+            operator.stop()
+            kubelet.stop()
+        return _observed(emu.emulator)
+
+
+def _as_usage(seen: set[tuple[str, str, str]]) -> dict[str, list[str]]:
+    usage: dict[str, set[str]] = {}
+    for group, resource, verb in seen:
+        usage.setdefault(f"{group}/{resource}" if group else resource, set()).add(verb)
+    return {k: sorted(v) for k, v in sorted(usage.items())}
+
+
+def observed_usage() -> dict[str, dict[str, list[str]]]:
+    """Per install mode of the chart: cluster-wide (standalone and with peering), and namespaced."""
+    return {
+        "clusterwide": _as_usage(_exercise(peering=None) | _exercise(peering="llama-operator")),
+        "namespaced": _as_usage(_exercise(peering="llama-operator", namespaces=["default"])),
+    }
+
+
+def test_committed_api_usage_is_what_the_operator_does():
+    usage = observed_usage()
+    committed = json.loads(USAGE_FILE.read_text())["usage"] if USAGE_FILE.exists() else None
+    assert committed == usage, (
+        f"{USAGE_FILE.relative_to(ROOT)} is stale; what the operator did:\n" + json.dumps(usage, indent=1)
+        + "\nRegenerate with: .venv/bin/python tests/integration/test_api_usage.py")
+
+
+if __name__ == "__main__":
+    USAGE_FILE.write_text(json.dumps({
+        "about": "The (apiGroup/resource -> verbs) the operator used against the emulator in "
+                 "tests/integration/test_api_usage.py. The chart's RBAC must grant exactly these.",
+        "usage": observed_usage()}, indent=1) + "\n")
+    print(f"wrote {USAGE_FILE}")
