@@ -167,6 +167,7 @@ class Candidate:
             "verdict": self.verdict,
             "reasons": list(self.reasons),
         }
+        out["predicted"] = None  # a format the hardware cannot run is not estimated
         if self.estimate is not None:
             out["predicted"] = {
                 "memoryBytes": self.estimate.total_bytes,
