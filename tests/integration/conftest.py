@@ -70,3 +70,51 @@ class Kubectl:
 @pytest.fixture
 def kubectl(kubeconfig: Path, tmp_path: Path) -> Kubectl:
     return Kubectl(require_tool('kubectl'), kubeconfig, tmp_path / 'kube-cache')
+
+
+# --- The operator against the emulator (test_operator.py, test_kubectl.py) ----------------------------
+# Added fixtures, built on the ones above:
+# - ``llama_cluster``: an ``operator_kit.Cluster`` on ``emulator_thread`` with the LlamaDeployment CRD
+#   declared (as if applied).
+# - ``run_operator``: starts ``sandbox.SandboxOperator`` threads against ``kubeconfig`` (call it with a
+#   ``Settings``; call ``.stop()`` to stop one early, e.g. to restart); all are stopped at teardown.
+# - ``kubelet``: a started ``sandbox.SimulatedKubelet`` that binds pods and reports Deployment status.
+
+from llama_operator.crd import crd_manifest  # noqa: E402
+from llama_operator.emulator import declare_crd  # noqa: E402
+from llama_operator.handlers import Settings  # noqa: E402
+from llama_operator.sandbox import SandboxOperator, SimulatedKubelet  # noqa: E402
+from operator_kit import Cluster  # noqa: E402
+
+
+@pytest.fixture
+def llama_cluster(emulator_thread: EmulatorThread, kubeconfig: Path) -> Iterator[Cluster]:
+    declare_crd(emulator_thread.emulator, crd_manifest())
+    cluster = Cluster(kubeconfig)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def run_operator(kubeconfig: Path) -> Iterator:
+    started: list[SandboxOperator] = []
+
+    def start(settings: Settings, timeout: float = 20) -> SandboxOperator:
+        op = SandboxOperator(str(kubeconfig), settings)
+        started.append(op)
+        return op.start(timeout=timeout)
+
+    yield start
+    for op in reversed(started):
+        op.stop()
+
+
+@pytest.fixture
+def kubelet(kubeconfig: Path) -> Iterator[SimulatedKubelet]:
+    k = SimulatedKubelet(str(kubeconfig), interval=0.2).start()
+    try:
+        yield k
+    finally:
+        k.stop()
