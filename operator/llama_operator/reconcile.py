@@ -178,6 +178,7 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
     ds = obs.deployment_status or {}
     ready = int(ds.get("readyReplicas") or 0)
     updated = int(ds.get("updatedReplicas") or 0)
+    total = int(ds.get("replicas") or 0)  # old and new pods: more than desired while a rollout is on
     rolling_to_new = apply is not None and not apply.same_choice(current)
     status.replicas = desired
     status.readyReplicas = ready
@@ -193,7 +194,7 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
                       + message
     elif apply is None or obs.deployment_status is None:
         phase, message = "Pending", "Creating the workload"
-    elif ready >= desired and updated >= desired and not rolling_to_new:
+    elif ready >= desired and updated >= desired and total <= desired and not rolling_to_new:
         phase, message = "Ready", f"Serving {apply.variant} on {apply.runtime}"
     elif stalled:
         phase, message = "Degraded", f"{ready}/{desired} replicas ready; the rollout is not progressing"

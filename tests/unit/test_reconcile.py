@@ -349,10 +349,6 @@ def test_invalid_spec_keeps_the_workload_and_warns_once_per_generation(make_spec
     assert back.events == [("Normal", "Ready", back.status.message)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: decide() calls the phase Ready from readyReplicas/updatedReplicas alone: while the new revision's pod is "
-    "still Pending and the old revision's pod serves (replicas 2, updated 1, ready 1), status says Ready, "
-    "'Serving <new variant>'. kubectl rollout status would say the rollout is not finished."))
 def test_not_ready_while_the_old_revision_still_serves(make_spec, clusters):
     inv = clusters["small"]
     running = converge(make_spec(), inv)
