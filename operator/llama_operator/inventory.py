@@ -7,9 +7,10 @@ on 10 nodes as on 10,000. Pure: no API calls.
 """
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Hashable, Iterable, Mapping
 
 from .api import parse_quantity
 from .catalog import GPU, load_catalog
@@ -202,6 +203,17 @@ class Inventory:
                 max(0, s.memory_bytes - used_mem[node.name]),
             )
         self._groups: list[ShapeGroup] | None = None
+        # Copies (release, reserve) share `nodes` with the inventory they came from, and derive their
+        # groups from their origin's instead of regrouping every node: `_origin` is that inventory (one
+        # built from nodes, whose groups are computed once) and `_changed` the names whose free capacity
+        # may differ from it. So the operator, which plans on a copy each pass, pays per shape, not per
+        # node. `_index` (node name -> group position; each group's names sorted) belongs to the origin.
+        self._origin: Inventory | None = None
+        self._changed: set[str] = set()
+        self._index: dict[str, int] | None = None
+        self._sorted_group_names: dict[int, list[str]] = {}
+        self._sorted_names: list[str] | None = None
+        self._fit_orders: dict[Hashable, list[str]] = {}
 
     @classmethod
     def from_manifests(cls, nodes: Iterable[dict], pods: Iterable[dict] = ()) -> "Inventory":
@@ -211,25 +223,74 @@ class Inventory:
     def groups(self) -> list[ShapeGroup]:
         """Ready nodes grouped by shape (computed once per inventory)."""
         if self._groups is None:
-            by_shape: dict[Shape, ShapeGroup] = {}
-            for node in self.nodes.values():
-                if not node.ready:
-                    continue
-                group = by_shape.get(node.shape)
-                if group is None:
-                    group = by_shape[node.shape] = ShapeGroup(node.shape)
-                gpus, cpu, mem = self.free[node.name]
-                group.nodes.append(node.name)
-                group.free_gpus[gpus] += 1
-                group.free_cpu_memory[(cpu, mem)] += 1
-            self._groups = sorted(by_shape.values(), key=lambda g: (g.shape.key, g.shape.gpus_per_node, g.nodes[0]))
+            if self._origin is not None:
+                self._groups = self._derived_groups()
+            else:
+                self._groups = self._grouped()
         return self._groups
+
+    def _grouped(self) -> list[ShapeGroup]:
+        by_shape: dict[Shape, ShapeGroup] = {}
+        for node in self.nodes.values():
+            if not node.ready:
+                continue
+            group = by_shape.get(node.shape)
+            if group is None:
+                group = by_shape[node.shape] = ShapeGroup(node.shape)
+            gpus, cpu, mem = self.free[node.name]
+            group.nodes.append(node.name)
+            group.free_gpus[gpus] += 1
+            group.free_cpu_memory[(cpu, mem)] += 1
+        groups = sorted(by_shape.values(), key=lambda g: (g.shape.key, g.shape.gpus_per_node, g.nodes[0]))
+        self._index = {name: i for i, g in enumerate(groups) for name in g.nodes}
+        return groups
+
+    def _derived_groups(self) -> list[ShapeGroup]:
+        """The origin's groups, with the free capacity of the nodes changed since moved between counts."""
+        origin = self._origin
+        assert origin is not None
+        base = origin.groups()
+        index = origin._index
+        assert index is not None
+        out = [ShapeGroup(g.shape, g.nodes, Counter(g.free_gpus), Counter(g.free_cpu_memory)) for g in base]
+        before_free = origin.free
+        for name in self._changed:
+            i = index.get(name)
+            if i is None:  # not ready: in no group
+                continue
+            before, now = before_free[name], self.free[name]
+            if before == now:
+                continue
+            g = out[i]
+            _move(g.free_gpus, before[0], now[0])
+            _move(g.free_cpu_memory, (before[1], before[2]), (now[1], now[2]))
+        return out
+
+    def _root(self) -> "Inventory":
+        return self._origin if self._origin is not None else self
 
     def _copy(self) -> "Inventory":
         out = Inventory([])
         out.nodes = self.nodes  # shared: nodes are immutable values
         out.free = dict(self.free)
+        out._origin = self._root()
+        out._changed = set(self._changed)
         return out
+
+    def _names_in_order(self) -> list[str]:
+        """All node names, sorted (computed once, on the origin)."""
+        root = self._root()
+        if root._sorted_names is None:
+            root._sorted_names = sorted(root.nodes)
+        return root._sorted_names
+
+    def _group_names_in_order(self, i: int) -> list[str]:
+        """The names of the origin's i-th group, sorted (computed once)."""
+        root = self._root()
+        names = root._sorted_group_names.get(i)
+        if names is None:
+            names = root._sorted_group_names[i] = sorted(root.groups()[i].nodes)
+        return names
 
     def release(self, usage: Iterable[PodUsage]) -> "Inventory":
         """A copy in which these pods' requests are free again (a deployment re-planning counts its own
@@ -242,26 +303,64 @@ class Inventory:
             gpus, cpu, mem = out.free[u.node]
             out.free[u.node] = (min(s.gpus_per_node, gpus + u.gpus), min(s.cpu_millis, cpu + u.cpu_millis),
                                 min(s.memory_bytes, mem + u.memory_bytes))
+            out._changed.add(u.node)
         return out
 
     def reserve(self, fits: Callable[[Node], bool], replicas: int, gpus: int, cpu_millis: int = 0,
-                memory_bytes: int = 0) -> "Inventory":
+                memory_bytes: int = 0, *, shape_fits: Callable[[Shape], bool] | None = None,
+                shape_key: Hashable | None = None) -> "Inventory":
         """A copy with capacity taken for `replicas` pods not yet bound, on ready nodes where `fits` (first
-        fit, in name order). The operator counts GPUs promised to other LlamaDeployments this way."""
+        fit, in name order). The operator counts GPUs promised to other LlamaDeployments this way.
+
+        With `shape_fits`, a node must also satisfy `shape_fits(node.shape)`; that is asked once per shape
+        rather than once per node, and only nodes of fitting shapes are visited (a must at 10,000 nodes).
+        `shape_key`, when given, names what `shape_fits` decides (equal keys, equal answers): the
+        inventory the copies come from then remembers the fitting nodes' order under it.
+        """
         out = self._copy()
         left = replicas
-        for name in sorted(out.nodes):
-            if left == 0:
-                break
+        if left == 0:
+            return out
+        names: Iterable[str]
+        if shape_fits is None:
+            names = (n for n in self._names_in_order() if out.nodes[n].ready)
+        else:
+            root = self._root()
+            cached = root._fit_orders.get(shape_key) if shape_key is not None else None
+            if cached is not None:
+                names = cached
+            else:
+                groups = root.groups()
+                names = heapq.merge(*(self._group_names_in_order(i) for i, g in enumerate(groups)
+                                      if shape_fits(g.shape)))
+                if shape_key is not None:
+                    names = root._fit_orders[shape_key] = list(names)
+        for name in names:
             node = out.nodes[name]
-            if not node.ready or not fits(node):
+            if not fits(node):
                 continue
             free_gpus, cpu, mem = out.free[name]
+            taken = 0
             while left and free_gpus >= gpus and cpu >= cpu_millis and mem >= memory_bytes:
                 free_gpus, cpu, mem = free_gpus - gpus, cpu - cpu_millis, mem - memory_bytes
                 left -= 1
-            out.free[name] = (free_gpus, cpu, mem)
+                taken += 1
+            if taken:
+                out.free[name] = (free_gpus, cpu, mem)
+                out._changed.add(name)
+            if left == 0:
+                break
         return out
+
+
+def _move(counter: Counter, before, now) -> None:
+    """One node's count moves from key `before` to key `now` (keys at zero are dropped, as if counted anew)."""
+    left = counter[before] - 1
+    if left > 0:
+        counter[before] = left
+    else:
+        del counter[before]
+    counter[now] += 1
 
 
 def synthetic_nodes(shapes: Mapping[str, tuple[Shape, int]]) -> list[Node]:

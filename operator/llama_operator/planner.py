@@ -311,9 +311,11 @@ def _allowed_products(spec: LlamaDeploymentSpec) -> set[str] | None:
 
 
 def _shape_matches(shape: Shape, spec: LlamaDeploymentSpec, allowed_products: set[str] | None) -> bool:
-    labels = shape.label_dict()
-    if any(labels.get(k) != v for k, v in spec.placement.nodeSelector.items() if k not in PER_NODE_LABELS):
-        return False
+    selector = spec.placement.nodeSelector
+    if selector:  # (the label dict only when there is something to look up in it)
+        labels = shape.label_dict()
+        if any(labels.get(k) != v for k, v in selector.items() if k not in PER_NODE_LABELS):
+            return False
     tolerations = [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
     if shape.gpu is not None:
         tolerations = tolerations + GPU_TOLERATIONS
@@ -654,16 +656,25 @@ def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replic
     allowed = _allowed_products(spec)
     hostname = _per_node_selector(spec).get("kubernetes.io/hostname")
 
-    def fits(node: Node) -> bool:
-        shape = node.shape
-        if hostname is not None and node.hostname != hostname:
-            return False
-        if not _shape_matches(shape, spec, allowed):
-            return False
+    def shape_fits(shape: Shape) -> bool:
         if chosen.gpuProduct is not None:
-            return shape.gpu is not None and shape.gpu.product == chosen.gpuProduct
-        return shape.gpu is None and shape.cpu_bandwidth_gbps == chosen.cpuMemoryBandwidthGbps
+            if shape.gpu is None or shape.gpu.product != chosen.gpuProduct:
+                return False
+        elif shape.gpu is not None or shape.cpu_bandwidth_gbps != chosen.cpuMemoryBandwidthGbps:
+            return False
+        return _shape_matches(shape, spec, allowed)
 
+    def fits(node: Node) -> bool:  # what shape_fits cannot say: the node itself
+        return hostname is None or node.hostname == hostname
+
+    # The inventory asks shape_fits once per shape, and fits only of nodes of fitting shapes; what
+    # shape_fits answers depends on the placement (less the hostname) and the plan's pool alone.
+    placement = spec.placement
+    key = ("reserve_plan", tuple(sorted(placement.nodeSelector.items())),
+           tuple((t.key, t.operator, t.value, t.effect) for t in placement.tolerations),
+           tuple(placement.gpuProducts), chosen.gpuProduct,
+           None if chosen.gpuProduct is not None else chosen.cpuMemoryBandwidthGbps)
     if chosen.gpuProduct is not None:
-        return inventory.reserve(fits, replicas, chosen.gpusPerReplica)
-    return inventory.reserve(fits, replicas, 0, (chosen.cpuThreads or 1) * 1000, chosen.predicted.memoryBytes)
+        return inventory.reserve(fits, replicas, chosen.gpusPerReplica, shape_fits=shape_fits, shape_key=key)
+    return inventory.reserve(fits, replicas, 0, (chosen.cpuThreads or 1) * 1000, chosen.predicted.memoryBytes,
+                             shape_fits=shape_fits, shape_key=key)
