@@ -164,6 +164,27 @@ class Estimate:
         }
 
 
+# --- What a replica asks of its node besides accelerators ------------------------------------------------
+
+#: llama.cpp with every layer on GPUs does little on the CPU: two threads.
+LLAMACPP_GPU_THREADS = 2
+
+
+def host_requests(runtime: RuntimeName, gpus: int, cpu_threads: int, replica_bytes: int) -> tuple[int, int]:
+    """(CPU millicores, memory bytes) one replica's pod requests; the planner checks them against the free
+    CPU and memory of the nodes, and the renderer writes them into the pod.
+
+    vLLM: 2 cores plus one per GPU worker, 8 GiB plus vLLM's default 4 GiB CPU swap space per GPU worker
+    (calibration D). llama.cpp on GPUs: 2 threads and 4 GiB. llama.cpp on CPU: its threads, and the whole
+    replica (memory-mapped weights stay resident) plus 1 GiB.
+    """
+    if runtime == "vllm":
+        return (2 + gpus) * 1000, 8 * GiB + 4 * GiB * gpus
+    if gpus:
+        return LLAMACPP_GPU_THREADS * 1000, 4 * GiB
+    return cpu_threads * 1000, replica_bytes + GiB
+
+
 # --- Parameters and bytes ------------------------------------------------------------------------------
 
 

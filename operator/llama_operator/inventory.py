@@ -52,10 +52,16 @@ class Shape:
 class ShapeGroup:
     shape: Shape
     nodes: list[str] = field(default_factory=list)
-    #: free GPUs per node -> how many nodes have exactly that many
-    free_gpus: Counter = field(default_factory=Counter)
-    #: (free CPU millicores, free memory bytes) -> how many nodes
-    free_cpu_memory: Counter = field(default_factory=Counter)
+    #: (free GPUs, free CPU millicores, free memory bytes) -> how many nodes have exactly that
+    free: Counter = field(default_factory=Counter)
+
+    @property
+    def free_gpus(self) -> Counter:
+        """Free GPUs per node -> how many nodes have exactly that many."""
+        out: Counter = Counter()
+        for (gpus, _, _), count in self.free.items():
+            out[gpus] += count
+        return out
 
 
 def _quantity_millis(value: str | int | float) -> int:
@@ -239,8 +245,7 @@ class Inventory:
                 group = by_shape[node.shape] = ShapeGroup(node.shape)
             gpus, cpu, mem = self.free[node.name]
             group.nodes.append(node.name)
-            group.free_gpus[gpus] += 1
-            group.free_cpu_memory[(cpu, mem)] += 1
+            group.free[(gpus, cpu, mem)] += 1
         groups = sorted(by_shape.values(), key=lambda g: (g.shape.key, g.shape.gpus_per_node, g.nodes[0]))
         self._index = {name: i for i, g in enumerate(groups) for name in g.nodes}
         return groups
@@ -252,7 +257,7 @@ class Inventory:
         base = origin.groups()
         index = origin._index
         assert index is not None
-        out = [ShapeGroup(g.shape, g.nodes, Counter(g.free_gpus), Counter(g.free_cpu_memory)) for g in base]
+        out = [ShapeGroup(g.shape, g.nodes, Counter(g.free)) for g in base]
         before_free = origin.free
         for name in self._changed:
             i = index.get(name)
@@ -261,9 +266,7 @@ class Inventory:
             before, now = before_free[name], self.free[name]
             if before == now:
                 continue
-            g = out[i]
-            _move(g.free_gpus, before[0], now[0])
-            _move(g.free_cpu_memory, (before[1], before[2]), (now[1], now[2]))
+            _move(out[i].free, before, now)
         return out
 
     def _root(self) -> "Inventory":

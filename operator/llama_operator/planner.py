@@ -23,6 +23,7 @@ from .api import LlamaDeploymentSpec, format_bytes, format_seconds
 from .catalog import GPU, Model, Quantization, capability_version, load_catalog
 from .estimate import (
     VLLM_MAX_GPU_MEMORY_UTILIZATION,
+    host_requests,
     Estimate,
     Hardware,
     Workload,
@@ -50,25 +51,31 @@ STATUS_REJECTED_LIMIT = 20
 @dataclass(frozen=True)
 class Pool:
     """Where replicas of one candidate can go: all placement-compatible nodes of one GPU product, or the
-    CPU nodes of one shape. `free_gpus` counts nodes by their free GPUs."""
+    CPU nodes of one shape. `free` counts nodes by (free GPUs, free CPU millicores, free memory bytes)."""
 
     key: str
     gpu: GPU | None
     max_gpus_per_node: int
-    free_gpus: tuple[tuple[int, int], ...] = ()
+    free: tuple[tuple[tuple[int, int, int], int], ...] = ()
     cpu_cores: int = 0
     cpu_bandwidth_gbps: float = 0.0
-    free_cpu_memory: tuple[tuple[tuple[int, int], int], ...] = ()
 
-    def slots(self, gpus_per_replica: int) -> int:
-        """Replicas of `gpus_per_replica` GPUs each that fit on the free GPUs (one node per replica)."""
-        return sum(count * (free // gpus_per_replica) for free, count in self.free_gpus)
+    def slots(self, gpus: int, cpu_millis: int, memory_bytes: int) -> int:
+        """Replicas that fit, one node each: a replica needs `gpus` GPUs (0 on CPU) and its host CPU and
+        memory requests (CPU nodes keep a tenth of their memory for the page cache and the kubelet)."""
+        return _slots(self, gpus, cpu_millis, memory_bytes)
 
-    def cpu_slots(self, cpu_millis: int, memory_bytes: int) -> int:
-        total = 0
-        for (cpu, mem), count in self.free_cpu_memory:
-            total += count * min(cpu // max(cpu_millis, 1), int(mem * CPU_MEMORY_HEADROOM) // max(memory_bytes, 1))
-        return total
+
+@lru_cache(maxsize=4096)
+def _slots(pool: Pool, gpus: int, cpu_millis: int, memory_bytes: int) -> int:
+    headroom = 1.0 if pool.gpu is not None else CPU_MEMORY_HEADROOM
+    total = 0
+    for (free_gpus, cpu, mem), count in pool.free:
+        fits = [cpu // max(cpu_millis, 1), int(mem * headroom) // max(memory_bytes, 1)]
+        if gpus:
+            fits.append(free_gpus // gpus)
+        total += count * min(fits)
+    return total
 
 
 @dataclass
@@ -335,10 +342,16 @@ def _narrowed(group: ShapeGroup, inventory: Inventory, hostname: str) -> ShapeGr
         return None
     out = ShapeGroup(group.shape, names)
     for n in names:
-        gpus, cpu, mem = inventory.free[n]
-        out.free_gpus[gpus] += 1
-        out.free_cpu_memory[(cpu, mem)] += 1
+        out.free[inventory.free[n]] += 1
     return out
+
+
+def _merged(groups: list[ShapeGroup]) -> tuple[tuple[tuple[int, int, int], int], ...]:
+    total: dict[tuple[int, int, int], int] = {}
+    for g in groups:
+        for k, count in g.free.items():
+            total[k] = total.get(k, 0) + count
+    return tuple(sorted(total.items()))
 
 
 def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory) -> tuple[list[Pool], list[str]]:
@@ -364,32 +377,24 @@ def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory) -> tuple[list[P
             by_product.setdefault(group.shape.gpu.product, []).append(group)
     pools = []
     for product, gs in sorted(by_product.items()):
-        free: dict[int, int] = {}
-        for g in gs:
-            for n, count in g.free_gpus.items():
-                free[n] = free.get(n, 0) + count
         pools.append(Pool(
             key=product,
             gpu=gs[0].shape.gpu,
             max_gpus_per_node=max(g.shape.gpus_per_node for g in gs),
-            free_gpus=tuple(sorted(free.items())),
+            free=_merged(gs),
         ))
     if spec.fallback.allowCPU:
         by_cpu_shape: dict[tuple[int, float], list[ShapeGroup]] = {}
         for g in cpu_groups:
             by_cpu_shape.setdefault((g.shape.cpu_millis // 1000, g.shape.cpu_bandwidth_gbps), []).append(g)
         for (cores, bandwidth), gs in sorted(by_cpu_shape.items()):
-            free_cm: dict[tuple[int, int], int] = {}
-            for g in gs:
-                for k, count in g.free_cpu_memory.items():
-                    free_cm[k] = free_cm.get(k, 0) + count
             pools.append(Pool(
                 key=f"cpu-{cores}c-{bandwidth:g}gbps",
                 gpu=None,
                 max_gpus_per_node=0,
                 cpu_cores=cores,
                 cpu_bandwidth_gbps=bandwidth,
-                free_cpu_memory=tuple(sorted(free_cm.items())),
+                free=_merged(gs),
             ))
     notes = []
     if excluded:
@@ -453,12 +458,15 @@ def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload) -> None:
         if e.per_gpu_bytes > usable:
             c.reasons.append(f"needs {format_bytes(e.per_gpu_bytes)} per GPU > {format_bytes(usable)} usable on "
                              f"{gpu.product}")
-        slots = c.pool.slots(c.gpus_per_replica)
+        cpu_millis, memory_bytes = host_requests(c.runtime, c.gpus_per_replica, 0, e.total_bytes)
+        slots = c.pool.slots(c.gpus_per_replica, cpu_millis, memory_bytes)
         if slots < spec.replicas:
-            c.reasons.append(f"{spec.replicas} replica(s) need {c.gpus_per_replica} free {gpu.product} GPU(s) on one "
-                             f"node each; only {slots} such placement(s) are free")
+            c.reasons.append(f"{spec.replicas} replica(s) need {c.gpus_per_replica} free {gpu.product} GPU(s), "
+                             f"{cpu_millis / 1000:g} cores and {format_bytes(memory_bytes)} RAM on one node each; "
+                             f"only {slots} such placement(s) are free")
     else:
-        slots = c.pool.cpu_slots(c.cpu_threads * 1000, e.total_bytes)
+        cpu_millis, memory_bytes = host_requests(c.runtime, 0, c.cpu_threads, e.total_bytes)
+        slots = c.pool.slots(0, cpu_millis, memory_bytes)
         if slots < spec.replicas:
             c.reasons.append(f"{spec.replicas} replica(s) need {c.cpu_threads} free cores and "
                              f"{format_bytes(e.total_bytes)} RAM on one node each; only {slots} such node slot(s)")

@@ -99,8 +99,6 @@ def test_create_renders_the_planned_runtime_and_becomes_ready(case, llama_cluste
     wait_until(lambda: "Ready" in llama_cluster.reasons(name), 10, "the Ready event")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the 1B is planned as llama.cpp on the T4 node (g4dn.xlarge, 3910m CPU "
-                   "allocatable) but the pod requests 4 CPUs: it never schedules and the phase stays Deploying")
 def test_a_small_model_on_the_mixed_cluster_gets_scheduled(llama_cluster, run_operator, kubelet):
     llama_cluster.add_nodes("mixed")
     run_operator(FAST)

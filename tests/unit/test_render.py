@@ -472,9 +472,7 @@ SMALL_GPU_NODES = {
 
 @pytest.mark.parametrize("name", [
     "vllm-on-g6.xlarge",
-    pytest.param("llamacpp-on-g4dn.xlarge", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: llama.cpp on a GPU requests 4 CPUs (render.build_context: threads = 4) and the planner does not "
-        "check the CPU of GPU nodes, so on a 4-vCPU node (3910m allocatable) the pod is never scheduled"))),
+    "llamacpp-on-g4dn.xlarge",
 ])
 def test_rendered_pod_fits_the_node_it_was_planned_for(name, make_spec, make_node, make_inventory):
     overrides, node, runtime = SMALL_GPU_NODES[name]

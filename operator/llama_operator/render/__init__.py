@@ -18,7 +18,7 @@ import yaml
 
 from ..api import API_VERSION, KIND, ChosenPlan, LlamaDeploymentSpec
 from ..catalog import load_catalog
-from ..estimate import weights_bytes
+from ..estimate import LLAMACPP_GPU_THREADS, host_requests, weights_bytes
 
 TEMPLATES = Path(__file__).resolve().parent
 HASH_ANNOTATION = "llama-operator.dev/spec-hash"
@@ -121,25 +121,20 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "llama-operator.dev/quantization": plan.quantization,
     }
     weights = weights_bytes(model, catalog.quantizations[plan.quantization])
+    threads = 0 if plan.runtime == "vllm" else LLAMACPP_GPU_THREADS if on_gpu else (plan.cpuThreads or 1)
+    cpu_millis, memory = host_requests(plan.runtime, n, threads, plan.predicted.memoryBytes)
+    requests = {"cpu": str(cpu_millis // 1000) if cpu_millis % 1000 == 0 else f"{cpu_millis}m",
+                "memory": _quantity(memory)}
+    # vLLM and llama.cpp on GPUs may burst above their request; a CPU replica is capped at a quarter more.
+    limits = {"memory": _quantity(memory * (2 if on_gpu else 1.25))}
+    if on_gpu:
+        requests[gpu_resource] = limits[gpu_resource] = str(n)
     if plan.runtime == "vllm":
         image = images.vllm_rocm if vendor == "amd" else images.vllm
-        # Host memory: vLLM's process plus its default 4 GiB CPU swap space per GPU worker (calibration D).
-        host_memory = 8 * GiB + 4 * GiB * n
-        requests = {"cpu": str(2 + n), "memory": _quantity(host_memory), gpu_resource: str(n)}
-        limits = {"memory": _quantity(2 * host_memory), gpu_resource: str(n)}
-        threads = 0
     elif on_gpu:
         image = images.llamacpp_rocm if vendor == "amd" else images.llamacpp_cuda
-        threads = 4
-        requests = {"cpu": str(threads), "memory": "4Gi", gpu_resource: str(n)}
-        limits = {"memory": "8Gi", gpu_resource: str(n)}
     else:
         image = images.llamacpp_cpu
-        threads = plan.cpuThreads or 1
-        # The weights are memory-mapped and stay resident: the replica's whole estimate, plus 1 GiB.
-        memory = plan.predicted.memoryBytes + GiB
-        requests = {"cpu": str(threads), "memory": _quantity(memory)}
-        limits = {"memory": _quantity(memory * 1.25)}
     quantization_flag = None
     if plan.runtime == "vllm":
         q = catalog.quantizations[plan.quantization]
@@ -203,8 +198,11 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
 def content_hash(obj: dict) -> str:
     """sha256 of the object as written, without its own hash annotation."""
     clean = json.loads(json.dumps(obj))
-    annotations = (clean.get("metadata") or {}).get("annotations") or {}
+    meta = clean.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
     annotations.pop(HASH_ANNOTATION, None)
+    if not annotations:
+        meta.pop("annotations", None)  # no annotations and an empty map hash alike
     return hashlib.sha256(json.dumps(clean, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
