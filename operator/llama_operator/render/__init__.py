@@ -33,7 +33,10 @@ _env = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
     autoescape=False,  # YAML, not HTML; values go through tojson
+    auto_reload=False,  # templates ship with the package; no stat() per render
 )
+#: libyaml's loader where PyYAML was built with it (the same objects, several times faster).
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ def render(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Im
     """The objects one LlamaDeployment owns: Deployment, Service, and a model-cache claim when asked."""
     template = _env.get_template("vllm.yaml.j2" if plan.runtime == "vllm" else "llamacpp.yaml.j2")
     text = template.render(w=build_context(owner, spec, plan, images))
-    objects = [d for d in yaml.safe_load_all(text) if d]
+    objects = [d for d in yaml.load_all(text, Loader=_Loader) if d]
     for obj in objects:
         obj["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = content_hash(obj)
     return objects
