@@ -304,6 +304,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 for t in ('NamesAccepted', 'Established')
             ]}
         self._store(key, obj, 'ADDED')
+        owners = {ref.get('uid') for ref in obj['metadata'].get('ownerReferences') or []}
+        if owners:
+            alive = {o.raw.get('metadata', {}).get('uid') for o in self.objects.values() if not o.deleted}
+            if not owners & alive:
+                # Created after its owners were deleted: the real garbage collector removes it too.
+                self._delete_object(key, cascade=True)
 
     def _update(self, request: kmock.Request) -> None:
         key = (request.resource, request.namespace, request.name)

@@ -2,6 +2,15 @@
 reconciles it whenever something it depends on changes, and on a slow resync.
 
 Thin by design: reading, calling the pure core (planner, reconcile.decide, render), writing.
+
+Reliability rules (tests/reliability/ proves them): a failed pass is retried with a backoff that
+doubles up to `max_error_backoff_seconds` and resets after a good pass, so neither a broken object nor
+an API outage makes a hot loop; an invalid spec is written down once (phase Invalid, one Warning
+Event) and then costs nothing. A pass posts its Events before it writes the status that records the
+transition, each under a name derived from that transition (the object's uid, the status the pass
+started from, the event), so a pass that is retried or redone by a restarted operator posts the same
+names again: an Event is neither lost (the status is not written until it is posted) nor doubled
+(the API server answers 409 to the second post).
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ import kopf
 from . import api, planner
 from .api import GROUP, PLURAL, VERSION, LlamaDeploymentStatus, SpecError
 from .inventory import Inventory, PodUsage, node_from_manifest, pod_usage
-from .kube import Writer, canonical, connection_info
+from .kube import Writer, canonical, connection_info, event_body
 from .metrics import OperatorMetrics
 from .reconcile import Decision, Observed, decide, decide_invalid
 from .render import LABEL_DEPLOYMENT, MANAGED_BY, Images, Owner, render
@@ -27,6 +36,8 @@ from .render import LABEL_DEPLOYMENT, MANAGED_BY, Images, Owner, render
 log = logging.getLogger("llama_operator")
 
 LD = (GROUP, VERSION, PLURAL)
+#: kopf's finalizer on LlamaDeployments (set in `configure`).
+FINALIZER = "llama-operator.dev/finalizer"
 Key = tuple[str, str]  # (namespace, name)
 
 
@@ -35,7 +46,13 @@ class Settings:
     upgrade_delay: timedelta = timedelta(minutes=2)
     resync_seconds: float = 300.0
     error_backoff_seconds: float = 10.0
+    #: A pass that keeps failing is retried after error_backoff_seconds, doubling up to this.
+    max_error_backoff_seconds: float = 120.0
     images: Images = field(default_factory=Images)
+    #: kopf peering priority; None: derived from $POD_ID / $HOSTNAME (replicas of one Deployment differ).
+    peering_priority: int | None = None
+    #: How long a new LlamaDeployment waits for kopf's finalizer before it is served without one.
+    finalizer_grace_seconds: float = 10.0
 
 
 @dataclass
@@ -118,12 +135,18 @@ def register(registry: kopf.OperatorRegistry) -> None:
         prefix = "llama-operator.dev"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=prefix)
-        settings.persistence.finalizer = f"{prefix}/finalizer"
+        settings.persistence.finalizer = FINALIZER
         # Replicas of one Deployment start with the same arguments; kopf freezes peers of equal priority,
         # so each takes its priority from its own pod identity.
+        # Settings.peering_priority overrides that (several operators in one process, as in tests).
         pod_id = os.environ.get("POD_ID") or os.environ.get("HOSTNAME", "")
-        settings.peering.priority = int(hashlib.sha256(pod_id.encode()).hexdigest()[:6], 16)
+        priority = _state(memo).settings.peering_priority if "state" in memo else None
+        settings.peering.priority = priority if priority is not None else \
+            int(hashlib.sha256(pod_id.encode()).hexdigest()[:6], 16)
         settings.watching.server_timeout = memo.get("watch_timeout", 300)
+        # A stopped daemon (its object deleted) finishes the pass it is in; wait for that in the same
+        # handling cycle instead of re-checking after the whole cancellation backoff.
+        settings.background.instant_exit_timeout = 5.0
         settings.posting.level = logging.WARNING
 
     @kopf.on.login(id="login", registry=registry)
@@ -174,7 +197,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
         state.bodies[key] = dict(body)
         state.signal(key).set()
 
-    @kopf.daemon(*LD, id="keep_converged", registry=registry, cancellation_timeout=5.0)
+    # On deletion (and at shutdown) kopf sets `stopped` and gives the daemon cancellation_backoff seconds to
+    # finish its pass before cancelling it: a cancelled pass would leave its write running in a worker
+    # thread, and kopf would drop the finalizer before that write lands (an object owned by a deleted
+    # owner, left for the garbage collector).
+    @kopf.daemon(*LD, id="keep_converged", registry=registry, cancellation_backoff=15.0, cancellation_timeout=5.0)
     async def keep_converged(stopped: kopf.DaemonStopped, namespace: str, name: str, memo: kopf.Memo,
                              node_index: kopf.Index, pod_index: kopf.Index, **_):
         state = _state(memo)
@@ -182,6 +209,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
         event = state.signal(key)
         event.set()  # first pass at once
         timeout = state.settings.resync_seconds
+        backoff = state.settings.error_backoff_seconds
+        grace_until = time.monotonic() + state.settings.finalizer_grace_seconds
         while not stopped:
             woken = asyncio.ensure_future(event.wait())
             stopping = asyncio.ensure_future(stopped.wait())
@@ -193,18 +222,66 @@ def register(registry: kopf.OperatorRegistry) -> None:
             event.clear()
             timeout = state.settings.resync_seconds
             try:
-                decision = await reconcile(state, key, node_index, pod_index)
+                waiting = time.monotonic() < grace_until
+                decision = await reconcile(state, key, node_index, pod_index, wait_for_finalizer=waiting)
+                if decision is None and waiting and not _has_finalizer(state.bodies.get(key)):
+                    timeout = max(0.1, grace_until - time.monotonic())  # then serve it without the finalizer
                 pending = decision.status.pendingChange if decision is not None else None
                 if pending is not None:  # wake when the better plan has waited long enough
                     due = datetime.strptime(pending.since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) \
                         + state.settings.upgrade_delay
                     timeout = min(timeout, max(0.5, (due - datetime.now(timezone.utc)).total_seconds() + 0.5))
+                backoff = state.settings.error_backoff_seconds
             except Exception:  # noqa: BLE001 - one bad pass must not stop the loop
-                log.exception("reconcile of %s/%s failed; retrying in %ss", namespace, name,
-                              state.settings.error_backoff_seconds)
-                await stopped.wait(state.settings.error_backoff_seconds)
+                log.exception("reconcile of %s/%s failed; retrying in %gs", namespace, name, backoff)
+                await stopped.wait(backoff)
+                backoff = min(backoff * 2, max(state.settings.max_error_backoff_seconds,
+                                               state.settings.error_backoff_seconds))
                 event.set()
         state.signals.pop(key, None)
+
+
+def _parse_spec(raw: Any) -> api.LlamaDeploymentSpec:
+    """api.parse_spec, where any failure is a SpecError: a spec that trips an unexpected error in the checks
+    (a bug) is reported as Invalid like any other bad spec, instead of failing every pass for ever."""
+    try:
+        return api.parse_spec(raw)
+    except SpecError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        log.debug("parsing a spec raised %r; reporting it as invalid", e)
+        raise SpecError(_enum_problems(raw) or [f"spec: cannot be read ({type(e).__name__}: {e})"]) from e
+
+
+def _enum_problems(raw: Any) -> list[str]:
+    """Values outside the enums the CRD declares (the API server would refuse them), field by field."""
+    from .crd import openapi_schema  # only on this rare path
+
+    problems: list[str] = []
+
+    def walk(schema: dict, value: Any, path: str) -> None:
+        if "enum" in schema and isinstance(value, (str, int, float, bool)) and value not in schema["enum"]:
+            problems.append(f"{path}: {value!r} is not one of {schema['enum']}")
+        if isinstance(value, dict):
+            for k, sub in (schema.get("properties") or {}).items():
+                if k in value:
+                    walk(sub, value[k], f"{path}.{k}")
+        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+            for i, item in enumerate(value):
+                walk(schema["items"], item, f"{path}[{i}]")
+
+    if isinstance(raw, dict):
+        walk(openapi_schema()["properties"]["spec"], raw, "spec")
+    return problems
+
+
+def _without_nulls(value: Any) -> Any:
+    """A status as the server keeps it: a merge patch drops the fields it sets to null."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _lenient_status(raw: Any) -> LlamaDeploymentStatus:
@@ -215,12 +292,26 @@ def _lenient_status(raw: Any) -> LlamaDeploymentStatus:
         return LlamaDeploymentStatus()
 
 
-async def reconcile(state: OperatorState, key: Key, node_index, pod_index) -> Decision | None:
-    """One pass for one LlamaDeployment: plan, decide, render and apply, write status and events."""
+def _has_finalizer(body: dict | None) -> bool:
+    return body is not None and FINALIZER in (body["metadata"].get("finalizers") or [])
+
+
+async def reconcile(state: OperatorState, key: Key, node_index, pod_index, *,
+                    wait_for_finalizer: bool = False) -> Decision | None:
+    """One pass for one LlamaDeployment: plan, decide, render and apply, write status and events.
+
+    `wait_for_finalizer`: do nothing while kopf's finalizer is not on the object yet. kopf starts the daemon
+    even when adding its finalizer failed, and without it a delete is immediate: a pass racing it would
+    create a Deployment for an owner that is gone (left to the garbage collector). The finalizer's
+    arrival is a watch event, which wakes the daemon; the daemon stops waiting after a grace period, so
+    an object kopf cannot put a finalizer on is still served."""
     lock = state.locks.setdefault(key, asyncio.Lock())
     async with lock:
         body = state.bodies.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        if wait_for_finalizer and not _has_finalizer(body):
+            log.debug("%s/%s has no finalizer yet; waiting for it", *key)
             return None
         started = time.monotonic()
         namespace, name = key
@@ -233,29 +324,36 @@ async def reconcile(state: OperatorState, key: Key, node_index, pod_index) -> De
         error = False
         try:
             try:
-                spec = api.parse_spec(body.get("spec"))
+                spec = _parse_spec(body.get("spec"))
             except SpecError as e:
                 decision = decide_invalid(obs, e.problems)
                 spec = None
             else:
+                deployment = await state.writer.get("apps/v1", "Deployment", namespace, name)
+                if deployment is not None:
+                    obs = Observed(**{**obs.__dict__, "deployment_status": deployment.get("status") or {}})
+                # From reading the inventory to recording the promise, nothing awaits: no other deployment's
+                # pass can plan in between, so two never take the same free GPUs (nor flip between them).
                 inventory = state.inventory_for(key, node_index, pod_index)
                 plan = planner.plan(spec, inventory)
                 current = status.plan
                 problems = planner.check_choice(spec, inventory, current) if current is not None else None
-                deployment = await state.writer.get("apps/v1", "Deployment", namespace, name)
-                if deployment is not None:
-                    obs = Observed(**{**obs.__dict__, "deployment_status": deployment.get("status") or {}})
                 decision = decide(obs, spec, plan, problems)
                 if decision.apply is not None:
+                    _promise(state, key, spec, decision)
                     owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
                     await state.writer.apply(render(owner, spec, decision.apply, state.settings.images))
-                    _promise(state, key, spec, decision)
+            if decision.events:
+                involved = {"apiVersion": body.get("apiVersion") or api.API_VERSION, "kind": body.get("kind") or api.KIND,
+                            "name": name, "namespace": namespace, "uid": meta.get("uid")}
+                instance = os.environ.get("POD_ID") or os.environ.get("HOSTNAME", "")
+                seed = canonical([meta.get("uid"), status.model_dump(mode="json", exclude_none=True)])
+                for etype, reason, message in decision.events:
+                    await state.writer.post_event(event_body(involved, etype, reason, message, instance, seed=seed))
             new_status = decision.status.model_dump(mode="json")
-            if canonical(new_status) != canonical(raw_status):
+            if canonical(_without_nulls(new_status)) != canonical(_without_nulls(raw_status)):
                 await state.writer.patch_status(namespace, name, new_status)
                 state.written_status[key] = new_status
-            for etype, reason, message in decision.events:
-                kopf.event(body, type=etype, reason=reason, message=message)
             _publish(state, key, spec, decision)
             return decision
         except Exception:

@@ -4,24 +4,67 @@ The operator reaches any API server through a kubeconfig or in-cluster config; k
 credentials through a login handler. Writes go through the official client's dynamic API (in a worker
 thread, so kopf's event loop keeps serving) and only happen when the rendered object's hash differs
 from the one already on the server.
+
+Every call has a deadline (a hung API server cannot wedge a reconcile pass), and a transient failure
+(429 with its Retry-After, 5xx, a dropped connection, a conflict on a patch) is retried a few times
+with a short backoff before the pass gives up and the handler's own backoff takes over. Each write is
+idempotent, so a retry after a lost answer does no harm: a create that did happen answers 409 and the
+live object is compared instead, patches carry the whole wanted state, and Events are created under
+a name chosen once, so a retried post never makes a second Event.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
 import os
-from typing import Any
+import random
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Callable, TypeVar
 
 import kopf
 import kubernetes
 from kubernetes import dynamic
-from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
+from kubernetes.dynamic.exceptions import ConflictError, DynamicApiError, NotFoundError
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from .api import API_VERSION, KIND
 from .render import HASH_ANNOTATION
 
 
 USER_AGENT = "llama-operator"
+EVENT_SOURCE = "llama-operator"
+#: (connect, read) seconds for every request the Writer sends.
+REQUEST_TIMEOUT = (5.0, 30.0)
+#: Attempts per request for transient failures, and the cap on a server's Retry-After.
+ATTEMPTS = 4
+MAX_RETRY_AFTER = 10.0
+EVENT_MESSAGE_LIMIT = 1024  # what the API server accepts
+
+log = logging.getLogger("llama_operator")
+_T = TypeVar("_T")
+
+
+def _transient(e: BaseException, *, conflict_ok: bool) -> float | None:
+    """Seconds to wait before retrying after `e`, or None when retrying cannot help."""
+    if isinstance(e, (DynamicApiError, kubernetes.client.ApiException)):
+        status = getattr(e, "status", None)
+        if status == 429:
+            headers = getattr(e, "headers", None) or {}
+            try:
+                hint = float(headers.get("Retry-After") or 1.0)
+            except (TypeError, ValueError):
+                hint = 1.0
+            return min(max(hint, 0.1), MAX_RETRY_AFTER)
+        if status in (500, 502, 503, 504) or (status == 409 and conflict_ok):
+            return 0.0  # the caller adds its backoff
+        return None
+    if isinstance(e, (Urllib3Error, ConnectionError, TimeoutError)):
+        return 0.0
+    return None
 
 
 class ConfigError(Exception):
@@ -84,11 +127,27 @@ class Writer:
             self._resources[key] = self._dyn.resources.get(api_version=api_version, kind=kind)
         return self._resources[key]
 
+    def _call(self, what: str, fn: Callable[[], _T], *, conflict_ok: bool = False) -> _T:
+        """fn(), retried on transient failures (see _transient) with a short jittered backoff."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - classified below
+                wait = _transient(e, conflict_ok=conflict_ok)
+                if wait is None or attempt == ATTEMPTS:
+                    raise
+                wait = max(wait, 0.2 * 2 ** (attempt - 1) * (0.5 + random.random()))
+                log.warning("%s failed (%s); retry %d/%d in %.1fs", what, _short(e), attempt, ATTEMPTS - 1, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
     # --- sync bodies, run in a worker thread ---
 
     def _get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+        res = self._call(f"discovery of {kind}", lambda: self._resource(api_version, kind))
         try:
-            return self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+            return self._call(f"get {kind} {namespace}/{name}", lambda: res.get(
+                name=name, namespace=namespace, _request_timeout=REQUEST_TIMEOUT).to_dict())
         except NotFoundError:
             return None
 
@@ -96,11 +155,13 @@ class Writer:
         """Create, or patch when the content hash differs. Returns created | patched | unchanged."""
         api_version, kind = obj["apiVersion"], obj["kind"]
         meta = obj["metadata"]
-        res = self._resource(api_version, kind)
+        res = self._call(f"discovery of {kind}", lambda: self._resource(api_version, kind))
         live = self._get(api_version, kind, meta["namespace"], meta["name"])
+        what = f"{kind} {meta['namespace']}/{meta['name']}"
         if live is None:
             try:
-                res.create(body=obj, namespace=meta["namespace"])
+                self._call(f"create {what}", lambda: res.create(body=obj, namespace=meta["namespace"],
+                                                                _request_timeout=REQUEST_TIMEOUT))
                 return "created"
             except ConflictError:  # created by an earlier pass whose answer we did not see
                 live = self._get(api_version, kind, meta["namespace"], meta["name"])
@@ -121,20 +182,38 @@ class Writer:
                     body.append({"op": "add", "path": f"/metadata/{section}", "value": {}})
                 for k, v in meta.get(section, {}).items():
                     body.append({"op": "add", "path": f"/metadata/{section}/{_escape(k)}", "value": v})
-            res.patch(body=body, name=meta["name"], namespace=meta["namespace"],
-                      content_type="application/json-patch+json")
+            self._call(f"patch {what}", lambda: res.patch(
+                body=body, name=meta["name"], namespace=meta["namespace"],
+                content_type="application/json-patch+json", _request_timeout=REQUEST_TIMEOUT), conflict_ok=True)
         else:
             # Services keep server-assigned fields (clusterIP): merge only what we own.
             body = {"metadata": {"labels": meta.get("labels", {}), "annotations": meta.get("annotations", {})},
                     "spec": {k: obj["spec"][k] for k in ("type", "selector", "ports") if k in obj["spec"]}}
-            res.patch(body=body, name=meta["name"], namespace=meta["namespace"],
-                      content_type="application/merge-patch+json")
+            self._call(f"patch {what}", lambda: res.patch(
+                body=body, name=meta["name"], namespace=meta["namespace"],
+                content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT), conflict_ok=True)
         return "patched"
 
     def _patch_status(self, namespace: str, name: str, status: dict) -> None:
-        res = self._resource(API_VERSION, KIND)
-        res.status.patch(body={"status": status}, name=name, namespace=namespace,
-                         content_type="application/merge-patch+json")
+        res = self._call(f"discovery of {KIND}", lambda: self._resource(API_VERSION, KIND))
+        self._call(f"patch status of {namespace}/{name}", lambda: res.status.patch(
+            body={"status": status}, name=name, namespace=namespace,
+            content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT), conflict_ok=True)
+
+    def _post_event(self, event: dict) -> None:
+        res = self._call("discovery of Event", lambda: self._resource("v1", "Event"))
+        meta = event["metadata"]
+        try:
+            self._call(f"post event {meta['namespace']}/{meta['name']}", lambda: res.create(
+                body=event, namespace=meta["namespace"], _request_timeout=REQUEST_TIMEOUT))
+        except ConflictError:
+            pass  # posted by an earlier attempt whose answer was lost: the name is the event's identity
+        except DynamicApiError as e:
+            if _transient(e, conflict_ok=False) is not None:
+                raise  # the API server is struggling: the pass is retried later, with this Event
+            # Events are auxiliary: one the server refuses for good (403, 422) must not block the status.
+            log.warning("the Event %s/%s was refused (%s); going on without it", meta["namespace"], meta["name"],
+                        _short(e))
 
     # --- async API for handlers ---
 
@@ -146,6 +225,49 @@ class Writer:
 
     async def patch_status(self, namespace: str, name: str, status: dict) -> None:
         await asyncio.to_thread(self._patch_status, namespace, name, status)
+
+    async def post_event(self, event: dict) -> None:
+        """Create an Event built by `event_body`; one that exists already (409) counts as posted."""
+        await asyncio.to_thread(self._post_event, event)
+
+
+def event_body(involved: dict, type_: str, reason: str, message: str, instance: str = "",
+               seed: str | None = None) -> dict:
+    """A core/v1 Event about `involved` (a LlamaDeployment's apiVersion/kind/name/namespace/uid).
+
+    Its name is derived from `seed` (what identifies the occurrence: the caller passes the object's uid and
+    the status the transition starts from) and the event itself, so posting it again, from a retry or
+    from a restarted operator redoing the same pass, is answered 409 instead of making a second Event.
+    Without a seed the name is random."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if len(message) > EVENT_MESSAGE_LIMIT:
+        message = message[:EVENT_MESSAGE_LIMIT - 3] + "..."
+    if seed is None:
+        suffix = uuid.uuid4().hex[:16]
+    else:
+        suffix = hashlib.sha256(json.dumps([seed, type_, reason, message]).encode()).hexdigest()[:16]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{involved['name'][:200]}.{suffix}", "namespace": involved["namespace"]},
+        "involvedObject": dict(involved),
+        "type": type_,
+        "reason": reason,
+        "message": message,
+        "action": reason,
+        "source": {"component": EVENT_SOURCE},
+        "reportingComponent": EVENT_SOURCE,
+        "reportingInstance": instance or EVENT_SOURCE,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+def _short(e: BaseException) -> str:
+    status = getattr(e, "status", None)
+    reason = getattr(e, "reason", None)
+    return f"{status} {reason}" if status else type(e).__name__
 
 
 def _escape(key: str) -> str:

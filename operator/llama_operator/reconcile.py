@@ -145,7 +145,8 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
             # A different plan while the one in force still works: a better one after a cluster change.
             better = rank(spec, new) < rank(spec, current)
             old_pending = prev.pendingChange
-            since = obs.now
+            # Status keeps whole seconds: round up, so the wait is never shorter than the delay.
+            since = obs.now.replace(microsecond=0) + (timedelta(seconds=1) if obs.now.microsecond else timedelta())
             if old_pending is not None and old_pending.plan.same_choice(new):
                 since = _parse_iso(old_pending.since)
             if obs.now - since >= obs.upgrade_delay:

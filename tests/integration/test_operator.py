@@ -305,9 +305,6 @@ def test_restart_creates_nothing_new_for_a_converged_deployment(llama_cluster, r
     assert len(llama_cluster.events("chat")) + len(llama_cluster.events("tiny")) == events
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after a restart the operator PATCHes the status of every converged "
-                   "LlamaDeployment once: the stored status lacks the null fields (pendingChange, plan.cpuThreads...) "
-                   "that a JSON merge patch removed, and handlers.reconcile compares it with a dump that has them")
 def test_restart_sends_no_status_patch_for_a_converged_deployment(llama_cluster, run_operator, emulator_thread):
     llama_cluster.add_nodes("mixed")
     first = run_operator(FAST)
@@ -405,9 +402,6 @@ def test_two_deployments_are_not_planned_onto_the_same_gpu(llama_cluster, run_op
     assert llama_cluster.reasons("first") == ["Planned"]  # never bounced
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: two LlamaDeployments planned concurrently both take the L40S, then "
-                   "each sees the other's promise and both move, in lockstep, between L40S and L4 forever (a "
-                   "Warning 'Replanned' Event and a Deployment rewrite per flip)")
 def test_two_deployments_planned_at_the_same_time_settle_apart(llama_cluster, run_operator):
     llama_cluster.add_nodes([gpu_node("l40s-1", **L40S), gpu_node("l4-1", **L4)])
     manifest = example("chat.yaml")

@@ -1,0 +1,177 @@
+"""What the reliability suite tries, as data: the tests run these cases and docs/reliability.md lists
+them (reliability_doc.py renders a row per case from what the test recorded).
+
+Every outcome a test records is one of the fixed sentences below when all its checks passed, or
+"FAILED: ..." otherwise, so the committed doc is deterministic (no timings) and a green run reproduces
+it byte for byte.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BAD_INPUTS = Path(__file__).resolve().parent / "bad_inputs"
+
+# --- API faults: every write the operator makes, under each kind of failure -----------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    label: str  # what the doc calls the request
+    action: str  # kmock action: create | update (PATCH)
+    plural: str
+    subresource: str | None = None
+
+
+TARGETS = [
+    Target("create Deployment", "create", "deployments"),
+    Target("patch Deployment", "update", "deployments"),
+    Target("create Service", "create", "services"),
+    Target("patch Service", "update", "services"),
+    Target("create PersistentVolumeClaim", "create", "persistentvolumeclaims"),
+    Target("patch LlamaDeployment status", "update", "llamadeployments", "status"),
+    Target("create Event", "create", "events"),
+    Target("patch LlamaDeployment (kopf's finalizer)", "update", "llamadeployments"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultKind:
+    id: str
+    label: str
+    status: int
+    mode_create: str  # before | after (see reliability_harness.Fault)
+    mode_patch: str
+    retry_after: int | None = None
+    times: int = 2
+
+
+FAULT_KINDS = [
+    FaultKind("500-lost", "500, answer lost (the write was applied)", 500, "after", "after"),
+    FaultKind("500-refused", "500, refused (nothing applied)", 500, "before", "before"),
+    FaultKind("429", "429 Too Many Requests, Retry-After: 1", 429, "before", "before", retry_after=1),
+    # A real 409 on create means the object exists (here: stored, then answered AlreadyExists); on a patch
+    # it means another writer changed the object in between and the patch was not applied.
+    FaultKind("409", "409 (AlreadyExists on create; Conflict on patch: another writer got in first)", 409,
+              "after", "before"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultCase:
+    kind: FaultKind
+    target: Target
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind.id}:{self.target.label}"
+
+    def fault_kwargs(self) -> dict[str, Any]:
+        return dict(action=self.target.action, plural=self.target.plural, subresource=self.target.subresource,
+                    status=self.kind.status, retry_after=self.kind.retry_after, times=self.kind.times,
+                    mode=self.kind.mode_create if self.target.action == "create" else self.kind.mode_patch)
+
+
+FAULT_CASES = [FaultCase(k, t) for k in FAULT_KINDS for t in TARGETS]
+CONVERGED = "converged to the fault-free result; no duplicates, nothing left after delete"
+
+
+# --- watches ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchCase:
+    id: str
+    label: str
+    plural: str
+    fault: dict[str, Any]
+
+
+WATCH_CASES = [
+    WatchCase(f"{kind}:{plural}", label, plural, fault)
+    for plural in ("llamadeployments", "deployments", "pods")
+    for kind, label, fault in (
+        ("end", "the watch ends at once, 3 times in a row", dict(kind="end", times=3)),
+        ("gone", "410 Gone in the watch stream", dict(kind="gone", times=1)),
+        ("500", "500 on the watch request, twice", dict(kind="status", status=500, times=2)),
+    )
+]
+
+# --- outage, restarts, peering, secrets -----------------------------------------------------------------
+
+SCENARIOS = {
+    "outage": ("The API server unreachable for 30 s (its port closed, then reopened on the same port) while "
+               "a LlamaDeployment is created, one is updated and one is deleted",
+               "converged after the outage: created, updated and deleted as asked; no duplicates, no orphans"),
+    "kill-mid-reconcile": ("The operator SIGKILLed while its Service create hangs (the Deployment is already "
+                           "created), then a new operator started",
+                           "the new operator converged to the fault-free result; one Deployment, no duplicates"),
+    "stop-mid-reconcile": ("The operator stopped while its status patch hangs (Deployment, Service and claim "
+                           "written), then a new operator started",
+                           "the new operator converged to the fault-free result; no duplicate Events"),
+    "peering": ("Two operator replicas with peering (different priorities)",
+                "only the higher-priority replica wrote anything; after it stopped, the other took over"),
+    "bad-inputs-quiet": ("All bad inputs created at once beside a valid LlamaDeployment",
+                         "the valid one converged; no crash; no status write or Event in 3 s of quiet"),
+}
+
+SECRETS = {
+    "logs": "every log record of the operator process (DEBUG, all loggers)",
+    "status": "the LlamaDeployment's status",
+    "events": "every Event",
+    "objects": "every object in the emulator except the Secret itself",
+}
+SECRET_ABSENT = "the token does not appear"
+
+
+# --- bad inputs ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BadInput:
+    path: Path
+    wrong: str
+    caught_by: str  # schema | cel | operator | unschedulable
+    field: str  # the field at fault; an Invalid status message and Event name it
+    doc: dict
+    says: str | None = None  # for unschedulable inputs: what the status message must say
+
+    @property
+    def name(self) -> str:
+        return self.doc["metadata"]["name"]
+
+    @property
+    def key(self) -> str:
+        return self.path.stem
+
+    @property
+    def expected_phase(self) -> str:
+        return "Unschedulable" if self.caught_by == "unschedulable" else "Invalid"
+
+
+def bad_inputs() -> list[BadInput]:
+    out = []
+    for path in sorted(BAD_INPUTS.glob("*.yaml")):
+        text = path.read_text()
+        head = dict(line[2:].split(": ", 1) for line in text.splitlines() if line.startswith("# ") and ": " in line)
+        out.append(BadInput(path, head["wrong"], head["caught-by"], head["field"], yaml.safe_load(text),
+                            head.get("says")))
+    return out
+
+
+CAUGHT_BY = {
+    "schema": "CRD schema",
+    "cel": "CRD CEL rule",
+    "operator": "operator",
+    "unschedulable": "operator (planner)",
+}
+
+
+def bad_input_answer(b: BadInput) -> str:
+    """The green outcome of a bad input in the emulator (which admits anything)."""
+    if b.caught_by == "unschedulable":
+        return "Unschedulable with reasons; 1 Warning Unschedulable Event"
+    return f"Invalid, message names {b.field}; 1 Warning InvalidSpec Event"
