@@ -143,8 +143,8 @@ class Fallback(_Model):
     allowSmallerModels: bool = Field(
         default=True, description="Allow a smaller model of the same capability (a vision model falls back only to a "
         "vision model), never below minimumModel.")
-    minimumModel: str | None = Field(
-        default=None, json_schema_extra={"enum": model_ids()},
+    minimumModel: Literal[tuple(model_ids())] | None = Field(  # type: ignore[valid-type]
+        default=None,
         description="The smallest model the deployment may fall back to (a catalog id). Defaults to the smallest model "
         "of the requested model's capability.")
     quantizations: list[Literal[tuple(QUANTIZATIONS)]] | None = Field(  # type: ignore[valid-type]
