@@ -12,7 +12,6 @@ comment saying what is wrong and where it must be caught).
 """
 from __future__ import annotations
 
-import copy
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import celpy
 import jsonschema
 import pytest
+from crdkit import apply_defaults
 import yaml
 
 from llama_operator.api import API_VERSION, KIND, SpecError
@@ -45,19 +45,6 @@ def cel(spec_schema):
     return [(r, env.program(env.compile(r["rule"]))) for r in rules]
 
 
-def _defaulted(schema: dict, value):
-    """What the API server does before CEL: fill in the defaults of absent properties, recursively."""
-    if not isinstance(value, dict) or "properties" not in schema:
-        return value
-    out = dict(value)
-    for key, prop in schema["properties"].items():
-        if key not in out and "default" in prop:
-            out[key] = copy.deepcopy(prop["default"])
-        if key in out:
-            out[key] = _defaulted(prop, out[key])
-    return out
-
-
 def api_server_verdict(schema: dict, cel, obj: dict) -> tuple[str, list[str]]:
     """('schema', paths) | ('cel', fieldPaths) | ('admitted', []) for the generated CRD."""
     errors = list(jsonschema.Draft7Validator(schema).iter_errors(obj))
@@ -69,7 +56,7 @@ def api_server_verdict(schema: dict, cel, obj: dict) -> tuple[str, list[str]]:
                 path.append(e.message.split("'")[1])
             paths.append(".".join(path))
         return "schema", paths
-    spec = _defaulted(schema["properties"]["spec"], obj["spec"])
+    spec = apply_defaults(schema["properties"]["spec"], obj["spec"])
     refused = []
     for rule, program in cel:
         try:

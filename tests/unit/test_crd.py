@@ -2,12 +2,12 @@
 CEL rules the API server runs agree with the operator's own checks (api.parse_spec)."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import celpy
 import jsonschema
 import pytest
+from crdkit import apply_defaults
 import yaml
 
 from llama_operator import api
@@ -208,19 +208,6 @@ def test_int_or_string_accepts_both_forms(spec_schema, spec_dict):
 
 
 # --- CEL rules ----------------------------------------------------------------------------------------
-
-
-def apply_defaults(schema: dict, value):
-    """What the API server does before validating: fill in defaults of absent properties, recursively."""
-    if not isinstance(value, dict) or "properties" not in schema:
-        return value
-    out = dict(value)
-    for key, prop in schema["properties"].items():
-        if key not in out and "default" in prop:
-            out[key] = copy.deepcopy(prop["default"])
-        if key in out:
-            out[key] = apply_defaults(prop, out[key])
-    return out
 
 
 @pytest.fixture(scope="module")
