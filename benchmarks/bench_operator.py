@@ -211,9 +211,6 @@ def run_one(which: str, n_nodes: int, n_deployments: int, timeout: float, quiet:
         health = _free_port()
         script = HERE / ("bare_operator.py" if which == "bare" else "run_operator.py")
         cmd = [sys.executable, str(script), "--kubeconfig", kubeconfig, "--health-port", str(health)]
-        if which.startswith("ours+"):  # ours with experiments (run_operator.py --experiment)
-            for exp in which.split("+")[1:]:
-                cmd += ["--experiment", exp]
         if cprofile_dir is not None:
             cmd += ["--cprofile", str(cprofile_dir / f"{which}.prof")]
         log_path = workdir / f"{which}.log"
@@ -233,7 +230,7 @@ def run_one(which: str, n_nodes: int, n_deployments: int, timeout: float, quiet:
             spy = None
             if py_spy_dir is not None:  # sample the whole child (all threads) while the deployments go in
                 spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid),
-                                        "--format", "raw", "--rate", "50", "--duration", str(int(timeout)),
+                                        "--format", "raw", "--rate", "200", "--duration", str(int(timeout)),
                                         "--output", str(py_spy_dir / f"{which}.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             cpu_before = _cpu_seconds(proc.pid)
@@ -329,13 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deployments", type=int, default=200)
     ap.add_argument("--nodes", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--only", help="run only this variant: bare, ours, or ours+EXPERIMENT")
+    ap.add_argument("--only", choices=["bare", "ours"], help="run only this operator")
     ap.add_argument("--timeout", type=float, default=150.0, help="per operator run, from the first create")
     ap.add_argument("--quiet", type=float, default=3.0, help="seconds without writes that count as settled")
     ap.add_argument("--cprofile-dir", help="profile each operator's main thread (cProfile) into this directory")
-    ap.add_argument("--experiment", action="append", default=[],
-                    help="also run llama-operator with these run_operator.py experiments, e.g. "
-                    "render-cloader or render-cloader+targeted-wakeups (repeatable; measures proposals)")
     ap.add_argument("--py-spy-dir", help="sample each operator with py-spy (raw format) into this directory")
     args = ap.parse_args(argv)
     import logging
@@ -348,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if d:
             d.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    variants = ["bare", "ours"] + [f"ours+{e}" for e in args.experiment]
-    if args.only and args.only not in variants:
-        variants.append(args.only)
+    variants = ["bare", "ours"]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]
@@ -395,10 +387,6 @@ def main(argv: list[str] | None = None) -> int:
         o, b = summary["ours"], summary["bare"]
         ratios = {k: _ratio(o[k], b[k]) for k in o}
         out["ratios_ours_over_bare"] = ratios
-        for v in variants[2:]:
-            if v in summary:
-                out.setdefault("ratios_experiments_over_bare", {})[v] = {
-                    k: _ratio(summary[v][k], b[k]) for k in summary[v]}
         out["verdicts"] = {
             "converge_within_1.25x_of_floor": {"pass": ratios["converge_seconds"] is not None
                                                and ratios["converge_seconds"] <= GOAL_RATIO,

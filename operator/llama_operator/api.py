@@ -6,6 +6,7 @@ models, so what the API server admits and what the operator accepts cannot drift
 """
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
@@ -50,6 +51,7 @@ _QUANTITY_SUFFIX = {
 }
 
 
+@functools.lru_cache(maxsize=4096)  # the planner asks for a spec's SLO once per candidate
 def parse_duration(text: str) -> float:
     """'500ms' -> 0.5, '1.5s' -> 1.5, '1m30s' -> 90.0 (Go-style, the units ms, s and m)."""
     if not isinstance(text, str) or not re.fullmatch(DURATION_PATTERN, text):
@@ -57,6 +59,7 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
 
 
+@functools.lru_cache(maxsize=4096)  # the planner asks for a spec's memory budget once per candidate
 def parse_quantity(value: str | int) -> int:
     """A Kubernetes quantity of bytes: '48Gi' -> 51539607552, '80G' -> 80e9, 1024 -> 1024."""
     if isinstance(value, bool):

@@ -283,21 +283,16 @@ def cmd_crd(args) -> int:
 
 def cmd_run(args) -> int:
     import asyncio
-    import logging
     from datetime import timedelta
-
-    import kopf
 
     from .handlers import Settings
     from .kube import ConfigError
     from .render import Images
-    from .runner import RunOptions, run_async
+    from .runner import RunOptions, configure_logging, run_async
 
     if args.metrics_port == args.health_port:
         raise UserError("--metrics-port and --health-port must differ")
-    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON if args.log_format == "json"
-                   else kopf.LogFormat.FULL)
-    logging.getLogger("llama_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    configure_logging(verbose=args.verbose, json_format=args.log_format == "json")
     images = Images(vllm=args.vllm_image, llamacpp_cuda=args.llamacpp_image,
                     llamacpp_cpu=args.llamacpp_cpu_image)
     options = RunOptions(

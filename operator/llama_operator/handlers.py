@@ -3,6 +3,14 @@ reconciles it whenever something it depends on changes, and on a slow resync.
 
 Thin by design: reading, calling the pure core (planner, reconcile.decide, render), writing.
 
+What a pass reads comes from kopf indexes (Nodes, Pods holding resources, and the Deployments and
+Services the operator owns), which kopf fills from the initial listings before any pass runs; a pass
+that changes nothing sends no request. What wakes a pass is a change that can alter its outcome: a
+spec, generation, finalizer or deletion change of its LlamaDeployment (not the operator's own status
+write); an owned object that differs from what the operator last wrote or saw; a Node or a Pod's use
+of a node that changed; capacity freed by another deployment. A new plan only takes capacity that was
+free after every other plan in force, so it wakes only the deployments waiting to upgrade.
+
 Reliability rules (tests/reliability/ proves them): a failed pass is retried with a backoff that
 doubles up to `max_error_backoff_seconds` and resets after a good pass, so neither a broken object nor
 an API outage makes a hot loop; an invalid spec is written down once (phase Invalid, one Warning
@@ -19,7 +27,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -27,11 +35,11 @@ import kopf
 
 from . import api, planner
 from .api import GROUP, PLURAL, VERSION, LlamaDeploymentStatus, SpecError
-from .inventory import Inventory, PodUsage, node_from_manifest, pod_usage
-from .kube import Writer, canonical, connection_info, event_body
+from .inventory import Inventory, Node, PodUsage, node_from_manifest, pod_usage
+from .kube import Live, Writer, canonical, connection_info, event_body
 from .metrics import OperatorMetrics
 from .reconcile import Decision, Observed, decide, decide_invalid
-from .render import LABEL_DEPLOYMENT, MANAGED_BY, Images, Owner, render
+from .render import HASH_ANNOTATION, LABEL_DEPLOYMENT, MANAGED_BY, Images, Owner, render
 
 log = logging.getLogger("llama_operator")
 
@@ -39,6 +47,10 @@ LD = (GROUP, VERSION, PLURAL)
 #: kopf's finalizer on LlamaDeployments (set in `configure`).
 FINALIZER = "llama-operator.dev/finalizer"
 Key = tuple[str, str]  # (namespace, name)
+#: The kinds of owned objects the operator watches (and so never reads before writing).
+WATCHED_KINDS = ("Deployment", "Service")
+#: The ids of the handlers that only watch (one call per watch event; runner keeps their logs quiet).
+WATCH_HANDLERS = ("node_event", "pod_event", "deployment_event", "service_event", "llamadeployment_event")
 
 
 @dataclass
@@ -67,6 +79,24 @@ class _Promise:
         return isinstance(other, _Promise) and self.spec == other.spec and self.plan.same_choice(other.plan)
 
 
+@dataclass(frozen=True)
+class Indexes:
+    """kopf's indexes, as a pass reads them.
+
+    nodes: {name: store of Node}; pods: {(namespace, pod): store of (PodUsage, owning deployment)};
+    deployments and services: {(namespace, owning deployment): store of Live}."""
+
+    nodes: Any
+    pods: Any
+    deployments: Any
+    services: Any
+
+    def owned(self, key: Key) -> dict[str, dict[str, Live]]:
+        """The watched objects `key` owns, per kind and name, as `Writer.apply` takes them."""
+        return {kind: {live.name: live for live in index.get(key, ())}
+                for kind, index in (("Deployment", self.deployments), ("Service", self.services))}
+
+
 class OperatorState:
     """Everything the handlers share: the cluster view, plans in force, wake-up signals."""
 
@@ -83,38 +113,104 @@ class OperatorState:
         self.signals: dict[Key, asyncio.Event] = {}
         self.locks: dict[Key, asyncio.Lock] = {}
         self._inventory: Inventory | None = None
+        #: The inventory with every promise reserved, in the order they were made, and how many that is:
+        #: what a deployment with no plan or pods of its own yet (every new one) plans on.
+        self._all_reserved: tuple[Inventory, int] | None = None
+        #: The last state seen of each Node, of each Pod's use of a node, and of each owned object
+        #: ((kind, namespace, name) -> Live, including the operator's own writes): a watch event that
+        #: repeats it wakes nobody.
+        self.seen_nodes: dict[str, Node] = {}
+        self.seen_pods: dict[Key, tuple[PodUsage, str | None] | None] = {}
+        self.seen_owned: dict[tuple[str, str, str], Live] = {}
 
     # --- cluster view ---
 
     def invalidate(self) -> None:
+        """The cluster changed: rebuild the inventory, and let every deployment re-plan."""
         self._inventory = None
+        self._all_reserved = None
+        self.wake_all()
+
+    # --- promises (kept in the order they were made: each was planned with the earlier ones reserved) ---
+
+    def set_promise(self, key: Key, promise: _Promise) -> _Promise | None:
+        """Record the plan `key` holds; returns the one it held before."""
+        before = self.promises.pop(key, None)
+        self.promises[key] = promise
+        if before is not None:
+            self._all_reserved = None  # no longer a prefix of the order
+        return before
+
+    def drop_promise(self, key: Key) -> bool:
+        if self.promises.pop(key, None) is None:
+            return False
+        self._all_reserved = None
+        return True
+
+    def wake_all(self) -> None:
         for event in self.signals.values():
             event.set()
 
-    def inventory_for(self, key: Key, node_index, pod_index) -> Inventory:
-        """The cluster minus what others hold or are promised; this deployment's own pods count as free.
+    def wake(self, keys) -> None:
+        for key in keys:
+            if key in self.signals:
+                self.signals[key].set()
 
-        `node_index` and `pod_index` are kopf's indexes ({name: store of Node} and
-        {(namespace, pod): store of (PodUsage, owning deployment)}).
-        """
+    def node_seen(self, name: str, node: Node | None) -> None:
+        """A Node as its watch shows it now (None: deleted); the cluster changed when it differs."""
+        before = self.seen_nodes.pop(name, None)
+        if node is not None:
+            self.seen_nodes[name] = node
+        if before != node:
+            self.invalidate()
+
+    def pod_seen(self, key: Key, use: tuple[PodUsage, str | None] | None) -> None:
+        """What a Pod takes from its node now and its owning deployment (None: nothing, or deleted)."""
+        before = self.seen_pods.pop(key, None)
+        if use is not None:
+            self.seen_pods[key] = use
+        if before != use:
+            self.invalidate()
+
+    def owned_seen(self, namespace: str, owner: str, live: Live, deleted: bool = False) -> None:
+        """An owned object as its watch shows it: wake the owner unless it is what the operator last wrote or
+        saw (its own create, or a repeat)."""
+        ident = (live.kind, namespace, live.name)
+        before = self.seen_owned.pop(ident, None)
+        if not deleted:
+            self.seen_owned[ident] = live
+        if deleted or before != live:
+            self.wake([(namespace, owner)])
+
+    def inventory_for(self, key: Key, indexes: Indexes) -> Inventory:
+        """The cluster minus what others hold or are promised; this deployment's own pods count as free."""
         pods: list[tuple[Key, PodUsage, str | None]] = [
-            (pod_key, usage, owner) for pod_key, store in pod_index.items() for usage, owner in store
+            (pod_key, usage, owner) for pod_key, store in indexes.pods.items() for usage, owner in store
         ]
         if self._inventory is None:
-            nodes = [node for store in node_index.values() for node in store]
+            nodes = [node for store in indexes.nodes.values() for node in store]
             self._inventory = Inventory(nodes, [usage for _, usage, _ in pods])
-        inv = self._inventory
+            self._all_reserved = None
         own = [usage for (ns, _), usage, owner in pods if ns == key[0] and owner == key[1]]
-        if own:
-            inv = inv.release(own)
         bound: dict[Key, int] = {}
         for (ns, _), _, owner in pods:
             if owner:
                 bound[(ns, owner)] = bound.get((ns, owner), 0) + 1
-        for other, promise in sorted(self.promises.items()):
-            missing = promise.spec.replicas - bound.get(other, 0)
-            if other != key and missing > 0:
-                inv = planner.reserve_plan(inv, promise.spec, promise.plan, missing)
+
+        def reserve(inv: Inventory, other: Key, promise: _Promise) -> Inventory:
+            missing = promise.spec.replicas - bound.get(other, 0)  # replicas without a bound pod yet
+            return planner.reserve_plan(inv, promise.spec, promise.plan, missing) if missing > 0 else inv
+
+        if not own and key not in self.promises:  # extend the cached fold by the promises made since
+            inv, folded = self._all_reserved or (self._inventory, 0)
+            for other, promise in list(self.promises.items())[folded:]:
+                inv = reserve(inv, other, promise)
+            self._all_reserved = (inv, len(self.promises))
+            return inv
+        inv = self._inventory.release(own) if own else self._inventory
+        for other, promise in self.promises.items():
+            if other != key:
+                inv = reserve(inv, other, promise)
         return inv
 
     def signal(self, key: Key) -> asyncio.Event:
@@ -161,27 +257,39 @@ def register(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.index("", "v1", "pods", id="pod_index", registry=registry)
     def pod_index(namespace: str, name: str, body: kopf.Body, labels: kopf.Labels, **_):
-        usage = pod_usage(dict(body))
-        if usage is None or (usage.gpus == 0 and usage.cpu_millis == 0 and usage.memory_bytes == 0):
-            return None
-        return {(namespace, name): (usage, labels.get(LABEL_DEPLOYMENT))}
+        use = _pod_use(body, labels)
+        return None if use is None else {(namespace, name): use}
 
+    @kopf.index("apps", "v1", "deployments", labels=MANAGED_BY, id="deployment_index", registry=registry)
+    def deployment_index(namespace: str, body: kopf.Body, labels: kopf.Labels, **_):
+        owner = labels.get(LABEL_DEPLOYMENT)
+        return {(namespace, owner): Live.from_body("Deployment", body)} if owner else None
+
+    @kopf.index("", "v1", "services", labels=MANAGED_BY, id="service_index", registry=registry)
+    def service_index(namespace: str, body: kopf.Body, labels: kopf.Labels, **_):
+        owner = labels.get(LABEL_DEPLOYMENT)
+        return {(namespace, owner): Live.from_body("Service", body)} if owner else None
+
+    # kopf updates the indexes before it calls these, so a pass they wake reads the new state.
     @kopf.on.event("", "v1", "nodes", id="node_event", registry=registry)
-    def node_event(memo: kopf.Memo, **_):
-        _state(memo).invalidate()
+    def node_event(type: str, name: str, body: kopf.Body, memo: kopf.Memo, **_):
+        _state(memo).node_seen(name, None if type == "DELETED" else node_from_manifest(dict(body)))
 
     @kopf.on.event("", "v1", "pods", id="pod_event", registry=registry)
-    def pod_event(body: kopf.Body, type: str, memo: kopf.Memo, **_):
-        usage = pod_usage(dict(body))
-        holds = usage is not None and (usage.gpus or usage.cpu_millis or usage.memory_bytes)
-        if holds or type == "DELETED" or (body.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-            _state(memo).invalidate()
+    def pod_event(type: str, namespace: str, name: str, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **_):
+        _state(memo).pod_seen((namespace, name), None if type == "DELETED" else _pod_use(body, labels))
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY, id="deployment_event", registry=registry)
-    def deployment_event(body: kopf.Body, memo: kopf.Memo, **_):
-        owner = (body["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT)
-        if owner:
-            _state(memo).signal((body["metadata"]["namespace"], owner)).set()
+    def deployment_event(type: str, namespace: str, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **_):
+        if labels.get(LABEL_DEPLOYMENT):
+            _state(memo).owned_seen(namespace, labels[LABEL_DEPLOYMENT], Live.from_body("Deployment", body),
+                                    deleted=type == "DELETED")
+
+    @kopf.on.event("", "v1", "services", labels=MANAGED_BY, id="service_event", registry=registry)
+    def service_event(type: str, namespace: str, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **_):
+        if labels.get(LABEL_DEPLOYMENT):
+            _state(memo).owned_seen(namespace, labels[LABEL_DEPLOYMENT], Live.from_body("Service", body),
+                                    deleted=type == "DELETED")
 
     @kopf.on.event(*LD, id="llamadeployment_event", registry=registry)
     def llamadeployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_):
@@ -190,12 +298,14 @@ def register(registry: kopf.OperatorRegistry) -> None:
         if type == "DELETED":
             state.bodies.pop(key, None)
             state.written_status.pop(key, None)
-            if state.promises.pop(key, None) is not None:
-                state.invalidate()
+            if state.drop_promise(key):
+                state.wake_all()  # its capacity is free again
             state.metrics.forget_deployment(*key)
             return
+        before = state.bodies.get(key)
         state.bodies[key] = dict(body)
-        state.signal(key).set()
+        if _needs_pass(before, state.bodies[key]):
+            state.signal(key).set()
 
     # On deletion (and at shutdown) kopf sets `stopped` and gives the daemon cancellation_backoff seconds to
     # finish its pass before cancelling it: a cancelled pass would leave its write running in a worker
@@ -203,9 +313,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
     # owner, left for the garbage collector).
     @kopf.daemon(*LD, id="keep_converged", registry=registry, cancellation_backoff=15.0, cancellation_timeout=5.0)
     async def keep_converged(stopped: kopf.DaemonStopped, namespace: str, name: str, memo: kopf.Memo,
-                             node_index: kopf.Index, pod_index: kopf.Index, **_):
+                             node_index: kopf.Index, pod_index: kopf.Index, deployment_index: kopf.Index,
+                             service_index: kopf.Index, **_):
         state = _state(memo)
         key = (namespace, name)
+        indexes = Indexes(nodes=node_index, pods=pod_index, deployments=deployment_index, services=service_index)
         event = state.signal(key)
         event.set()  # first pass at once
         timeout = state.settings.resync_seconds
@@ -223,7 +335,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
             timeout = state.settings.resync_seconds
             try:
                 waiting = time.monotonic() < grace_until
-                decision = await reconcile(state, key, node_index, pod_index, wait_for_finalizer=waiting)
+                decision = await reconcile(state, key, indexes, wait_for_finalizer=waiting)
                 if decision is None and waiting and not _has_finalizer(state.bodies.get(key)):
                     timeout = max(0.1, grace_until - time.monotonic())  # then serve it without the finalizer
                 pending = decision.status.pendingChange if decision is not None else None
@@ -296,7 +408,26 @@ def _has_finalizer(body: dict | None) -> bool:
     return body is not None and FINALIZER in (body["metadata"].get("finalizers") or [])
 
 
-async def reconcile(state: OperatorState, key: Key, node_index, pod_index, *,
+def _needs_pass(before: dict | None, body: dict) -> bool:
+    """Whether a LlamaDeployment's watch event can change what a pass does. The operator's own status write
+    and kopf's annotations cannot; a new object, a spec change, the finalizer (a pass waits for it) and a
+    deletion can."""
+    if before is None:
+        return True
+    old, new = before["metadata"], body["metadata"]
+    return before.get("spec") != body.get("spec") or any(
+        old.get(k) != new.get(k) for k in ("uid", "generation", "finalizers", "deletionTimestamp"))
+
+
+def _pod_use(body: kopf.Body, labels: kopf.Labels) -> tuple[PodUsage, str | None] | None:
+    """What a pod takes from its node, and the LlamaDeployment owning it; None when it takes nothing."""
+    usage = pod_usage(dict(body))
+    if usage is None or (usage.gpus == 0 and usage.cpu_millis == 0 and usage.memory_bytes == 0):
+        return None
+    return usage, labels.get(LABEL_DEPLOYMENT)
+
+
+async def reconcile(state: OperatorState, key: Key, indexes: Indexes, *,
                     wait_for_finalizer: bool = False) -> Decision | None:
     """One pass for one LlamaDeployment: plan, decide, render and apply, write status and events.
 
@@ -329,12 +460,13 @@ async def reconcile(state: OperatorState, key: Key, node_index, pod_index, *,
                 decision = decide_invalid(obs, e.problems)
                 spec = None
             else:
-                deployment = await state.writer.get("apps/v1", "Deployment", namespace, name)
+                owned = indexes.owned(key)
+                deployment = owned["Deployment"].get(name)
                 if deployment is not None:
-                    obs = Observed(**{**obs.__dict__, "deployment_status": deployment.get("status") or {}})
+                    obs = replace(obs, deployment_status=deployment.status)
                 # From reading the inventory to recording the promise, nothing awaits: no other deployment's
                 # pass can plan in between, so two never take the same free GPUs (nor flip between them).
-                inventory = state.inventory_for(key, node_index, pod_index)
+                inventory = state.inventory_for(key, indexes)
                 plan = planner.plan(spec, inventory)
                 current = status.plan
                 problems = planner.check_choice(spec, inventory, current) if current is not None else None
@@ -342,7 +474,14 @@ async def reconcile(state: OperatorState, key: Key, node_index, pod_index, *,
                 if decision.apply is not None:
                     _promise(state, key, spec, decision)
                     owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
-                    await state.writer.apply(render(owner, spec, decision.apply, state.settings.images))
+                    objects = render(owner, spec, decision.apply, state.settings.images)
+                    runs = deployment is not None and _runs(deployment, objects)
+                    if deployment is not None and runs != decision.apply.same_choice(current):
+                        # decide assumed the Deployment runs the plan in force; it knows better now.
+                        obs = replace(obs, deployment_runs_plan=runs)
+                        decision = decide(obs, spec, plan, problems)
+                    results = await state.writer.apply(objects, owned)
+                    _remember_writes(state, namespace, results)
             if decision.events:
                 involved = {"apiVersion": body.get("apiVersion") or api.API_VERSION, "kind": body.get("kind") or api.KIND,
                             "name": name, "namespace": namespace, "uid": meta.get("uid")}
@@ -364,12 +503,37 @@ async def reconcile(state: OperatorState, key: Key, node_index, pod_index, *,
 
 
 def _promise(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec, decision: Decision) -> None:
+    """Record the plan `key` now holds, and wake the deployments it may concern.
+
+    A first plan takes only capacity that was free with every other plan in force reserved, so it breaks
+    none of them; it can only take what a waiting upgrade counted on, so those re-check at once. A plan
+    that moved or changed size may free capacity anyone could use: everyone re-plans."""
     if decision.apply is None:
         return
     promise = _Promise(spec=spec, plan=decision.apply)
-    if state.promises.get(key) != promise:
-        state.promises[key] = promise
-        state.invalidate()
+    if state.promises.get(key) == promise:
+        return
+    if state.set_promise(key, promise) is None:
+        state.wake(other for other, written in state.written_status.items()
+                   if other != key and written.get("pendingChange"))
+    else:
+        state.wake_all()
+
+
+def _runs(deployment: Live, objects: list[dict]) -> bool:
+    """Whether the Deployment's status is about the rendered spec: it carries the rendered hash, and its
+    controller has observed that generation. Otherwise a rollout is starting (or the watch has not shown
+    this operator's patch yet), and the replicas it counts are old ones."""
+    rendered = next(o for o in objects if o["kind"] == "Deployment")
+    return deployment.spec_hash == rendered["metadata"]["annotations"][HASH_ANNOTATION] and deployment.observed
+
+
+def _remember_writes(state: OperatorState, namespace: str, results: list[tuple[str, Live | None]]) -> None:
+    """The objects as the server answered their writes, which their watch events are about to repeat: those
+    events then wake nobody."""
+    for _, answer in results:
+        if answer is not None and answer.kind in WATCHED_KINDS:
+            state.seen_owned[(answer.kind, namespace, answer.name)] = answer
 
 
 def _publish(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec | None, decision: Decision) -> None:

@@ -3,13 +3,16 @@
 The operator reaches any API server through a kubeconfig or in-cluster config; kopf gets the same
 credentials through a login handler. Writes go through the official client's dynamic API (in a worker
 thread, so kopf's event loop keeps serving) and only happen when the rendered object's hash differs
-from the one already on the server.
+from the one already on the server. What is on the server is known from the operator's watches
+(`Live`, kept in kopf indexes) for the kinds it watches, so a pass that changes nothing sends nothing;
+other kinds are read with a GET.
 
 Every call has a deadline (a hung API server cannot wedge a reconcile pass), and a transient failure
 (429 with its Retry-After, 5xx, a dropped connection, a conflict on a patch) is retried a few times
 with a short backoff before the pass gives up and the handler's own backoff takes over. Each write is
 idempotent, so a retry after a lost answer does no harm: a create that did happen answers 409 and the
-live object is compared instead, patches carry the whole wanted state, and Events are created under
+live object is read and compared instead (as when the watch has not shown
+an object yet), patches carry the whole wanted state, and Events are created under
 a name chosen once, so a retried post never makes a second Event.
 """
 from __future__ import annotations
@@ -22,6 +25,8 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
@@ -110,6 +115,34 @@ def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo
     )
 
 
+@dataclass(frozen=True)
+class Live:
+    """What the operator keeps of an object it owns, as its watch last showed it: enough to tell whether a
+    write is due and how to write it, and the status a Deployment reports."""
+
+    kind: str
+    name: str
+    spec_hash: str | None
+    #: Which of metadata.labels / metadata.annotations exist: a JSON patch must create a missing map first.
+    sections: frozenset[str]
+    generation: int = 0
+    status: dict = field(default_factory=dict)
+
+    @property
+    def observed(self) -> bool:
+        """Whether the object's controller has acted on its latest spec (a Deployment's status describes it)."""
+        return int(self.status.get("observedGeneration") or 0) >= self.generation
+
+    @classmethod
+    def from_body(cls, kind: str, body: Mapping[str, Any]) -> "Live":
+        meta = body.get("metadata") or {}
+        annotations = meta.get("annotations") or {}
+        return cls(kind=kind, name=meta.get("name") or "", spec_hash=annotations.get(HASH_ANNOTATION),
+                   sections=frozenset(s for s in ("labels", "annotations") if meta.get(s)),
+                   generation=int(meta.get("generation") or 0) if kind == "Deployment" else 0,
+                   status=dict(body.get("status") or {}) if kind == "Deployment" else {})
+
+
 class Writer:
     """Creates and patches the objects a LlamaDeployment owns, and its status."""
 
@@ -147,65 +180,88 @@ class Writer:
         res = self._call(f"discovery of {kind}", lambda: self._resource(api_version, kind))
         try:
             return self._call(f"get {kind} {namespace}/{name}", lambda: res.get(
-                name=name, namespace=namespace, _request_timeout=REQUEST_TIMEOUT).to_dict())
+                name=name, namespace=namespace, _request_timeout=REQUEST_TIMEOUT, serializer=_plain))
         except NotFoundError:
             return None
 
-    def _apply(self, obj: dict) -> str:
-        """Create, or patch when the content hash differs. Returns created | patched | unchanged."""
+    def _read_live(self, api_version: str, kind: str, namespace: str, name: str) -> Live | None:
+        body = self._get(api_version, kind, namespace, name)
+        return None if body is None else Live.from_body(kind, body)
+
+    def _apply(self, obj: dict, known: Mapping[str, Live] | None = None) -> tuple[str, Live | None]:
+        """Create, or patch when the content hash differs. Returns created | patched | unchanged, and the
+        object as the server answered a write (what its watch is about to show).
+
+        `known`: the objects of this kind the watch shows (by name); None: read the live object first.
+        The watch may lag behind a write it has not delivered yet: a create answered 409 reads the live
+        object and compares it, and a patch answered 404 (deleted meanwhile) creates."""
         api_version, kind = obj["apiVersion"], obj["kind"]
         meta = obj["metadata"]
         res = self._call(f"discovery of {kind}", lambda: self._resource(api_version, kind))
-        live = self._get(api_version, kind, meta["namespace"], meta["name"])
-        what = f"{kind} {meta['namespace']}/{meta['name']}"
+        live = self._read_live(api_version, kind, meta["namespace"], meta["name"]) if known is None \
+            else known.get(meta["name"])
         if live is None:
             try:
-                self._call(f"create {what}", lambda: res.create(body=obj, namespace=meta["namespace"],
-                                                                _request_timeout=REQUEST_TIMEOUT))
-                return "created"
-            except ConflictError:  # created by an earlier pass whose answer we did not see
-                live = self._get(api_version, kind, meta["namespace"], meta["name"])
+                return self._create(res, obj)
+            except ConflictError:  # it exists: made by an earlier pass whose answer was lost, or not watched yet
+                live = self._read_live(api_version, kind, meta["namespace"], meta["name"])
                 if live is None:
                     raise
-        want = meta["annotations"][HASH_ANNOTATION]
-        if ((live.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION) == want:
-            return "unchanged"
+        if live.spec_hash == meta["annotations"][HASH_ANNOTATION]:
+            return "unchanged", None
         if kind == "PersistentVolumeClaim":
-            return "unchanged"  # a claim's spec is immutable once bound; size changes are left to people
+            return "unchanged", None  # a claim's spec is immutable once bound; size changes are left to people
+        try:
+            return "patched", Live.from_body(kind, self._patch(res, obj, live))
+        except NotFoundError:  # deleted since the watch showed it
+            return self._create(res, obj)
+
+    def _create(self, res, obj: dict) -> tuple[str, Live]:
+        meta = obj["metadata"]
+        answer = self._call(f"create {obj['kind']} {meta['namespace']}/{meta['name']}", lambda: res.create(
+            body=obj, namespace=meta["namespace"], _request_timeout=REQUEST_TIMEOUT, serializer=_plain))
+        return "created", Live.from_body(obj["kind"], answer)
+
+    def _patch(self, res, obj: dict, live: Live) -> dict:
+        meta = obj["metadata"]
+        what = f"{obj['kind']} {meta['namespace']}/{meta['name']}"
         body: Any
-        if kind == "Deployment":
+        if obj["kind"] == "Deployment":
             # Replace the whole spec (JSON patch), so fields the new render drops really go away;
             # labels and annotations are merged key by key so others' keys survive.
             body = [{"op": "replace", "path": "/spec", "value": obj["spec"]}]
             for section in ("labels", "annotations"):
-                if not (live.get("metadata") or {}).get(section):
+                if section not in live.sections:
                     body.append({"op": "add", "path": f"/metadata/{section}", "value": {}})
                 for k, v in meta.get(section, {}).items():
                     body.append({"op": "add", "path": f"/metadata/{section}/{_escape(k)}", "value": v})
-            self._call(f"patch {what}", lambda: res.patch(
+            answer = self._call(f"patch {what}", lambda: res.patch(
                 body=body, name=meta["name"], namespace=meta["namespace"],
-                content_type="application/json-patch+json", _request_timeout=REQUEST_TIMEOUT), conflict_ok=True)
+                content_type="application/json-patch+json", _request_timeout=REQUEST_TIMEOUT, serializer=_plain),
+                conflict_ok=True)
         else:
             # Services keep server-assigned fields (clusterIP): merge only what we own.
             body = {"metadata": {"labels": meta.get("labels", {}), "annotations": meta.get("annotations", {})},
                     "spec": {k: obj["spec"][k] for k in ("type", "selector", "ports") if k in obj["spec"]}}
-            self._call(f"patch {what}", lambda: res.patch(
+            answer = self._call(f"patch {what}", lambda: res.patch(
                 body=body, name=meta["name"], namespace=meta["namespace"],
-                content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT), conflict_ok=True)
-        return "patched"
+                content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT, serializer=_plain),
+                conflict_ok=True)
+        return answer
 
     def _patch_status(self, namespace: str, name: str, status: dict) -> None:
         res = self._call(f"discovery of {KIND}", lambda: self._resource(API_VERSION, KIND))
         self._call(f"patch status of {namespace}/{name}", lambda: res.status.patch(
             body={"status": status}, name=name, namespace=namespace,
-            content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT), conflict_ok=True)
+            content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT, serializer=_plain),
+            conflict_ok=True)
 
     def _post_event(self, event: dict) -> None:
         res = self._call("discovery of Event", lambda: self._resource("v1", "Event"))
         meta = event["metadata"]
         try:
             self._call(f"post event {meta['namespace']}/{meta['name']}", lambda: res.create(
-                body=event, namespace=meta["namespace"], _request_timeout=REQUEST_TIMEOUT))
+                body=event, namespace=meta["namespace"], _request_timeout=REQUEST_TIMEOUT, serializer=_plain))
         except ConflictError:
             pass  # posted by an earlier attempt whose answer was lost: the name is the event's identity
         except DynamicApiError as e:
@@ -217,11 +273,21 @@ class Writer:
 
     # --- async API for handlers ---
 
-    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
-        return await asyncio.to_thread(self._get, api_version, kind, namespace, name)
-
-    async def apply(self, objects: list[dict]) -> list[str]:
-        return [await asyncio.to_thread(self._apply, obj) for obj in objects]
+    async def apply(self, objects: list[dict], known: Mapping[str, Mapping[str, Live]] | None = None
+                    ) -> list[tuple[str, Live | None]]:
+        """Write each object that differs from the server; per object, what was done (created | patched |
+        unchanged) and the object as the server answered a write. `known`: per kind, the objects of that
+        kind the operator's watch shows ({name: Live}); kinds not in it are read with a GET first."""
+        known = known or {}
+        results = []
+        for obj in objects:
+            live = known.get(obj["kind"])
+            if live is not None and obj["metadata"]["annotations"].get(HASH_ANNOTATION) == \
+                    getattr(live.get(obj["metadata"]["name"]), "spec_hash", None):
+                results.append(("unchanged", None))  # nothing to send: no thread hop either
+            else:
+                results.append(await asyncio.to_thread(self._apply, obj, live))
+        return results
 
     async def patch_status(self, namespace: str, name: str, status: dict) -> None:
         await asyncio.to_thread(self._patch_status, namespace, name, status)
@@ -262,6 +328,11 @@ def event_body(involved: dict, type_: str, reason: str, message: str, instance: 
         "lastTimestamp": now,
         "count": 1,
     }
+
+
+def _plain(_client, data: Any) -> Any:
+    """The answer as the JSON it is: the dynamic client's default wraps every field of it in an object."""
+    return data
 
 
 def _short(e: BaseException) -> str:

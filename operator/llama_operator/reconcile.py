@@ -41,6 +41,9 @@ class Observed:
     deployment_status: dict | None  # the owned Deployment's .status, None when it does not exist
     now: datetime
     upgrade_delay: timedelta = timedelta(minutes=2)
+    #: Whether the Deployment's observed spec is the render of the plan to apply (the handler compares
+    #: hashes); None: assume it is unless the plan changes in this decision.
+    deployment_runs_plan: bool | None = None
 
 
 @dataclass
@@ -174,13 +177,17 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
                                              reason=plan.fallback_reason if kind else "")
     status.rejected = _rejected(plan)
 
-    # Replicas and phase, from the owned Deployment.
+    # Replicas and phase, from the owned Deployment. None (not made yet) reads as the empty status it will
+    # have once this pass has made it, so the next pass has nothing new to write.
     desired = spec.replicas
     ds = obs.deployment_status or {}
     ready = int(ds.get("readyReplicas") or 0)
     updated = int(ds.get("updatedReplicas") or 0)
     total = int(ds.get("replicas") or 0)  # old and new pods: more than desired while a rollout is on
-    rolling_to_new = apply is not None and not apply.same_choice(current)
+    if obs.deployment_runs_plan is None:
+        rolling_to_new = apply is not None and not apply.same_choice(current)
+    else:
+        rolling_to_new = not obs.deployment_runs_plan
     status.replicas = desired
     status.readyReplicas = ready
     status.ready = f"{ready}/{desired}"
@@ -193,8 +200,6 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
         if ready:
             message = f"Still serving {current.variant if current else 'the previous plan'} on {ready} replica(s). " \
                       + message
-    elif apply is None or obs.deployment_status is None:
-        phase, message = "Pending", "Creating the workload"
     elif ready >= desired and updated >= desired and total <= desired and not rolling_to_new:
         phase, message = "Ready", f"Serving {apply.variant} on {apply.runtime}"
     elif stalled:

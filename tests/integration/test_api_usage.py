@@ -2,12 +2,14 @@
 
 The operator runs against the emulator through its whole life (plans on both runtimes, a cache
 claim, an invalid spec, an update, a delete, peering), every request it sends is recorded, and each
-becomes (apiGroup, resource, verb). tests/chart/operator-api-usage.json keeps that set: this test fails
+becomes (apiGroup, resource, verb). One path no scenario here can time is driven directly: the
+Writer applying objects its watch has not shown yet (a create answered 409, then a GET to compare). tests/chart/operator-api-usage.json keeps that set: this test fails
 when it is stale, and tests/chart/test_chart_rbac.py checks the rendered RBAC against it (nothing
 missing, nothing more).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 import time
@@ -17,9 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llama_operator.api import ChosenPlan, parse_spec
 from llama_operator.crd import crd_manifest
 from llama_operator.emulator import EmulatorThread, declare_crd
 from llama_operator.handlers import Settings
+from llama_operator.kube import Writer, load_client_configuration
+from llama_operator.render import Owner, render
 from llama_operator.sandbox import SandboxOperator, SimulatedKubelet, _client, load_docs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,7 +123,17 @@ def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[t
         finally:
             operator.stop()
             kubelet.stop()
+        _apply_unwatched(kubeconfig, lds.get(name="chat", namespace="default").to_dict())
         return _observed(emu.emulator)
+
+
+def _apply_unwatched(kubeconfig: str, ld: dict) -> None:
+    """What a pass does when the watch has not shown its objects yet: create, 409, then GET and compare."""
+    owner = Owner(name=ld["metadata"]["name"], namespace=ld["metadata"]["namespace"], uid=ld["metadata"]["uid"])
+    objects = render(owner, parse_spec(ld["spec"]), ChosenPlan.model_validate(ld["status"]["plan"]))
+    writer = Writer(load_client_configuration(kubeconfig))
+    results = asyncio.run(writer.apply(objects, {"Deployment": {}, "Service": {}}))
+    assert [done for done, _ in results] == ["unchanged"] * len(objects), results
 
 
 def _as_usage(seen: set[tuple[str, str, str]]) -> dict[str, list[str]]:

@@ -7,6 +7,7 @@ the conditions, and the Events (only on transitions: a resync must not spam).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -100,6 +101,38 @@ def test_first_plan_is_applied_with_a_planned_event_and_pending(make_spec, clust
     assert condition(s, "Progressing").status == "True" and condition(s, "Progressing").reason == "RollingOut"
     assert s.pendingChange is None
     assert d.outcome == "requested"
+
+
+def test_the_first_pass_writes_the_status_the_created_deployment_keeps(make_spec, clusters):
+    """The pass that creates the Deployment describes it as created (empty status), so the pass woken by its
+    appearance has nothing new to write: one status write per new LlamaDeployment, not two."""
+    spec = make_spec()
+    inv = clusters["small"]
+    first = decide(observe(), spec, plan_on(spec, inv), None)
+    created = decide(observe(first.status, deployment={}), spec, plan_on(spec, inv), check(spec, inv, first.status))
+    assert created.status == first.status and created.events == []
+    assert first.status.message == "Waiting for the first replica to be scheduled"
+
+
+def test_ready_replicas_of_an_older_spec_do_not_make_it_ready(make_spec, clusters):
+    """Same plan, new render (a longer context): the ready replica still runs the old arguments."""
+    spec = make_spec()
+    inv = clusters["small"]
+    ready = converge(spec, inv)
+    changed = make_spec(contextLength=16384)
+    obs = replace(observe(ready, generation=2, deployment=READY_1), deployment_runs_plan=False)
+    rolling = decide(obs, changed, plan_on(changed, inv), check(changed, inv, ready))
+    assert rolling.apply.same_choice(ready.plan)
+    assert rolling.status.phase == "Deploying" and "1/1 replicas ready" in rolling.status.message
+    assert condition(rolling.status, "Progressing").reason == "RollingOut"
+
+
+def test_a_deployment_already_running_the_plan_is_ready_on_the_first_pass(make_spec, clusters):
+    """An operator restarted after creating the workload, before writing status: nothing to roll out."""
+    spec = make_spec()
+    inv = clusters["small"]
+    adopted = decide(replace(observe(deployment=READY_1), deployment_runs_plan=True), spec, plan_on(spec, inv), None)
+    assert adopted.status.phase == "Ready" and reasons(adopted) == ["Planned", "Ready"]
 
 
 def test_a_fallback_plan_says_so(make_spec, clusters):
