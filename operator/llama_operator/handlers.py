@@ -251,48 +251,50 @@ def register(registry: kopf.OperatorRegistry) -> None:
 
     # Indexes: kopf starts no other handler until these are filled from the initial listing, so the
     # first plan of every deployment sees the whole cluster.
+    # These handlers and the watch handlers are coroutines: kopf runs a plain function in a worker
+    # thread, and they touch the shared state and the daemons' asyncio Events, which belong to the loop.
     @kopf.index("", "v1", "nodes", id="node_index", registry=registry)
-    def node_index(name: str, body: kopf.Body, **_):
+    async def node_index(name: str, body: kopf.Body, **_):
         return {name: node_from_manifest(dict(body))}
 
     @kopf.index("", "v1", "pods", id="pod_index", registry=registry)
-    def pod_index(namespace: str, name: str, body: kopf.Body, labels: kopf.Labels, **_):
+    async def pod_index(namespace: str, name: str, body: kopf.Body, labels: kopf.Labels, **_):
         use = _pod_use(body, labels)
         return None if use is None else {(namespace, name): use}
 
     @kopf.index("apps", "v1", "deployments", labels=MANAGED_BY, id="deployment_index", registry=registry)
-    def deployment_index(namespace: str, body: kopf.Body, labels: kopf.Labels, **_):
+    async def deployment_index(namespace: str, body: kopf.Body, labels: kopf.Labels, **_):
         owner = labels.get(LABEL_DEPLOYMENT)
         return {(namespace, owner): Live.from_body("Deployment", body)} if owner else None
 
     @kopf.index("", "v1", "services", labels=MANAGED_BY, id="service_index", registry=registry)
-    def service_index(namespace: str, body: kopf.Body, labels: kopf.Labels, **_):
+    async def service_index(namespace: str, body: kopf.Body, labels: kopf.Labels, **_):
         owner = labels.get(LABEL_DEPLOYMENT)
         return {(namespace, owner): Live.from_body("Service", body)} if owner else None
 
     # kopf updates the indexes before it calls these, so a pass they wake reads the new state.
     @kopf.on.event("", "v1", "nodes", id="node_event", registry=registry)
-    def node_event(type: str, name: str, body: kopf.Body, memo: kopf.Memo, **_):
+    async def node_event(type: str, name: str, body: kopf.Body, memo: kopf.Memo, **_):
         _state(memo).node_seen(name, None if type == "DELETED" else node_from_manifest(dict(body)))
 
     @kopf.on.event("", "v1", "pods", id="pod_event", registry=registry)
-    def pod_event(type: str, namespace: str, name: str, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **_):
+    async def pod_event(type: str, namespace: str, name: str, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **_):
         _state(memo).pod_seen((namespace, name), None if type == "DELETED" else _pod_use(body, labels))
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY, id="deployment_event", registry=registry)
-    def deployment_event(type: str, namespace: str, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **_):
+    async def deployment_event(type: str, namespace: str, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **_):
         if labels.get(LABEL_DEPLOYMENT):
             _state(memo).owned_seen(namespace, labels[LABEL_DEPLOYMENT], Live.from_body("Deployment", body),
                                     deleted=type == "DELETED")
 
     @kopf.on.event("", "v1", "services", labels=MANAGED_BY, id="service_event", registry=registry)
-    def service_event(type: str, namespace: str, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **_):
+    async def service_event(type: str, namespace: str, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **_):
         if labels.get(LABEL_DEPLOYMENT):
             _state(memo).owned_seen(namespace, labels[LABEL_DEPLOYMENT], Live.from_body("Service", body),
                                     deleted=type == "DELETED")
 
     @kopf.on.event(*LD, id="llamadeployment_event", registry=registry)
-    def llamadeployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_):
+    async def llamadeployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_):
         state = _state(memo)
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if type == "DELETED":

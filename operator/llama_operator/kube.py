@@ -18,6 +18,7 @@ a name chosen once, so a retried post never makes a second Event.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
@@ -48,6 +50,9 @@ REQUEST_TIMEOUT = (5.0, 30.0)
 ATTEMPTS = 4
 MAX_RETRY_AFTER = 10.0
 EVENT_MESSAGE_LIMIT = 1024  # what the API server accepts
+#: Requests the Writer has in flight at most (its own threads and connections: kopf runs its work in
+#: the loop's default executor, which must not wait behind API calls).
+WRITER_THREADS = 16
 
 log = logging.getLogger("llama_operator")
 _T = TypeVar("_T")
@@ -147,8 +152,11 @@ class Writer:
     """Creates and patches the objects a LlamaDeployment owns, and its status."""
 
     def __init__(self, cfg: kubernetes.client.Configuration):
+        cfg = copy.copy(cfg)
+        cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, WRITER_THREADS)
         self._api = kubernetes.client.ApiClient(cfg)
         self._api.user_agent = USER_AGENT
+        self._threads = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="llama-operator-writer")
         self._dyn: dynamic.DynamicClient | None = None
         self._resources: dict[tuple[str, str], Any] = {}
 
@@ -273,6 +281,13 @@ class Writer:
 
     # --- async API for handlers ---
 
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    def close(self) -> None:
+        """Let the worker threads go once the requests in flight are done."""
+        self._threads.shutdown(wait=False)
+
     async def apply(self, objects: list[dict], known: Mapping[str, Mapping[str, Live]] | None = None
                     ) -> list[tuple[str, Live | None]]:
         """Write each object that differs from the server; per object, what was done (created | patched |
@@ -286,15 +301,15 @@ class Writer:
                     getattr(live.get(obj["metadata"]["name"]), "spec_hash", None):
                 results.append(("unchanged", None))  # nothing to send: no thread hop either
             else:
-                results.append(await asyncio.to_thread(self._apply, obj, live))
+                results.append(await self._in_thread(self._apply, obj, live))
         return results
 
     async def patch_status(self, namespace: str, name: str, status: dict) -> None:
-        await asyncio.to_thread(self._patch_status, namespace, name, status)
+        await self._in_thread(self._patch_status, namespace, name, status)
 
     async def post_event(self, event: dict) -> None:
         """Create an Event built by `event_body`; one that exists already (409) counts as posted."""
-        await asyncio.to_thread(self._post_event, event)
+        await self._in_thread(self._post_event, event)
 
 
 def event_body(involved: dict, type_: str, reason: str, message: str, instance: str = "",

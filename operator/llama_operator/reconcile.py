@@ -8,7 +8,8 @@ fits, the owned Deployment's status, the time) and carry out the Decision. Rules
   for the upgrade delay (hysteresis), so a flapping node does not bounce a model between variants.
 * No feasible plan keeps whatever runs and says Unschedulable, with the reasons.
 * An invalid spec keeps whatever runs and says Invalid, naming the field; it is not retried in a loop.
-* Events only on transitions, so a resync writes nothing new.
+* Events only on transitions, so a resync writes nothing new; one Event per decision (a fallback is
+  said in the message of the decision that applies it, and in the FallbackApplied condition).
 """
 from __future__ import annotations
 
@@ -87,6 +88,14 @@ def fallback_kind(spec: LlamaDeploymentSpec, chosen: ChosenPlan) -> str | None:
     return None
 
 
+def _choice(plan: Plan) -> str:
+    """What a plan serves, for an Event; a fallback says why (one Event per decision, not one more)."""
+    assert plan.chosen is not None
+    if plan.fallback:
+        return f"{plan.chosen.describe()}, a fallback: {plan.fallback_reason}"
+    return plan.chosen.describe()
+
+
 def _rejected(plan: Plan) -> list[RejectedCandidate]:
     return [
         RejectedCandidate(model=c.model.id, quantization=c.quant.id, runtime=c.runtime, hardware=c.hardware,
@@ -131,15 +140,13 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
             if not new.same_choice(current):
                 apply = new
                 if current is None:
-                    events.append((NORMAL, "Planned", f"Serving {plan.chosen.describe()}"))
+                    events.append((NORMAL, "Planned", f"Serving {_choice(plan)}"))
                 elif current_problems:
                     events.append((WARNING, "Replanned", f"{current.variant} no longer fits "
-                                   f"({'; '.join(current_problems)}); moving to {plan.chosen.describe()}"))
+                                   f"({'; '.join(current_problems)}); moving to {_choice(plan)}"))
                 else:
                     events.append((NORMAL, "Replanned", f"Spec changed: moving from {current.variant} to "
-                                   f"{plan.chosen.describe()}"))
-                if plan.fallback:
-                    events.append((NORMAL, "FallbackApplied", plan.fallback_reason))
+                                   f"{_choice(plan)}"))
             else:
                 apply = new
         elif new.same_choice(current):
@@ -156,7 +163,7 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
                 apply = new
                 verb = "Upgraded" if better else "Replanned"
                 events.append((NORMAL, verb, f"Capacity stable for {int(obs.upgrade_delay.total_seconds())}s: moving "
-                               f"from {current.variant} to {plan.chosen.describe()}"))
+                               f"from {current.variant} to {_choice(plan)}"))
             else:
                 pending = PendingChange(plan=new, since=_iso(since), reason=(
                     f"{plan.chosen.describe()} became possible; moving once the capacity has been stable until "

@@ -79,6 +79,7 @@ async def run_async(options: RunOptions, *, stop_flag: asyncio.Event | threading
             ready_flag=ready_flag,
         )
     finally:
+        state.writer.close()
         if server is not None:
             server.shutdown()
             server.server_close()

@@ -282,7 +282,7 @@ def _scenario(api, ld_res, join: Path, items: Callable[[], list[dict]], upgrade_
     out(printer_table(items()))
     out("Events:")
     out("\n".join(_events(api, ("Upgraded", "Replanned", "UpgradePending"))[seen:]) or "  (none)")
-    seen = len(_events(api, ("Upgraded", "Replanned", "UpgradePending", "FallbackApplied")))
+    seen = len(_events(api, ("Upgraded", "Replanned", "UpgradePending")))
     for n in joined:
         node_res.delete(name=n["metadata"]["name"])
     out("")
@@ -292,7 +292,7 @@ def _scenario(api, ld_res, join: Path, items: Callable[[], list[dict]], upgrade_
     out("$ kubectl get llamadeployments")
     out(printer_table(items()))
     out("Events:")
-    out("\n".join(_events(api, ("Upgraded", "Replanned", "UpgradePending", "FallbackApplied"))[seen:]) or "  (none)")
+    out("\n".join(_events(api, ("Upgraded", "Replanned", "UpgradePending"))[seen:]) or "  (none)")
 
 
 def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconfig_path: Path | None,

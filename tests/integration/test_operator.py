@@ -175,6 +175,10 @@ def test_a_node_added_upgrades_after_the_delay(llama_cluster, run_operator, kube
     st = llama_cluster.wait_phase("assistant-70b", "Ready")
     assert st["variant"] == "llama-3.3-70b-instruct/awq-int4" and st["plan"]["gpuProduct"] == "NVIDIA-A10G"
     assert st["fallback"]["inForce"]
+    # kubectl describe: the Event of the first plan says it is a fallback, and why.
+    planned = llama_cluster.events("assistant-70b", "Planned")
+    assert len(planned) == 1 and "awq-int4" in planned[0]["message"]
+    assert "a fallback: " in planned[0]["message"] and st["fallback"]["reason"] in planned[0]["message"]
 
     added = time.monotonic()
     llama_cluster.add_nodes("h100-8x")
@@ -213,7 +217,7 @@ def test_a_node_removed_downgrades_at_once(llama_cluster, run_operator, kubelet)
     assert st["plan"]["gpuProduct"] == "NVIDIA-A10G" and st.get("pendingChange") is None
     replanned = llama_cluster.events("assistant-70b", "Replanned")
     assert replanned and replanned[-1]["type"] == "Warning"
-    assert "no longer fits" in replanned[-1]["message"]
+    assert "no longer fits" in replanned[-1]["message"] and "a fallback: " in replanned[-1]["message"]
     # Not stuck: the new pods are scheduled on the A10G node and the deployment serves again.
     st = llama_cluster.wait_phase("assistant-70b", "Ready", timeout=15)
     assert st["fallback"]["inForce"]

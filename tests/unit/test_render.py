@@ -417,6 +417,28 @@ def test_spec_tolerations_and_node_selector_pass_through(make_spec, make_node, m
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in c.pod["tolerations"]
 
 
+def test_values_that_look_like_yaml_come_back_as_written(make_spec, make_node, make_inventory):
+    """Values are set aside while the YAML is parsed (render caches the parse per shape): a selector value
+    YAML would read as a bool, a null, a number or a mapping stays the string the user wrote."""
+    tricky = {"pool": "yes", "tier": "null", "rack": "1e3", "note": "a: b # c", "quote": "\"'\\x01"}
+    spec, plan = _plan(make_spec, make_node, make_inventory, {"placement": {"nodeSelector": tricky}},
+                       [dict(name="l40s", product="NVIDIA-L40S", gpus=1, labels=tricky)])
+    assert Case(spec, plan, render(OWNER, spec, plan)).pod["nodeSelector"] == tricky
+
+
+def test_renders_of_the_same_shape_share_nothing(all_cases):
+    """Two deployments alike but for their names: the second render is not the first one's objects."""
+    c = all_cases["vllm-tp1"]
+    first = render(OWNER, c.spec, c.plan)
+    other = render(Owner(name="chat-2", namespace="team-b", uid="uid-2"), c.spec, c.plan)
+    first[0]["metadata"]["labels"]["edited"] = "yes"
+    first[0]["spec"]["template"]["spec"]["containers"][0]["args"].append("--edited")
+    assert "edited" not in other[0]["metadata"]["labels"]
+    assert "--edited" not in other[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert other[0]["metadata"]["name"] == "chat-2" and other[0]["metadata"]["namespace"] == "team-b"
+    assert render(OWNER, c.spec, c.plan) == c.objects  # and the cache still gives the pristine objects
+
+
 # --- schema validation ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)

@@ -6,6 +6,8 @@ object only when what it would write differs from what it wrote before.
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 import hashlib
 import json
 import math
@@ -37,6 +39,39 @@ _env = jinja2.Environment(
 )
 #: libyaml's loader where PyYAML was built with it (the same objects, several times faster).
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+# Parsing the rendered YAML costs more than rendering it, and deployments alike in shape render alike
+# but for their values. So `tojson` sets each value aside and writes a placeholder; the text with
+# placeholders is parsed once per distinct shape (cached), and the values are put back into a copy.
+# Every value the templates emit goes through tojson as a whole scalar, so the objects are the same
+# as parsing the fully rendered text.
+_SLOT = "\x01"  # starts every placeholder; template text never contains it
+_slots: contextvars.ContextVar[list[Any]] = contextvars.ContextVar("render_slots")
+
+
+def _tojson_slot(value: Any) -> str:
+    slots = _slots.get()
+    slots.append(json.loads(json.dumps(value)))  # a copy, as JSON carries it (tuples become lists)
+    return f'"\\x01{len(slots) - 1}"'
+
+
+_env.filters["tojson"] = _tojson_slot
+
+
+@functools.lru_cache(maxsize=512)
+def _parse(text: str) -> tuple[Any, ...]:
+    return tuple(d for d in yaml.load_all(text, Loader=_Loader) if d)
+
+
+def _fill(node: Any, slots: list[Any]) -> Any:
+    """A fresh copy of a parsed document, placeholders replaced by their values."""
+    if isinstance(node, dict):
+        return {k: _fill(v, slots) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, slots) for v in node]
+    if isinstance(node, str) and node.startswith(_SLOT):
+        return slots[int(node[1:])]  # a fresh value per placeholder (see _tojson_slot)
+    return node
 
 
 @dataclass(frozen=True)
@@ -200,20 +235,25 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
 
 def content_hash(obj: dict) -> str:
     """sha256 of the object as written, without its own hash annotation."""
-    clean = json.loads(json.dumps(obj))
-    meta = clean.get("metadata") or {}
-    annotations = meta.get("annotations") or {}
-    annotations.pop(HASH_ANNOTATION, None)
-    if not annotations:
-        meta.pop("annotations", None)  # no annotations and an empty map hash alike
-    return hashlib.sha256(json.dumps(clean, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    if obj.get("metadata"):
+        meta = dict(obj["metadata"])
+        annotations = {k: v for k, v in (meta.pop("annotations", None) or {}).items() if k != HASH_ANNOTATION}
+        if annotations:  # no annotations and an empty map hash alike
+            meta["annotations"] = annotations
+        obj = {**obj, "metadata": meta}
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def render(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images = Images()) -> list[dict]:
     """The objects one LlamaDeployment owns: Deployment, Service, and a model-cache claim when asked."""
     template = _env.get_template("vllm.yaml.j2" if plan.runtime == "vllm" else "llamacpp.yaml.j2")
-    text = template.render(w=build_context(owner, spec, plan, images))
-    objects = [d for d in yaml.load_all(text, Loader=_Loader) if d]
+    slots: list[Any] = []
+    token = _slots.set(slots)
+    try:
+        text = template.render(w=build_context(owner, spec, plan, images))
+    finally:
+        _slots.reset(token)
+    objects = [_fill(doc, slots) for doc in _parse(text)]
     for obj in objects:
         obj["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = content_hash(obj)
     return objects
