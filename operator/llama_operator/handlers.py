@@ -49,8 +49,6 @@ FINALIZER = "llama-operator.dev/finalizer"
 Key = tuple[str, str]  # (namespace, name)
 #: The kinds of owned objects the operator watches (and so never reads before writing).
 WATCHED_KINDS = ("Deployment", "Service")
-#: The ids of the handlers that only watch (one call per watch event; runner keeps their logs quiet).
-WATCH_HANDLERS = ("node_event", "pod_event", "deployment_event", "service_event", "llamadeployment_event")
 
 
 @dataclass
@@ -116,12 +114,13 @@ class OperatorState:
         #: The inventory with every promise reserved, in the order they were made, and how many that is:
         #: what a deployment with no plan or pods of its own yet (every new one) plans on.
         self._all_reserved: tuple[Inventory, int] | None = None
-        #: The last state seen of each Node, of each Pod's use of a node, and of each owned object
-        #: ((kind, namespace, name) -> Live, including the operator's own writes): a watch event that
-        #: repeats it wakes nobody.
+        #: The last state seen of each Node, of each Pod's use of a node, and of each owned object's
+        #: status ((kind, namespace, name) -> status): a watch event that repeats it wakes nobody.
         self.seen_nodes: dict[str, Node] = {}
         self.seen_pods: dict[Key, tuple[PodUsage, str | None] | None] = {}
-        self.seen_owned: dict[tuple[str, str, str], Live] = {}
+        self.seen_status: dict[tuple[str, str, str], dict] = {}
+        #: The content hash the operator last rendered for each owned object, recorded before it writes.
+        self.rendered: dict[tuple[str, str, str], str] = {}
 
     # --- cluster view ---
 
@@ -173,13 +172,16 @@ class OperatorState:
             self.invalidate()
 
     def owned_seen(self, namespace: str, owner: str, live: Live, deleted: bool = False) -> None:
-        """An owned object as its watch shows it: wake the owner unless it is what the operator last wrote or
-        saw (its own create, or a repeat)."""
+        """An owned object as its watch shows it: wake the owner when it is gone, carries another content
+        than the operator rendered for it, or reports a new status. The operator's own create or patch
+        (its event may arrive before the write's answer) wakes nobody."""
         ident = (live.kind, namespace, live.name)
-        before = self.seen_owned.pop(ident, None)
-        if not deleted:
-            self.seen_owned[ident] = live
-        if deleted or before != live:
+        status_before = self.seen_status.pop(ident, {})
+        if deleted:
+            self.wake([(namespace, owner)])
+            return
+        self.seen_status[ident] = live.status
+        if live.spec_hash != self.rendered.get(ident) or live.status != status_before:
             self.wake([(namespace, owner)])
 
     def inventory_for(self, key: Key, indexes: Indexes) -> Inventory:
@@ -219,6 +221,21 @@ class OperatorState:
         return self.signals[key]
 
 
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """kopf deep-copies every watched object's essence on every event (Nodes, Pods, Deployments...), to diff
+    it for on.create / on.update handlers. The operator has none (indexes, event handlers and a daemon), so
+    there is no essence to build, keep or compare."""
+
+    def build(self, *, body, extra_fields=None):  # noqa: ARG002 - kopf's signature
+        return None
+
+    def fetch(self, *, body):  # noqa: ARG002
+        return None
+
+    def store(self, *, body, patch, essence) -> None:  # noqa: ARG002
+        return None
+
+
 def _state(memo: kopf.Memo) -> OperatorState:
     return memo["state"]
 
@@ -230,7 +247,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_):
         prefix = "llama-operator.dev"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=prefix)
+        settings.persistence.diffbase_storage = _NoDiffBase()
         settings.persistence.finalizer = FINALIZER
         # Replicas of one Deployment start with the same arguments; kopf freezes peers of equal priority,
         # so each takes its priority from its own pod identity.
@@ -300,6 +317,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
         if type == "DELETED":
             state.bodies.pop(key, None)
             state.written_status.pop(key, None)
+            for kind in WATCHED_KINDS:  # named like their owner
+                state.rendered.pop((kind, *key), None)
             if state.drop_promise(key):
                 state.wake_all()  # its capacity is free again
             state.metrics.forget_deployment(*key)
@@ -482,8 +501,11 @@ async def reconcile(state: OperatorState, key: Key, indexes: Indexes, *,
                         # decide assumed the Deployment runs the plan in force; it knows better now.
                         obs = replace(obs, deployment_runs_plan=runs)
                         decision = decide(obs, spec, plan, problems)
-                    results = await state.writer.apply(objects, owned)
-                    _remember_writes(state, namespace, results)
+                    for obj in objects:
+                        if obj["kind"] in WATCHED_KINDS:
+                            state.rendered[(obj["kind"], namespace, obj["metadata"]["name"])] = \
+                                obj["metadata"]["annotations"][HASH_ANNOTATION]
+                    await state.writer.apply(objects, owned)
             if decision.events:
                 involved = {"apiVersion": body.get("apiVersion") or api.API_VERSION, "kind": body.get("kind") or api.KIND,
                             "name": name, "namespace": namespace, "uid": meta.get("uid")}
@@ -528,14 +550,6 @@ def _runs(deployment: Live, objects: list[dict]) -> bool:
     this operator's patch yet), and the replicas it counts are old ones."""
     rendered = next(o for o in objects if o["kind"] == "Deployment")
     return deployment.spec_hash == rendered["metadata"]["annotations"][HASH_ANNOTATION] and deployment.observed
-
-
-def _remember_writes(state: OperatorState, namespace: str, results: list[tuple[str, Live | None]]) -> None:
-    """The objects as the server answered their writes, which their watch events are about to repeat: those
-    events then wake nobody."""
-    for _, answer in results:
-        if answer is not None and answer.kind in WATCHED_KINDS:
-            state.seen_owned[(answer.kind, namespace, answer.name)] = answer
 
 
 def _publish(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec | None, decision: Decision) -> None:

@@ -196,9 +196,8 @@ class Writer:
         body = self._get(api_version, kind, namespace, name)
         return None if body is None else Live.from_body(kind, body)
 
-    def _apply(self, obj: dict, known: Mapping[str, Live] | None = None) -> tuple[str, Live | None]:
-        """Create, or patch when the content hash differs. Returns created | patched | unchanged, and the
-        object as the server answered a write (what its watch is about to show).
+    def _apply(self, obj: dict, known: Mapping[str, Live] | None = None) -> str:
+        """Create, or patch when the content hash differs. Returns created | patched | unchanged.
 
         `known`: the objects of this kind the watch shows (by name); None: read the live object first.
         The watch may lag behind a write it has not delivered yet: a create answered 409 reads the live
@@ -216,21 +215,22 @@ class Writer:
                 if live is None:
                     raise
         if live.spec_hash == meta["annotations"][HASH_ANNOTATION]:
-            return "unchanged", None
+            return "unchanged"
         if kind == "PersistentVolumeClaim":
-            return "unchanged", None  # a claim's spec is immutable once bound; size changes are left to people
+            return "unchanged"  # a claim's spec is immutable once bound; size changes are left to people
         try:
-            return "patched", Live.from_body(kind, self._patch(res, obj, live))
+            self._patch(res, obj, live)
         except NotFoundError:  # deleted since the watch showed it
             return self._create(res, obj)
+        return "patched"
 
-    def _create(self, res, obj: dict) -> tuple[str, Live]:
+    def _create(self, res, obj: dict) -> str:
         meta = obj["metadata"]
-        answer = self._call(f"create {obj['kind']} {meta['namespace']}/{meta['name']}", lambda: res.create(
+        self._call(f"create {obj['kind']} {meta['namespace']}/{meta['name']}", lambda: res.create(
             body=obj, namespace=meta["namespace"], _request_timeout=REQUEST_TIMEOUT, serializer=_plain))
-        return "created", Live.from_body(obj["kind"], answer)
+        return "created"
 
-    def _patch(self, res, obj: dict, live: Live) -> dict:
+    def _patch(self, res, obj: dict, live: Live) -> None:
         meta = obj["metadata"]
         what = f"{obj['kind']} {meta['namespace']}/{meta['name']}"
         body: Any
@@ -243,7 +243,7 @@ class Writer:
                     body.append({"op": "add", "path": f"/metadata/{section}", "value": {}})
                 for k, v in meta.get(section, {}).items():
                     body.append({"op": "add", "path": f"/metadata/{section}/{_escape(k)}", "value": v})
-            answer = self._call(f"patch {what}", lambda: res.patch(
+            self._call(f"patch {what}", lambda: res.patch(
                 body=body, name=meta["name"], namespace=meta["namespace"],
                 content_type="application/json-patch+json", _request_timeout=REQUEST_TIMEOUT, serializer=_plain),
                 conflict_ok=True)
@@ -251,11 +251,10 @@ class Writer:
             # Services keep server-assigned fields (clusterIP): merge only what we own.
             body = {"metadata": {"labels": meta.get("labels", {}), "annotations": meta.get("annotations", {})},
                     "spec": {k: obj["spec"][k] for k in ("type", "selector", "ports") if k in obj["spec"]}}
-            answer = self._call(f"patch {what}", lambda: res.patch(
+            self._call(f"patch {what}", lambda: res.patch(
                 body=body, name=meta["name"], namespace=meta["namespace"],
                 content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT, serializer=_plain),
                 conflict_ok=True)
-        return answer
 
     def _patch_status(self, namespace: str, name: str, status: dict) -> None:
         res = self._call(f"discovery of {KIND}", lambda: self._resource(API_VERSION, KIND))
@@ -288,18 +287,17 @@ class Writer:
         """Let the worker threads go once the requests in flight are done."""
         self._threads.shutdown(wait=False)
 
-    async def apply(self, objects: list[dict], known: Mapping[str, Mapping[str, Live]] | None = None
-                    ) -> list[tuple[str, Live | None]]:
+    async def apply(self, objects: list[dict], known: Mapping[str, Mapping[str, Live]] | None = None) -> list[str]:
         """Write each object that differs from the server; per object, what was done (created | patched |
-        unchanged) and the object as the server answered a write. `known`: per kind, the objects of that
-        kind the operator's watch shows ({name: Live}); kinds not in it are read with a GET first."""
+        unchanged). `known`: per kind, the objects of that kind the operator's watch shows ({name: Live});
+        kinds not in it are read with a GET first."""
         known = known or {}
         results = []
         for obj in objects:
             live = known.get(obj["kind"])
             if live is not None and obj["metadata"]["annotations"].get(HASH_ANNOTATION) == \
                     getattr(live.get(obj["metadata"]["name"]), "spec_hash", None):
-                results.append(("unchanged", None))  # nothing to send: no thread hop either
+                results.append("unchanged")  # nothing to send: no thread hop either
             else:
                 results.append(await self._in_thread(self._apply, obj, live))
         return results

@@ -12,27 +12,19 @@ from dataclasses import dataclass, field
 
 import kopf
 
-from .handlers import WATCH_HANDLERS, OperatorState, Settings, register
+from .handlers import OperatorState, Settings, register
 from .kube import Writer, load_client_configuration
 from .metrics import OperatorMetrics
 
 
-class _QuietWatchHandlers(logging.Filter):
-    """Drops kopf's "Handler 'node_event' succeeded." lines: the watch handlers see every Node, Pod and owned
-    object update, and a line per update would bury what the operator decides."""
-
-    _QUIET = frozenset(f"Handler {handler_id!r} succeeded." for handler_id in WATCH_HANDLERS)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.INFO or record.getMessage() not in self._QUIET
-
-
 def configure_logging(*, verbose: bool = False, json_format: bool = False) -> None:
-    """kopf's logging as `llama-operator run` sets it up; -v keeps the per-event lines."""
+    """kopf's logging as `llama-operator run` sets it up. kopf's per-object INFO lines ("Handler
+    'node_event' succeeded." for every Node, Pod and owned-object update) would bury what the operator
+    decides, which it logs itself; -v keeps them. kopf's warnings and errors always show."""
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if json_format else kopf.LogFormat.FULL)
     logging.getLogger("llama_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
-        logging.getLogger("kopf.objects").addFilter(_QuietWatchHandlers())
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
 @dataclass

@@ -133,7 +133,7 @@ def _apply_unwatched(kubeconfig: str, ld: dict) -> None:
     objects = render(owner, parse_spec(ld["spec"]), ChosenPlan.model_validate(ld["status"]["plan"]))
     writer = Writer(load_client_configuration(kubeconfig))
     results = asyncio.run(writer.apply(objects, {"Deployment": {}, "Service": {}}))
-    assert [done for done, _ in results] == ["unchanged"] * len(objects), results
+    assert results == ["unchanged"] * len(objects), results
 
 
 def _as_usage(seen: set[tuple[str, str, str]]) -> dict[str, list[str]]:
