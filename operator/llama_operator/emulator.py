@@ -178,6 +178,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     _log_floor: int = attrs.field(default=0, init=False)  # events at or below it are forgotten
     _changed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _closed: bool = attrs.field(default=False, init=False)
+    _keys_by_uid: dict[str, tuple[kmock.resource, str | None, str]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -305,11 +306,18 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             ]}
         self._store(key, obj, 'ADDED')
         owners = {ref.get('uid') for ref in obj['metadata'].get('ownerReferences') or []}
-        if owners:
-            alive = {o.raw.get('metadata', {}).get('uid') for o in self.objects.values() if not o.deleted}
-            if not owners & alive:
-                # Created after its owners were deleted: the real garbage collector removes it too.
-                self._delete_object(key, cascade=True)
+        if owners and not any(self._alive(uid) for uid in owners):
+            # Created after its owners were deleted: the real garbage collector removes it too.
+            self._delete_object(key, cascade=True)
+
+    def _alive(self, uid: str | None) -> bool:
+        """Whether a stored object that is not deleted has this uid (by the uid index; by scanning for an
+        object stored some other way)."""
+        key = self._keys_by_uid.get(uid or '')
+        if key is None:
+            return any(not o.deleted and o.raw.get('metadata', {}).get('uid') == uid for o in self.objects.values())
+        obj = self.objects[key] if key in self.objects else None
+        return obj is not None and not obj.deleted and obj.raw.get('metadata', {}).get('uid') == uid
 
     def _update(self, request: kmock.Request) -> None:
         key = (request.resource, request.namespace, request.name)
@@ -406,6 +414,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             self.objects[key].history.append(obj)
         else:
             self.objects[key] = obj
+        if obj['metadata'].get('uid'):
+            self._keys_by_uid[obj['metadata']['uid']] = key
         self._emit(key[0], event, obj)
 
     def _ensure_namespace(self, name: str) -> None:
@@ -461,7 +471,24 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _serve_create(self, request: kmock.Request) -> Any:
         # 201 Created, as a real server answers (kubernetes>=35's CustomObjectsApi expects it).
-        return kmock.Response(status=201, payload=await super()._serve_create(request))
+        stored = self._stored(request)
+        payload = stored.raw if stored is not None else await super()._serve_create(request)
+        return kmock.Response(status=201, payload=payload)
+
+    async def _serve_update(self, request: kmock.Request) -> Any:
+        stored = self._stored(request)
+        return stored.last.raw if stored is not None else await super()._serve_update(request)
+
+    async def _serve_delete(self, request: kmock.Request) -> Any:
+        stored = self._stored(request)
+        return stored.last.raw if stored is not None else await super()._serve_delete(request)
+
+    def _stored(self, request: kmock.Request) -> Any:
+        """The object a write has just stored, found by its key (kmock's own lookup scans every object on
+        every write); None when the key does not name one, and kmock's lookup decides."""
+        meta = (request.data.get('metadata') or {}) if isinstance(request.data, dict) else {}
+        key = (request.resource, request.namespace or meta.get('namespace'), request.name or meta.get('name'))
+        return self.objects[key] if key in self.objects else None
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         assert request.resource is not None
