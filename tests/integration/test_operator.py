@@ -363,6 +363,35 @@ def test_restart_right_after_the_workload_was_created(llama_cluster, run_operato
     holds_for(lambda: llama_cluster.reasons("chat").count("Planned") <= 2, 0.5, "no repeated planning")
 
 
+# --- what a new deployment costs the API server ---------------------------------------------------------
+
+def test_a_new_deployment_costs_one_write_of_each_and_no_reads(llama_cluster, run_operator, emulator_thread):
+    """Creating a LlamaDeployment: one create of its Deployment and Service, one Planned Event and one
+    status write, and nothing read back (the operator watches what it owns). Its own writes, and the
+    watch events they cause, do not set off another pass that writes again."""
+    llama_cluster.add_nodes("mixed")
+    run_operator(Settings(upgrade_delay=timedelta(seconds=1), resync_seconds=300))
+    emulator = emulator_thread.emulator
+    first = len(emulator._requests)
+    llama_cluster.create(example("70b-tight-tpot.yaml"))  # a fallback: its Event says so
+    wait_until(lambda: llama_cluster.status("assistant-70b").get("phase")
+               and llama_cluster.deployment("assistant-70b"), 15, "the first pass")
+
+    def operator_requests() -> list[str]:
+        return [f"{getattr(r.method, 'value', r.method)} {r.url.path}"
+                for r in list(emulator._requests)[first:] if (r.headers or {}).get("User-Agent") == "llama-operator"]
+
+    holds_for(lambda: len(operator_requests()) <= 4, 2.0, "no further writes")  # no kubelet: nothing changes
+    made = sorted(operator_requests())
+    assert made == sorted([
+        "POST /apis/apps/v1/namespaces/default/deployments",
+        "POST /api/v1/namespaces/default/services",
+        "POST /api/v1/namespaces/default/events",
+        "PATCH /apis/llama-operator.dev/v1alpha1/namespaces/default/llamadeployments/assistant-70b/status",
+    ]), made
+    assert [e["reason"] for e in llama_cluster.events("assistant-70b")] == ["Planned"]
+
+
 # --- competing deployments ---------------------------------------------------------------------------------
 
 L40S = dict(product="NVIDIA-L40S", gpus=1, memory_mib=46068, compute="8.9")
