@@ -470,9 +470,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return result
 
     async def _serve_create(self, request: kmock.Request) -> Any:
-        # 201 Created, as a real server answers (kubernetes>=35's CustomObjectsApi expects it).
+        # 201 Created, as a real server answers (kubernetes>=35's CustomObjectsApi expects it), with the
+        # object as created even when the garbage collector removed it at once (its owner was gone).
         stored = self._stored(request)
-        payload = stored.raw if stored is not None else await super()._serve_create(request)
+        payload = stored.last.raw if stored is not None else await super()._serve_create(request)
         return kmock.Response(status=201, payload=payload)
 
     async def _serve_update(self, request: kmock.Request) -> Any:
