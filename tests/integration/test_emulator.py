@@ -330,6 +330,20 @@ def test_deleting_an_owner_deletes_what_it_owns(kube_api):
     assert core.read_namespaced_config_map('shared', 'default')  # its other owner is alive
 
 
+def test_an_object_created_for_an_owner_that_is_gone_is_collected(kube_api):
+    """As a real API server: the create answers 201 with the object, and the garbage collector removes it."""
+    core, api = kubernetes.client.CoreV1Api(kube_api), custom_api(kube_api)
+    args = (GROUP, VERSION, 'default', PLURAL)
+    owner = api.create_namespaced_custom_object(*args, llama('gone'))
+    api.delete_namespaced_custom_object(*args, 'gone')
+    ref = {'apiVersion': owner['apiVersion'], 'kind': owner['kind'], 'name': 'gone', 'uid': owner['metadata']['uid']}
+    late = core.create_namespaced_config_map('default', {'metadata': {'name': 'late', 'ownerReferences': [ref]}})
+    assert late.metadata.name == 'late' and late.metadata.uid
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        core.read_namespaced_config_map('late', 'default')
+    assert err.value.status == 404
+
+
 def test_deleting_a_namespace_deletes_its_objects(kube_api):
     core = kubernetes.client.CoreV1Api(kube_api)
     core.create_namespaced_config_map('doomed', {'metadata': {'name': 'c1'}})
