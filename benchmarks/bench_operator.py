@@ -249,9 +249,9 @@ def run_one(which: str, n_nodes: int, n_deployments: int, timeout: float, quiet:
             result["startup_seconds"] = round(time.monotonic() - started, 2)
             result["rss_idle_mib"] = _vm(proc.pid).get("VmRSS:")
             spy = None
-            if py_spy_dir is not None:  # sample the whole child (all threads) while the deployments go in
+            if py_spy_dir is not None:  # sample whichever thread of the child holds the GIL (= its CPU)
                 spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid),
-                                        "--format", "raw", "--rate", "200", "--duration", str(int(timeout)),
+                                        "--format", "raw", "--gil", "--rate", "200", "--duration", str(int(timeout)),
                                         "--output", str(py_spy_dir / f"{which}.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             cpu_before = _cpu_seconds(proc.pid)
