@@ -33,7 +33,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -47,7 +46,7 @@ import attrs
 import kmock
 import yaml
 
-from llama_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from llama_operator.api import API_VERSION, KIND
 from llama_operator.crd import crd_manifest
 from llama_operator.emulator import WATCH_CONTENT_TYPE, ClusterEmulator, declare_crd, kubeconfig
 from llama_operator.handlers import Settings

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 
 import celpy
 import jsonschema
 import pytest
 from crdkit import apply_defaults
-import yaml
 
 from llama_operator.api import API_VERSION, KIND, SpecError
 from llama_operator.crd import crd_manifest
