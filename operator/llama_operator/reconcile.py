@@ -91,9 +91,10 @@ def fallback_kind(spec: LlamaDeploymentSpec, chosen: ChosenPlan) -> str | None:
 def _choice(plan: Plan) -> str:
     """What a plan serves, for an Event; a fallback says why (one Event per decision, not one more)."""
     assert plan.chosen is not None
-    if plan.fallback:
-        return f"{plan.chosen.describe()}, a fallback: {plan.fallback_reason}"
-    return plan.chosen.describe()
+    chosen = plan.chosen.describe()
+    if not plan.fallback:
+        return chosen
+    return f"{chosen}, a fallback because {plan.fallback_reason.removeprefix(f'chose {chosen} because ')}"
 
 
 def _rejected(plan: Plan) -> list[RejectedCandidate]:

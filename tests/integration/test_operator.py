@@ -178,7 +178,8 @@ def test_a_node_added_upgrades_after_the_delay(llama_cluster, run_operator, kube
     # kubectl describe: the Event of the first plan says it is a fallback, and why.
     planned = llama_cluster.events("assistant-70b", "Planned")
     assert len(planned) == 1 and "awq-int4" in planned[0]["message"]
-    assert "a fallback: " in planned[0]["message"] and st["fallback"]["reason"] in planned[0]["message"]
+    why = st["fallback"]["reason"].split(" because ", 1)[1]  # the rungs above and why each failed
+    assert planned[0]["message"].endswith(f", a fallback because {why}")
 
     added = time.monotonic()
     llama_cluster.add_nodes("h100-8x")
@@ -217,7 +218,7 @@ def test_a_node_removed_downgrades_at_once(llama_cluster, run_operator, kubelet)
     assert st["plan"]["gpuProduct"] == "NVIDIA-A10G" and st.get("pendingChange") is None
     replanned = llama_cluster.events("assistant-70b", "Replanned")
     assert replanned and replanned[-1]["type"] == "Warning"
-    assert "no longer fits" in replanned[-1]["message"] and "a fallback: " in replanned[-1]["message"]
+    assert "no longer fits" in replanned[-1]["message"] and "a fallback because " in replanned[-1]["message"]
     # Not stuck: the new pods are scheduled on the A10G node and the deployment serves again.
     st = llama_cluster.wait_phase("assistant-70b", "Ready", timeout=15)
     assert st["fallback"]["inForce"]

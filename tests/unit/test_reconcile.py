@@ -140,7 +140,8 @@ def test_a_fallback_plan_says_so(make_spec, clusters):
     d = decide(observe(), spec, plan_on(spec, clusters["small"]), None)
     assert d.apply.quantization == "awq-int4" and d.apply.gpuProduct == "NVIDIA-A10G"
     assert reasons(d) == ["Planned"]  # one Event per decision; it says why this is a fallback
-    assert "a fallback" in d.events[0][2] and plan_on(spec, clusters["small"]).fallback_reason in d.events[0][2]
+    why = plan_on(spec, clusters["small"]).fallback_reason.split(" because ", 1)[1]
+    assert d.events[0][2].endswith(f", a fallback because {why}")
     assert d.status.fallback.inForce and d.status.fallback.requestedModel == "llama-3.3-70b-instruct"
     assert "bf16" in d.status.fallback.reason  # why the better rungs did not work
     fb = condition(d.status, "FallbackApplied")
@@ -346,7 +347,7 @@ def test_losing_the_hardware_in_force_moves_at_once_with_a_warning(make_spec, cl
     assert d.apply is not None and d.apply.gpuProduct == "NVIDIA-A10G"  # no waiting for the upgrade delay
     assert d.status.pendingChange is None
     assert d.events[0][:2] == ("Warning", "Replanned") and problems[0] in d.events[0][2]
-    assert reasons(d) == ["Replanned"] and "a fallback: " in d.events[0][2]
+    assert reasons(d) == ["Replanned"] and "a fallback because " in d.events[0][2]
     assert d.status.variant == "llama-3.3-70b-instruct/awq-int4" and d.status.phase == "Deploying"
 
 
