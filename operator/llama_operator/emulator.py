@@ -311,8 +311,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             self._delete_object(key, cascade=True)
 
     def _alive(self, uid: str | None) -> bool:
-        """Whether a stored object that is not deleted has this uid (by the uid index; by scanning for an
-        object stored some other way)."""
+        """Whether a stored object that is not deleted has this uid: by the uid index, or by scanning for a
+        uid it does not hold (an object removed, or stored some other way)."""
         key = self._keys_by_uid.get(uid or '')
         if key is None:
             return any(not o.deleted and o.raw.get('metadata', {}).get('uid') == uid for o in self.objects.values())
@@ -394,6 +394,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self._rv += 1
         last['metadata']['resourceVersion'] = str(self._rv)
         self.objects[key].delete()  # kmock's soft deletion: the history stays for assertions
+        self._keys_by_uid.pop(last['metadata'].get('uid') or '', None)
         self._emit(key[0], 'DELETED', last)
         if not cascade:
             return
