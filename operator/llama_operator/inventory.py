@@ -116,11 +116,13 @@ def _node_gpu(labels: Mapping[str, str]) -> GPU | None:
 
 
 def _is_ready(node: dict) -> bool:
+    """Schedulable and reporting Ready. A node whose kubelet has not posted a Ready condition yet is not:
+    the scheduler keeps pods off it (the node controller taints it not-ready)."""
     if (node.get("spec") or {}).get("unschedulable"):
         return False
     conditions = (node.get("status") or {}).get("conditions") or []
     ready = [c for c in conditions if c.get("type") == "Ready"]
-    return not ready or ready[0].get("status") == "True"
+    return bool(ready) and ready[0].get("status") == "True"
 
 
 @dataclass(frozen=True)

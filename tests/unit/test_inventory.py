@@ -75,6 +75,15 @@ def test_unknown_ready_status_is_not_ready(make_node):
     assert not node_from_manifest(manifest).ready
 
 
+def test_a_node_that_never_reported_ready_is_not_ready(make_node):
+    """A kubelet that has not posted its Ready condition yet: the scheduler keeps pods off that node."""
+    manifest = make_node("n")
+    manifest["status"]["conditions"] = [c for c in manifest["status"]["conditions"] if c["type"] != "Ready"]
+    assert not node_from_manifest(manifest).ready
+    del manifest["status"]["conditions"]
+    assert not node_from_manifest(manifest).ready
+
+
 def test_cpu_bandwidth_label_overrides_the_default(make_node):
     default = load_catalog().cpu
     assert node_from_manifest(make_node("c")).shape.cpu_bandwidth_gbps == default.memory_bandwidth_gbps
