@@ -130,22 +130,6 @@ class OperatorState:
         self._all_reserved = None
         self.wake_all()
 
-    # --- promises (kept in the order they were made: each was planned with the earlier ones reserved) ---
-
-    def set_promise(self, key: Key, promise: _Promise) -> _Promise | None:
-        """Record the plan `key` holds; returns the one it held before."""
-        before = self.promises.pop(key, None)
-        self.promises[key] = promise
-        if before is not None:
-            self._all_reserved = None  # no longer a prefix of the order
-        return before
-
-    def drop_promise(self, key: Key) -> bool:
-        if self.promises.pop(key, None) is None:
-            return False
-        self._all_reserved = None
-        return True
-
     def wake_all(self) -> None:
         for event in self.signals.values():
             event.set()
@@ -183,6 +167,22 @@ class OperatorState:
         self.seen_status[ident] = live.status
         if live.spec_hash != self.rendered.get(ident) or live.status != status_before:
             self.wake([(namespace, owner)])
+
+    # --- promises (kept in the order they were made: each was planned with the earlier ones reserved) ---
+
+    def set_promise(self, key: Key, promise: _Promise) -> _Promise | None:
+        """Record the plan `key` holds; returns the one it held before."""
+        before = self.promises.pop(key, None)
+        self.promises[key] = promise
+        if before is not None:
+            self._all_reserved = None  # no longer a prefix of the order
+        return before
+
+    def drop_promise(self, key: Key) -> bool:
+        if self.promises.pop(key, None) is None:
+            return False
+        self._all_reserved = None
+        return True
 
     def inventory_for(self, key: Key, indexes: Indexes) -> Inventory:
         """The cluster minus what others hold or are promised; this deployment's own pods count as free."""
