@@ -1,7 +1,7 @@
 """Operator benchmark: llama-operator against a bare kopf operator making the same writes, same run.
 
     .venv/bin/python benchmarks/bench_operator.py [--deployments 200] [--nodes 500] [--rounds 1]
-        [--only ours|bare] [--timeout 150] [--cprofile-dir DIR]
+        [--only ours|bare] [--timeout 150] [--cprofile-dir DIR] [--py-spy-dir DIR]
 
 For each operator (bare first, then llama-operator; with --rounds N they alternate order each round):
 
@@ -15,7 +15,7 @@ For each operator (bare first, then llama-operator; with --rounds N they alterna
    LlamaDeployment was stored, when its Deployment was created, when its status first had a phase;
 5. converged: every LlamaDeployment has status.phase and (unless Unschedulable/Invalid) a Deployment;
    settled: the last write to a LlamaDeployment, Deployment or Service before `--quiet` seconds of
-   silence (llama-operator re-plans others when a plan takes capacity, so it writes on a while);
+   silence (a deployment may write again after its first pass, e.g. when a plan it waits for moves);
 6. peak RSS of the operator process: VmHWM from /proc/<pid>/status, read just before stopping it.
 
 Prints one JSON document: both results, ours/floor ratios, and the goal verdicts (time to converge
@@ -49,6 +49,7 @@ import synthetic  # noqa: E402
 
 from llama_operator.crd import crd_manifest  # noqa: E402
 from llama_operator.emulator import ClusterEmulator, EmulatorThread, declare_crd  # noqa: E402
+from llama_operator.sandbox import wait_for  # noqa: E402
 
 GOAL_RATIO = 1.25
 GOAL_RSS_MIB = 200.0
@@ -184,15 +185,6 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _wait(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
 def _healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
@@ -242,7 +234,7 @@ def run_one(which: str, n_nodes: int, n_deployments: int, timeout: float, quiet:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(HERE.parent))
         try:
-            ready = _wait(lambda: proc.poll() is None and _healthy(health) and rec.ld_watchers > 0, 60, 0.1)
+            ready = wait_for(lambda: proc.poll() is None and _healthy(health) and rec.ld_watchers > 0, 60, 0.1)
             if not ready:
                 raise RuntimeError(f"{which} operator did not start; see {log_path}")
             time.sleep(1.0)  # let the initial listings finish (llama-operator's indexes)
@@ -276,7 +268,7 @@ def run_one(which: str, n_nodes: int, n_deployments: int, timeout: float, quiet:
                 return True
 
             deadline = first + timeout
-            ok = _wait(converged, max(0.0, deadline - time.monotonic()))
+            ok = wait_for(converged, max(0.0, deadline - time.monotonic()), 0.05)
             converged_at = time.monotonic() if ok else None
             with rec.lock:
                 if ok:  # the real moment: the latest phase / Deployment among all
@@ -287,7 +279,7 @@ def run_one(which: str, n_nodes: int, n_deployments: int, timeout: float, quiet:
             def is_quiet() -> bool:
                 return time.monotonic() - rec.last_write >= quiet
 
-            settled = _wait(is_quiet, max(0.0, deadline - time.monotonic()), 0.1)
+            settled = wait_for(is_quiet, max(0.0, deadline - time.monotonic()), 0.1)
             cpu_after = _cpu_seconds(proc.pid)
             vm = _vm(proc.pid)
             with rec.lock:

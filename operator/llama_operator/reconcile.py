@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 from .api import (
     ChosenPlan,
@@ -244,9 +243,3 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
     if prev.phase == "Ready" and phase == "Degraded":
         events.append((WARNING, "Degraded", message))
     return Decision(apply=apply, status=status, events=events, outcome=outcome)
-
-
-def status_patch(status: LlamaDeploymentStatus) -> dict[str, Any]:
-    """The status as a JSON merge patch: absent optional fields are written as null so they clear."""
-    data = status.model_dump(mode="json")
-    return data

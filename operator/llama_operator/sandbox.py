@@ -232,7 +232,8 @@ def workload_summary(deployments: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    """Poll `predicate` every `interval` seconds until it is true or `timeout` has passed; its last answer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -276,7 +277,7 @@ def _scenario(api, ld_res, join: Path, items: Callable[[], list[dict]], upgrade_
                    and not (i.get("status") or {}).get("pendingChange") for i in now)
         return changed and calm
 
-    _wait(moved, timeout + upgrade_delay)
+    wait_for(moved, timeout + upgrade_delay)
     time.sleep(1.0)
     out("$ kubectl get llamadeployments")
     out(printer_table(items()))
@@ -287,7 +288,7 @@ def _scenario(api, ld_res, join: Path, items: Callable[[], list[dict]], upgrade_
         node_res.delete(name=n["metadata"]["name"])
     out("")
     out(f"--- the {len(joined)} node(s) leave again: deployments that ran there fall back at once ---")
-    _wait(lambda: all((i.get("status") or {}).get("variant") == before.get(i["metadata"]["name"])
+    wait_for(lambda: all((i.get("status") or {}).get("variant") == before.get(i["metadata"]["name"])
                       and (i.get("status") or {}).get("phase") in ("Ready", "Unschedulable") for i in items()), timeout)
     out("$ kubectl get llamadeployments")
     out(printer_table(items()))
@@ -334,7 +335,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                 return all((i.get("status") or {}).get("phase") in ("Ready", "Unschedulable", "Invalid", "Degraded")
                            for i in items()) and len(items()) == len(names)
 
-            _wait(settled, timeout)
+            wait_for(settled, timeout)
             out("")
             out("$ kubectl get llamadeployments")
             out(printer_table(items()))

@@ -25,7 +25,7 @@ from llama_operator.emulator import EmulatorThread, declare_crd
 from llama_operator.handlers import Settings
 from llama_operator.kube import Writer, load_client_configuration
 from llama_operator.render import Owner, render
-from llama_operator.sandbox import SandboxOperator, SimulatedKubelet, _client, load_docs
+from llama_operator.sandbox import SandboxOperator, SimulatedKubelet, _client, load_docs, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 USAGE_FILE = ROOT / "tests" / "chart" / "operator-api-usage.json"
@@ -69,15 +69,6 @@ def _observed(emulator) -> set[tuple[str, str, str]]:
     return out
 
 
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
-
-
 def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[tuple[str, str, str]]:
     with EmulatorThread() as emu:
         declare_crd(emu.emulator, crd_manifest())
@@ -110,14 +101,14 @@ def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[t
                    "metadata": {"name": "bad"}, "spec": {"model": "llama-9"}}
             for doc in docs + [bad]:
                 lds.create(body=doc, namespace="default")
-            assert _wait(lambda: all((i.get("status") or {}).get("phase") in ("Ready", "Invalid")
+            assert wait_for(lambda: all((i.get("status") or {}).get("phase") in ("Ready", "Invalid")
                                      for i in lds.get(namespace="default").to_dict()["items"]), 30)
             lds.patch(body={"spec": {"contextLength": 4096}}, name="chat", namespace="default",
                       content_type="application/merge-patch+json")
-            assert _wait(lambda: (lds.get(name="chat", namespace="default").to_dict().get("status") or {})
+            assert wait_for(lambda: (lds.get(name="chat", namespace="default").to_dict().get("status") or {})
                          .get("observedGeneration") == 2, 30)
             lds.delete(name="tiny", namespace="default")
-            assert _wait(lambda: not [i for i in lds.get(namespace="default").to_dict()["items"]
+            assert wait_for(lambda: not [i for i in lds.get(namespace="default").to_dict()["items"]
                                       if i["metadata"]["name"] == "tiny"], 30)
             time.sleep(3)  # a resync pass
         finally:
