@@ -20,6 +20,7 @@ import copy
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 import kopf
@@ -112,11 +113,13 @@ class BareWriter:
         kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=cfg)
         self._dyn = dynamic.DynamicClient(kubernetes.client.ApiClient(cfg))
         self._res: dict[tuple[str, str], Any] = {}
+        self._discovery = threading.Lock()  # the discovery cache is not thread-safe (as kube.Writer)
 
     def _resource(self, api_version: str, kind: str):
-        if (api_version, kind) not in self._res:
-            self._res[(api_version, kind)] = self._dyn.resources.get(api_version=api_version, kind=kind)
-        return self._res[(api_version, kind)]
+        with self._discovery:
+            if (api_version, kind) not in self._res:
+                self._res[(api_version, kind)] = self._dyn.resources.get(api_version=api_version, kind=kind)
+            return self._res[(api_version, kind)]
 
     def create(self, obj: dict) -> None:
         try:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -159,14 +160,17 @@ class Writer:
         self._threads = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="llama-operator-writer")
         self._dyn: dynamic.DynamicClient | None = None
         self._resources: dict[tuple[str, str], Any] = {}
+        #: The dynamic client's discovery cache is not thread-safe: the worker threads take turns.
+        self._discovery = threading.Lock()
 
     def _resource(self, api_version: str, kind: str):
         key = (api_version, kind)
-        if key not in self._resources:
-            if self._dyn is None:
-                self._dyn = dynamic.DynamicClient(self._api)
-            self._resources[key] = self._dyn.resources.get(api_version=api_version, kind=kind)
-        return self._resources[key]
+        with self._discovery:
+            if key not in self._resources:
+                if self._dyn is None:
+                    self._dyn = dynamic.DynamicClient(self._api)
+                self._resources[key] = self._dyn.resources.get(api_version=api_version, kind=kind)
+            return self._resources[key]
 
     def _call(self, what: str, fn: Callable[[], _T], *, conflict_ok: bool = False) -> _T:
         """fn(), retried on transient failures (see _transient) with a short jittered backoff."""
