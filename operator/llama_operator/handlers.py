@@ -1,12 +1,13 @@
-"""The kopf shell: watches feed an in-memory view of the cluster; one daemon per LlamaDeployment
-reconciles it whenever something it depends on changes, and on a slow resync.
+"""The kopf shell: watches feed an in-memory view of the cluster and a work queue; a few workers run a
+pass for each LlamaDeployment in the queue. A deployment is queued whenever something it depends on
+changes, and on a slow resync (workqueue.py says why this is not a kopf daemon per object).
 
 Thin by design: reading, calling the pure core (planner, reconcile.decide, render), writing.
 
 What a pass reads comes from kopf indexes (Nodes, Pods holding resources, and the Deployments and
 Services the operator owns), which kopf fills from the initial listings before any pass runs; a pass
 that changes nothing sends no request. What wakes a pass is a change that can alter its outcome: a
-spec, generation, finalizer or deletion change of its LlamaDeployment (not the operator's own status
+spec, generation or deletion change of its LlamaDeployment (not the operator's own status
 write); an owned object that differs from what the operator last wrote or saw; a Node or a Pod's use
 of a node that changed; capacity freed by another deployment. A new plan only takes capacity that was
 free after every other plan in force, so it wakes only the deployments waiting to upgrade.
@@ -22,8 +23,7 @@ names again: an Event is neither lost (the status is not written until it is pos
 """
 from __future__ import annotations
 
-import asyncio
-import hashlib
+import functools
 import logging
 import os
 import time
@@ -38,13 +38,16 @@ from .api import GROUP, PLURAL, VERSION, LlamaDeploymentStatus, SpecError
 from .inventory import Inventory, Node, PodUsage, node_from_manifest, pod_usage
 from .kube import Live, Writer, canonical, connection_info, event_body
 from .metrics import OperatorMetrics
+from .peering import PeeringGate, own_priority
 from .reconcile import Decision, Observed, decide, decide_invalid
 from .render import HASH_ANNOTATION, LABEL_DEPLOYMENT, MANAGED_BY, Images, Owner, render
+from .workqueue import WorkQueue, Workers
 
 log = logging.getLogger("llama_operator")
 
 LD = (GROUP, VERSION, PLURAL)
-#: kopf's finalizer on LlamaDeployments (set in `configure`).
+#: The finalizer earlier builds had kopf put on every LlamaDeployment (for a daemon per object). No handler
+#: needs it now; kopf takes it off the objects that still carry it, because `configure` still names it.
 FINALIZER = "llama-operator.dev/finalizer"
 Key = tuple[str, str]  # (namespace, name)
 #: The kinds of owned objects the operator watches (and so never reads before writing).
@@ -61,8 +64,10 @@ class Settings:
     images: Images = field(default_factory=Images)
     #: kopf peering priority; None: derived from $POD_ID / $HOSTNAME (replicas of one Deployment differ).
     peering_priority: int | None = None
-    #: How long a new LlamaDeployment waits for kopf's finalizer before it is served without one.
-    finalizer_grace_seconds: float = 10.0
+    #: Passes run at once (on different deployments): one pass's writes overlap the others' planning.
+    workers: int = 16
+    #: At shutdown, how long the passes in progress may take to finish.
+    stop_timeout_seconds: float = 15.0
 
 
 @dataclass
@@ -108,8 +113,15 @@ class OperatorState:
         #: status, and watch events may still carry an older one, so decisions start from this.
         self.written_status: dict[Key, dict] = {}
         self.promises: dict[Key, _Promise] = {}
-        self.signals: dict[Key, asyncio.Event] = {}
-        self.locks: dict[Key, asyncio.Lock] = {}
+        #: Deployments waiting for a pass; fed by the watch handlers, the passes' timers and other passes.
+        self.queue: WorkQueue[Key] = WorkQueue()
+        #: Consecutive failed passes per deployment (the retry backoff doubles with each).
+        self.failures: dict[Key, int] = {}
+        #: With peering on: the workers wait while kopf has this replica paused (set by the runner).
+        self.peering: PeeringGate | None = None
+        #: kopf's indexes, as the startup handler hands them over (filled before any pass runs).
+        self.indexes: Indexes | None = None
+        self.workers: Workers[Key] | None = None
         self._inventory: Inventory | None = None
         #: The inventory with every promise reserved, in the order they were made, and how many that is:
         #: what a deployment with no plan or pods of its own yet (every new one) plans on.
@@ -131,13 +143,13 @@ class OperatorState:
         self.wake_all()
 
     def wake_all(self) -> None:
-        for event in self.signals.values():
-            event.set()
+        for key in self.bodies:
+            self.queue.add(key)
 
     def wake(self, keys) -> None:
         for key in keys:
-            if key in self.signals:
-                self.signals[key].set()
+            if key in self.bodies:
+                self.queue.add(key)
 
     def node_seen(self, name: str, node: Node | None) -> None:
         """A Node as its watch shows it now (None: deleted); the cluster changed when it differs."""
@@ -215,15 +227,22 @@ class OperatorState:
                 inv = reserve(inv, other, promise)
         return inv
 
-    def signal(self, key: Key) -> asyncio.Event:
-        if key not in self.signals:
-            self.signals[key] = asyncio.Event()
-        return self.signals[key]
+    def forget(self, key: Key) -> None:
+        """`key` was deleted: drop what the operator keeps about it."""
+        self.bodies.pop(key, None)
+        self.written_status.pop(key, None)
+        self.failures.pop(key, None)
+        self.queue.forget(key)
+        for kind in WATCHED_KINDS:  # named like their owner
+            self.rendered.pop((kind, *key), None)
+        if self.drop_promise(key):
+            self.wake_all()  # its capacity is free again
+        self.metrics.forget_deployment(*key)
 
 
 class _NoDiffBase(kopf.DiffBaseStorage):
     """kopf deep-copies every watched object's essence on every event (Nodes, Pods, Deployments...), to diff
-    it for on.create / on.update handlers. The operator has none (indexes, event handlers and a daemon), so
+    it for on.create / on.update handlers. The operator has none (indexes and event handlers only), so
     there is no essence to build, keep or compare."""
 
     def build(self, *, body, extra_fields=None):  # noqa: ARG002 - kopf's signature
@@ -244,23 +263,40 @@ def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the operator's handlers to `registry`."""
 
     @kopf.on.startup(id="configure", registry=registry)
-    def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_):
+    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, node_index: kopf.Index,
+                        pod_index: kopf.Index, deployment_index: kopf.Index, service_index: kopf.Index, **_):
         prefix = "llama-operator.dev"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
         settings.persistence.diffbase_storage = _NoDiffBase()
         settings.persistence.finalizer = FINALIZER
-        # Replicas of one Deployment start with the same arguments; kopf freezes peers of equal priority,
-        # so each takes its priority from its own pod identity.
-        # Settings.peering_priority overrides that (several operators in one process, as in tests).
-        pod_id = os.environ.get("POD_ID") or os.environ.get("HOSTNAME", "")
-        priority = _state(memo).settings.peering_priority if "state" in memo else None
-        settings.peering.priority = priority if priority is not None else \
-            int(hashlib.sha256(pod_id.encode()).hexdigest()[:6], 16)
         settings.watching.server_timeout = memo.get("watch_timeout", 300)
-        # A stopped daemon (its object deleted) finishes the pass it is in; wait for that in the same
-        # handling cycle instead of re-checking after the whole cancellation backoff.
-        settings.background.instant_exit_timeout = 5.0
         settings.posting.level = logging.WARNING
+        if "state" not in memo:
+            return
+        state = _state(memo)
+        # Replicas of one Deployment start with the same arguments, and kopf pauses all peers of equal
+        # priority: each takes its priority from its own pod identity, unless Settings.peering_priority
+        # says (several operators in one process, as in tests). The peering gate applies the same one.
+        settings.peering.priority = own_priority(state.settings.peering_priority)
+        # kopf's index objects stay the same as they fill: the workers read them as the daemons did.
+        state.indexes = Indexes(nodes=node_index, pods=pod_index, deployments=deployment_index,
+                                services=service_index)
+        gate = None
+        if state.peering is not None:
+            state.peering.start()
+            gate = state.peering.wait
+        state.workers = Workers(state.queue, functools.partial(run_pass, state), state.settings.workers, gate)
+        state.workers.start()
+
+    @kopf.on.cleanup(id="stop_workers", registry=registry)
+    async def stop_workers(memo: kopf.Memo, **_):
+        if "state" not in memo:
+            return
+        state = _state(memo)
+        if state.workers is not None:
+            await state.workers.stop(state.settings.stop_timeout_seconds)
+        if state.peering is not None:
+            await state.peering.stop()
 
     @kopf.on.login(id="login", registry=registry)
     def login(memo: kopf.Memo, **_):
@@ -269,7 +305,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     # Indexes: kopf starts no other handler until these are filled from the initial listing, so the
     # first plan of every deployment sees the whole cluster.
     # These handlers and the watch handlers are coroutines: kopf runs a plain function in a worker
-    # thread, and they touch the shared state and the daemons' asyncio Events, which belong to the loop.
+    # thread, and they touch the shared state and the work queue, which belong to the loop.
     @kopf.index("", "v1", "nodes", id="node_index", registry=registry)
     async def node_index(name: str, body: kopf.Body, **_):
         return {name: node_from_manifest(dict(body))}
@@ -315,63 +351,42 @@ def register(registry: kopf.OperatorRegistry) -> None:
         state = _state(memo)
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if type == "DELETED":
-            state.bodies.pop(key, None)
-            state.written_status.pop(key, None)
-            for kind in WATCHED_KINDS:  # named like their owner
-                state.rendered.pop((kind, *key), None)
-            if state.drop_promise(key):
-                state.wake_all()  # its capacity is free again
-            state.metrics.forget_deployment(*key)
+            state.forget(key)
             return
         before = state.bodies.get(key)
         state.bodies[key] = dict(body)
         if _needs_pass(before, state.bodies[key]):
-            state.signal(key).set()
+            state.queue.add(key)
 
-    # On deletion (and at shutdown) kopf sets `stopped` and gives the daemon cancellation_backoff seconds to
-    # finish its pass before cancelling it: a cancelled pass would leave its write running in a worker
-    # thread, and kopf would drop the finalizer before that write lands (an object owned by a deleted
-    # owner, left for the garbage collector).
-    @kopf.daemon(*LD, id="keep_converged", registry=registry, cancellation_backoff=15.0, cancellation_timeout=5.0)
-    async def keep_converged(stopped: kopf.DaemonStopped, namespace: str, name: str, memo: kopf.Memo,
-                             node_index: kopf.Index, pod_index: kopf.Index, deployment_index: kopf.Index,
-                             service_index: kopf.Index, **_):
-        state = _state(memo)
-        key = (namespace, name)
-        indexes = Indexes(nodes=node_index, pods=pod_index, deployments=deployment_index, services=service_index)
-        event = state.signal(key)
-        event.set()  # first pass at once
-        timeout = state.settings.resync_seconds
-        backoff = state.settings.error_backoff_seconds
-        grace_until = time.monotonic() + state.settings.finalizer_grace_seconds
-        while not stopped:
-            woken = asyncio.ensure_future(event.wait())
-            stopping = asyncio.ensure_future(stopped.wait())
-            await asyncio.wait({woken, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            woken.cancel()
-            stopping.cancel()
-            if stopped:
-                break
-            event.clear()
-            timeout = state.settings.resync_seconds
-            try:
-                waiting = time.monotonic() < grace_until
-                decision = await reconcile(state, key, indexes, wait_for_finalizer=waiting)
-                if decision is None and waiting and not _has_finalizer(state.bodies.get(key)):
-                    timeout = max(0.1, grace_until - time.monotonic())  # then serve it without the finalizer
-                pending = decision.status.pendingChange if decision is not None else None
-                if pending is not None:  # wake when the better plan has waited long enough
-                    due = datetime.strptime(pending.since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) \
-                        + state.settings.upgrade_delay
-                    timeout = min(timeout, max(0.5, (due - datetime.now(timezone.utc)).total_seconds() + 0.5))
-                backoff = state.settings.error_backoff_seconds
-            except Exception:  # noqa: BLE001 - one bad pass must not stop the loop
-                log.exception("reconcile of %s/%s failed; retrying in %gs", namespace, name, backoff)
-                await stopped.wait(backoff)
-                backoff = min(backoff * 2, max(state.settings.max_error_backoff_seconds,
-                                               state.settings.error_backoff_seconds))
-                event.set()
-        state.signals.pop(key, None)
+
+async def run_pass(state: OperatorState, key: Key) -> None:
+    """A worker's pass for `key`, and when the next unprompted one is due: after the resync period, when a
+    waiting upgrade has waited long enough, or after a failure, with a backoff that doubles up to
+    `max_error_backoff_seconds` and resets after a good pass (no hot loop on a broken object or an API
+    outage)."""
+    if key not in state.bodies:
+        return  # deleted since it was queued
+    settings = state.settings
+    try:
+        decision = await reconcile(state, key, state.indexes)
+    except Exception:  # noqa: BLE001 - logged, retried
+        failures = state.failures[key] = state.failures.get(key, 0) + 1
+        backoff = min(settings.error_backoff_seconds * 2 ** (failures - 1),
+                      max(settings.max_error_backoff_seconds, settings.error_backoff_seconds))
+        log.exception("reconcile of %s/%s failed; retrying in %gs", *key, backoff)
+        if key in state.bodies:
+            state.queue.add_after(key, backoff)
+        return
+    state.failures.pop(key, None)
+    if key not in state.bodies:
+        return  # deleted during the pass
+    delay = settings.resync_seconds
+    pending = decision.status.pendingChange if decision is not None else None
+    if pending is not None:  # wake when the better plan has waited long enough
+        due = datetime.strptime(pending.since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) \
+            + settings.upgrade_delay
+        delay = min(delay, max(0.5, (due - datetime.now(timezone.utc)).total_seconds() + 0.5))
+    state.queue.add_after(key, delay)
 
 
 def _parse_spec(raw: Any) -> api.LlamaDeploymentSpec:
@@ -425,19 +440,14 @@ def _lenient_status(raw: Any) -> LlamaDeploymentStatus:
         return LlamaDeploymentStatus()
 
 
-def _has_finalizer(body: dict | None) -> bool:
-    return body is not None and FINALIZER in (body["metadata"].get("finalizers") or [])
-
-
 def _needs_pass(before: dict | None, body: dict) -> bool:
     """Whether a LlamaDeployment's watch event can change what a pass does. The operator's own status write
-    and kopf's annotations cannot; a new object, a spec change, the finalizer (a pass waits for it) and a
-    deletion can."""
+    and others' annotations cannot; a new object, a spec change and a deletion can."""
     if before is None:
         return True
     old, new = before["metadata"], body["metadata"]
     return before.get("spec") != body.get("spec") or any(
-        old.get(k) != new.get(k) for k in ("uid", "generation", "finalizers", "deletionTimestamp"))
+        old.get(k) != new.get(k) for k in ("uid", "generation", "deletionTimestamp"))
 
 
 def _pod_use(body: kopf.Body, labels: kopf.Labels) -> tuple[PodUsage, str | None] | None:
@@ -448,82 +458,77 @@ def _pod_use(body: kopf.Body, labels: kopf.Labels) -> tuple[PodUsage, str | None
     return usage, labels.get(LABEL_DEPLOYMENT)
 
 
-async def reconcile(state: OperatorState, key: Key, indexes: Indexes, *,
-                    wait_for_finalizer: bool = False) -> Decision | None:
+async def reconcile(state: OperatorState, key: Key, indexes: Indexes) -> Decision | None:
     """One pass for one LlamaDeployment: plan, decide, render and apply, write status and events.
 
-    `wait_for_finalizer`: do nothing while kopf's finalizer is not on the object yet. kopf starts the daemon
-    even when adding its finalizer failed, and without it a delete is immediate: a pass racing it would
-    create a Deployment for an owner that is gone (left to the garbage collector). The finalizer's
-    arrival is a watch event, which wakes the daemon; the daemon stops waiting after a grace period, so
-    an object kopf cannot put a finalizer on is still served."""
-    lock = state.locks.setdefault(key, asyncio.Lock())
-    async with lock:
-        body = state.bodies.get(key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return None
-        if wait_for_finalizer and not _has_finalizer(body):
-            log.debug("%s/%s has no finalizer yet; waiting for it", *key)
-            return None
-        started = time.monotonic()
-        namespace, name = key
-        meta = body["metadata"]
-        raw_status = state.written_status.get(key, body.get("status") or {})
-        status = _lenient_status(raw_status)
-        obs = Observed(name=name, namespace=namespace, generation=int(meta.get("generation") or 1), status=status,
-                       deployment_status=None, now=datetime.now(timezone.utc),
-                       upgrade_delay=state.settings.upgrade_delay)
-        error = False
+    The work queue never runs two passes of one deployment at once. A pass racing the deletion of its
+    LlamaDeployment may still create a Deployment for an owner that is gone: the garbage collector removes
+    it, as it removes everything a deleted LlamaDeployment owns."""
+    body = state.bodies.get(key)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    started = time.monotonic()
+    namespace, name = key
+    meta = body["metadata"]
+    raw_status = state.written_status.get(key, body.get("status") or {})
+    status = _lenient_status(raw_status)
+    obs = Observed(name=name, namespace=namespace, generation=int(meta.get("generation") or 1), status=status,
+                   deployment_status=None, now=datetime.now(timezone.utc),
+                   upgrade_delay=state.settings.upgrade_delay)
+    error = False
+    try:
         try:
-            try:
-                spec = _parse_spec(body.get("spec"))
-            except SpecError as e:
-                decision = decide_invalid(obs, e.problems)
-                spec = None
-            else:
-                owned = indexes.owned(key)
-                deployment = owned["Deployment"].get(name)
-                if deployment is not None:
-                    obs = replace(obs, deployment_status=deployment.status)
-                # From reading the inventory to recording the promise, nothing awaits: no other deployment's
-                # pass can plan in between, so two never take the same free GPUs (nor flip between them).
-                inventory = state.inventory_for(key, indexes)
-                plan = planner.plan(spec, inventory)
-                current = status.plan
-                problems = planner.check_choice(spec, inventory, current) if current is not None else None
-                decision = decide(obs, spec, plan, problems)
-                if decision.apply is not None:
-                    _promise(state, key, spec, decision)
-                    owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
-                    objects = render(owner, spec, decision.apply, state.settings.images)
-                    runs = deployment is not None and _runs(deployment, objects)
-                    if deployment is not None and runs != decision.apply.same_choice(current):
-                        # decide assumed the Deployment runs the plan in force; it knows better now.
-                        obs = replace(obs, deployment_runs_plan=runs)
-                        decision = decide(obs, spec, plan, problems)
-                    for obj in objects:
-                        if obj["kind"] in WATCHED_KINDS:
-                            state.rendered[(obj["kind"], namespace, obj["metadata"]["name"])] = \
-                                obj["metadata"]["annotations"][HASH_ANNOTATION]
-                    await state.writer.apply(objects, owned)
-            if decision.events:
-                involved = {"apiVersion": body.get("apiVersion") or api.API_VERSION, "kind": body.get("kind") or api.KIND,
-                            "name": name, "namespace": namespace, "uid": meta.get("uid")}
-                instance = os.environ.get("POD_ID") or os.environ.get("HOSTNAME", "")
-                seed = canonical([meta.get("uid"), status.model_dump(mode="json", exclude_none=True)])
-                for etype, reason, message in decision.events:
-                    await state.writer.post_event(event_body(involved, etype, reason, message, instance, seed=seed))
-            new_status = decision.status.model_dump(mode="json")
-            if canonical(_without_nulls(new_status)) != canonical(_without_nulls(raw_status)):
-                await state.writer.patch_status(namespace, name, new_status)
-                state.written_status[key] = new_status
-            _publish(state, key, spec, decision)
-            return decision
-        except Exception:
-            error = True
-            raise
-        finally:
-            state.metrics.observe_reconcile(time.monotonic() - started, error=error, namespace=namespace, name=name)
+            spec = _parse_spec(body.get("spec"))
+        except SpecError as e:
+            decision = decide_invalid(obs, e.problems)
+            spec = None
+        else:
+            owned = indexes.owned(key)
+            deployment = owned["Deployment"].get(name)
+            if deployment is not None:
+                obs = replace(obs, deployment_status=deployment.status)
+            # From reading the inventory to recording the promise, nothing awaits: no other deployment's
+            # pass can plan in between, so two never take the same free GPUs (nor flip between them).
+            inventory = state.inventory_for(key, indexes)
+            plan = planner.plan(spec, inventory)
+            current = status.plan
+            problems = planner.check_choice(spec, inventory, current) if current is not None else None
+            decision = decide(obs, spec, plan, problems)
+            if decision.apply is not None:
+                _promise(state, key, spec, decision)
+                owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
+                objects = render(owner, spec, decision.apply, state.settings.images)
+                runs = deployment is not None and _runs(deployment, objects)
+                if deployment is not None and runs != decision.apply.same_choice(current):
+                    # decide assumed the Deployment runs the plan in force; it knows better now.
+                    obs = replace(obs, deployment_runs_plan=runs)
+                    decision = decide(obs, spec, plan, problems)
+                for obj in objects:
+                    if obj["kind"] in WATCHED_KINDS:
+                        state.rendered[(obj["kind"], namespace, obj["metadata"]["name"])] = \
+                            obj["metadata"]["annotations"][HASH_ANNOTATION]
+                await state.writer.apply(objects, owned)
+        if decision.events:
+            involved = {"apiVersion": body.get("apiVersion") or api.API_VERSION, "kind": body.get("kind") or api.KIND,
+                        "name": name, "namespace": namespace, "uid": meta.get("uid")}
+            instance = os.environ.get("POD_ID") or os.environ.get("HOSTNAME", "")
+            seed = canonical([meta.get("uid"), status.model_dump(mode="json", exclude_none=True)])
+            for etype, reason, message in decision.events:
+                await state.writer.post_event(event_body(involved, etype, reason, message, instance, seed=seed))
+        new_status = decision.status.model_dump(mode="json")
+        if _without_nulls(new_status) != _without_nulls(raw_status):
+            if not await state.writer.patch_status(namespace, name, new_status):
+                return None  # deleted during the pass
+            state.written_status[key] = new_status
+        if key not in state.bodies:
+            return None  # deleted during the pass: no metrics for it
+        _publish(state, key, spec, decision)
+        return decision
+    except Exception:
+        error = key in state.bodies  # a write that failed because the object went is no error
+        raise
+    finally:
+        state.metrics.observe_reconcile(time.monotonic() - started, error=error, namespace=namespace, name=name)
 
 
 def _promise(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec, decision: Decision) -> None:

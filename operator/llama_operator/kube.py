@@ -188,7 +188,7 @@ class Writer:
 
     # --- sync bodies, run in a worker thread ---
 
-    def _get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+    def _get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
         res = self._call(f"discovery of {kind}", lambda: self._resource(api_version, kind))
         try:
             return self._call(f"get {kind} {namespace}/{name}", lambda: res.get(
@@ -260,12 +260,16 @@ class Writer:
                 content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT, serializer=_plain),
                 conflict_ok=True)
 
-    def _patch_status(self, namespace: str, name: str, status: dict) -> None:
+    def _patch_status(self, namespace: str, name: str, status: dict) -> bool:
         res = self._call(f"discovery of {KIND}", lambda: self._resource(API_VERSION, KIND))
-        self._call(f"patch status of {namespace}/{name}", lambda: res.status.patch(
-            body={"status": status}, name=name, namespace=namespace,
-            content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT, serializer=_plain),
-            conflict_ok=True)
+        try:
+            self._call(f"patch status of {namespace}/{name}", lambda: res.status.patch(
+                body={"status": status}, name=name, namespace=namespace,
+                content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT, serializer=_plain),
+                conflict_ok=True)
+        except NotFoundError:
+            return False
+        return True
 
     def _post_event(self, event: dict) -> None:
         res = self._call("discovery of Event", lambda: self._resource("v1", "Event"))
@@ -306,8 +310,13 @@ class Writer:
                 results.append(await self._in_thread(self._apply, obj, live))
         return results
 
-    async def patch_status(self, namespace: str, name: str, status: dict) -> None:
-        await self._in_thread(self._patch_status, namespace, name, status)
+    async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
+        """The object as the server has it now; None when it does not exist."""
+        return await self._in_thread(self._get, api_version, kind, namespace, name)
+
+    async def patch_status(self, namespace: str, name: str, status: dict) -> bool:
+        """Merge `status` into a LlamaDeployment's status; False when the object does not exist (deleted)."""
+        return await self._in_thread(self._patch_status, namespace, name, status)
 
     async def post_event(self, event: dict) -> None:
         """Create an Event built by `event_body`; one that exists already (409) counts as posted."""

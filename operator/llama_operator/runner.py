@@ -15,6 +15,7 @@ import kopf
 from .handlers import OperatorState, Settings, register
 from .kube import Writer, load_client_configuration
 from .metrics import OperatorMetrics
+from .peering import PeeringGate, own_identity, own_priority
 
 
 def configure_logging(*, verbose: bool = False, json_format: bool = False) -> None:
@@ -45,7 +46,20 @@ def build(options: RunOptions) -> tuple[kopf.OperatorRegistry, OperatorState]:
     registry = kopf.OperatorRegistry()
     register(registry)
     state = OperatorState(Writer(cfg), options.settings, OperatorMetrics(), client_config=cfg)
+    if options.peering is not None:
+        state.peering = PeeringGate(_peering_reader(state.writer, options), own_identity(),
+                                    own_priority(options.settings.peering_priority), on_resume=state.wake_all)
     return registry, state
+
+
+def _peering_reader(writer: Writer, options: RunOptions):
+    """Reads the peering objects kopf uses: the ClusterKopfPeering for a cluster-wide operator, the
+    KopfPeering of each namespace for a namespaced one."""
+    async def read() -> list[dict | None]:
+        if not options.namespaces:
+            return [await writer.get("kopf.dev/v1", "ClusterKopfPeering", None, options.peering)]
+        return [await writer.get("kopf.dev/v1", "KopfPeering", ns, options.peering) for ns in options.namespaces]
+    return read
 
 
 async def run_async(options: RunOptions, *, stop_flag: asyncio.Event | threading.Event | None = None,
@@ -66,6 +80,7 @@ async def run_async(options: RunOptions, *, stop_flag: asyncio.Event | threading
             namespaces=options.namespaces,
             standalone=options.peering is None,
             peering_name=options.peering,
+            identity=state.peering.identity if state.peering is not None else None,
             liveness_endpoint=liveness,
             stop_flag=stop_flag,
             ready_flag=ready_flag,

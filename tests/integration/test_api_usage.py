@@ -22,7 +22,7 @@ import yaml
 from llama_operator.api import ChosenPlan, parse_spec
 from llama_operator.crd import crd_manifest
 from llama_operator.emulator import EmulatorThread, declare_crd
-from llama_operator.handlers import Settings
+from llama_operator.handlers import FINALIZER, Settings
 from llama_operator.kube import Writer, load_client_configuration
 from llama_operator.render import Owner, render
 from llama_operator.sandbox import SandboxOperator, SimulatedKubelet, _client, load_docs, wait_for
@@ -87,13 +87,17 @@ def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[t
                 api.resources.get(api_version="kopf.dev/v1", kind="KopfPeering").create(
                     body={"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": peering}},
                     namespace=ns)
+        lds = api.resources.get(api_version="llama-operator.dev/v1alpha1", kind="LlamaDeployment")
+        # Made by a version that had kopf put its finalizer on every object: kopf takes it off (a patch).
+        upgraded = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+        upgraded["metadata"] = {"name": "upgraded", "finalizers": [FINALIZER]}
+        lds.create(body=upgraded, namespace="default")
         kubelet = SimulatedKubelet(kubeconfig).start()
         settings = Settings(upgrade_delay=timedelta(seconds=1), resync_seconds=2)
         operator = SandboxOperator(kubeconfig, settings)
         operator.options.peering = peering
         operator.options.namespaces = list(namespaces or [])
         operator.start()
-        lds = api.resources.get(api_version="llama-operator.dev/v1alpha1", kind="LlamaDeployment")
         try:
             docs = [yaml.safe_load((ROOT / "examples" / f).read_text()) for f in ("chat.yaml", "tiny-cpu.yaml")]
             docs[0]["spec"]["source"]["cache"] = {"size": "100Gi"}
@@ -107,9 +111,10 @@ def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[t
                       content_type="application/merge-patch+json")
             assert wait_for(lambda: (lds.get(name="chat", namespace="default").to_dict().get("status") or {})
                          .get("observedGeneration") == 2, 30)
-            lds.delete(name="tiny", namespace="default")
-            assert wait_for(lambda: not [i for i in lds.get(namespace="default").to_dict()["items"]
-                                      if i["metadata"]["name"] == "tiny"], 30)
+            for name in ("tiny", "upgraded"):
+                lds.delete(name=name, namespace="default")
+                assert wait_for(lambda: not [i for i in lds.get(namespace="default").to_dict()["items"]
+                                          if i["metadata"]["name"] == name], 30), name
             time.sleep(3)  # a resync pass
         finally:
             operator.stop()

@@ -40,7 +40,7 @@ def test_apply_wait_get_delete_with_kubectl(emulator_thread, kubeconfig, kubectl
     assert kubectl("get", "deployments", "-o", "name").stdout.split() == ["deployment.apps/chat"]
     assert kubectl("get", "services", "-o", "name").stdout.split() == ["service/chat"]
     obj = json.loads(kubectl("get", "llamadeployment", "chat", "-o", "json").stdout)
-    assert obj["metadata"]["finalizers"] == ["llama-operator.dev/finalizer"]  # kopf's, for the daemon
+    assert not obj["metadata"].get("finalizers")  # deletable even while the operator is down
 
     # Editing the spec with kubectl re-plans (observedGeneration follows the generation).
     kubectl("patch", "llamad", "chat", "--type=merge", "-p", '{"spec": {"contextLength": 16384}}')

@@ -34,7 +34,6 @@ TARGETS = [
     Target("create PersistentVolumeClaim", "create", "persistentvolumeclaims"),
     Target("patch LlamaDeployment status", "update", "llamadeployments", "status"),
     Target("create Event", "create", "events"),
-    Target("patch LlamaDeployment (kopf's finalizer)", "update", "llamadeployments"),
 ]
 
 

@@ -1,5 +1,5 @@
-"""API faults: every write the operator makes (Deployment, Service, model-cache claim, status, Events, and
-kopf's own finalizer patch) failed with 500 (answer lost, or refused), 429 with Retry-After, and 409;
+"""API faults: every write the operator makes (Deployment, Service, model-cache claim, status, Events)
+failed with 500 (answer lost, or refused), 429 with Retry-After, and 409;
 then the operator's watches cut and their next request answered with a watch that ends at once, a
 410 Gone, or a 500.
 

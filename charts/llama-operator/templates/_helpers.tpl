@@ -113,7 +113,7 @@ Cluster-wide install: a ClusterRole. Namespaced install: a Role in each watched 
 {{- if and .Values.watch.namespaced (include "llama-operator.peeringEnabled" .) }}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- end }}
 
@@ -133,6 +133,6 @@ Cluster-wide install: a ClusterRole. Namespaced install: a Role in each watched 
 {{- if and (not .Values.watch.namespaced) (include "llama-operator.peeringEnabled" .) }}
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- end }}
