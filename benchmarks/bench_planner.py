@@ -107,7 +107,7 @@ def bench_size(n: int, specs: dict, repeats: int, cold: bool) -> dict:
         spec = api.parse_spec(raw)
         entry: dict = {}
         if cold:
-            planner._cached_estimate.cache_clear()
+            planner._fixed_verdict.cache_clear()
             copy = inv.release(())
             ns, _ = _timed(lambda: planner.plan(spec, copy))
             entry["first_call_ms"] = round(_ms(ns), 3)

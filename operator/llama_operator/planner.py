@@ -428,56 +428,92 @@ def _support_problem(quant: Quantization, gpu: GPU | None) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """What a candidate's verdict depends on besides the hardware and the free capacity."""
+
+    budget_bytes: int
+    ttft_seconds: float
+    tpot_seconds: float
+    ttft_text: str
+    tpot_text: str
+
+    @classmethod
+    def of(cls, spec: LlamaDeploymentSpec) -> "_Limits":
+        return cls(spec.memory_budget_bytes, spec.slo.ttft_seconds, spec.slo.tpot_seconds,
+                   spec.slo.ttftP95, spec.slo.tpotP95)
+
+
+@dataclass(frozen=True)
+class _FixedVerdict:
+    """A candidate's estimate and its verdict on everything but free capacity. The same variant on the same
+    hardware under the same limits always gets the same one, so it is computed once (see _fixed_verdict):
+    every pass re-plans, and deployments alike in spec plan alike."""
+
+    estimate: Estimate | None
+    before: tuple[str, ...]  # reasons listed before the capacity one (support, budget, GPU memory)
+    after: tuple[str, ...]  # and after it (the SLO)
+    shortfall: float  # the largest needed/available ratio, capacity aside
+    cpu_millis: int = 0  # host requests of one replica, for the capacity check
+    memory_bytes: int = 0
+
+
 @lru_cache(maxsize=65536)
-def _cached_estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload) -> Estimate:
-    return estimate(model, quant, hw, workload)
-
-
-def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload) -> None:
-    gpu = c.pool.gpu
-    problem = _support_problem(c.quant, gpu)
+def _fixed_verdict(model: Model, quant: Quantization, hw: Hardware, workload: Workload,
+                   limits: _Limits) -> _FixedVerdict:
+    gpu, runtime = hw.gpu, quant.runtime
+    problem = _support_problem(quant, gpu)
     if problem:
-        c.reasons.append(problem)
-        return
+        return _FixedVerdict(None, (problem,), (), float("inf"))
+    e = estimate(model, quant, hw, workload)
+    before, after = [], []
+    ratios = [e.total_bytes / limits.budget_bytes]
+    if e.total_bytes > limits.budget_bytes:
+        before.append(f"needs {format_bytes(e.total_bytes)} per replica > memory budget "
+                      f"{format_bytes(limits.budget_bytes)} (weights {format_bytes(e.weights_bytes)}, "
+                      f"KV cache {format_bytes(e.kv_cache_bytes)})")
+    if gpu is not None:
+        fraction = VLLM_MAX_GPU_MEMORY_UTILIZATION if runtime == "vllm" else LLAMACPP_MAX_GPU_MEMORY_FRACTION
+        usable = gpu.memory_bytes * fraction
+        ratios.append(e.per_gpu_bytes / usable)
+        if e.per_gpu_bytes > usable:
+            before.append(f"needs {format_bytes(e.per_gpu_bytes)} per GPU > {format_bytes(usable)} usable on "
+                          f"{gpu.product}")
+        cpu_millis, memory_bytes = host_requests(runtime, hw.gpu_count, 0, e.total_bytes)
+    else:
+        cpu_millis, memory_bytes = host_requests(runtime, 0, hw.cpu_cores, e.total_bytes)
+    ratios.append(e.ttft_seconds / limits.ttft_seconds)
+    ratios.append(e.tpot_seconds / limits.tpot_seconds)
+    if e.ttft_seconds > limits.ttft_seconds:
+        after.append(f"predicted TTFT {format_seconds(e.ttft_seconds)} > SLO {limits.ttft_text}")
+    if e.tpot_seconds > limits.tpot_seconds:
+        after.append(f"predicted TPOT {format_seconds(e.tpot_seconds)} > SLO {limits.tpot_text}")
+    return _FixedVerdict(e, tuple(before), tuple(after), max(ratios), cpu_millis, memory_bytes)
+
+
+def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload, limits: _Limits | None = None) -> None:
+    gpu = c.pool.gpu
     if gpu is None:
         hw = Hardware(gpu=None, cpu_cores=c.cpu_threads, cpu_bandwidth_gbps=c.pool.cpu_bandwidth_gbps)
     else:
         hw = Hardware(gpu=gpu, gpu_count=c.gpus_per_replica)
-    e = _cached_estimate(c.model, c.quant, hw, workload)
-    c.estimate = e
-    ratios = []
-    budget = spec.memory_budget_bytes
-    ratios.append(e.total_bytes / budget)
-    if e.total_bytes > budget:
-        c.reasons.append(f"needs {format_bytes(e.total_bytes)} per replica > memory budget {format_bytes(budget)} "
-                         f"(weights {format_bytes(e.weights_bytes)}, KV cache {format_bytes(e.kv_cache_bytes)})")
-    if gpu is not None:
-        fraction = VLLM_MAX_GPU_MEMORY_UTILIZATION if c.runtime == "vllm" else LLAMACPP_MAX_GPU_MEMORY_FRACTION
-        usable = gpu.memory_bytes * fraction
-        ratios.append(e.per_gpu_bytes / usable)
-        if e.per_gpu_bytes > usable:
-            c.reasons.append(f"needs {format_bytes(e.per_gpu_bytes)} per GPU > {format_bytes(usable)} usable on "
-                             f"{gpu.product}")
-        cpu_millis, memory_bytes = host_requests(c.runtime, c.gpus_per_replica, 0, e.total_bytes)
-        slots = c.pool.slots(c.gpus_per_replica, cpu_millis, memory_bytes)
-        if slots < spec.replicas:
+    fixed = _fixed_verdict(c.model, c.quant, hw, workload, limits or _Limits.of(spec))
+    c.reasons.extend(fixed.before)
+    if fixed.estimate is None:  # the hardware cannot run the format: nothing else to say
+        return
+    c.estimate = fixed.estimate
+    slots = c.pool.slots(c.gpus_per_replica, fixed.cpu_millis, fixed.memory_bytes)
+    if slots < spec.replicas:
+        if gpu is not None:
             c.reasons.append(f"{spec.replicas} replica(s) need {c.gpus_per_replica} free {gpu.product} GPU(s), "
-                             f"{cpu_millis / 1000:g} cores and {format_bytes(memory_bytes)} RAM on one node each; "
-                             f"only {slots} such placement(s) are free")
-    else:
-        cpu_millis, memory_bytes = host_requests(c.runtime, 0, c.cpu_threads, e.total_bytes)
-        slots = c.pool.slots(0, cpu_millis, memory_bytes)
-        if slots < spec.replicas:
+                             f"{fixed.cpu_millis / 1000:g} cores and {format_bytes(fixed.memory_bytes)} RAM on one "
+                             f"node each; only {slots} such placement(s) are free")
+        else:
             c.reasons.append(f"{spec.replicas} replica(s) need {c.cpu_threads} free cores and "
-                             f"{format_bytes(e.total_bytes)} RAM on one node each; only {slots} such node slot(s)")
-    ratios.append(spec.replicas / slots if slots else float("inf"))
-    ratios.append(e.ttft_seconds / spec.slo.ttft_seconds)
-    ratios.append(e.tpot_seconds / spec.slo.tpot_seconds)
-    if e.ttft_seconds > spec.slo.ttft_seconds:
-        c.reasons.append(f"predicted TTFT {format_seconds(e.ttft_seconds)} > SLO {spec.slo.ttftP95}")
-    if e.tpot_seconds > spec.slo.tpot_seconds:
-        c.reasons.append(f"predicted TPOT {format_seconds(e.tpot_seconds)} > SLO {spec.slo.tpotP95}")
-    c.shortfall = max(ratios)
+                             f"{format_bytes(fixed.estimate.total_bytes)} RAM on one node each; only {slots} "
+                             f"such node slot(s)")
+    c.reasons.extend(fixed.after)
+    c.shortfall = max(fixed.shortfall, spec.replicas / slots if slots else float("inf"))
 
 
 def _gpu_counts(quant: Quantization, model: Model, pool: Pool) -> list[int]:
@@ -507,6 +543,7 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
     base = Workload(context_length=spec.contextLength, concurrency=spec.slo.concurrency,
                     prompt_tokens=spec.slo.promptTokens)
     kv_options = ["auto"] + (["8bit"] if spec.fallback.allowKVCacheQuantization else [])
+    limits = _Limits.of(spec)
     candidates: list[Candidate] = []
     chosen: Candidate | None = None
     rung = 0
@@ -529,7 +566,7 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
                         attempts = []
                         for n in _gpu_counts(quant, model, pool):
                             c = Candidate(model, quant, kv_dtype, pool, n, rung)
-                            _check(c, spec, workload)
+                            _check(c, spec, workload, limits)
                             attempts.append(c)
                         if attempts:
                             rung_candidates.append(_best_of(attempts))
