@@ -9,6 +9,8 @@ Kubernetes 1.29 and 1.34 (the Python API for each manifest, and the CLI once ove
 """
 from __future__ import annotations
 
+import json
+
 import re
 import subprocess
 import sys
@@ -437,6 +439,21 @@ def test_renders_of_the_same_shape_share_nothing(all_cases):
     assert "--edited" not in other[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert other[0]["metadata"]["name"] == "chat-2" and other[0]["metadata"]["namespace"] == "team-b"
     assert render(OWNER, c.spec, c.plan) == c.objects  # and the cache still gives the pristine objects
+
+
+def test_a_render_from_the_cache_carries_its_own_owner_everywhere(all_cases):
+    """A spec and plan are rendered once with a stand-in owner; every name, label, claim and owner
+    reference of a later deployment alike must be its own, with no trace of the stand-in."""
+    c = all_cases["vllm-tp1"]
+    render(OWNER, c.spec, c.plan)
+    owner = Owner(name="support-bot", namespace="team-b", uid="uid-2")
+    deployment, service = render(owner, c.spec, c.plan)[:2]
+    assert "\x02" not in json.dumps([deployment, service])
+    assert OWNER.name not in json.dumps([deployment, service])
+    assert deployment["metadata"]["ownerReferences"][0]["uid"] == "uid-2"
+    assert deployment["spec"]["selector"]["matchLabels"]["llama-operator.dev/llamadeployment"] == "support-bot"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert "support-bot" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]  # served name
 
 
 # --- schema validation ------------------------------------------------------------------------------------

@@ -63,15 +63,30 @@ def _parse(text: str) -> tuple[Any, ...]:
     return tuple(d for d in yaml.load_all(text, Loader=_Loader) if d)
 
 
-def _fill(node: Any, slots: list[Any]) -> Any:
-    """A fresh copy of a parsed document, placeholders replaced by their values."""
+def _fill(node: Any, slots: list[Any], owner: "Owner") -> Any:
+    """A fresh copy of a parsed document, placeholders replaced by their values, with `owner` where the
+    rendering had the stand-in owner (see render)."""
     if isinstance(node, dict):
-        return {k: _fill(v, slots) for k, v in node.items()}
+        return {k: _fill(v, slots, owner) for k, v in node.items()}
     if isinstance(node, list):
-        return [_fill(v, slots) for v in node]
+        return [_fill(v, slots, owner) for v in node]
     if isinstance(node, str) and node.startswith(_SLOT):
-        return slots[int(node[1:])]  # a fresh value per placeholder (see _tojson_slot)
+        return _owned(slots[int(node[1:])], owner)
     return node
+
+
+def _owned(value: Any, owner: "Owner") -> Any:
+    """A copy of a slot's value with the stand-in owner's fields replaced by `owner`'s."""
+    if isinstance(value, str):
+        if _STAND_IN_MARK not in value:
+            return value
+        return value.replace(_STAND_IN.name, owner.name).replace(_STAND_IN.namespace, owner.namespace) \
+            .replace(_STAND_IN.uid, owner.uid)
+    if isinstance(value, dict):
+        return {k: _owned(v, owner) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_owned(v, owner) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,16 @@ class Owner:
     name: str
     namespace: str
     uid: str
+
+
+# Deployments alike in spec and plan render alike but for their owner (names, labels, owner reference),
+# and every pass renders again. So a spec and plan are rendered once with a stand-in owner, whose fields
+# are marked strings the owner's values then replace (they reach the output only as slot values: names,
+# labels, the claim name and the owner reference are strings the templates emit whole or within).
+_STAND_IN_MARK = "\x02"
+_STAND_IN = Owner(name="\x02name\x02", namespace="\x02namespace\x02", uid="\x02uid\x02")
+_RENDERED_LIMIT = 512
+_rendered: dict[tuple[str, str, "Images"], tuple[tuple[Any, ...], list[Any]]] = {}
 
 
 def selector_labels(name: str) -> dict[str, str]:
@@ -246,14 +271,21 @@ def content_hash(obj: dict) -> str:
 
 def render(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images = Images()) -> list[dict]:
     """The objects one LlamaDeployment owns: Deployment, Service, and a model-cache claim when asked."""
-    template = _env.get_template("vllm.yaml.j2" if plan.runtime == "vllm" else "llamacpp.yaml.j2")
-    slots: list[Any] = []
-    token = _slots.set(slots)
-    try:
-        text = template.render(w=build_context(owner, spec, plan, images))
-    finally:
-        _slots.reset(token)
-    objects = [_fill(doc, slots) for doc in _parse(text)]
+    key = (spec.model_dump_json(), plan.model_dump_json(), images)
+    shape = _rendered.get(key)
+    if shape is None:
+        template = _env.get_template("vllm.yaml.j2" if plan.runtime == "vllm" else "llamacpp.yaml.j2")
+        slots: list[Any] = []
+        token = _slots.set(slots)
+        try:
+            text = template.render(w=build_context(_STAND_IN, spec, plan, images))
+        finally:
+            _slots.reset(token)
+        if len(_rendered) >= _RENDERED_LIMIT:
+            del _rendered[next(iter(_rendered))]  # the oldest
+        shape = _rendered[key] = (_parse(text), slots)
+    docs, slots = shape
+    objects = [_fill(doc, slots, owner) for doc in docs]
     for obj in objects:
         obj["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = content_hash(obj)
     return objects
