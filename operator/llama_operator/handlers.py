@@ -95,7 +95,7 @@ class Indexes:
     services: Any
 
     def owned(self, key: Key) -> dict[str, dict[str, Live]]:
-        """The watched objects `key` owns, per kind and name, as `Writer.apply` takes them."""
+        """The watched objects `key` owns, per kind and name, as `Writer.write` takes them."""
         return {kind: {live.name: live for live in index.get(key, ())}
                 for kind, index in (("Deployment", self.deployments), ("Service", self.services))}
 
@@ -477,6 +477,8 @@ async def reconcile(state: OperatorState, key: Key, indexes: Indexes) -> Decisio
                    upgrade_delay=state.settings.upgrade_delay)
     error = False
     try:
+        objects: list[dict] = []
+        owned: dict[str, dict[str, Live]] = {}
         try:
             spec = _parse_spec(body.get("spec"))
         except SpecError as e:
@@ -507,18 +509,21 @@ async def reconcile(state: OperatorState, key: Key, indexes: Indexes) -> Decisio
                     if obj["kind"] in WATCHED_KINDS:
                         state.rendered[(obj["kind"], namespace, obj["metadata"]["name"])] = \
                             obj["metadata"]["annotations"][HASH_ANNOTATION]
-                await state.writer.apply(objects, owned)
+        events = []
         if decision.events:
             involved = {"apiVersion": body.get("apiVersion") or api.API_VERSION, "kind": body.get("kind") or api.KIND,
                         "name": name, "namespace": namespace, "uid": meta.get("uid")}
             instance = os.environ.get("POD_ID") or os.environ.get("HOSTNAME", "")
             seed = canonical([meta.get("uid"), status.model_dump(mode="json", exclude_none=True)])
-            for etype, reason, message in decision.events:
-                await state.writer.post_event(event_body(involved, etype, reason, message, instance, seed=seed))
+            events = [event_body(involved, etype, reason, message, instance, seed=seed)
+                      for etype, reason, message in decision.events]
         new_status = decision.status.model_dump(mode="json")
-        if _without_nulls(new_status) != _without_nulls(raw_status):
-            if not await state.writer.patch_status(namespace, name, new_status):
-                return None  # deleted during the pass
+        status_changed = _without_nulls(new_status) != _without_nulls(raw_status)
+        written = await state.writer.write(objects, owned, events,
+                                           (namespace, name, new_status) if status_changed else None)
+        if not written.status_found:
+            return None  # deleted during the pass
+        if status_changed:
             state.written_status[key] = new_status
         if key not in state.bodies:
             return None  # deleted during the pass: no metrics for it

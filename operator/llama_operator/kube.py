@@ -27,11 +27,11 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import kopf
 import kubernetes
@@ -295,32 +295,45 @@ class Writer:
         """Let the worker threads go once the requests in flight are done."""
         self._threads.shutdown(wait=False)
 
-    async def apply(self, objects: list[dict], known: Mapping[str, Mapping[str, Live]] | None = None) -> list[str]:
-        """Write each object that differs from the server; per object, what was done (created | patched |
-        unchanged). `known`: per kind, the objects of that kind the operator's watch shows ({name: Live});
-        kinds not in it are read with a GET first."""
+    async def write(self, objects: list[dict], known: Mapping[str, Mapping[str, Live]] | None = None,
+                    events: Sequence[dict] = (), status: tuple[str, str, dict] | None = None) -> Written:
+        """One pass's writes, in this order: each object that differs from the server, the Events (built by
+        `event_body`; one that exists already, 409, counts as posted), then the status, a merge patch of
+        (namespace, name, status) into a LlamaDeployment. A status is never written before the Events of
+        its transition. One trip to a writer thread for all of them, and none when there is nothing to send.
+
+        `known`: per kind, the objects of that kind the operator's watch shows ({name: Live}); kinds not in
+        it are read with a GET first."""
         known = known or {}
-        results = []
+        results: list[str | None] = []
         for obj in objects:
             live = known.get(obj["kind"])
-            if live is not None and obj["metadata"]["annotations"].get(HASH_ANNOTATION) == \
-                    getattr(live.get(obj["metadata"]["name"]), "spec_hash", None):
-                results.append("unchanged")  # nothing to send: no thread hop either
-            else:
-                results.append(await self._in_thread(self._apply, obj, live))
-        return results
+            unchanged = live is not None and obj["metadata"]["annotations"].get(HASH_ANNOTATION) == \
+                getattr(live.get(obj["metadata"]["name"]), "spec_hash", None)
+            results.append("unchanged" if unchanged else None)
+        if all(results) and not events and status is None:
+            return Written(applied=list(results), status_found=True)  # type: ignore[arg-type]
+        return await self._in_thread(self._write, objects, known, results, list(events), status)
+
+    def _write(self, objects: list[dict], known: Mapping[str, Mapping[str, Live]], results: list[str | None],
+               events: list[dict], status: tuple[str, str, dict] | None) -> Written:
+        applied = [done or self._apply(obj, known.get(obj["kind"])) for obj, done in zip(objects, results)]
+        for event in events:
+            self._post_event(event)
+        found = self._patch_status(*status) if status is not None else True
+        return Written(applied=applied, status_found=found)
 
     async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
         """The object as the server has it now; None when it does not exist."""
         return await self._in_thread(self._get, api_version, kind, namespace, name)
 
-    async def patch_status(self, namespace: str, name: str, status: dict) -> bool:
-        """Merge `status` into a LlamaDeployment's status; False when the object does not exist (deleted)."""
-        return await self._in_thread(self._patch_status, namespace, name, status)
 
-    async def post_event(self, event: dict) -> None:
-        """Create an Event built by `event_body`; one that exists already (409) counts as posted."""
-        await self._in_thread(self._post_event, event)
+class Written(NamedTuple):
+    """What `Writer.write` did: per object, created | patched | unchanged; and whether the LlamaDeployment
+    whose status it patched still exists (False: the patch answered 404, the object was deleted)."""
+
+    applied: list[str]
+    status_found: bool
 
 
 def event_body(involved: dict, type_: str, reason: str, message: str, instance: str = "",

@@ -128,8 +128,8 @@ def _apply_unwatched(kubeconfig: str, ld: dict) -> None:
     owner = Owner(name=ld["metadata"]["name"], namespace=ld["metadata"]["namespace"], uid=ld["metadata"]["uid"])
     objects = render(owner, parse_spec(ld["spec"]), ChosenPlan.model_validate(ld["status"]["plan"]))
     writer = Writer(load_client_configuration(kubeconfig))
-    results = asyncio.run(writer.apply(objects, {"Deployment": {}, "Service": {}}))
-    assert results == ["unchanged"] * len(objects), results
+    written = asyncio.run(writer.write(objects, {"Deployment": {}, "Service": {}}))
+    assert written.applied == ["unchanged"] * len(objects), written
 
 
 def _as_usage(seen: set[tuple[str, str, str]]) -> dict[str, list[str]]:
