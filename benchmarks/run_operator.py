@@ -1,6 +1,6 @@
 """llama-operator as `llama-operator run --standalone -A` starts it, for bench_operator.py's child process.
 
-Same code path as `llama_operator.cli.cmd_run` (configure_logging, RunOptions, runner.run_async), except
+Same code path as `llama_operator.cli.cmd_run` (configure_logging, tune_gc, RunOptions, runner.run_async), except
 that the metrics and health endpoints listen on 127.0.0.1 (the CLI binds 0.0.0.0), and an optional
 cProfile of the main thread.
 
@@ -22,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from llama_operator.handlers import Settings
-    from llama_operator.runner import RunOptions, configure_logging, run_async
+    from llama_operator.runner import RunOptions, configure_logging, run_async, tune_gc
 
     configure_logging()
+    tune_gc()
     options = RunOptions(kubeconfig=args.kubeconfig, namespaces=[], metrics_port=args.metrics_port,
                          metrics_host="127.0.0.1", health_port=args.health_port, health_host="127.0.0.1",
                          peering=None, settings=Settings())

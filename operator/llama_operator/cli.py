@@ -288,11 +288,12 @@ def cmd_run(args) -> int:
     from .handlers import Settings
     from .kube import ConfigError
     from .render import Images
-    from .runner import RunOptions, configure_logging, run_async
+    from .runner import RunOptions, configure_logging, run_async, tune_gc
 
     if args.metrics_port == args.health_port:
         raise UserError("--metrics-port and --health-port must differ")
     configure_logging(verbose=args.verbose, json_format=args.log_format == "json")
+    tune_gc()
     images = Images(vllm=args.vllm_image, llamacpp_cuda=args.llamacpp_image,
                     llamacpp_cpu=args.llamacpp_cpu_image)
     options = RunOptions(

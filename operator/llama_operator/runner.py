@@ -6,6 +6,7 @@ integration tests (in-process, with a stop flag).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -26,6 +27,21 @@ def configure_logging(*, verbose: bool = False, json_format: bool = False) -> No
     logging.getLogger("llama_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+
+
+#: Young-generation size and older-generation ratios for the operator process (CPython's defaults:
+#: 700, 10, 10). See tune_gc.
+GC_THRESHOLDS = (50_000, 50, 100)
+
+
+def tune_gc() -> None:
+    """Collect garbage less often in the operator process. A burst of passes allocates many short-lived
+    objects while the process holds a large, long-lived view of the cluster (every Node, Pod and owned
+    object); with CPython's defaults a young collection runs every 700 allocations and full collections
+    walk that whole view. On the benchmark (500 nodes, 200 new LlamaDeployments) collection took 0.19 s
+    of 1.3 s of CPU; with these thresholds 0.05 s, for about 2 MiB more peak memory. Process-wide, so
+    the process's entry point calls it (`llama-operator run`), not the library."""
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @dataclass
