@@ -568,6 +568,8 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
                             c = Candidate(model, quant, kv_dtype, pool, n, rung)
                             _check(c, spec, workload, limits)
                             attempts.append(c)
+                            if c.feasible:
+                                break  # _best_of takes the fewest GPUs that work: larger counts never win
                         if attempts:
                             rung_candidates.append(_best_of(attempts))
                 rung_labels.append(f"{model.id} {'/'.join(q.id for q in tier)}"
