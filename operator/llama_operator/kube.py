@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from kubernetes.dynamic.exceptions import ConflictError, DynamicApiError, NotFou
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from .api import API_VERSION, KIND
-from .render import HASH_ANNOTATION
+from .render import HASH_ANNOTATION, sha256_hex
 
 
 USER_AGENT = "llama-operator"
@@ -350,7 +349,7 @@ def event_body(involved: dict, type_: str, reason: str, message: str, instance: 
     if seed is None:
         suffix = uuid.uuid4().hex[:16]
     else:
-        suffix = hashlib.sha256(json.dumps([seed, type_, reason, message]).encode()).hexdigest()[:16]
+        suffix = sha256_hex(json.dumps([seed, type_, reason, message]))[:16]
     return {
         "apiVersion": "v1",
         "kind": "Event",
