@@ -60,6 +60,15 @@ class Pool:
     cpu_cores: int = 0
     cpu_bandwidth_gbps: float = 0.0
 
+    def __post_init__(self) -> None:
+        # slots() is asked dozens of times per plan, each time a cache lookup that hashes the pool, whose
+        # `free` grows with the cluster: hash it once.
+        object.__setattr__(self, "_hash", hash((self.key, self.gpu, self.max_gpus_per_node, self.free,
+                                                self.cpu_cores, self.cpu_bandwidth_gbps)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]
+
     def slots(self, gpus: int, cpu_millis: int, memory_bytes: int) -> int:
         """Replicas that fit, one node each: a replica needs `gpus` GPUs (0 on CPU) and its host CPU and
         memory requests (CPU nodes keep a tenth of their memory for the page cache and the kubelet)."""
