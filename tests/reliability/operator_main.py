@@ -12,7 +12,7 @@ import threading
 from datetime import timedelta
 
 from llama_operator.handlers import Settings
-from llama_operator.runner import RunOptions, run_async
+from llama_operator.runner import RunOptions, run_async, tune_gc
 
 
 def main() -> None:
@@ -26,6 +26,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kopf").setLevel(logging.WARNING)
+    tune_gc()  # as `llama-operator run` does: the soak's memory trend is the production process's
     settings = Settings(error_backoff_seconds=args.error_backoff, max_error_backoff_seconds=args.max_error_backoff,
                         resync_seconds=args.resync, upgrade_delay=timedelta(seconds=args.upgrade_delay))
     options = RunOptions(kubeconfig=args.kubeconfig, metrics_port=None, health_port=None, settings=settings,

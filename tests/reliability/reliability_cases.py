@@ -111,8 +111,10 @@ SCENARIOS = {
     "stop-mid-reconcile": ("The operator stopped while its status patch hangs (Deployment, Service and claim "
                            "written), then a new operator started",
                            "the new operator converged to the fault-free result; no duplicate Events"),
-    "peering": ("Two operator replicas with peering (different priorities)",
-                "only the higher-priority replica wrote anything; after it stopped, the other took over"),
+    "peering": ("Two operator replicas with peering (different priorities); after the first stops, a third "
+                "of the highest priority joins",
+                "only the highest-priority live replica wrote anything; after it stopped, the other took over; "
+                "paused by the newcomer, it ran no pass, its resync timers included"),
     "bad-inputs-quiet": ("All bad inputs created at once beside a valid LlamaDeployment",
                          "the valid one converged; no crash; no status write or Event in 3 s of quiet"),
 }

@@ -172,9 +172,19 @@ def test_operator_stopped_while_its_status_patch_hangs(cluster, results):
     assert not problems, "\n".join(problems)
 
 
+def _passes(state) -> float:
+    """How many passes the operator has run (its reconcile-duration histogram's count)."""
+    for line in state.metrics.render().splitlines():
+        if line.startswith("llama_operator_reconcile_duration_seconds_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_two_replicas_with_peering_only_one_acts(cluster, results):
     """Replica a runs; replica b (lower priority) joins. kopf starts a peered operator paused until it
-    has read the peering object, so b must stay paused as long as a is alive.
+    has read the peering object, so b must stay paused as long as a is alive. Once a stops, b acts; when
+    c (higher priority) joins, b pauses again: kopf stops b's watches, and the operator's peering gate
+    stops b's workers, so b's resync timers start no pass.
 
     (Two replicas started at the very same instant can both act for a moment: the first one to read
     the peering object may not see the other's record yet. That is kopf's peering, not tested here.)"""
@@ -189,7 +199,8 @@ def test_two_replicas_with_peering_only_one_acts(cluster, results):
     seen = len(cluster.server.requests())
     a = cluster.operator(peering=peering, settings=fast_settings(peering_priority=200), name="operator-a")
     wait_until(lambda: priorities() == [200], 10, "replica a's record in the peering object")
-    b = cluster.operator(port=port_b, peering=peering, settings=fast_settings(peering_priority=100),
+    # b resyncs every 2 s, so that once it is active its timers would start passes if a pause let them.
+    b = cluster.operator(port=port_b, peering=peering, settings=fast_settings(peering_priority=100, resync_seconds=2),
                          name="operator-b")
     wait_until(lambda: priorities() == [100, 200], 10, "replica b's record in the peering object")
     ns = "peer"
@@ -220,6 +231,30 @@ def test_two_replicas_with_peering_only_one_acts(cluster, results):
         problems.append(f"no takeover: {e}")
     if not any("/deployments" in w for w in acting(writes_by_port(cluster, port_b, seen))):
         problems.append("the remaining replica did not act after the other stopped")
+
+    # A replica of higher priority joins: b pauses, and its resync timers start no pass while it is paused.
+    port_c = cluster.server.serve()
+    c = cluster.operator(port=port_c, peering=peering, settings=fast_settings(peering_priority=300),
+                         name="operator-c")
+    try:
+        wait_until(lambda: 300 in priorities(), 10, "replica c's record in the peering object")
+        state_b = b.state_holder[0]
+        wait_until(lambda: state_b.peering is not None and not state_b.peering.is_open, 10, "replica b to pause")
+        passes_before = _passes(state_b)
+        seen = len(cluster.server.requests())
+        cluster.create(chat_doc("three"), ns)
+        cluster.wait_converged(ns, ["one", "two", "three"], timeout=60)
+        time.sleep(5)  # more than two of b's resync periods
+        if _passes(state_b) != passes_before:
+            problems.append(f"paused replica b ran {_passes(state_b) - passes_before} pass(es)")
+        if acting(writes_by_port(cluster, port_b, seen)):
+            problems.append(f"paused replica b wrote: {acting(writes_by_port(cluster, port_b, seen))[:5]}")
+        if not any("/deployments" in w for w in acting(writes_by_port(cluster, port_c, seen))):
+            problems.append("the highest-priority replica did not act")
+    except AssertionError as e:
+        problems.append(f"with a third replica: {e}")
+    finally:
+        c.stop()
     if not b.alive:
         problems.append(f"replica b died: {b.error!r}")
     _record(results, "peering", problems)
