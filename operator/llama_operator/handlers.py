@@ -271,14 +271,14 @@ def register(registry: kopf.OperatorRegistry) -> None:
         settings.persistence.finalizer = FINALIZER
         settings.watching.server_timeout = memo.get("watch_timeout", 300)
         settings.posting.level = logging.WARNING
-        if "state" not in memo:
+        if "state" not in memo or _state(memo).workers is not None:  # kopf retries a startup handler that failed
             return
         state = _state(memo)
         # Replicas of one Deployment start with the same arguments, and kopf pauses all peers of equal
         # priority: each takes its priority from its own pod identity, unless Settings.peering_priority
         # says (several operators in one process, as in tests). The peering gate applies the same one.
         settings.peering.priority = own_priority(state.settings.peering_priority)
-        # kopf's index objects stay the same as they fill: the workers read them as the daemons did.
+        # kopf's index objects stay the same objects as they fill; kopf runs no handler before they are full.
         state.indexes = Indexes(nodes=node_index, pods=pod_index, deployments=deployment_index,
                                 services=service_index)
         gate = None
