@@ -101,7 +101,7 @@ class Indexes:
 
 
 class OperatorState:
-    """Everything the handlers share: the cluster view, plans in force, wake-up signals."""
+    """Everything the handlers share: the cluster view, plans in force, the work queue."""
 
     def __init__(self, writer: Writer, settings: Settings, metrics: OperatorMetrics, client_config=None):
         self.writer = writer
@@ -196,8 +196,10 @@ class OperatorState:
         self._all_reserved = None
         return True
 
-    def inventory_for(self, key: Key, indexes: Indexes) -> Inventory:
+    def inventory_for(self, key: Key) -> Inventory:
         """The cluster minus what others hold or are promised; this deployment's own pods count as free."""
+        indexes = self.indexes
+        assert indexes is not None, "the startup handler hands over kopf's indexes before any pass"
         pods: list[tuple[Key, PodUsage, str | None]] = [
             (pod_key, usage, owner) for pod_key, store in indexes.pods.items() for usage, owner in store
         ]
@@ -265,8 +267,6 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.startup(id="configure", registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, node_index: kopf.Index,
                         pod_index: kopf.Index, deployment_index: kopf.Index, service_index: kopf.Index, **_):
-        prefix = "llama-operator.dev"
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
         settings.persistence.diffbase_storage = _NoDiffBase()
         settings.persistence.finalizer = FINALIZER
         settings.watching.server_timeout = memo.get("watch_timeout", 300)
@@ -368,7 +368,7 @@ async def run_pass(state: OperatorState, key: Key) -> None:
         return  # deleted since it was queued
     settings = state.settings
     try:
-        decision = await reconcile(state, key, state.indexes)
+        decision = await reconcile(state, key)
     except Exception:  # noqa: BLE001 - logged, retried
         failures = state.failures[key] = state.failures.get(key, 0) + 1
         backoff = min(settings.error_backoff_seconds * 2 ** (failures - 1),
@@ -458,7 +458,7 @@ def _pod_use(body: kopf.Body, labels: kopf.Labels) -> tuple[PodUsage, str | None
     return usage, labels.get(LABEL_DEPLOYMENT)
 
 
-async def reconcile(state: OperatorState, key: Key, indexes: Indexes) -> Decision | None:
+async def reconcile(state: OperatorState, key: Key) -> Decision | None:
     """One pass for one LlamaDeployment: plan, decide, render and apply, write status and events.
 
     The work queue never runs two passes of one deployment at once. A pass racing the deletion of its
@@ -485,13 +485,13 @@ async def reconcile(state: OperatorState, key: Key, indexes: Indexes) -> Decisio
             decision = decide_invalid(obs, e.problems)
             spec = None
         else:
-            owned = indexes.owned(key)
+            owned = state.indexes.owned(key)
             deployment = owned["Deployment"].get(name)
             if deployment is not None:
                 obs = replace(obs, deployment_status=deployment.status)
             # From reading the inventory to recording the promise, nothing awaits: no other deployment's
             # pass can plan in between, so two never take the same free GPUs (nor flip between them).
-            inventory = state.inventory_for(key, indexes)
+            inventory = state.inventory_for(key)
             plan = planner.plan(spec, inventory)
             current = status.plan
             problems = planner.check_choice(spec, inventory, current) if current is not None else None

@@ -217,7 +217,7 @@ class Writer:
                 live = self._read_live(api_version, kind, meta["namespace"], meta["name"])
                 if live is None:
                     raise
-        if live.spec_hash == meta["annotations"][HASH_ANNOTATION]:
+        if _is_current(obj, live):
             return "unchanged"
         if kind == "PersistentVolumeClaim":
             return "unchanged"  # a claim's spec is immutable once bound; size changes are left to people
@@ -235,7 +235,6 @@ class Writer:
 
     def _patch(self, res, obj: dict, live: Live) -> None:
         meta = obj["metadata"]
-        what = f"{obj['kind']} {meta['namespace']}/{meta['name']}"
         body: Any
         if obj["kind"] == "Deployment":
             # Replace the whole spec (JSON patch), so fields the new render drops really go away;
@@ -246,18 +245,15 @@ class Writer:
                     body.append({"op": "add", "path": f"/metadata/{section}", "value": {}})
                 for k, v in meta.get(section, {}).items():
                     body.append({"op": "add", "path": f"/metadata/{section}/{_escape(k)}", "value": v})
-            self._call(f"patch {what}", lambda: res.patch(
-                body=body, name=meta["name"], namespace=meta["namespace"],
-                content_type="application/json-patch+json", _request_timeout=REQUEST_TIMEOUT, serializer=_plain),
-                conflict_ok=True)
+            content_type = "application/json-patch+json"
         else:
             # Services keep server-assigned fields (clusterIP): merge only what we own.
             body = {"metadata": {"labels": meta.get("labels", {}), "annotations": meta.get("annotations", {})},
                     "spec": {k: obj["spec"][k] for k in ("type", "selector", "ports") if k in obj["spec"]}}
-            self._call(f"patch {what}", lambda: res.patch(
-                body=body, name=meta["name"], namespace=meta["namespace"],
-                content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT, serializer=_plain),
-                conflict_ok=True)
+            content_type = "application/merge-patch+json"
+        self._call(f"patch {obj['kind']} {meta['namespace']}/{meta['name']}", lambda: res.patch(
+            body=body, name=meta["name"], namespace=meta["namespace"], content_type=content_type,
+            _request_timeout=REQUEST_TIMEOUT, serializer=_plain), conflict_ok=True)
 
     def _patch_status(self, namespace: str, name: str, status: dict) -> bool:
         res = self._call(f"discovery of {KIND}", lambda: self._resource(API_VERSION, KIND))
@@ -304,12 +300,9 @@ class Writer:
         `known`: per kind, the objects of that kind the operator's watch shows ({name: Live}); kinds not in
         it are read with a GET first."""
         known = known or {}
-        results: list[str | None] = []
-        for obj in objects:
-            live = known.get(obj["kind"])
-            unchanged = live is not None and obj["metadata"]["annotations"].get(HASH_ANNOTATION) == \
-                getattr(live.get(obj["metadata"]["name"]), "spec_hash", None)
-            results.append("unchanged" if unchanged else None)
+        results: list[str | None] = [
+            "unchanged" if obj["kind"] in known and _is_current(obj, known[obj["kind"]].get(obj["metadata"]["name"]))
+            else None for obj in objects]
         if all(results) and not events and status is None:
             return Written(applied=list(results), status_found=True)  # type: ignore[arg-type]
         return await self._in_thread(self._write, objects, known, results, list(events), status)
@@ -366,6 +359,11 @@ def event_body(involved: dict, type_: str, reason: str, message: str, instance: 
         "lastTimestamp": now,
         "count": 1,
     }
+
+
+def _is_current(obj: dict, live: Live | None) -> bool:
+    """Whether the object on the server carries the content hash of the rendered `obj` (nothing to write)."""
+    return live is not None and live.spec_hash == obj["metadata"]["annotations"].get(HASH_ANNOTATION)
 
 
 def _plain(_client, data: Any) -> Any:

@@ -250,6 +250,10 @@ def load_docs(path: Path) -> list[dict]:
     return out
 
 
+#: The Events of a deployment moving to another variant, which the scenario shows.
+MOVE_REASONS = ("Upgraded", "Replanned", "UpgradePending")
+
+
 def _events(api, reasons: tuple[str, ...]) -> list[str]:
     evs = api.resources.get(api_version="v1", kind="Event").get().to_dict()["items"]
     evs.sort(key=lambda e: (e.get("metadata") or {}).get("resourceVersion", "0").zfill(20))
@@ -262,7 +266,7 @@ def _scenario(api, ld_res, join: Path, items: Callable[[], list[dict]], upgrade_
     """Nodes join, the deployments move up once the capacity has been stable; the nodes leave, they fall back."""
     node_res = api.resources.get(api_version="v1", kind="Node")
     joined = load_docs(join)
-    seen = len(_events(api, ("Upgraded", "Replanned", "UpgradePending")))
+    seen = len(_events(api, MOVE_REASONS))
     before = {i["metadata"]["name"]: (i.get("status") or {}).get("variant") for i in items()}
     for n in joined:
         node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
@@ -282,8 +286,8 @@ def _scenario(api, ld_res, join: Path, items: Callable[[], list[dict]], upgrade_
     out("$ kubectl get llamadeployments")
     out(printer_table(items()))
     out("Events:")
-    out("\n".join(_events(api, ("Upgraded", "Replanned", "UpgradePending"))[seen:]) or "  (none)")
-    seen = len(_events(api, ("Upgraded", "Replanned", "UpgradePending")))
+    out("\n".join(_events(api, MOVE_REASONS)[seen:]) or "  (none)")
+    seen = len(_events(api, MOVE_REASONS))
     for n in joined:
         node_res.delete(name=n["metadata"]["name"])
     out("")
@@ -293,7 +297,7 @@ def _scenario(api, ld_res, join: Path, items: Callable[[], list[dict]], upgrade_
     out("$ kubectl get llamadeployments")
     out(printer_table(items()))
     out("Events:")
-    out("\n".join(_events(api, ("Upgraded", "Replanned", "UpgradePending"))[seen:]) or "  (none)")
+    out("\n".join(_events(api, MOVE_REASONS)[seen:]) or "  (none)")
 
 
 def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconfig_path: Path | None,

@@ -59,9 +59,6 @@ class WorkQueue(Generic[K]):
             timer.cancel()
         self._again.discard(key)
 
-    def __len__(self) -> int:
-        return len(self._queued)
-
     async def take(self) -> K:
         key = await self._ready.get()
         self._queued.discard(key)
