@@ -79,39 +79,101 @@ def _resource_bytes(value) -> int:
         return 0
 
 
+#: GFD's label for the device memory of a node's GPUs: the NVML total in MiB, as an integer string.
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+GPU_COMPUTE_LABELS = ("nvidia.com/gpu.compute.major", "nvidia.com/gpu.compute.minor")
+#: The catalog keeps memoryGiB to two decimals: a label within this of it says the same thing.
+_MEMORY_TOLERANCE_GIB = 0.01
+#: Sanity bound on a memory label, not a hardware figure: no GPU has 1 TiB (2**20 MiB) of its own.
+_MAX_LABEL_MIB = 2**20
+
+
+def _label_memory_gib(labels: Mapping[str, str]) -> float | None:
+    """GFD's nvidia.com/gpu.memory (MiB) in GiB; None when absent or not a positive whole number of MiB.
+
+    GFD writes a plain integer. Anything else ("abc", "-5", "1e400", "12.5", "nan", "0", a number of
+    MiB no GPU has) is a hand-made or broken label and is ignored rather than trusted.
+    """
+    raw = labels.get(GPU_MEMORY_LABEL)
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 7:  # 7 digits: anything <= _MAX_LABEL_MIB
+        return None
+    mib = int(text)
+    return mib / 1024 if 0 < mib <= _MAX_LABEL_MIB else None
+
+
+def _label_compute_capability(labels: Mapping[str, str]) -> str | None:
+    """'major.minor' from GFD's gpu.compute.major/minor; None when the major is absent or malformed
+    (a minor that is absent or malformed counts as 0)."""
+    major, minor = (str(labels.get(k, "")).strip() for k in GPU_COMPUTE_LABELS)
+    if not (major.isascii() and major.isdigit()):
+        return None
+    if not (minor.isascii() and minor.isdigit()):
+        minor = "0"
+    return f"{int(major)}.{int(minor)}"
+
+
 def _unknown_gpu(product: str, labels: Mapping[str, str]) -> GPU:
     """A GPU missing from the catalog: its memory from GFD's label, the slowest catalog speeds.
 
-    The planner can still place on it, conservatively, and says the product was unknown.
+    Memory is 0 when the label is absent or malformed: nothing can be sized for it (see _node_gpu).
+    Compute capability comes from GFD's gpu.compute.major/minor labels (None without them). The planner
+    can still place on it, conservatively, and says the product was unknown.
     """
     catalog = load_catalog()
     gpus = list(catalog.gpus.values())
-    memory_mib = float(labels.get("nvidia.com/gpu.memory", "0") or 0)
-    major, minor = labels.get("nvidia.com/gpu.compute.major"), labels.get("nvidia.com/gpu.compute.minor")
-    cc = f"{major}.{minor or 0}" if major else None
     return GPU(
         product=product,
         aliases=(),
         name=product,
         vendor="amd" if product.lower().startswith("amd") else "nvidia",
-        memory_gib=memory_mib / 1024,
+        memory_gib=_label_memory_gib(labels) or 0.0,
         memory_bandwidth_gbps=min(g.memory_bandwidth_gbps for g in gpus),
         bf16_tflops=None,
         fp16_tflops=min(g.tensor_tflops_16bit for g in gpus if g.tensor_tflops_16bit),
         fp8_tflops=None,
         int8_tops=None,
-        compute_capability=cc,
+        compute_capability=_label_compute_capability(labels),
         interconnect="pcie",
         known=False,
     )
 
 
+def _with_label_memory(gpu: GPU, labels: Mapping[str, str]) -> GPU:
+    """The catalog GPU, with the memory GFD reports for this node when that is less than the catalog's
+    (a MIG slice, ECC, a smaller variant sold under the same name).
+
+    A larger label is not trusted: drivers from R530 on count memory they reserve for themselves into the
+    total (a 16 GB V100 reports 16384 MiB where older drivers said 16160), which no model can use.
+    Only GFD's label is read, so only NVIDIA GPUs: the AMD labeller's amd.com/gpu.vram is rounded to
+    whole GiB ("192G" for an MI300X's 191.69 GiB) and would overstate the catalog's figure.
+    """
+    if gpu.vendor != "nvidia":
+        return gpu
+    memory_gib = _label_memory_gib(labels)
+    if memory_gib is None or memory_gib > gpu.memory_gib - _MEMORY_TOLERANCE_GIB:
+        return gpu  # the catalog's own value: nodes that agree with it share one GPU value
+    return replace(gpu, memory_gib=memory_gib)  # frozen: compares and hashes by value, as a dict key must
+
+
 def _node_gpu(labels: Mapping[str, str]) -> GPU | None:
+    """The GPU a node's labels describe, or None.
+
+    A product missing from the catalog whose memory is unknown (no usable GFD memory label) gives None:
+    with nothing to size a replica against, the node offers no GPUs to the planner, as a node whose
+    device plugin is not running (a zero-memory GPU would divide by zero in the estimator).
+    """
     catalog = load_catalog()
     for key in GPU_PRODUCT_LABELS:
         product = labels.get(key)
         if product:
-            return catalog.find_gpu(product) or _unknown_gpu(product, labels)
+            gpu = catalog.find_gpu(product)
+            if gpu is not None:
+                return _with_label_memory(gpu, labels)
+            unknown = _unknown_gpu(product, labels)
+            return unknown if unknown.memory_bytes > 0 else None
     return None
 
 

@@ -56,9 +56,15 @@ MUST_HAVE = [
     "NVIDIA-GeForce-RTX-4090",
     "NVIDIA-GeForce-RTX-3090",
     "AMD_Instinct_MI300X_OAM",
+    "NVIDIA-B200",
+    "NVIDIA-H20",
+    "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition",
+    "NVIDIA-RTX-PRO-6000-Blackwell-Workstation-Edition",
+    "AMD_Instinct_MI325_OAM",
 ]
 # Short names users write in placement.gpuProducts.
-FRIENDLY = ["H100-SXM", "H100", "L4", "T4", "A100-80GB", "A10G", "L40S", "MI300X", "H200"]
+FRIENDLY = ["H100-SXM", "H100", "L4", "T4", "A100-80GB", "A10G", "L40S", "MI300X", "H200", "B200", "H20",
+            "RTX-PRO-6000", "MI325X"]
 
 GFD_LABELS = [
     "nvidia.com/gpu.product",
@@ -190,6 +196,78 @@ def test_gfd_product_spelling(gpus):
     # GFD replaces spaces with dashes; a canonical NVIDIA product never contains spaces.
     for g in gpus:
         assert " " not in g["product"], g["product"]
+
+
+def test_memory_comments_match_the_figures():
+    # "memoryGiB: 79.65   # 81559 MiB": the MiB a source showed, and the GiB figure derived from it
+    pairs = re.findall(r"memoryGiB: ([\d.]+)\s+# (\d+) MiB", CATALOG.read_text())
+    assert len(pairs) >= len(MUST_HAVE) - 2  # the AMD entries state bytes / GB instead
+    for gib, mib in pairs:
+        assert abs(int(mib) / 1024 - float(gib)) < 0.006, (gib, mib)
+
+
+@pytest.mark.parametrize("product, mib", [
+    ("Tesla-V100-SXM2-16GB", 16160), ("Tesla-V100-PCIE-16GB", 16160),
+    ("Tesla-V100-SXM2-32GB", 32510), ("Tesla-V100-PCIE-32GB", 32510),
+])
+def test_v100_memory_is_the_usable_driver_total(index, product, mib):
+    # nvidia-smi / GFD on pre-R530 drivers: 16160 MiB (16 GB) and 32510 MiB (32 GB), not 16384 / 32768
+    g = index[product]
+    assert g["memoryGiB"] == round(mib / 1024, 2)
+    assert g["memoryGiB"] < (16 if "16GB" in product else 32)
+    assert f"{mib}MiB" in g["source"] or f"{mib} MiB" in g["source"]
+    assert g["computeCapability"] == "7.0" and g["memoryBandwidthGBps"] == 900
+
+
+# product: (memoryGiB, bandwidth GB/s, bf16, fp16, fp8, int8, compute capability, interconnect)
+NEW_ENTRIES = {
+    "NVIDIA-B200": (179.06, 8000, 2250, 2250, 4500, 4500, "10.0", "nvlink"),
+    "NVIDIA-H20": (95.58, 4000, 148, 148, 296, 296, "9.0", "nvlink"),
+    "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition": (95.59, 1792, None, None, None, None, "12.0", "pcie"),
+    "NVIDIA-RTX-PRO-6000-Blackwell-Workstation-Edition": (95.59, 1792, None, None, None, None, "12.0", "pcie"),
+    "AMD_Instinct_MI325_OAM": (238.42, 6000, 1307.4, 1307.4, 2610, 2600, None, "infinity-fabric"),
+    # present before, checked again: H200 and L40
+    "NVIDIA-H200": (140.4, 4800, 989, 989, 1979, 1979, "9.0", "nvlink"),
+    "NVIDIA-L40": (44.99, 864, 181.05, 181.05, 362, 362, "8.9", "pcie"),
+}
+
+
+@pytest.mark.parametrize("product", sorted(NEW_ENTRIES))
+def test_new_entry_figures(index, product):
+    g = index[product]
+    keys = ("memoryGiB", "memoryBandwidthGBps", "bf16TFLOPS", "fp16TFLOPS", "fp8TFLOPS", "int8TOPS",
+            "computeCapability", "interconnect")
+    assert tuple(g[k] for k in keys) == NEW_ENTRIES[product]
+    if g["bf16TFLOPS"] is None:  # Blackwell has BF16 tensor cores: a null here must say it is unsourced
+        assert "UNSOURCED" in g["source"]
+
+
+def test_new_entries_are_found_by_gfd_names_and_aliases():
+    from llama_operator.catalog import load_catalog
+
+    find = load_catalog().find_gpu
+    expect = {
+        "NVIDIA-B200": ["NVIDIA-B200", "B200", "nvidia-b200"],
+        "NVIDIA-H20": ["NVIDIA-H20", "H20"],
+        "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition": [
+            "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition", "RTX-PRO-6000", "RTX-PRO-6000-Server"],
+        "NVIDIA-RTX-PRO-6000-Blackwell-Workstation-Edition": [
+            "NVIDIA-RTX-PRO-6000-Blackwell-Workstation-Edition", "RTX-PRO-6000-Workstation"],
+        "AMD_Instinct_MI325_OAM": ["AMD_Instinct_MI325_OAM", "MI325X", "AMD-MI325X", "AMD_Instinct_MI325X"],
+        "NVIDIA-H200": ["NVIDIA-H200", "H200"],
+        "NVIDIA-L40": ["NVIDIA-L40", "L40"],
+    }
+    for product, names in expect.items():
+        for name in names:
+            gpu = find(name)
+            assert gpu is not None and gpu.product == product, name
+    mi325 = find("MI325X")
+    assert mi325.vendor == "amd" and mi325.label_key == "amd.com/gpu.product-name" and mi325.arch == "gfx942"
+    # H20 is not the 141 GB H20-3e, and the L40 is not the L40S
+    assert find("NVIDIA-H20-3e") is None
+    assert find("L40").product != find("L40S").product
+    # GFD writes label values of at most 63 characters
+    assert all(len(p) <= 63 for p in expect)
 
 
 def test_cpu_section(catalog):

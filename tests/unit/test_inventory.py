@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dataclasses import replace
+
 from llama_operator.catalog import load_catalog
-from llama_operator.inventory import node_from_manifest, pod_usage
+from llama_operator.inventory import _node_gpu, _unknown_gpu, node_from_manifest, pod_usage
 
 CLUSTERS = Path(__file__).resolve().parents[2] / "examples" / "clusters"
 
@@ -45,6 +47,137 @@ def test_unknown_product_takes_its_memory_from_the_gfd_label(make_node):
     # conservative: no faster than the slowest catalog GPU
     slowest = min(g.memory_bandwidth_gbps for g in load_catalog().gpus.values())
     assert shape.gpu.memory_bandwidth_gbps == slowest
+
+
+def test_unknown_product_without_a_memory_label_offers_no_gpus(make_node):
+    """Nothing can be sized against a GPU of unknown memory: the GPU has memory 0 and the node offers the
+    planner no GPUs (as a node whose device plugin is not running) instead of a zero-memory pool."""
+    labels = {"nvidia.com/gpu.product": "NVIDIA-Z9000", "nvidia.com/gpu.compute.major": "9",
+              "nvidia.com/gpu.compute.minor": "0"}
+    gpu = _unknown_gpu("NVIDIA-Z9000", labels)
+    assert gpu.memory_gib == 0 and gpu.memory_bytes == 0 and not gpu.known
+    assert gpu.compute_capability == "9.0"
+    assert _node_gpu(labels) is None
+    shape = node_from_manifest(make_node("g", "NVIDIA-Z9000", 2, compute="9.0")).shape  # no gpu.memory label
+    assert shape.gpu is None and shape.gpus_per_node == 0
+
+
+@pytest.mark.parametrize("bad", ["abc", "-5", "1e400", "12.5", "0", "", "nan", "4e4", "９９", "9" * 5000])
+def test_unknown_product_with_a_malformed_memory_label_offers_no_gpus(make_node, bad):
+    labels = {"nvidia.com/gpu.product": "NVIDIA-Z9000", "nvidia.com/gpu.memory": bad}
+    assert _unknown_gpu("NVIDIA-Z9000", labels).memory_gib == 0
+    manifest = make_node("g", "NVIDIA-Z9000", 2, labels={"nvidia.com/gpu.memory": bad})
+    shape = node_from_manifest(manifest).shape
+    assert shape.gpu is None and shape.gpus_per_node == 0
+
+
+def test_unknown_product_compute_capability_comes_from_gfd_labels_and_tolerates_garbage():
+    def cc(**labels):
+        return _unknown_gpu("NVIDIA-Z9000", {"nvidia.com/gpu.memory": "49152", **{
+            f"nvidia.com/gpu.compute.{k}": v for k, v in labels.items()}}).compute_capability
+
+    assert cc(major="12", minor="0") == "12.0"
+    assert cc(major="8", minor="9") == "8.9"
+    assert cc(major="10") == "10.0"  # no minor label: .0
+    assert cc(major="9", minor="x") == "9.0"
+    assert cc(major="abc", minor="0") is None
+    assert cc(major="-9", minor="0") is None
+    assert cc() is None
+
+
+def test_unknown_product_speeds_are_the_catalogs_slowest(make_node):
+    gpus = load_catalog().gpus.values()
+    gpu = node_from_manifest(make_node("g", "NVIDIA-Z9000", 1, memory_mib=24576, compute="8.9")).shape.gpu
+    assert gpu.memory_gib == 24.0
+    assert gpu.memory_bandwidth_gbps == min(g.memory_bandwidth_gbps for g in gpus)
+    assert gpu.tensor_tflops_16bit == min(g.tensor_tflops_16bit for g in gpus if g.tensor_tflops_16bit)
+    assert gpu.bf16_tflops is None and gpu.fp8_tflops is None and gpu.int8_tops is None
+    assert gpu.interconnect == "pcie"
+
+
+def test_planning_next_to_an_unknown_product_without_memory_does_not_crash(make_node, make_inventory, make_spec):
+    from llama_operator.planner import plan
+
+    inv = make_inventory(make_node("z", "NVIDIA-Z9000", 8, compute="9.0"), make_node("l4", "NVIDIA-L4", 1))
+    p = plan(make_spec(), inv)  # before: ZeroDivisionError on the zero-memory GPU
+    assert p.chosen is not None and p.chosen.pool.gpu.product == "NVIDIA-L4"
+    assert all(c.pool.gpu is None or c.pool.gpu.product != "NVIDIA-Z9000" for c in p.candidates)
+
+
+# --- GFD's memory label on catalog products ----------------------------------------------------------
+
+
+def test_a_larger_memory_label_does_not_raise_the_catalog_figure(make_node):
+    # A 16 GB V100 on an R530+ driver: GFD labels 16384 MiB, counting memory the driver reserves; the
+    # catalog keeps the 16160 MiB older drivers report, which is what a model can have.
+    catalog_gpu = load_catalog().find_gpu("Tesla-V100-SXM2-16GB")
+    gpu = node_from_manifest(make_node("v", "Tesla-V100-SXM2-16GB", 8, memory_mib=16384)).shape.gpu
+    assert gpu is catalog_gpu and gpu.memory_gib == round(16160 / 1024, 2)
+
+
+def test_a_smaller_memory_label_wins(make_node):
+    # e.g. a MIG slice or an ECC setting: the node has less than the catalog says
+    catalog_gpu = load_catalog().find_gpu("NVIDIA-A100-SXM4-80GB")
+    gpu = node_from_manifest(make_node("a", "NVIDIA-A100-SXM4-80GB", 1, memory_mib=40960)).shape.gpu
+    assert gpu.memory_gib == 40.0 and gpu.memory_bytes == 40 * 2**30
+    assert gpu == replace(catalog_gpu, memory_gib=40.0)  # everything else is the catalog entry's
+    assert gpu.known and gpu.product == "NVIDIA-A100-SXM4-80GB" and gpu.bf16_tflops == catalog_gpu.bf16_tflops
+
+
+def test_a_memory_label_matching_the_catalog_keeps_the_catalog_value(make_node):
+    catalog_gpu = load_catalog().find_gpu("NVIDIA-H100-80GB-HBM3")  # 79.65 GiB = 81559 MiB, rounded
+    gpu = node_from_manifest(make_node("h", "NVIDIA-H100-80GB-HBM3", 8, memory_mib=81559)).shape.gpu
+    assert gpu is catalog_gpu
+
+
+@pytest.mark.parametrize("bad", ["abc", "-5", "1e400", "12.5", "0", "", " ", "nan", "inf", "0x4000", "９９",
+                                 "9" * 5000])
+def test_a_malformed_memory_label_is_ignored(make_node, bad):
+    catalog_gpu = load_catalog().find_gpu("NVIDIA-L4")
+    manifest = make_node("l", "NVIDIA-L4", 1, labels={"nvidia.com/gpu.memory": bad})
+    assert node_from_manifest(manifest).shape.gpu is catalog_gpu
+
+
+def test_nodes_with_different_memory_labels_form_separate_groups(make_node, make_inventory):
+    inv = make_inventory(make_node("a", "NVIDIA-A100-SXM4-80GB", 4, memory_mib=40960),
+                         make_node("b", "NVIDIA-A100-SXM4-80GB", 4, memory_mib=40960),
+                         make_node("c", "NVIDIA-A100-SXM4-80GB", 4, memory_mib=81920))
+    by_memory = {g.shape.gpu.memory_gib: sorted(g.nodes) for g in inv.groups()}
+    assert by_memory == {40.0: ["a", "b"], 80.0: ["c"]}
+    # GPUs built from labels compare and hash by value, so they work as dict / cache keys
+    gpus = [inv.nodes[n].shape.gpu for n in ("a", "b", "c")]
+    assert gpus[0] == gpus[1] and hash(gpus[0]) == hash(gpus[1]) and gpus[0] != gpus[2]
+    assert len({g: None for g in gpus}) == 2
+
+
+def test_amd_gpus_keep_the_catalog_memory(make_node):
+    # The AMD labeller's amd.com/gpu.vram is whole GiB ("192G" for 191.69 GiB) and GFD's label is NVIDIA's
+    manifest = make_node("mi", labels={"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM",
+                                       "amd.com/gpu.vram": "192G", "nvidia.com/gpu.memory": "1024"})
+    manifest["status"]["allocatable"]["amd.com/gpu"] = "8"
+    gpu = node_from_manifest(manifest).shape.gpu
+    assert gpu is load_catalog().find_gpu("AMD_Instinct_MI300X_OAM") and gpu.memory_gib == 191.69
+
+
+@pytest.mark.parametrize("label, product, memory_gib, cc", [
+    ("NVIDIA-B200", "NVIDIA-B200", 179.06, "10.0"),
+    ("NVIDIA-H20", "NVIDIA-H20", 95.58, "9.0"),
+    ("NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition", "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition", 95.59, "12.0"),
+    ("NVIDIA-RTX-PRO-6000-Blackwell-Workstation-Edition", "NVIDIA-RTX-PRO-6000-Blackwell-Workstation-Edition",
+     95.59, "12.0"),
+])
+def test_new_products_resolve_from_their_gfd_labels(make_node, label, product, memory_gib, cc):
+    gpu = node_from_manifest(make_node("g", label, 8)).shape.gpu
+    assert gpu.known and gpu.product == product
+    assert gpu.memory_gib == memory_gib and gpu.compute_capability == cc
+
+
+def test_mi325x_node_resolves_from_the_amd_labeller_key(make_node):
+    manifest = make_node("mi", labels={"amd.com/gpu.product-name": "AMD_Instinct_MI325_OAM"})
+    manifest["status"]["allocatable"]["amd.com/gpu"] = "8"
+    shape = node_from_manifest(manifest).shape
+    assert shape.gpu.product == "AMD_Instinct_MI325_OAM" and shape.gpu.known and shape.gpus_per_node == 8
+    assert shape.gpu.vendor == "amd" and shape.gpu.resource_name == "amd.com/gpu"
 
 
 def test_amd_node_uses_the_amd_labeller_key(make_node):
