@@ -318,6 +318,12 @@ class ChosenPlan(_Model):
     model: str
     quantization: str
     runtime: Literal["vllm", "llamacpp"]
+    engine: str | None = Field(default=None, description=(
+        "The pinned engine release the plan runs on (e.g. vllm-0.34.0): its image, and the options it accepts. "
+        "Follows the operator's catalog: a newer operator may roll a plan onto a newer release."))
+    kernel: str | None = Field(default=None, description=(
+        "vLLM: how the release runs the checkpoint on this GPU (e.g. awq_marlin, fp8-marlin-w8a16, fp16-cast); "
+        "docs/engines.md lists them."))
     gpuProduct: str | None = Field(default=None, description="GPU product; null on CPU.")
     gpusPerReplica: int
     kvCacheDtype: str = Field(default="auto", description="auto (the model's dtype), fp8 or q8_0.")

@@ -1,6 +1,6 @@
-"""`llama-operator`: plan, estimate, crd (and run, sandbox: the operator itself).
+"""`llama-operator`: plan, render, estimate, crd (and run, sandbox: the operator itself).
 
-Exit codes: 0 success (for `plan`: feasible), 2 `plan` found no feasible candidate, 1 bad input (a
+Exit codes: 0 success (for `plan` and `render`: feasible), 2 `plan` or `render` found no feasible candidate, 1 bad input (a
 message naming the problem, never a traceback).
 """
 from __future__ import annotations
@@ -46,13 +46,19 @@ def _load_documents(path: str) -> list[Any]:
 
 def load_deployments(path: str) -> list[tuple[str, api.LlamaDeploymentSpec]]:
     """(name, spec) of every LlamaDeployment in the file; other kinds are ignored."""
+    return [(name, spec) for name, _, spec in load_deployment_objects(path)]
+
+
+def load_deployment_objects(path: str) -> list[tuple[str, dict, api.LlamaDeploymentSpec]]:
+    """(name, metadata, spec) of every LlamaDeployment in the file; other kinds are ignored."""
     found = []
     for i, doc in enumerate(_load_documents(path)):
         if not isinstance(doc, dict) or doc.get("kind") != api.KIND:
             continue
-        name = (doc.get("metadata") or {}).get("name") or f"document {i + 1}"
+        meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+        name = meta.get("name") or f"document {i + 1}"
         try:
-            found.append((name, api.parse_object(doc)))
+            found.append((name, meta, api.parse_object(doc)))
         except SpecError as e:
             raise UserError(f"{path}: LlamaDeployment {name}:\n  " + "\n  ".join(e.problems)) from None
     if not found:
@@ -164,27 +170,36 @@ def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_la
     return "\n".join(out)
 
 
-def cmd_plan(args) -> int:
+def _load_inventory(args):
+    """The cluster to plan on: --cluster FILE, else the current kubeconfig's (and how to name it)."""
+    if args.cluster:
+        inventory, count = load_cluster_file(args.cluster)
+        return inventory, f"{args.cluster} ({count} nodes)"
+    inventory, count = load_live_cluster()
+    return inventory, f"the current kubeconfig's cluster ({count} nodes)"
+
+
+def _plan_each(deployments, inventory) -> list:
+    """A plan per deployment, in file order; later deployments see the GPUs earlier ones take (as the
+    operator does: a plan in force reserves its hardware)."""
     from .planner import plan as make_plan
     from .planner import reserve_plan
 
-    deployments = load_deployments(args.file)
-    if args.cluster:
-        inventory, count = load_cluster_file(args.cluster)
-        cluster_label = f"{args.cluster} ({count} nodes)"
-    else:
-        inventory, count = load_live_cluster()
-        cluster_label = f"the current kubeconfig's cluster ({count} nodes)"
-    results = []
-    worst = EXIT_OK
-    for name, spec in deployments:
+    plans = []
+    for spec in deployments:
         p = make_plan(spec, inventory)
-        results.append((name, spec, p))
-        if not p.feasible:
-            worst = EXIT_INFEASIBLE
-        else:
-            # Later deployments in the same file see the GPUs this one takes (as the operator does).
+        plans.append(p)
+        if p.feasible:
             inventory = reserve_plan(inventory, spec, p.chosen.to_chosen_plan(), spec.replicas)
+    return plans
+
+
+def cmd_plan(args) -> int:
+    deployments = load_deployments(args.file)
+    inventory, cluster_label = _load_inventory(args)
+    plans = _plan_each([spec for _, spec in deployments], inventory)
+    results = [(name, spec, p) for (name, spec), p in zip(deployments, plans)]
+    worst = EXIT_OK if all(p.feasible for p in plans) else EXIT_INFEASIBLE
     if args.output == "table":
         print("\n\n".join(render_plan_table(n, s, p, cluster_label) for n, s, p in results))
     else:
@@ -194,6 +209,39 @@ def cmd_plan(args) -> int:
             print(json.dumps(payload, indent=2))
         else:
             print(yaml.safe_dump(payload, sort_keys=False), end="")
+    return worst
+
+
+# --- render ---------------------------------------------------------------------------------------------
+
+#: The owner uid written when neither the file nor the cluster gives the LlamaDeployment's (it has none
+#: before it is created); the operator's objects carry the real one.
+PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+def cmd_render(args) -> int:
+    """The objects the operator would apply for each LlamaDeployment, as one YAML stream: the operator's
+    own planner and renderer, on the same cluster input as `plan`."""
+    from .render import Owner, render
+
+    objects = load_deployment_objects(args.file)
+    inventory, _ = _load_inventory(args)
+    plans = _plan_each([spec for _, _, spec in objects], inventory)
+    out, worst = [], EXIT_OK
+    for (name, meta, spec), p in zip(objects, plans):
+        namespace = meta.get("namespace") or args.namespace
+        if p.chosen is None:
+            worst = EXIT_INFEASIBLE
+            print(f"{name}: no feasible plan: {p.fallback_reason}", file=sys.stderr)
+            continue
+        uid = meta.get("uid") or PLACEHOLDER_UID
+        header = f"# LlamaDeployment {namespace}/{name}: {p.summary()}"
+        if uid == PLACEHOLDER_UID:
+            header += "\n# ownerReferences carry a placeholder uid: the LlamaDeployment has none until it is created"
+        docs = render(Owner(name=name, namespace=namespace, uid=uid), spec, p.chosen.to_chosen_plan())
+        out.append(header + "\n" + "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs))
+    if out:
+        print("---\n".join(out), end="")
     return worst
 
 
@@ -281,21 +329,36 @@ def cmd_crd(args) -> int:
 # --- run ------------------------------------------------------------------------------------------------
 
 
+def _image_mirrors(pairs: list[str]):
+    """--image PINNED=MIRROR pairs, each PINNED an image of the engine catalog."""
+    from .engines import releases
+    from .render import Images
+
+    pinned = sorted({image for r in releases() for image in r.images.values()})
+    mirrors = []
+    for pair in pairs:
+        source, eq, mirror = pair.partition("=")
+        if not eq or not source or not mirror:
+            raise UserError(f"--image {pair!r}: expected PINNED=MIRROR, e.g. {pinned[0]}=registry.local/...")
+        if source not in pinned:
+            raise UserError(f"--image {pair!r}: {source} is not a pinned engine image; pinned: {', '.join(pinned)}")
+        mirrors.append((source, mirror))
+    return Images(tuple(mirrors))
+
+
 def cmd_run(args) -> int:
     import asyncio
     from datetime import timedelta
 
     from .handlers import Settings
     from .kube import ConfigError
-    from .render import Images
     from .runner import RunOptions, configure_logging, run_async, tune_gc
 
     if args.metrics_port == args.health_port:
         raise UserError("--metrics-port and --health-port must differ")
     configure_logging(verbose=args.verbose, json_format=args.log_format == "json")
     tune_gc()
-    images = Images(vllm=args.vllm_image, llamacpp_cuda=args.llamacpp_image,
-                    llamacpp_cpu=args.llamacpp_cpu_image)
+    images = _image_mirrors(args.image or [])
     options = RunOptions(
         kubeconfig=args.kubeconfig,
         namespaces=[] if args.all_namespaces or not args.namespace else list(args.namespace),
@@ -353,8 +416,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .render import Images
-
     parser = _Parser(prog="llama-operator", description="Serve Llama models on the hardware you have.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -394,10 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--upgrade-delay", type=float, default=120.0,
                    help="seconds new capacity must stay before a deployment moves up to a better variant")
     r.add_argument("--resync", type=float, default=300.0, help="seconds between periodic re-plans")
-    images = Images()
-    r.add_argument("--vllm-image", default=images.vllm)
-    r.add_argument("--llamacpp-image", default=images.llamacpp_cuda, help="llama.cpp server image for GPUs")
-    r.add_argument("--llamacpp-cpu-image", default=images.llamacpp_cpu, help="llama.cpp server image for CPUs")
+    r.add_argument("--image", action="append", metavar="PINNED=MIRROR",
+                   help="pull a pinned engine image (docs/engines.md) from a mirror of the same release, e.g. "
+                   "vllm/vllm-openai:v0.34.0=registry.local/vllm-openai:v0.34.0 (repeatable)")
     r.add_argument("-v", "--verbose", action="store_true")
     r.set_defaults(func=cmd_run)
 
@@ -414,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--upgrade-delay", type=float, default=5.0, help="seconds before moving up to a better variant")
     sb.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the deployments to settle")
     sb.set_defaults(func=cmd_sandbox)
+
+    rn = sub.add_parser("render", help="the objects the operator would apply for each LlamaDeployment (YAML)")
+    rn.add_argument("-f", "--file", required=True, help="a YAML file with one or more LlamaDeployments")
+    rn.add_argument("--cluster", help="a file of Node manifests (kubectl get nodes -o yaml); default: the live "
+                    "cluster of the current kubeconfig")
+    rn.add_argument("-n", "--namespace", default="default",
+                    help="namespace of LlamaDeployments whose metadata names none (default: default)")
+    rn.set_defaults(func=cmd_render)
 
     c = sub.add_parser("crd", help="write the CustomResourceDefinition generated from the API models")
     c.add_argument("--output", default="crds/llamadeployments.yaml")

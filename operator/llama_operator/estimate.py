@@ -296,8 +296,13 @@ def _gpu_tflops(gpu: GPU, quant: Quantization) -> float:
     return gpu.tensor_tflops_16bit or _conservative_tflops()
 
 
-def _is_16bit(quant: Quantization) -> bool:
-    return quant.bits >= 16 or quant.id == "fp8"
+def _is_16bit(quant: Quantization, gpu: GPU | None) -> bool:
+    """Whether decode runs the 16-bit kernels' costs: 16-bit weights, or FP8 on FP8 tensor cores (W8A8).
+    FP8 weights on a GPU without FP8 tensor cores (Ampere) run weight-only, dequantised to 16 bits inside
+    the matmul (vLLM's Marlin W8A16), and pay the quantized kernels' per-parameter cost."""
+    if quant.id == "fp8":
+        return gpu is None or gpu.fp8_tflops is not None
+    return quant.bits >= 16
 
 
 def _overhead_bytes(model: Model, quant: Quantization, hw: Hardware) -> tuple[int, int]:
@@ -337,7 +342,7 @@ def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload
     active = params.active_per_token
     kv_read = kv_read_bytes_per_step(arch, workload, runtime)
     c = workload.concurrency
-    sixteen = _is_16bit(quant)
+    sixteen = _is_16bit(quant, hw.gpu)
     eff_bw = DECODE_BANDWIDTH_EFFICIENCY_16BIT if sixteen else DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED
     per_param = DECODE_SECONDS_PER_PARAMETER_16BIT if sixteen else DECODE_SECONDS_PER_PARAMETER_QUANTIZED
 

@@ -20,7 +20,8 @@ from functools import lru_cache
 from typing import Iterable
 
 from .api import LlamaDeploymentSpec, format_bytes, format_seconds
-from .catalog import GPU, Model, Quantization, capability_version, load_catalog
+from .catalog import GPU, Model, Quantization, load_catalog
+from .engines import kernel_for, release_for, support_problem
 from .estimate import (
     VLLM_MAX_GPU_MEMORY_UTILIZATION,
     host_requests,
@@ -111,6 +112,21 @@ class Candidate:
         return min(self.pool.cpu_cores, CPU_MAX_THREADS)
 
     @property
+    def engine(self) -> str | None:
+        """The pinned engine release this candidate runs on (engines.yaml)."""
+        rel = release_for(self.model, self.runtime)
+        return rel.id if rel else None
+
+    @property
+    def kernel(self) -> str | None:
+        """vLLM: the kernel the release runs this variant with on this GPU."""
+        rel = release_for(self.model, self.runtime)
+        if rel is None or self.runtime != "vllm" or self.pool.gpu is None:
+            return None
+        k = kernel_for(rel, self.model, self.quant, self.pool.gpu)
+        return k.id if k else None
+
+    @property
     def hardware(self) -> str:
         if self.pool.gpu is None:
             return f"cpu ({self.cpu_threads} cores, {self.pool.cpu_bandwidth_gbps:g} GB/s)"
@@ -156,6 +172,8 @@ class Candidate:
             model=self.model.id,
             quantization=self.quant.id,
             runtime=self.runtime,
+            engine=self.engine,
+            kernel=self.kernel,
             gpuProduct=self.pool.gpu.product if self.pool.gpu else None,
             gpusPerReplica=self.gpus_per_replica,
             kvCacheDtype=self.kv_cache_dtype,
@@ -176,6 +194,8 @@ class Candidate:
             "model": self.model.id,
             "quantization": self.quant.id,
             "runtime": self.runtime,
+            "engine": self.engine,
+            "kernel": self.kernel,
             "hardware": self.hardware,
             "gpuProduct": self.pool.gpu.product if self.pool.gpu else None,
             "gpusPerReplica": self.gpus_per_replica,
@@ -388,7 +408,9 @@ def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory) -> tuple[list[P
     for product, gs in sorted(by_product.items()):
         pools.append(Pool(
             key=product,
-            gpu=gs[0].shape.gpu,
+            # Nodes of one product may report less memory than the catalog (MIG, ECC): a replica may land
+            # on any of them, so the pool is sized by the smallest.
+            gpu=min((g.shape.gpu for g in gs), key=lambda gpu: gpu.memory_gib),
             max_gpus_per_node=max(g.shape.gpus_per_node for g in gs),
             free=_merged(gs),
         ))
@@ -410,31 +432,12 @@ def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory) -> tuple[list[P
         notes.append(f"placement excluded {excluded} node(s)")
     unknown = sorted({p.gpu.product for p in pools if p.gpu is not None and not p.gpu.known})
     for product in unknown:
-        notes.append(f"GPU product {product} is not in the catalog: planned from its memory label with the slowest "
-                     "catalog GPU's bandwidth and throughput")
+        notes.append(f"GPU product {product} is not in the catalog: planned from its GFD memory and compute "
+                     "capability labels with the slowest catalog GPU's bandwidth and throughput")
     return pools, notes
 
 
 # --- Checking one candidate ----------------------------------------------------------------------------
-
-
-def _support_problem(quant: Quantization, gpu: GPU | None) -> str | None:
-    """The support matrix: which formats run where."""
-    if gpu is None:
-        return "vLLM needs a GPU" if quant.runtime == "vllm" else None
-    if quant.runtime != "vllm":
-        return None
-    if gpu.vendor == "nvidia" and quant.min_compute_capability:
-        need = capability_version(quant.min_compute_capability)
-        have = capability_version(gpu.compute_capability)
-        if have < need:
-            cc = gpu.compute_capability or "unknown"
-            return f"{quant.id} needs compute capability >= {quant.min_compute_capability}; {gpu.product} has {cc}"
-    if gpu.vendor != "nvidia" and quant.needs and not gpu.supports(quant.needs):
-        return f"{quant.id} needs {quant.needs} support, which {gpu.product} lacks"
-    if gpu.vendor != "nvidia" and quant.id in ("awq-int4", "gptq-int4"):
-        return f"{quant.id} kernels are CUDA-only in vLLM; {gpu.product} is {gpu.vendor}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -471,7 +474,7 @@ class _FixedVerdict:
 def _fixed_verdict(model: Model, quant: Quantization, hw: Hardware, workload: Workload,
                    limits: _Limits) -> _FixedVerdict:
     gpu, runtime = hw.gpu, quant.runtime
-    problem = _support_problem(quant, gpu)
+    problem = support_problem(model, quant, gpu, workload.kv_cache_dtype)
     if problem:
         return _FixedVerdict(None, (problem,), (), float("inf"))
     e = estimate(model, quant, hw, workload)

@@ -228,7 +228,7 @@ def workload_summary(deployments: list[dict]) -> str:
             else:
                 pairs.append(str(args[i]))
                 i += 1
-        lines.append("    " + " ".join(pairs))
+        lines.append("    " + " ".join([*(c.get("command") or []), *pairs]))
     return "\n".join(lines)
 
 

@@ -17,7 +17,9 @@ from llama_operator import planner
 from llama_operator.api import API_VERSION, KIND, parse_spec
 from llama_operator.handlers import Settings
 from llama_operator.inventory import Inventory
-from llama_operator.render import HASH_ANNOTATION, Images, Owner, render
+from llama_operator.catalog import load_catalog
+from llama_operator.engines import release_for
+from llama_operator.render import HASH_ANNOTATION, Owner, render
 from llama_operator.sandbox import load_docs
 from operator_kit import CLUSTERS, arg, container, example, gpu_node, gpu_product_affinity, holds_for, wait_until
 
@@ -41,12 +43,14 @@ def owned_by(obj: dict, ld: dict) -> bool:
 
 # --- create: the right workload for each runtime -------------------------------------------------------
 
+_TEXT_MODEL = load_catalog().model("llama-3.1-8b-instruct")
+_VLLM, _LLAMACPP = release_for(_TEXT_MODEL, "vllm"), release_for(_TEXT_MODEL, "llamacpp")
 RUNTIME_CASES = {
     # example, cluster, spec overrides -> runtime, image, GPU product (None: CPU), container port
-    "llamacpp-cpu": ("tiny-cpu.yaml", "cpu-only", {}, "llamacpp", Images().llamacpp_cpu, None, 8080),
-    "vllm-gpu": ("chat.yaml", "mixed", {}, "vllm", Images().vllm, "NVIDIA-L40S", 8000),
+    "llamacpp-cpu": ("tiny-cpu.yaml", "cpu-only", {}, "llamacpp", _LLAMACPP.images["cpu"], None, 8080),
+    "vllm-gpu": ("chat.yaml", "mixed", {}, "vllm", _VLLM.images["cuda"], "NVIDIA-L40S", 8000),
     "llamacpp-cuda": ("chat.yaml", "mixed", {"runtime": "llamacpp", "fallback": {"allowCPU": False}},
-                      "llamacpp", Images().llamacpp_cuda, "NVIDIA-L40S", 8080),
+                      "llamacpp", _LLAMACPP.images["cuda"], "NVIDIA-L40S", 8080),
 }
 
 
@@ -80,7 +84,7 @@ def test_create_renders_the_planned_runtime_and_becomes_ready(case, llama_cluste
     assert c["ports"][0]["containerPort"] == port and svc["spec"]["ports"][0]["port"] == port
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     if runtime == "vllm":
-        assert arg(dep, "--model") == st["plan"]["weightsSource"]
+        assert container(dep)["args"][0] == st["plan"]["weightsSource"]  # vllm serve MODEL
         assert arg(dep, "--max-model-len") == str(manifest["spec"]["contextLength"])
     else:
         assert arg(dep, "--hf-file") in st["plan"]["weightsSource"]
@@ -123,7 +127,7 @@ def test_kubectl_get_shows_the_llamadeployment_and_its_workload(llama_cluster, r
                       "jsonpath={.status.phase} {.status.variant} {.status.runtime} {.status.ready}").stdout
     assert columns == "Ready llama-3.1-8b-instruct/bf16 vllm 1/1"
     image = kubectl("get", "deployment", "chat", "-o", "jsonpath={.spec.template.spec.containers[0].image}").stdout
-    assert image == Images().vllm
+    assert image == _VLLM.images["cuda"]
     port = kubectl("get", "service", "chat", "-o", "jsonpath={.spec.ports[0].port}").stdout
     assert port == "8000"
 
@@ -197,7 +201,8 @@ def test_a_node_added_upgrades_after_the_delay(llama_cluster, run_operator, kube
     wait_until(lambda: "Upgraded" in llama_cluster.reasons("assistant-70b"), 10, "the Upgraded event")
     dep = only(llama_cluster.deployments(), "Deployment")
     assert "NVIDIA-H100-80GB-HBM3" in gpu_product_affinity(dep)
-    assert arg(dep, "--model") == "meta-llama/Llama-3.3-70B-Instruct" and "--quantization" not in container(dep)["args"]
+    assert container(dep)["args"][0] == "meta-llama/Llama-3.3-70B-Instruct"
+    assert "--quantization" not in container(dep)["args"]
     assert arg(dep, "--tensor-parallel-size") == str(st["plan"]["gpusPerReplica"])
     st = llama_cluster.wait_phase("assistant-70b", "Ready")
     assert not st["fallback"]["inForce"]

@@ -36,7 +36,7 @@ from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from llama_operator.api import API_VERSION, GROUP, KIND, PLURAL
 from llama_operator.handlers import Settings
-from llama_operator.render import Images
+from llama_operator.engines import releases
 from llama_operator.sandbox import SandboxOperator
 from operator_kit import Cluster, crd_manifest_from_file, wait_until
 
@@ -159,8 +159,7 @@ def test_create_renders_the_planned_workload_and_delete_cleans_up(cluster: Clust
             [(KIND, "smoke", ld["metadata"]["uid"], True)]
         assert obj["metadata"]["labels"]["llama-operator.dev/runtime"] == runtime
     c = dep["spec"]["template"]["spec"]["containers"][0]
-    expected_images = {"vllm": {Images().vllm, Images().vllm_rocm},
-                       "llamacpp": {Images().llamacpp_cpu, Images().llamacpp_cuda, Images().llamacpp_rocm}}[runtime]
+    expected_images = {image for r in releases() if r.engine == runtime for image in r.images.values()}
     assert c["image"] in expected_images
     assert c["ports"][0]["containerPort"] == port and svc["spec"]["ports"][0]["port"] == port
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]

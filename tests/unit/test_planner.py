@@ -120,13 +120,13 @@ def test_8bit_before_4bit(make_spec, make_inventory, make_node):
 
 
 def test_down_to_4bit_before_a_smaller_model(make_spec, make_inventory, make_node):
-    # One 48 GB RTX A6000 (Ampere 8.6: no FP8). 70B q8_0 ~70 GiB, q6_k ~54 GiB, q5_k_m ~47 GiB do not fit
-    # 45.6 GiB usable; a 4-bit 70B (~37-40 GiB) does, and is preferred to the 8B.
+    # One 48 GB RTX A6000. 70B q8_0 ~70 GiB, FP8 ~66 GiB, q6_k ~54 GiB, q5_k_m ~47 GiB do not fit 45.6 GiB
+    # usable; a 4-bit 70B (~37-40 GiB) does, and is preferred to the 8B.
     p = plan(make_spec(model="llama-3.3-70b-instruct"), make_inventory(make_node("w", "NVIDIA-RTX-A6000", 1)))
     c = chosen(p)
     assert c.model.id == "llama-3.3-70b-instruct" and c.quant.bits == 4
     fp8 = [x for x in p.candidates if x.quant.id == "fp8"]
-    assert fp8 and "compute capability" in fp8[0].reasons[0]
+    assert fp8 and "per GPU" in fp8[0].reasons[0]  # FP8 runs on Ampere (weight-only); it does not fit
 
 
 def test_below_4bit_only_when_listed(make_spec, make_inventory, make_node):
@@ -406,39 +406,141 @@ def test_vision_models_are_never_planned_on_llamacpp(make_spec, make_inventory, 
     assert all(c.pool.gpu is not None for c in p.candidates)
 
 
-@pytest.mark.parametrize("product, cc", [("Tesla-T4", "7.5"), ("NVIDIA-A100-SXM4-80GB", "8.0")])
-def test_fp8_needs_compute_capability_8_9(make_spec, make_inventory, make_node, product, cc):
-    p = plan(make_spec(runtime="vllm", fallback={"quantizations": ["fp8"], "allowSmallerModels": False}),
+@pytest.mark.parametrize("model, product, marlin_floor", [
+    ("llama-3.1-8b-instruct", "Tesla-V100-SXM2-16GB", "7.5"),  # vLLM 0.34.0: FP8 Marlin needs 7.5
+    ("llama-3.2-11b-vision-instruct", "Tesla-T4", "8.0"),  # vLLM 0.10.2 (Mllama): Fp8Config needs 8.0
+])
+def test_fp8_needs_the_marlin_floor_of_its_release(make_spec, make_inventory, make_node, model, product, marlin_floor):
+    p = plan(make_spec(model=model, runtime="vllm", fallback={"quantizations": ["fp8"], "allowSmallerModels": False}),
              make_inventory(make_node("g", product, 1)))
     assert not p.feasible
     (c,) = p.candidates
-    assert c.reasons == [f"fp8 needs compute capability >= 8.9; {product} has {cc}"]
+    (reason,) = c.reasons
+    cc = load_catalog().find_gpu(product).compute_capability
+    assert reason.startswith(f"vLLM {c.engine.removeprefix('vllm-')}: fp8 cannot run")
+    assert "fp8-w8a8 needs compute capability >= 8.9" in reason
+    assert f"fp8-marlin-w8a16 needs compute capability >= {marlin_floor}" in reason and reason.endswith(f"has {cc}")
     assert c.estimate is None
 
 
+def test_fp8_runs_weight_only_on_a_t4_with_the_current_vllm(make_spec, make_inventory, make_node):
+    p = plan(make_spec(model="llama-3.2-3b-instruct", runtime="vllm", fallback={"quantizations": ["fp8"]}),
+             make_inventory(make_node("t", "Tesla-T4", 1)))
+    assert (chosen(p).quant.id, chosen(p).kernel, chosen(p).engine) == ("fp8", "fp8-marlin-w8a16", "vllm-0.34.0")
+
+
 @pytest.mark.parametrize("product", ["NVIDIA-L4", "NVIDIA-H100-80GB-HBM3", "NVIDIA-L40S"])
-def test_fp8_runs_on_ada_and_hopper(make_spec, make_inventory, make_node, product):
+def test_fp8_runs_w8a8_on_ada_and_hopper(make_spec, make_inventory, make_node, product):
     p = plan(make_spec(runtime="vllm", fallback={"quantizations": ["fp8"]}), make_inventory(make_node("g", product, 1)))
-    assert chosen(p).quant.id == "fp8"
+    assert chosen(p).quant.id == "fp8" and chosen(p).kernel == "fp8-w8a8"
+
+
+@pytest.mark.parametrize("product", ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A10G", "NVIDIA-RTX-A6000"])
+def test_fp8_runs_weight_only_on_ampere(make_spec, make_inventory, make_node, product):
+    p = plan(make_spec(runtime="vllm", fallback={"quantizations": ["fp8"]}), make_inventory(make_node("g", product, 1)))
+    assert chosen(p).quant.id == "fp8" and chosen(p).kernel == "fp8-marlin-w8a16"
+
+
+def test_a100_gets_fp8_before_4bit_when_16bit_does_not_fit(make_spec, make_inventory, make_node):
+    # 70B: bf16 (~131 GiB) needs two A100-80GB; with one, FP8 (~66 GiB) fits, weight-only on Ampere.
+    p = plan(make_spec(model="llama-3.3-70b-instruct", runtime="vllm", fallback={"allowSmallerModels": False}),
+             make_inventory(make_node("a", "NVIDIA-A100-SXM4-80GB", 1)))
+    c = chosen(p)
+    assert (c.quant.id, c.kernel) == ("fp8", "fp8-marlin-w8a16")
+    assert [x.quant.id for x in p.candidates][0] == "bf16"
+
+
+def test_fp8_weight_only_decodes_like_a_quantized_kernel():
+    # FP8 weights on an A100 (no FP8 tensor cores) run weight-only: the step reads the 8-bit weights at the
+    # quantized kernels' bandwidth share and pays their per-parameter dequantisation cost; on an H100 they
+    # run W8A8 with the 16-bit kernels' costs.
+    from llama_operator import estimate as est
+    from llama_operator.catalog import load_catalog
+
+    catalog = load_catalog()
+    model, fp8 = catalog.model("llama-3.1-8b-instruct"), catalog.quantizations["fp8"]
+    workload = est.Workload(4096)
+    active = est.parameter_counts(model.arch).active_per_token
+    kv_read = est.kv_read_bytes_per_step(model.arch, workload, "vllm")
+    for product, efficiency, per_parameter in (
+            ("NVIDIA-A100-SXM4-80GB", est.DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED, est.DECODE_SECONDS_PER_PARAMETER_QUANTIZED),
+            ("NVIDIA-H100-80GB-HBM3", est.DECODE_BANDWIDTH_EFFICIENCY_16BIT, est.DECODE_SECONDS_PER_PARAMETER_16BIT)):
+        gpu = catalog.find_gpu(product)
+        e = est.estimate(model, fp8, est.Hardware(gpu), workload)
+        expected = (e.weights_bytes + kv_read) / (gpu.memory_bandwidth_gbps * 1e9 * efficiency) + active * per_parameter
+        assert e.tpot_seconds == pytest.approx(expected), product
 
 
 @pytest.mark.parametrize("product", ["Tesla-V100-SXM2-16GB", "Tesla-V100-SXM2-32GB", "Tesla-T4"])
-def test_bf16_needs_compute_capability_8_0(make_spec, make_inventory, make_node, product):
-    p = plan(make_spec(model="llama-3.2-1b-instruct", fallback={"allowSmallerModels": False}),
+def test_16bit_weights_run_as_fp16_below_compute_capability_8_0(make_spec, make_inventory, make_node, product):
+    # A bf16 checkpoint runs with --dtype half where the GPU has no bf16: what every T4 user of vLLM does.
+    p = plan(make_spec(model="llama-3.2-3b-instruct", runtime="vllm", memoryBudget="16Gi",
+                       fallback={"allowSmallerModels": False}),
              make_inventory(make_node("g", product, 1)))
-    bf16 = [c for c in p.candidates if c.quant.id == "bf16"]
-    assert bf16 and "needs compute capability >= 8.0" in bf16[0].reasons[0]
-    # the same GPU serves the 16-bit GGUF with llama.cpp
     c = chosen(p)
-    assert c.quant.id == "f16" and c.runtime == "llamacpp"
+    assert (c.quant.id, c.kernel, c.runtime) == ("bf16", "fp16-cast", "vllm")
+    assert not p.fallback
+
+
+def test_the_new_user_on_one_t4_gets_16bit_not_awq(make_spec, make_inventory, make_node):
+    p = plan(make_spec(model="llama-3.2-3b-instruct", runtime="vllm", memoryBudget="16Gi"),
+             make_inventory(make_node("t", "Tesla-T4", 1)))
+    assert chosen(p).quant.id == "bf16" and not p.fallback
+
+
+def test_compressed_tensors_w4a16_floor_follows_the_release(make_spec, make_inventory, make_node):
+    # RedHatAI's w4a16 checkpoints are compressed-tensors (CompressedTensorsWNA16), not GPTQ layout: vLLM
+    # 0.10.2 (the vision models' release) needs 8.0 for them, 0.34.0 (text) 7.5.
+    t4 = make_inventory(make_node("t", "Tesla-T4", 8))
+    vision = make_spec(model="llama-3.2-11b-vision-instruct", fallback={"quantizations": ["gptq-int4"]})
+    p = plan(vision, t4)
+    assert not p.feasible
+    assert all(c.reasons[0].startswith("vLLM 0.10.2:") and "compressed-tensors-w4a16 needs compute capability >= 8.0"
+               in c.reasons[0] for c in p.candidates)
+    assert chosen(plan(vision, make_inventory(make_node("a", "NVIDIA-A10G", 1)))).kernel == "compressed-tensors-w4a16"
+    text = make_spec(model="llama-3.3-70b-instruct", fallback={"quantizations": ["gptq-int4"]})
+    c = chosen(plan(text, t4))
+    assert (c.engine, c.kernel) == ("vllm-0.34.0", "compressed-tensors-w4a16")
+
+
+def test_no_quantized_kv_cache_below_compute_capability_8_0(make_spec, make_inventory, make_node):
+    # A long context that needs the 8-bit KV cache on a T4: vLLM refuses it there, llama.cpp's q8_0 runs.
+    p = plan(make_spec(model="llama-3.2-3b-instruct", memoryBudget="14Gi", contextLength=131072,
+                       fallback={"allowSmallerModels": False}),
+             make_inventory(make_node("t", "Tesla-T4", 1)))
+    refused = [c for c in p.candidates if c.quant.id == "bf16" and c.kv_cache_dtype == "fp8"]
+    assert refused and all("no quantized KV cache below compute capability 8.0" in c.reasons[0] for c in refused)
+    assert all(c.estimate is None for c in refused)
+    c = chosen(p)
+    assert c.runtime == "llamacpp" and c.kv_cache_dtype == "q8_0"
 
 
 def test_awq_needs_turing_but_gptq_runs_on_volta(make_spec, make_inventory, make_node):
     p = plan(make_spec(runtime="vllm", fallback={"quantizations": ["awq-int4", "gptq-int4"]}),
              make_inventory(make_node("v", "Tesla-V100-SXM2-16GB", 1)))
     awq = [c for c in p.candidates if c.quant.id == "awq-int4"]
-    assert awq and "7.5" in awq[0].reasons[0]
-    assert chosen(p).quant.id == "gptq-int4"
+    assert awq and "awq needs compute capability >= 7.5" in awq[0].reasons[0]
+    assert chosen(p).quant.id == "gptq-int4" and chosen(p).kernel == "gptq_marlin"
+
+
+def test_vision_models_have_no_vllm_image_for_amd(make_spec, make_inventory, make_node):
+    # vLLM 0.10.2 (the last with Mllama) published no ROCm image: nothing is planned on an MI300X.
+    node = make_node("mi", labels={"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM"})
+    node["status"]["allocatable"]["amd.com/gpu"] = "8"
+    p = plan(make_spec(model="llama-3.2-11b-vision-instruct"), make_inventory(node))
+    assert not p.feasible
+    assert all("vLLM 0.10.2: no pinned image for amd" in c.reasons[0] for c in p.candidates) and p.candidates
+
+
+def test_vision_models_run_on_the_newest_vllm_that_serves_mllama(make_spec, make_inventory, make_node):
+    inv = make_inventory(make_node("l", "NVIDIA-L40S", 1))
+    vision = chosen(plan(make_spec(model="llama-3.2-11b-vision-instruct"), inv))
+    text = chosen(plan(make_spec(model="llama-3.1-8b-instruct"), inv))
+    from llama_operator.engines import release
+
+    assert "MllamaForConditionalGeneration" in release(vision.engine).architectures
+    assert "MllamaForConditionalGeneration" not in release(text.engine).architectures
+    assert vision.engine != text.engine
 
 
 def test_vllm_is_never_offered_cpu_nodes(make_spec, make_inventory, make_node):
@@ -583,3 +685,15 @@ def test_plan_to_dict_shape(make_spec):
     assert set(ch["predicted"]) >= {"memoryBytes", "ttftSeconds", "tpotSeconds"}
     assert ch["runtime"] == "vllm" and ch["gpuProduct"] == "NVIDIA-A100-SXM4-80GB"
     assert ch["weightsSource"] == load_catalog().model(ch["model"]).vllm_repos[ch["quantization"]]
+
+
+def test_a_pool_is_sized_by_its_smallest_gpu(make_spec, make_inventory, make_node):
+    # Two A100-80GB nodes, one of them reporting 40 GiB (a MIG slice): a replica may land on either, so the
+    # 70B in FP8 (~66 GiB) does not fit the pool; it would on the full-size node alone.
+    spec = make_spec(model="llama-3.3-70b-instruct", runtime="vllm",
+                     fallback={"quantizations": ["fp8"], "allowSmallerModels": False})
+    full = make_node("a", "NVIDIA-A100-SXM4-80GB", 1)
+    assert plan(spec, make_inventory(full)).feasible
+    p = plan(spec, make_inventory(full, make_node("b", "NVIDIA-A100-SXM4-80GB", 1, memory_mib=40960)))
+    assert not p.feasible
+    assert any("per GPU" in r and "usable on NVIDIA-A100-SXM4-80GB" in r for r in p.candidates[0].reasons)

@@ -23,6 +23,7 @@ import yaml
 
 from llama_operator import planner
 from llama_operator.catalog import load_catalog
+from llama_operator.engines import release
 from llama_operator.api import API_VERSION, KIND, ChosenPlan, LlamaDeploymentSpec
 from llama_operator.render import HASH_ANNOTATION, LABEL_DEPLOYMENT, LABEL_RUNTIME, Images, Owner, content_hash, \
     endpoint, render
@@ -218,8 +219,11 @@ def test_gpu_resources_affinity_and_toleration(case: Case):
 def test_vllm_command_line(case: Case):
     plan = case.plan
     assert plan.runtime == "vllm"
-    assert case.container["image"] == Images().vllm
-    assert case.arg("--model") == plan.weightsSource
+    rel = release(plan.engine)
+    assert case.container["image"] == rel.images["cuda"] == f"vllm/vllm-openai:v{rel.version}"
+    assert case.container["command"] == ["vllm", "serve"]
+    assert case.args[0] == plan.weightsSource  # `vllm serve MODEL`: --model is deprecated there
+    assert "--model" not in case.args
     assert case.arg("--served-model-name") == "chat"
     assert case.arg("--port") == "8000"
     assert case.arg("--max-model-len") == str(case.spec.contextLength)
@@ -242,8 +246,8 @@ def test_vllm_tensor_parallel_gets_gpus_and_shared_memory(make_spec, make_node, 
     dshm = [v for v in c.pod["volumes"] if v["name"] == "dshm"]
     assert dshm == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c.container["volumeMounts"]
-    assert c.arg("--model") == "meta-llama/Llama-3.3-70B-Instruct"
-    assert "--quantization" not in c.args  # bf16: nothing to tell vLLM
+    assert c.args[0] == "meta-llama/Llama-3.3-70B-Instruct"
+    assert "--quantization" not in c.args and "--dtype" not in c.args  # bf16 on Ampere: nothing to tell vLLM
 
 
 @cases()
@@ -273,14 +277,60 @@ def test_vllm_quantization_flag_only_when_needed(name, quantization, flag, make_
         assert c.arg("--quantization") == flag
 
 
-def test_awq_on_a_pre_ampere_gpu_uses_the_portable_kernel(make_spec):
-    spec = make_spec(model="llama-3.1-8b-instruct")
-    plan = ChosenPlan(model="llama-3.1-8b-instruct", quantization="awq-int4", runtime="vllm", gpuProduct="Tesla-T4",
-                      gpusPerReplica=1, weightsSource="hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4",
-                      gpuMemoryUtilization=0.9, predicted={"memoryBytes": 10 * 2**30, "perGpuBytes": 10 * 2**30,
-                                                           "ttftSeconds": 0.1, "tpotSeconds": 0.05})
+@pytest.mark.parametrize("product, quantization, flag", [
+    ("Tesla-T4", "awq-int4", "awq_marlin"),  # vLLM 0.34.0: AutoAWQConfig (awq and awq_marlin) from 7.5
+    ("Tesla-V100-SXM2-32GB", "gptq-int4", "gptq_marlin"),  # AutoGPTQConfig from 6.0
+    ("AMD_Instinct_MI300X_OAM", "awq-int4", "awq"),  # ROCm: no Marlin kernels
+    ("AMD_Instinct_MI300X_OAM", "gptq-int4", "gptq"),
+])
+def test_quantized_checkpoints_select_the_kernel_the_gpu_runs(product, quantization, flag, make_spec, make_node,
+                                                                make_inventory):
+    if product.startswith("AMD"):
+        node = make_node("g", labels={"amd.com/gpu.product-name": product})
+        node["status"]["allocatable"]["amd.com/gpu"] = "1"
+    else:
+        node = make_node("g", product, 1)
+    spec = make_spec(runtime="vllm", fallback={"quantizations": [quantization]})
+    p = planner.plan(spec, make_inventory(node))
+    plan = p.chosen.to_chosen_plan()
     c = Case(spec, plan, render(OWNER, spec, plan))
-    assert c.arg("--quantization") == "awq"  # Marlin needs compute capability 8.0; a T4 has 7.5
+    assert c.arg("--quantization") == flag
+    if product.startswith("AMD"):
+        assert c.container["image"] == release(plan.engine).images["rocm"]
+        assert c.container["resources"]["limits"]["amd.com/gpu"] == "1"
+
+
+@pytest.mark.parametrize("product", ["Tesla-T4", "Tesla-V100-SXM2-32GB"])
+def test_16bit_weights_below_compute_capability_8_0_render_as_half(product, make_spec, make_node, make_inventory):
+    spec, plan = _plan(make_spec, make_node, make_inventory, {"model": "llama-3.2-3b-instruct", "runtime": "vllm"},
+                       [dict(name="g", product=product, gpus=1)])
+    assert (plan.quantization, plan.kernel) == ("bf16", "fp16-cast")
+    assert Case(spec, plan, render(OWNER, spec, plan)).arg("--dtype") == "half"
+
+
+def test_fp8_on_ampere_renders_weight_only_without_flags(make_spec, make_node, make_inventory):
+    # vLLM reads the checkpoint's FP8 config and picks Marlin W8A16 below 8.9 by itself: nothing to add.
+    spec, plan = _plan(make_spec, make_node, make_inventory,
+                       {"model": "llama-3.3-70b-instruct", "runtime": "vllm", "fallback": {"allowSmallerModels": False}},
+                       [dict(name="a", product="NVIDIA-A100-SXM4-80GB", gpus=1)])
+    assert (plan.quantization, plan.kernel) == ("fp8", "fp8-marlin-w8a16")
+    c = Case(spec, plan, render(OWNER, spec, plan))
+    assert "--quantization" not in c.args and "--dtype" not in c.args
+
+
+def test_vision_renders_on_the_release_that_serves_mllama(all_cases):
+    c = all_cases["vllm-fp8"]
+    assert c.plan.model == "llama-3.2-11b-vision-instruct"
+    rel = release(c.plan.engine)
+    assert "MllamaForConditionalGeneration" in rel.architectures
+    assert c.container["image"] == rel.images["cuda"]
+    assert c.container["image"] != all_cases["vllm-tp1"].container["image"]
+
+
+def test_a_plan_from_an_older_catalog_renders_on_the_current_release(all_cases):
+    c = all_cases["vllm-tp1"]
+    old = c.plan.model_copy(update={"engine": "vllm-0.0.1", "kernel": None})
+    assert render(OWNER, c.spec, old) == c.objects
 
 
 # --- llama.cpp --------------------------------------------------------------------------------------
@@ -297,12 +347,14 @@ def test_llamacpp_command_line(case: Case):
     assert case.arg("--port") == "8080"
     assert case.arg("--alias") == "chat"
     assert "--metrics" in case.args
+    rel = release(plan.engine)
+    assert case.container["command"] == list(rel.command)
     if plan.gpuProduct is None:
-        assert case.container["image"] == Images().llamacpp_cpu
+        assert case.container["image"] == rel.images["cpu"]
         assert case.arg("--n-gpu-layers") == "0"
         assert case.arg("--threads") == str(plan.cpuThreads) and plan.cpuThreads >= 1
     else:
-        assert case.container["image"] == Images().llamacpp_cuda
+        assert case.container["image"] == rel.images["cuda"]
         assert int(case.arg("--n-gpu-layers")) >= 999  # every layer offloaded
         assert int(case.arg("--threads")) >= 1
     if plan.kvCacheDtype == "auto":
@@ -361,10 +413,16 @@ def test_existing_claim_is_mounted_not_created(all_cases):
     assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "shared-models"}} in c.pod["volumes"]
 
 
-def test_without_a_cache_the_model_goes_to_an_empty_dir(all_cases):
+def test_without_a_cache_the_model_goes_to_a_sized_empty_dir(all_cases):
     c = all_cases["vllm-tp1"]
-    assert {"name": "model-cache", "emptyDir": {}} in c.pod["volumes"]
+    (volume,) = [v for v in c.pod["volumes"] if v["name"] == "model-cache"]
+    limit = _bytes(volume["emptyDir"]["sizeLimit"])
+    weights = 2 * 8.03e9  # Llama 3.1 8B in bf16
+    assert weights < limit < 1.5 * weights
+    assert c.container["resources"]["requests"]["ephemeral-storage"] == volume["emptyDir"]["sizeLimit"]
     assert {"name": "HF_HOME", "value": "/models"} in c.container["env"]
+    # With a claim, nothing lands on the node's disk: no ephemeral-storage request.
+    assert "ephemeral-storage" not in all_cases["cache-pvc"].container["resources"]["requests"]
 
 
 # --- the content hash -----------------------------------------------------------------------------------
@@ -399,9 +457,10 @@ def test_hash_is_stable_and_follows_the_content(make_spec, make_node, make_inven
     assert hashes(cpu)["Service"] != hashes(first)["Service"]
 
 
-def test_the_images_can_be_overridden(all_cases):
+def test_the_images_can_come_from_a_mirror(all_cases):
     c = all_cases["vllm-tp1"]
-    custom = render(OWNER, c.spec, c.plan, Images(vllm="registry.local/vllm:pinned"))
+    pinned = c.container["image"]
+    custom = render(OWNER, c.spec, c.plan, Images(((pinned, "registry.local/vllm:pinned"),)))
     assert custom[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/vllm:pinned"
     assert custom[0]["metadata"]["annotations"][HASH_ANNOTATION] != c.deployment["metadata"]["annotations"][HASH_ANNOTATION]
 
@@ -502,15 +561,19 @@ def _bytes(q: str) -> int:
 SMALL_GPU_NODES = {
     # AWS g6.xlarge: 1x L4, 4 vCPU, 16 GiB (allocatable as in examples/clusters/mixed.yaml)
     "vllm-on-g6.xlarge": ({}, dict(name="g6", product="NVIDIA-L4", gpus=1, cpu="3910m", memory="15602810Ki"), "vllm"),
-    # AWS g4dn.xlarge: 1x T4, 4 vCPU, 16 GiB: bf16 needs compute 8.0, so llama.cpp serves the 1B there
-    "llamacpp-on-g4dn.xlarge": (
+    # AWS g4dn.xlarge: 1x T4, 4 vCPU, 16 GiB: vLLM serves the 16-bit 1B as fp16 there
+    "vllm-on-g4dn.xlarge": (
         {"model": "llama-3.2-1b-instruct", "fallback": {"allowCPU": False}},
+        dict(name="g4dn", product="Tesla-T4", gpus=1, cpu="3910m", memory="15602810Ki"), "vllm"),
+    "llamacpp-on-g4dn.xlarge": (
+        {"model": "llama-3.2-1b-instruct", "runtime": "llamacpp", "fallback": {"allowCPU": False}},
         dict(name="g4dn", product="Tesla-T4", gpus=1, cpu="3910m", memory="15602810Ki"), "llamacpp"),
 }
 
 
 @pytest.mark.parametrize("name", [
     "vllm-on-g6.xlarge",
+    "vllm-on-g4dn.xlarge",
     "llamacpp-on-g4dn.xlarge",
 ])
 def test_rendered_pod_fits_the_node_it_was_planned_for(name, make_spec, make_node, make_inventory):

@@ -76,12 +76,13 @@ class Model:
     name: str
     family: str
     capability: Capability
+    architecture: str  # HF config.json `architectures`: what an engine release must serve
     published_parameters: float
     arch: ModelArch
     source: str
     vllm_repos: dict[str, str]  # quantization id -> HF repo
     gguf: GgufSource | None
-    vllm_quantization: dict[str, str] = field(default_factory=dict)  # quantization id -> --quantization override
+    vllm_kernels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # quantization id -> its own kernels
 
     def variants(self) -> list[str]:
         """Quantization ids published for this model, vLLM ones first."""
@@ -103,10 +104,7 @@ class Quantization:
     bits: int
     # vLLM checkpoints
     linear_bits: float | None = None
-    min_compute_capability: str | None = None
-    needs: str | None = None  # "bf16" | "fp8": tensor support the GPU must have
-    vllm_quantization: str | None = None
-    vllm_quantization_fast: str | None = None
+    vllm_kernels: tuple[str, ...] = ()  # engines.yaml kernel ids, preferred first
     # GGUF mixes
     gguf: str | None = None
     base: str | None = None
@@ -219,11 +217,12 @@ def _load_models() -> dict[str, Model]:
             name=raw["name"],
             family=str(raw["family"]),
             capability=raw["capability"],
+            architecture=raw["architecture"],
             published_parameters=float(raw["publishedParameters"]),
             arch=ModelArch(**arch_kwargs),
             source=raw["source"],
             vllm_repos={q: v["repo"] for q, v in (raw.get("vllm") or {}).items()},
-            vllm_quantization={q: v["quantization"] for q, v in (raw.get("vllm") or {}).items() if "quantization" in v},
+            vllm_kernels={q: tuple(v["kernels"]) for q, v in (raw.get("vllm") or {}).items() if "kernels" in v},
             gguf=GgufSource(
                 repo=gguf["repo"],
                 file=gguf["file"],
@@ -269,8 +268,7 @@ def load_catalog() -> Catalog:
     quants = {}
     for qid, q in q_raw["quantizations"].items():
         kw = _snake_keys(q)
-        if kw.get("min_compute_capability") is not None:
-            kw["min_compute_capability"] = str(kw["min_compute_capability"])
+        kw["vllm_kernels"] = tuple(kw.get("vllm_kernels") or ())
         quants[qid] = Quantization(id=qid, **kw)
     gpus, index, cpu = _load_hardware()
     return Catalog(

@@ -20,6 +20,7 @@ import yaml
 
 from ..api import API_VERSION, KIND, ChosenPlan, LlamaDeploymentSpec
 from ..catalog import load_catalog
+from ..engines import kernel_for, release, release_for
 from ..estimate import LLAMACPP_GPU_THREADS, host_requests, weights_bytes
 
 TEMPLATES = Path(__file__).resolve().parent
@@ -91,13 +92,14 @@ def _owned(value: Any, owner: "Owner") -> Any:
 
 @dataclass(frozen=True)
 class Images:
-    """Model server images; `llama-operator run --vllm-image ...` overrides them."""
+    """Where to pull the pinned engine images from: `llama-operator run --image PINNED=MIRROR` replaces an
+    image of catalog/engines.yaml by a copy of it (a private registry, a digest). The copy must be the same
+    release: the command line is the one that release accepts."""
 
-    vllm: str = "vllm/vllm-openai:v0.11.0"
-    vllm_rocm: str = "rocm/vllm:latest"
-    llamacpp_cuda: str = "ghcr.io/ggml-org/llama.cpp:server-cuda"
-    llamacpp_rocm: str = "ghcr.io/ggml-org/llama.cpp:server-rocm"
-    llamacpp_cpu: str = "ghcr.io/ggml-org/llama.cpp:server"
+    mirrors: tuple[tuple[str, str], ...] = ()
+
+    def resolve(self, pinned: str) -> str:
+        return dict(self.mirrors).get(pinned, pinned)
 
 
 @dataclass(frozen=True)
@@ -166,12 +168,25 @@ def _quantity(n_bytes: float) -> str:
     return f"{math.ceil(n_bytes / 2**20)}Mi"
 
 
+def _download_bytes(weights: int) -> int:
+    """What the model cache holds once the weights are downloaded: the weights, a tenth more for the
+    download's temporary files and the repository's small files (config, tokenizer), and 1 GiB."""
+    return int(weights * 1.1) + GiB
+
+
+def _pinned_image(rel, vendor: str) -> str:
+    image = rel.image(vendor)
+    if image is None:  # the planner never plans one; a plan kept from an older catalog may name one
+        raise ValueError(f"{rel.title} has no pinned image for {vendor} GPUs")
+    return image
+
+
 def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images) -> dict[str, Any]:
     catalog = load_catalog()
     model = catalog.model(plan.model)
     on_gpu = plan.gpuProduct is not None
     gpu = catalog.find_gpu(plan.gpuProduct) if on_gpu else None
-    vendor = gpu.vendor if gpu else "nvidia"
+    vendor = (gpu.vendor if gpu else "nvidia") if on_gpu else "cpu"
     gpu_resource = "amd.com/gpu" if vendor == "amd" else "nvidia.com/gpu"
     n = plan.gpusPerReplica if on_gpu else 0
     labels = {
@@ -192,20 +207,19 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
     limits = {"memory": _quantity(memory * (2 if on_gpu else 1.25))}
     if on_gpu:
         requests[gpu_resource] = limits[gpu_resource] = str(n)
+    if cache_claim_name(owner, spec) is None:  # the weights go to an emptyDir on the node's disk
+        requests["ephemeral-storage"] = _quantity(_download_bytes(weights))
+    rel = release(plan.engine or "") or release_for(model, plan.runtime)
+    if rel is None or not rel.serves(model):  # a plan from an older catalog: its model's current release
+        rel = release_for(model, plan.runtime)
+    assert rel is not None, f"no engine release serves {model.id}"  # the planner never plans one
+    kernel_args: tuple[str, ...] = ()
     if plan.runtime == "vllm":
-        image = images.vllm_rocm if vendor == "amd" else images.vllm
-    elif on_gpu:
-        image = images.llamacpp_rocm if vendor == "amd" else images.llamacpp_cuda
-    else:
-        image = images.llamacpp_cpu
-    quantization_flag = None
-    if plan.runtime == "vllm":
-        q = catalog.quantizations[plan.quantization]
-        quantization_flag = model.vllm_quantization.get(plan.quantization)
-        if quantization_flag is None and q.vllm_quantization:
-            fast = gpu is not None and gpu.vendor == "nvidia" and gpu.compute_capability and \
-                float(gpu.compute_capability) >= 8.0 and q.vllm_quantization_fast
-            quantization_flag = q.vllm_quantization_fast if fast else q.vllm_quantization
+        # The planner names the kernel (it saw the GPU's compute capability, even for a product the catalog
+        # lacks); a plan without one (an older operator's) gets the first this GPU can run.
+        kernel = rel.kernels.get(plan.kernel or "") or kernel_for(rel, model, catalog.quantizations[plan.quantization],
+                                                                  gpu)
+        kernel_args = kernel.args if kernel is not None else ()
     weights_file = None
     if plan.runtime == "vllm":
         weights_repo = plan.weightsSource
@@ -228,7 +242,9 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "annotations": {},
         "pod_annotations": {"llama-operator.dev/variant": f"{plan.model}/{plan.quantization}"},
         "replicas": spec.replicas,
-        "image": image,
+        "image": images.resolve(_pinned_image(rel, vendor)),
+        "command": list(rel.command),
+        "kernel_args": list(kernel_args),
         "port": PORTS[plan.runtime],
         "weights_repo": weights_repo,
         "weights_file": weights_file,
@@ -239,7 +255,6 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "gpu_layers": 999 if on_gpu else 0,
         "threads": threads,
         "gpu_memory_utilization": plan.gpuMemoryUtilization if plan.gpuMemoryUtilization is not None else 0.9,
-        "quantization_flag": quantization_flag,
         "kv_cache_dtype": plan.kvCacheDtype,
         "requests": requests,
         "limits": limits,
@@ -253,6 +268,7 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "cache_claim_name": claim,
         "cache_claim_create": bool(cache.size is not None and not cache.existingClaim),
         "cache_size": str(cache.size) if cache.size is not None else None,
+        "scratch_size": _quantity(_download_bytes(weights)),
         "cache_storage_class": cache.storageClassName,
         "cache_access_mode": "ReadWriteOnce" if spec.replicas == 1 else "ReadWriteMany",
     }

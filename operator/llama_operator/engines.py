@@ -1,0 +1,245 @@
+"""Engine releases as data: which pinned vLLM or llama.cpp release runs a variant, how, and what it refuses.
+
+Pure. The facts live in catalog/engines.yaml, each citing the file of the release's source it was read
+from, and the options each release accepts in catalog/engine-options/ (generated from the same sources by
+scripts/engine_options.py). The planner asks `support_problem` whether a variant can run on a GPU at all;
+the renderer asks `serving` for the image, command and arguments that select the kernels; the tests ask
+`rejected_arguments` whether a rendered command line is one the release would accept.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from .catalog import CATALOG_DIR, GPU, Model, Quantization, _load_yaml, capability_version, load_catalog
+
+ENGINE_NAMES = {"vllm": "vLLM", "llamacpp": "llama.cpp"}
+#: Image flavour per accelerator vendor.
+_FLAVOURS = {"nvidia": "cuda", "amd": "rocm"}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One way a release runs a checkpoint format: what it needs of the GPU, and the arguments selecting it."""
+
+    id: str
+    min_compute_capability: str | None
+    vendors: tuple[str, ...]
+    args: tuple[str, ...]
+    weight_only: bool = False  # weights stored low-precision, computed at 16 bits (Marlin W8A16)
+    source: str = ""
+
+
+@dataclass(frozen=True, eq=False)  # one instance per release id: identity is equality (and hashable)
+class EngineRelease:
+    id: str
+    engine: str  # vllm | llamacpp
+    version: str
+    images: Mapping[str, str]  # accelerator flavour (cuda, rocm, cpu) -> image
+    command: tuple[str, ...]
+    model_argument: str  # positional (vllm serve MODEL) | flags
+    architectures: frozenset[str]
+    options_file: str
+    kernels: Mapping[str, Kernel]
+    kv_min_compute_capability: str | None
+    kv_vendors: tuple[str, ...]
+    metrics: frozenset[str]  # the series the alert rules and dashboard read, as this release exports them
+    source: str
+
+    @property
+    def title(self) -> str:
+        """How messages name it: 'vLLM 0.34.0', 'llama.cpp b7000'."""
+        return f"{ENGINE_NAMES[self.engine]} {self.version}"
+
+    def serves(self, model: Model) -> bool:
+        return model.architecture in self.architectures
+
+    def image(self, vendor: str) -> str | None:
+        """The pinned image for an accelerator vendor (nvidia, amd, or cpu); None when there is none."""
+        return self.images.get(_FLAVOURS.get(vendor, vendor))
+
+    @property
+    def options(self) -> Mapping[str, dict]:
+        """Every option spelling the release accepts -> {takesValue, choices}: read from its source."""
+        return _options(self.options_file)
+
+
+@functools.cache
+def _options(name: str) -> Mapping[str, dict]:
+    with open(CATALOG_DIR / name, encoding="utf-8") as f:
+        return json.load(f)["options"]
+
+
+def _release(raw: dict) -> EngineRelease:
+    kernels = {
+        kid: Kernel(
+            id=kid,
+            min_compute_capability=str(k["minComputeCapability"]) if k.get("minComputeCapability") else None,
+            vendors=tuple(k["vendors"]),
+            args=tuple(k.get("args") or ()),
+            weight_only=bool(k.get("weightOnly", False)),
+            source=k.get("source", ""),
+        )
+        for kid, k in (raw.get("kernels") or {}).items()
+    }
+    kv = raw["quantizedKvCache"]
+    return EngineRelease(
+        id=raw["id"],
+        engine=raw["engine"],
+        version=str(raw["version"]),
+        images=dict(raw["images"]),
+        command=tuple(raw["command"]),
+        model_argument=raw["modelArgument"],
+        architectures=frozenset(raw["architectures"]),
+        options_file=raw["options"],
+        kernels=kernels,
+        kv_min_compute_capability=str(kv["minComputeCapability"]) if kv.get("minComputeCapability") else None,
+        kv_vendors=tuple(kv["vendors"]),
+        metrics=frozenset(raw["metrics"]["names"]),
+        source=raw.get("source", ""),
+    )
+
+
+@functools.cache
+def releases() -> tuple[EngineRelease, ...]:
+    """The pinned releases, in the order a model tries them."""
+    return tuple(_release(r) for r in _load_yaml("engines.yaml")["releases"])
+
+
+def release(release_id: str) -> EngineRelease | None:
+    return next((r for r in releases() if r.id == release_id), None)
+
+
+def release_for(model: Model, runtime: str) -> EngineRelease | None:
+    """The release a model runs on: the first of its runtime that serves its architecture."""
+    return next((r for r in releases() if r.engine == runtime and r.serves(model)), None)
+
+
+# --- What runs where ---------------------------------------------------------------------------------------
+
+
+def _vendor(gpu: GPU | None) -> str:
+    return "cpu" if gpu is None else gpu.vendor
+
+
+def _meets(need: str | None, gpu: GPU | None) -> bool:
+    """A compute-capability floor applies to NVIDIA GPUs; other vendors are judged by `vendors` alone."""
+    if need is None or gpu is None or gpu.vendor != "nvidia":
+        return True
+    return capability_version(gpu.compute_capability) >= capability_version(need)
+
+
+def kernel_ids(model: Model, quant: Quantization) -> tuple[str, ...]:
+    return model.vllm_kernels.get(quant.id) or quant.vllm_kernels
+
+
+def kernel_for(rel: EngineRelease, model: Model, quant: Quantization, gpu: GPU | None) -> Kernel | None:
+    """The first of the variant's kernels this GPU can run on this release (None: none can)."""
+    for kid in kernel_ids(model, quant):
+        k = rel.kernels[kid]
+        if _vendor(gpu) in k.vendors and _meets(k.min_compute_capability, gpu):
+            return k
+    return None
+
+
+def _kernel_refusal(rel: EngineRelease, model: Model, quant: Quantization, gpu: GPU) -> str:
+    """Why none of the variant's kernels runs on `gpu`, naming the release and the fact."""
+    parts = []
+    for kid in kernel_ids(model, quant):
+        k = rel.kernels[kid]
+        if gpu.vendor not in k.vendors:
+            parts.append(f"{kid} runs on {'/'.join(k.vendors)} GPUs only")
+        else:
+            parts.append(f"{kid} needs compute capability >= {k.min_compute_capability}")
+    have = f"{gpu.product} has {gpu.compute_capability or 'no CUDA capability'}" if gpu.vendor == "nvidia" \
+        else f"{gpu.product} is {gpu.vendor}"
+    return f"{rel.title}: {quant.id} cannot run: {'; '.join(parts)}; {have}"
+
+
+def support_problem(model: Model, quant: Quantization, gpu: GPU | None, kv_cache_dtype: str = "auto") -> str | None:
+    """Why this variant (with this KV cache) cannot run on `gpu` (None: a CPU node) at all; None when it can."""
+    runtime = quant.runtime
+    rel = release_for(model, runtime)
+    if rel is None:
+        pinned = ", ".join(r.title for r in releases() if r.engine == runtime)
+        return f"no pinned {ENGINE_NAMES[runtime]} release serves {model.architecture} ({pinned})"
+    if runtime == "vllm" and gpu is None:
+        return f"{rel.title} needs a GPU"
+    if rel.image(_vendor(gpu)) is None:
+        return f"{rel.title}: no pinned image for {_vendor(gpu)} ({', '.join(sorted(rel.images))} only)"
+    if runtime == "vllm":
+        if kernel_for(rel, model, quant, gpu) is None:
+            return _kernel_refusal(rel, model, quant, gpu)
+    if kv_cache_dtype != "auto":
+        if _vendor(gpu) not in rel.kv_vendors:
+            return f"{rel.title}: no quantized KV cache on {_vendor(gpu)}"
+        if not _meets(rel.kv_min_compute_capability, gpu):
+            assert gpu is not None
+            return (f"{rel.title}: no quantized KV cache below compute capability {rel.kv_min_compute_capability}; "
+                    f"{gpu.product} has {gpu.compute_capability}")
+    return None
+
+
+# --- Checking a command line against the release ---------------------------------------------------------
+
+
+def rejected_arguments(rel: EngineRelease, args: Iterable[str]) -> list[str]:
+    """What in `args` the release's CLI would refuse: unknown options, missing values, values outside the
+    choices, stray positionals. Empty when the release would accept the command line."""
+    options = rel.options
+    problems: list[str] = []
+    args = list(args)
+    i = 0
+    if rel.model_argument == "positional":
+        if not args or args[0].startswith("-"):
+            problems.append(f"{rel.title} takes the model as its first argument")
+        else:
+            i = 1
+    while i < len(args):
+        token = args[i]
+        name, eq, inline = token.partition("=")
+        spec = options.get(name) if name.startswith("-") else None
+        if spec is None or spec.get("server") is False:  # (llama.cpp's arg.cpp serves several tools)
+            problems.append(f"{rel.title} has no option {name!r}" if name.startswith("-")
+                            else f"{rel.title}: unexpected argument {token!r}")
+            i += 1
+            continue
+        if not spec["takesValue"]:
+            if eq:
+                problems.append(f"{rel.title}: {name} takes no value")
+            i += 1
+            continue
+        if eq:
+            value = inline
+            i += 1
+        elif i + 1 < len(args):
+            value = args[i + 1]
+            i += 2
+        else:
+            problems.append(f"{rel.title}: {name} needs a value")
+            break
+        choices = spec.get("choices")
+        if choices is not None and value not in choices:
+            problems.append(f"{rel.title}: {name} {value!r} is not one of {', '.join(map(str, choices))}")
+    return problems
+
+
+def catalog_problems() -> list[str]:
+    """Inconsistencies between the catalogs (a kernel a quantization names that a release lacks, a model no
+    release serves): what a test asserts empty."""
+    problems = []
+    catalog = load_catalog()
+    for m in catalog.models.values():
+        for qid in m.variants():
+            q = catalog.quantizations[qid]
+            rel = release_for(m, q.runtime)
+            if rel is None:
+                if q.runtime == "vllm" or m.gguf is not None:
+                    problems.append(f"{m.id} {qid}: no {q.runtime} release serves {m.architecture}")
+                continue
+            for kid in kernel_ids(m, q) if q.runtime == "vllm" else ():
+                if kid not in rel.kernels:
+                    problems.append(f"{m.id} {qid}: {rel.id} has no kernel {kid}")
+    return problems

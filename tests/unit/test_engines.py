@@ -1,0 +1,156 @@
+"""Engine truth: every rendered command line is one the pinned release accepts, read from its own source.
+
+The option lists in catalog/engine-options/ are generated from the releases' sources
+(scripts/engine_options.py: vLLM's wheel, llama.cpp's common/arg.cpp). Here every catalog variant x runtime
+x representative GPU (and CPU) is planned and rendered as the operator would, with and without the 8-bit KV
+cache, and each command line is parsed against its release's options: an unknown option, a missing value
+or a value outside the release's choices fails the test.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from llama_operator import planner
+from llama_operator.catalog import CATALOG_DIR, load_catalog
+from llama_operator.engines import catalog_problems, rejected_arguments, release, release_for, releases, \
+    support_problem
+from llama_operator.render import Owner, render
+
+OWNER = Owner(name="chat", namespace="default", uid="0b9f7c7e-3c1e-4f43-9d38-0d7f3f1e2a11")
+#: The GPUs the issue names, one per generation and vendor, and a CPU node.
+REPRESENTATIVE = ["Tesla-T4", "Tesla-V100-SXM2-32GB", "NVIDIA-A10G", "NVIDIA-L4", "NVIDIA-A100-SXM4-80GB",
+                  "NVIDIA-H100-80GB-HBM3", "AMD_Instinct_MI300X_OAM", None]
+
+
+def _node(make_node, product):
+    if product is None:
+        return make_node("cpu", cpu="192", memory="2048Gi")
+    if product.startswith("AMD"):
+        return _amd_node(product)
+    return make_node("gpu", product, 8, cpu="192", memory="2048Gi")
+
+
+def _amd_node(product):
+    """A node as the AMD GPU operator's labeller and device plugin show it (amd.com/gpu.product-name)."""
+    gpu = load_catalog().find_gpu(product)
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "gpu", "labels": {"kubernetes.io/hostname": "gpu", gpu.label_key: product}},
+        "spec": {"taints": [{"key": "amd.com/gpu", "effect": "NoSchedule"}]},
+        "status": {"allocatable": {"cpu": "192", "memory": "2048Gi", "pods": "110", "amd.com/gpu": "8"},
+                   "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def _variants():
+    catalog = load_catalog()
+    for model in catalog.models.values():
+        for qid in model.variants():
+            yield model, catalog.quantizations[qid]
+
+
+def _rendered_args(make_spec, make_node, make_inventory, model, quant, product):
+    """(release, args) for each KV cache the variant can run with on `product`; [] when it cannot run there."""
+    spec = make_spec(model=model.id, runtime=quant.runtime, memoryBudget="4000Gi", contextLength=4096,
+                     slo={"ttftP95": "1000s", "tpotP95": "100s", "concurrency": 2},
+                     fallback={"quantizations": [quant.id], "allowSmallerModels": False, "allowCPU": product is None})
+    inventory = make_inventory(_node(make_node, product))
+    p = planner.plan(spec, inventory)
+    gpu = None if product is None else load_catalog().find_gpu(product)
+    problem = support_problem(model, quant, gpu)
+    if problem is not None:
+        assert not p.feasible, problem
+        return []
+    if p.chosen is None:  # runs there, but does not fit even 8 of them (405B in 16 bits on T4s)
+        assert any("per GPU" in r or "placement" in r for c in p.candidates for r in c.reasons), p.fallback_reason
+        return []
+    chosen = p.chosen.to_chosen_plan()
+    out = []
+    for kv in ("auto", "fp8" if quant.runtime == "vllm" else "q8_0"):
+        if support_problem(model, quant, gpu, kv) is not None:
+            continue
+        objects = render(OWNER, spec, chosen.model_copy(update={"kvCacheDtype": kv}))
+        container = objects[0]["spec"]["template"]["spec"]["containers"][0]
+        rel = release(chosen.engine)
+        assert container["image"] in rel.images.values() and container["command"] == list(rel.command)
+        out.append((rel, container["args"]))
+    return out
+
+
+def test_every_variant_on_every_representative_gpu_renders_options_its_release_accepts(
+        make_spec, make_node, make_inventory):
+    rendered = 0
+    per_gpu: dict = {}
+    per_variant: dict = {}
+    failures = []
+    for model, quant in _variants():
+        for product in REPRESENTATIVE:
+            for rel, args in _rendered_args(make_spec, make_node, make_inventory, model, quant, product):
+                rendered += 1
+                per_gpu[product] = per_gpu.get(product, 0) + 1
+                per_variant[(model.id, quant.id)] = per_variant.get((model.id, quant.id), 0) + 1
+                for problem in rejected_arguments(rel, args):
+                    failures.append(f"{model.id} {quant.id} on {product or 'cpu'}: {problem}")
+    assert not failures, "\n".join(failures)
+    # Nothing was skipped by accident: every GPU renders something, and every variant renders somewhere.
+    assert set(per_gpu) == set(REPRESENTATIVE), per_gpu
+    assert set(per_variant) == {(m.id, q.id) for m, q in _variants()}
+    assert rendered > 200
+
+
+def test_the_check_catches_what_a_release_would_refuse():
+    vllm = release_for(load_catalog().model("llama-3.1-8b-instruct"), "vllm")
+    good = ["meta-llama/Llama-3.1-8B-Instruct", "--kv-cache-dtype", "fp8", "--dtype", "half"]
+    assert rejected_arguments(vllm, good) == []
+    assert rejected_arguments(vllm, ["m", "--kv-cache-dtype", "q8_0"])  # llama.cpp's name, not vLLM's
+    assert rejected_arguments(vllm, ["m", "--no-such-option"])
+    assert rejected_arguments(vllm, ["m", "--max-model-len"])  # a value is missing
+    assert rejected_arguments(vllm, ["--max-model-len", "8"])  # `vllm serve` takes the model first
+    llamacpp = release_for(load_catalog().model("llama-3.1-8b-instruct"), "llamacpp")
+    assert rejected_arguments(llamacpp, ["--flash-attn", "on", "--cache-type-v", "q8_0"]) == []
+    assert rejected_arguments(llamacpp, ["--flash-attn"])  # this build wants on/off/auto
+    assert rejected_arguments(llamacpp, ["--cache-type-k", "fp8"])
+
+
+def test_every_release_has_its_generated_option_list_and_the_catalogs_agree():
+    assert catalog_problems() == []
+    for rel in releases():
+        data = json.loads((CATALOG_DIR / rel.options_file).read_text())
+        assert (data["engine"], data["version"]) == (rel.engine, rel.version)
+        assert data["generatedBy"] == "scripts/engine_options.py"
+        assert len(rel.options) > 100
+
+
+def test_every_fact_cites_the_file_it_was_read_from():
+    for rel in releases():
+        assert rel.source and "PENDING" not in rel.source, rel.id
+        for kernel in rel.kernels.values():
+            assert kernel.source and "PENDING" not in kernel.source, (rel.id, kernel.id)
+            assert ".py" in kernel.source, (rel.id, kernel.id)
+
+
+def _names_used(prefix: str) -> set[str]:
+    root = Path(__file__).resolve().parents[2] / "charts" / "llama-operator" / "files"
+    text = (root / "prometheus-rules.yaml").read_text() + (root / "dashboard.json").read_text()
+    return {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(prefix + r":[a-z_]+", text)}
+
+
+@pytest.mark.parametrize("engine", ["vllm", "llamacpp"])
+def test_every_metric_the_alerts_read_is_exported_by_a_pinned_release(engine):
+    used = _names_used(engine)
+    exported = set().union(*(r.metrics for r in releases() if r.engine == engine))
+    assert used and used <= exported, used - exported
+
+
+def test_each_vllm_release_feeds_the_latency_alerts():
+    # Every pinned vLLM exports the TTFT histogram and a per-token one the rules read (0.34.0 dropped
+    # time_per_output_token_seconds; inter_token_latency_seconds is in both).
+    used = _names_used("vllm")
+    for rel in releases():
+        if rel.engine == "vllm":
+            assert "vllm:time_to_first_token_seconds" in rel.metrics & used
+            assert rel.metrics & used & {"vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"}
