@@ -222,6 +222,65 @@ def test_later_deployments_see_the_gpus_taken_where_the_earlier_one_was_placed(c
     assert code == 2
 
 
+# --- render ---------------------------------------------------------------------------------------------
+
+
+def test_render_prints_what_the_operator_would_apply(capsys):
+    from llama_operator.cli import load_cluster_file, load_deployment_objects
+    from llama_operator.planner import plan
+    from llama_operator.render import Owner, render
+
+    code, out, _ = run(capsys, "render", "-f", EX / "chat.yaml", "--cluster", CL / "mixed.yaml")
+    assert code == 0
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert [d["kind"] for d in docs] == ["Deployment", "Service"]
+    assert out.startswith("# LlamaDeployment default/chat: ") and "placeholder uid" in out
+    # The same objects the operator's own path renders for this spec on this cluster.
+    ((name, meta, spec),) = load_deployment_objects(str(EX / "chat.yaml"))
+    inventory, _ = load_cluster_file(str(CL / "mixed.yaml"))
+    chosen = plan(spec, inventory).chosen.to_chosen_plan()
+    assert docs == render(Owner(name, "default", "00000000-0000-0000-0000-000000000000"), spec, chosen)
+
+
+def test_render_takes_namespace_and_uid_from_the_file(capsys, tmp_path):
+    doc = yaml.safe_load((EX / "tiny-cpu.yaml").read_text())
+    doc["metadata"].update(namespace="team-a", uid="3f0a6f6e-5a57-4a0b-9a3c-1d7e6a2b9c10")
+    f = write_yaml(tmp_path / "d.yaml", doc)
+    code, out, _ = run(capsys, "render", "-f", f, "--cluster", CL / "cpu-only.yaml")
+    assert code == 0 and "placeholder" not in out
+    for d in yaml.safe_load_all(out):
+        assert d["metadata"]["namespace"] == "team-a"
+        assert d["metadata"]["ownerReferences"][0]["uid"] == "3f0a6f6e-5a57-4a0b-9a3c-1d7e6a2b9c10"
+
+
+def test_render_with_no_feasible_plan_exits_2_and_renders_the_rest(capsys, tmp_path):
+    ok = yaml.safe_load((EX / "tiny-cpu.yaml").read_text())
+    impossible = yaml.safe_load((EX / "impossible.yaml").read_text())
+    f = write_yaml(tmp_path / "d.yaml", impossible, ok)
+    code, out, err = run(capsys, "render", "-f", f, "--cluster", CL / "cpu-only.yaml")
+    assert code == 2
+    assert f"{impossible['metadata']['name']}: no feasible plan" in err
+    assert {d["metadata"]["name"] for d in yaml.safe_load_all(out) if d} == {ok["metadata"]["name"]}
+
+
+def test_render_bad_input_exits_1(capsys, tmp_path):
+    assert "no such file" in bad_input(capsys, "render", "-f", tmp_path / "nope.yaml", "--cluster", CL / "a100.yaml")
+    bad = write_yaml(tmp_path / "bad.yaml", deployment("x", model="llama-9b", slo={"ttftP95": "1s", "tpotP95": "1s"},
+                                                       memoryBudget="1Gi"))
+    assert "spec.model" in bad_input(capsys, "render", "-f", bad, "--cluster", CL / "a100.yaml")
+
+
+def test_run_image_mirrors_name_a_pinned_image(capsys):
+    from llama_operator.cli import UserError, _image_mirrors
+    from llama_operator.engines import releases
+
+    pinned = releases()[0].images["cuda"]
+    assert _image_mirrors([f"{pinned}=registry.local/v:1"]).resolve(pinned) == "registry.local/v:1"
+    for bad in ("nope", "vllm/vllm-openai:latest=x", f"{pinned}="):
+        with pytest.raises(UserError, match="--image"):
+            _image_mirrors([bad])
+
+
 # --- plan: bad input ------------------------------------------------------------------------------------
 
 
