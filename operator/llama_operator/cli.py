@@ -146,6 +146,8 @@ def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_la
                    f" KV cache {format_bytes(e.kv_cache_bytes)}, overhead {format_bytes(e.overhead_bytes)})")
         out.append(f"             TTFT {format_seconds(e.ttft_seconds)} (limit {slo.ttftP95}), "
                    f"TPOT {format_seconds(e.tpot_seconds)} (limit {slo.tpotP95})")
+        kernel = f", kernel {c.kernel}" if c.kernel else ""
+        out.append(f"  Engine     {c.engine}{kernel}")
         if c.kv_cache_dtype != "auto":
             out.append(f"  KV cache   {c.kv_cache_dtype}")
         out.append(f"  Weights    {c.weights_source()}")
