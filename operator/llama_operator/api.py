@@ -378,6 +378,9 @@ class LlamaDeploymentStatus(_Model):
     fallback: FallbackStatus | None = None
     rejected: list[RejectedCandidate] = Field(default_factory=list, description="Candidates better than the chosen "
                                               "one that were rejected, with why (the first 20).")
+    notes: list[str] = Field(default_factory=list, description=(
+        "What the planner noticed about the cluster: nodes the placement excluded, GPU products the catalog "
+        "lacks (planned from their GFD labels with the slowest catalog speeds)."))
     replicas: int | None = None
     readyReplicas: int | None = None
     ready: str | None = Field(default=None, description="Ready replicas out of desired, e.g. 1/2 (printer column).")

@@ -183,6 +183,7 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
             status.fallback = FallbackStatus(inForce=kind is not None, requestedModel=spec.model,
                                              reason=plan.fallback_reason if kind else "")
     status.rejected = _rejected(plan)
+    status.notes = list(plan.notes)
 
     # Replicas and phase, from the owned Deployment. None (not made yet) reads as the empty status it will
     # have once this pass has made it, so the next pass has nothing new to write.

@@ -103,6 +103,15 @@ def test_first_plan_is_applied_with_a_planned_event_and_pending(make_spec, clust
     assert d.outcome == "requested"
 
 
+def test_the_planners_notes_reach_status(make_spec, make_node, make_inventory):
+    # A GPU product the catalog lacks is planned on conservatively, and status says so: never silently.
+    spec = make_spec()
+    inventory = make_inventory(make_node("z", "NVIDIA-Z9000", 1, memory_mib=96 * 1024, compute="9.0"))
+    d = decide(observe(), spec, planner.plan(spec, inventory), None)
+    assert d.status.plan.gpuProduct == "NVIDIA-Z9000"
+    assert any("NVIDIA-Z9000 is not in the catalog" in n and "slowest catalog GPU" in n for n in d.status.notes)
+
+
 def test_the_first_pass_writes_the_status_the_created_deployment_keeps(make_spec, clusters):
     """The pass that creates the Deployment describes it as created (empty status), so the pass woken by its
     appearance has nothing new to write: one status write per new LlamaDeployment, not two."""
