@@ -46,6 +46,8 @@ class EngineRelease:
     kv_min_compute_capability: str | None
     kv_vendors: tuple[str, ...]
     metrics: frozenset[str]  # the series the alert rules and dashboard read, as this release exports them
+    #: The lowest CUDA compute capability the release's CUDA image is compiled for (None: no floor stated).
+    image_min_compute_capability: str | None
     source: str
 
     @property
@@ -98,6 +100,9 @@ def _release(raw: dict) -> EngineRelease:
         kv_min_compute_capability=str(kv["minComputeCapability"]) if kv.get("minComputeCapability") else None,
         kv_vendors=tuple(kv["vendors"]),
         metrics=frozenset(raw["metrics"]["names"]),
+        image_min_compute_capability=min(
+            (raw.get("imageComputeCapabilities") or {}).get("cuda") or [None],  # type: ignore[type-var]
+            key=lambda cc: capability_version(cc) if cc else (0, 0)),
         source=raw.get("source", ""),
     )
 
@@ -169,6 +174,10 @@ def support_problem(model: Model, quant: Quantization, gpu: GPU | None, kv_cache
         return f"{rel.title} needs a GPU"
     if rel.image(_vendor(gpu)) is None:
         return f"{rel.title}: no pinned image for {_vendor(gpu)} ({', '.join(sorted(rel.images))} only)"
+    if not _meets(rel.image_min_compute_capability, gpu):
+        assert gpu is not None
+        return (f"{rel.title}: its image has no kernels below compute capability {rel.image_min_compute_capability}; "
+                f"{gpu.product} has {gpu.compute_capability}")
     if runtime == "vllm":
         if kernel_for(rel, model, quant, gpu) is None:
             return _kernel_refusal(rel, model, quant, gpu)
