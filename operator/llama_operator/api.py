@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import functools
 import re
+import reprlib
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
@@ -38,6 +41,27 @@ GGUF_QUANTIZATIONS = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m
 QUANTIZATIONS = VLLM_QUANTIZATIONS + GGUF_QUANTIZATIONS
 PHASES = ["Pending", "Deploying", "Ready", "Degraded", "Unschedulable", "Invalid"]
 
+# --- Bounds -------------------------------------------------------------------------------------------
+# Every string, list and map of a spec is bounded, here and (the same numbers) in the CRD, so neither the
+# API server nor the operator holds more than a few kilobytes per LlamaDeployment.
+
+#: metadata.name names the Service (a DNS-1035 label) and is a label value: at most 63 characters.
+MAX_NAME_LENGTH = 63
+#: A label value, the name part of a label key (Kubernetes' limits).
+MAX_LABEL_VALUE_LENGTH = 63
+#: A DNS-1123 subdomain: object names (Secret, PersistentVolumeClaim, StorageClass), label key prefixes.
+MAX_SUBDOMAIN_LENGTH = 253
+#: A label key or toleration key: an optional subdomain prefix and '/', then a name.
+MAX_LABEL_KEY_LENGTH = MAX_SUBDOMAIN_LENGTH + 1 + MAX_LABEL_VALUE_LENGTH
+#: The longest quantity or duration written as a string ("1073741824", "1.5Gi", "1m30s500ms" are far shorter).
+MAX_QUANTITY_LENGTH = 32
+MAX_DURATION_LENGTH = 32
+#: The largest quantity: what Kubernetes quantities hold (int64), about 8Ei.
+MAX_QUANTITY_BYTES = 2**63 - 1
+MAX_TOLERATIONS = 32
+MAX_NODE_SELECTOR_ENTRIES = 32
+MAX_GPU_PRODUCTS = 32
+
 # --- Durations and quantities -------------------------------------------------------------------------
 
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m))+$"
@@ -51,31 +75,74 @@ _QUANTITY_SUFFIX = {
 }
 
 
-@functools.lru_cache(maxsize=4096)  # the planner asks for a spec's SLO once per candidate
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 3, 3, 3, 3
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
+
+
+def shown(value: Any) -> str:
+    """repr(value) for a message, cut short (a few levels, items and characters): a message never carries a
+    user's megabyte string, nor the expansion of a YAML alias bomb."""
+    if isinstance(value, int) and value.bit_length() > 1000:  # (repr of a 4300-digit int raises)
+        return f"a {'negative ' if value < 0 else ''}number of more than 300 digits"
+    text = _REPR.repr(value)
+    if isinstance(value, str) and len(value) > _REPR.maxstring:
+        text += f" ({len(value)} characters)"
+    return text
+
+
 def parse_duration(text: str) -> float:
     """'500ms' -> 0.5, '1.5s' -> 1.5, '1m30s' -> 90.0 (Go-style, the units ms, s and m)."""
-    if not isinstance(text, str) or not re.fullmatch(DURATION_PATTERN, text):
-        raise ValueError(f"{text!r} is not a duration: write a number with a unit, e.g. 500ms, 1.5s or 2m")
+    if not isinstance(text, str) or not re.fullmatch(DURATION_PATTERN, text[:MAX_DURATION_LENGTH + 1]):
+        raise ValueError(f"{shown(text)} is not a duration: write a number with a unit, e.g. 500ms, 1.5s or 2m")
+    if len(text) > MAX_DURATION_LENGTH:
+        raise ValueError(f"{shown(text)} is too long for a duration (at most {MAX_DURATION_LENGTH} characters), "
+                         "e.g. 500ms, 1.5s or 2m")
+    return _parse_duration(text)
+
+
+# The planner asks for a spec's SLO once per candidate. Only bounded strings reach the cache (at most
+# 4096 x MAX_DURATION_LENGTH characters): a user's long string cannot pin memory here.
+@functools.lru_cache(maxsize=4096)
+def _parse_duration(text: str) -> float:
     return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
 
 
-@functools.lru_cache(maxsize=4096)  # the planner asks for a spec's memory budget once per candidate
 def parse_quantity(value: str | int) -> int:
-    """A Kubernetes quantity of bytes: '48Gi' -> 51539607552, '80G' -> 80e9, 1024 -> 1024."""
+    """A Kubernetes quantity of bytes: '48Gi' -> 51539607552, '80G' -> 80e9, 1024 -> 1024.
+
+    At most MAX_QUANTITY_BYTES (what Kubernetes' int64 quantities hold); a number beyond it is an error
+    naming the limit, never an overflow further on."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a quantity")
     if isinstance(value, int):
+        if value > MAX_QUANTITY_BYTES:
+            raise ValueError(f"{shown(value)} is too large: at most {MAX_QUANTITY_BYTES} bytes (8Ei), "
+                             "e.g. 48Gi or 80G")
         return value
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a quantity: write bytes with a suffix, e.g. 48Gi or 80G")
+        raise ValueError(f"{shown(value)} is not a quantity: write bytes with a suffix, e.g. 48Gi or 80G")
+    if len(value) > MAX_QUANTITY_LENGTH:
+        raise ValueError(f"{shown(value)} is too long for a quantity (at most {MAX_QUANTITY_LENGTH} characters): "
+                         "write bytes with a suffix, e.g. 48Gi or 80G")
+    return _parse_quantity(value)
+
+
+# The planner asks for a spec's memory budget once per candidate; the inventory for each node's memory.
+# Only strings of at most MAX_QUANTITY_LENGTH characters reach the cache.
+@functools.lru_cache(maxsize=4096)
+def _parse_quantity(value: str) -> int:
     m = re.fullmatch(QUANTITY_PATTERN, value)
     if not m:
-        raise ValueError(f"{value!r} is not a quantity: write bytes with a suffix, e.g. 48Gi or 80G")
+        raise ValueError(f"{shown(value)} is not a quantity: write bytes with a suffix, e.g. 48Gi or 80G")
     try:
         number = Decimal(m.group(1))
     except InvalidOperation as e:  # pragma: no cover - the pattern admits only decimals
         raise ValueError(f"{value!r} is not a quantity") from e
-    return int(number * _QUANTITY_SUFFIX[m.group(3) or ""])
+    n = int(number * _QUANTITY_SUFFIX[m.group(3) or ""])
+    if n > MAX_QUANTITY_BYTES:
+        raise ValueError(f"{value!r} is too large: at most {MAX_QUANTITY_BYTES} bytes (8Ei), e.g. 48Gi or 80G")
+    return n
 
 
 def format_bytes(n: float) -> str:
@@ -91,7 +158,121 @@ def format_seconds(s: float) -> str:
     return f"{s:.2f}s"
 
 
-Duration = Annotated[str, StringConstraints(pattern=DURATION_PATTERN)]
+Duration = Annotated[str, StringConstraints(max_length=MAX_DURATION_LENGTH, pattern=DURATION_PATTERN)]
+
+# --- Kubernetes names and labels ---------------------------------------------------------------------
+# What the API server checks in the objects the operator renders (k8s.io/apimachinery validation): a
+# LlamaDeployment that would make one of them invalid is refused up front, naming its field. The patterns
+# are the CRD's (Go RE2, anchored; '[.]' rather than a backslash, so they go into CEL strings as they are);
+# the checks below give the message.
+
+DNS1035_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+#: A label key (a qualified name): an optional DNS-1123 subdomain prefix and '/', then a name of at most 63
+#: characters. The prefix's 253 characters are checked apart (RE2 cannot count them and check the syntax).
+QUALIFIED_NAME_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                          r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+#: A key of a Secret's data (IsConfigMapKey): letters, digits, '-', '_', '.'; not '.', nor starting '..'.
+SECRET_KEY_PATTERN = r"^([-_a-zA-Z0-9]|[.][-_a-zA-Z0-9])[-._a-zA-Z0-9]*$"
+#: The CEL check of a qualified name's prefix length (label_key_problem checks it in Python).
+QUALIFIED_PREFIX_CEL = "!self.contains('/') || self.matches('^[^/]{1,253}/')"
+
+_LABEL_VALUE_HELP = ("at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
+                     "(e.g. gpu-pool)")
+_LABEL_KEY_HELP = ("a label key: an optional DNS subdomain prefix of at most 253 characters and '/', then a name "
+                   "of at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
+                   "(e.g. example.com/pool or pool)")
+_SUBDOMAIN_HELP = "at most 253 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+
+
+def label_value_problem(value: str) -> str | None:
+    if len(value) > MAX_LABEL_VALUE_LENGTH or not re.fullmatch(LABEL_VALUE_PATTERN, value):
+        return f"{shown(value)} is not a valid label value: {_LABEL_VALUE_HELP}"
+    return None
+
+
+def label_key_problem(key: str) -> str | None:
+    prefix, slash, _ = key.rpartition("/")
+    if (len(key) > MAX_LABEL_KEY_LENGTH or not re.fullmatch(QUALIFIED_NAME_PATTERN, key)
+            or (slash and len(prefix) > MAX_SUBDOMAIN_LENGTH)):
+        return f"{shown(key)} is not {_LABEL_KEY_HELP}"
+    return None
+
+
+def _check(problem) -> Any:
+    """An AfterValidator from a function returning a problem (or None)."""
+    def check(value: str) -> str:
+        message = problem(value)
+        if message:
+            raise ValueError(message)
+        return value
+    return AfterValidator(check)
+
+
+def _subdomain_problem(what: str, example: str):
+    def problem(value: str) -> str | None:
+        if value and not re.fullmatch(DNS1123_SUBDOMAIN_PATTERN, value):
+            return f"{shown(value)} is not a valid {what}: {_SUBDOMAIN_HELP} (e.g. {example})"
+        return None
+    return problem
+
+
+def _secret_key_problem(value: str) -> str | None:
+    if not re.fullmatch(SECRET_KEY_PATTERN, value):
+        return (f"{shown(value)} is not a valid Secret key: letters, digits, '-', '_' or '.', not '.' and not "
+                "starting with '..' (e.g. HF_TOKEN)")
+    return None
+
+
+#: A label value (nodeSelector values, GPU products as GFD labels them).
+LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE_LENGTH), _check(label_value_problem),
+                       Field(json_schema_extra={"pattern": LABEL_VALUE_PATTERN})]
+#: A label key as a map key: no JSON Schema of its own (a structural schema has no propertyNames); the CRD
+#: checks the keys of a LabelMap with the CEL rule below.
+LabelKey = Annotated[str, _check(label_key_problem)]
+
+
+def _few_entries(value: Any) -> Any:
+    # pydantic counts a map's entries after validating each of them; a huge map is refused before that.
+    if isinstance(value, dict) and len(value) > MAX_NODE_SELECTOR_ENTRIES:
+        raise ValueError(f"{len(value)} entries, more than the {MAX_NODE_SELECTOR_ENTRIES} allowed")
+    return value
+
+
+#: A map of labels (nodeSelector and the like): at most MAX_NODE_SELECTOR_ENTRIES label keys and values.
+LabelMap = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_NODE_SELECTOR_ENTRIES, json_schema_extra={
+    "x-kubernetes-validations": [{
+        "rule": f"self.all(k, size(k) <= {MAX_LABEL_KEY_LENGTH} && k.matches('{QUALIFIED_NAME_PATTERN}') && "
+                f"(!k.contains('/') || k.matches('^[^/]{{1,{MAX_SUBDOMAIN_LENGTH}}}/')))",
+        "message": f"every key must be {_LABEL_KEY_HELP}",
+        "reason": "FieldValueInvalid"}]}), BeforeValidator(_few_entries)]
+
+
+def object_name(what: str, example: str, *, optional: bool = False) -> Any:
+    """The name of an object (a Secret or PersistentVolumeClaim in the LlamaDeployment's namespace, a
+    StorageClass): a DNS-1123 subdomain. `optional`: empty is accepted too and means unset, as these fields
+    took an empty string before names were checked."""
+    pattern = f"^({DNS1123_SUBDOMAIN_PATTERN[1:-1]})?$" if optional else DNS1123_SUBDOMAIN_PATTERN
+    return Annotated[str, StringConstraints(min_length=None if optional else 1, max_length=MAX_SUBDOMAIN_LENGTH),
+                     _check(_subdomain_problem(what, example)), Field(json_schema_extra={"pattern": pattern})]
+
+
+SecretKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SUBDOMAIN_LENGTH),
+                      _check(_secret_key_problem), Field(json_schema_extra={"pattern": SECRET_KEY_PATTERN})]
+
+
+def name_problems(name: Any) -> list[str]:
+    """metadata.name as the objects the operator renders need it: the Service is named after it (a DNS-1035
+    label, at most 63 characters), and it is the value of the llama-operator.dev/llamadeployment label. Such
+    a name also makes NAME-model-cache, the claim of source.cache.size, a valid DNS-1123 subdomain."""
+    if not isinstance(name, str):
+        return [f"metadata.name: {shown(name)} is not a string"]
+    if len(name) > MAX_NAME_LENGTH or not re.fullmatch(DNS1035_LABEL_PATTERN, name):
+        return [f"metadata.name: {shown(name)} cannot name the Service the operator creates for it: use at most "
+                f"{MAX_NAME_LENGTH} lowercase letters, digits and '-', starting with a letter and ending with a "
+                "letter or digit (e.g. chat-8b)"]
+    return []
 
 
 class _Model(BaseModel):
@@ -162,38 +343,89 @@ class Fallback(_Model):
 
 
 class Toleration(_Model):
-    key: str | None = Field(default=None, description="Taint key the toleration applies to; empty matches all keys.")
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || size(self.value) == 0",
+         "message": "value must be empty when operator is Exists", "fieldPath": ".value",
+         "reason": "FieldValueInvalid"},
+        {"rule": "(has(self.key) && size(self.key) > 0) || (has(self.operator) && self.operator == 'Exists')",
+         "message": "operator must be Exists when key is empty (a toleration of every taint)",
+         "fieldPath": ".operator", "reason": "FieldValueInvalid"},
+        {"rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+         "message": "tolerationSeconds is only for effect NoExecute", "fieldPath": ".effect",
+         "reason": "FieldValueInvalid"},
+    ]})
+
+    key: Annotated[str, StringConstraints(max_length=MAX_LABEL_KEY_LENGTH),
+                   _check(lambda v: label_key_problem(v) if v else None),
+                   Field(json_schema_extra={"pattern": f"^({QUALIFIED_NAME_PATTERN[1:-1]})?$",
+                                            "x-kubernetes-validations": [{
+                                                "rule": QUALIFIED_PREFIX_CEL,
+                                                "message": "the prefix of a key (before '/') has at most 253 "
+                                                           "characters",
+                                                "reason": "FieldValueInvalid"}]})] | None = Field(
+        default=None, description="Taint key the toleration applies to; empty matches all keys (with operator "
+        "Exists).")
     operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default Equal).")
-    value: str | None = Field(default=None, description="Taint value the toleration matches (operator Equal).")
+    value: Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE_LENGTH),
+                     _check(label_value_problem),
+                     Field(json_schema_extra={"pattern": LABEL_VALUE_PATTERN})] | None = Field(
+        default=None, description="Taint value the toleration matches (operator Equal; empty with Exists).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects.")
-    tolerationSeconds: int | None = Field(default=None, description="For NoExecute: how long the pod stays bound.")
+    tolerationSeconds: int | None = Field(default=None, ge=0, le=MAX_QUANTITY_BYTES,
+                                          description="For NoExecute: how long the pod stays bound.")
+
+    @model_validator(mode="after")
+    def _as_kubernetes_checks_it(self) -> "Toleration":
+        # The Pod's own validation (ValidateTolerations), mirrored by the CEL rules above. Messages starting
+        # with '.' name a field of the toleration (see _explain).
+        problems = []
+        if self.operator == "Exists" and self.value:
+            problems.append(".value: must be empty when operator is Exists; remove value or use operator Equal")
+        if not self.key and self.operator != "Exists":
+            problems.append(".operator: must be Exists when key is empty (a toleration of every taint); "
+                            "set key or operator Exists")
+        if self.tolerationSeconds is not None and self.effect != "NoExecute":
+            problems.append(".effect: tolerationSeconds is only for effect NoExecute; set effect NoExecute or "
+                            "remove tolerationSeconds")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 class Placement(_Model):
-    nodeSelector: dict[str, str] = Field(
+    nodeSelector: LabelMap = Field(
         default_factory=dict, description="Labels a node must have to run a replica (as a pod's nodeSelector).")
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Extra tolerations for the model server pods. The operator adds the "
-        "nvidia.com/gpu and amd.com/gpu NoSchedule tolerations on GPU pods by itself.")
-    gpuProducts: list[str] = Field(
-        default_factory=list, description="GPU products allowed, as GPU Feature Discovery names them in "
+        default_factory=list, max_length=MAX_TOLERATIONS,
+        description="Extra tolerations for the model server pods. The operator adds the nvidia.com/gpu and "
+        "amd.com/gpu NoSchedule tolerations on GPU pods by itself.")
+    gpuProducts: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_VALUE_LENGTH),
+                                _check(label_value_problem),
+                                Field(json_schema_extra={"pattern": LABEL_VALUE_PATTERN})]] = Field(
+        default_factory=list, max_length=MAX_GPU_PRODUCTS,
+        description="GPU products allowed, as GPU Feature Discovery names them in "
         "nvidia.com/gpu.product (e.g. NVIDIA-L4, NVIDIA-H100-80GB-HBM3) or their catalog aliases (L4, H100). "
         "Empty allows all.")
 
 
 class SecretKeyRef(_Model):
-    name: str = Field(min_length=1, description="Name of a Secret in the LlamaDeployment's namespace.")
-    key: str = Field(default="HF_TOKEN", min_length=1, description="Key in the Secret holding the token.")
+    name: object_name("Secret name", "hf-token") = Field(  # type: ignore[valid-type]
+        description="Name of a Secret in the LlamaDeployment's namespace.")
+    key: SecretKey = Field(default="HF_TOKEN", description="Key in the Secret holding the token.")
 
 
 class ModelCache(_Model):
     size: StrictStr | StrictInt | None = Field(
         default=None, description="Size of a PersistentVolumeClaim the operator creates for the model cache "
         "(e.g. 200Gi). Without size and existingClaim the cache is an emptyDir.",
-        json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})
-    storageClassName: str | None = Field(default=None, description="Storage class of the created claim.")
-    existingClaim: str | None = Field(default=None, description="Use this existing claim instead of creating one.")
+        json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN,
+                           "maxLength": MAX_QUANTITY_LENGTH, "maximum": MAX_QUANTITY_BYTES})
+    storageClassName: object_name("StorageClass name", "fast-ssd", optional=True) | None = Field(  # type: ignore
+        default=None, description="Storage class of the created claim (empty: the cluster's default).")
+    existingClaim: object_name("claim name", "shared-models", optional=True) | None = Field(  # type: ignore
+        default=None, description="Use this existing claim (in the LlamaDeployment's namespace) instead of "
+        "creating one.")
 
     @field_validator("size")
     @classmethod
@@ -210,6 +442,32 @@ class ModelSource(_Model):
     cache: ModelCache = Field(default_factory=ModelCache, description="Where downloaded weights are kept.")
 
 
+class ApiKeySecretRef(SecretKeyRef):
+    key: SecretKey = Field(default="API_KEY", description="Key in the Secret holding the API key.")
+
+
+class AllowedClient(_Model):
+    podLabels: LabelMap = Field(
+        default_factory=dict, description="Labels a client pod must all carry; empty matches every pod of the "
+        "namespaces below.")
+    namespaceLabels: LabelMap | None = Field(
+        default=None, description="Labels of the namespaces the client pods may run in ({} for every namespace; "
+        "kubernetes.io/metadata.name: NAME for one by name). Unset: the LlamaDeployment's own namespace only.")
+
+
+class Access(_Model):
+    """Who may call the model server. Both are off by default: any pod that reaches the Service may call it."""
+
+    apiKeySecretRef: ApiKeySecretRef | None = Field(
+        default=None, description="Secret holding the API key the OpenAI endpoint requires (Authorization: Bearer "
+        "KEY), given to the server as an environment variable (vLLM VLLM_API_KEY, llama.cpp LLAMA_API_KEY). With "
+        "llama.cpp /metrics needs the key too. The operator only references the Secret; it never reads it.")
+    allowedClients: list[AllowedClient] | None = Field(
+        default=None, min_length=1, max_length=32,
+        description="When set, a NetworkPolicy admits to the server port (the API, /health and /metrics) only pods "
+        "matching one of these; include your Prometheus to keep the metrics scrape. Unset: no NetworkPolicy.")
+
+
 class LlamaDeploymentSpec(_Model):
     model: Literal[tuple(model_ids())] = Field(  # type: ignore[valid-type]
         description="The Llama model to serve, by catalog id (e.g. llama-3.1-8b-instruct, "
@@ -218,7 +476,8 @@ class LlamaDeploymentSpec(_Model):
     memoryBudget: StrictStr | StrictInt = Field(
         description="Accelerator memory one replica may use in total, summed over its GPUs (RAM on CPU), as a "
         "Kubernetes quantity (e.g. 48Gi).",
-        json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})
+        json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN,
+                           "maxLength": MAX_QUANTITY_LENGTH, "maximum": MAX_QUANTITY_BYTES})
     contextLength: int = Field(
         default=8192, ge=256, le=131072,
         description="Longest sequence (prompt plus answer) in tokens; vLLM --max-model-len, llama.cpp --ctx-size per "
@@ -230,6 +489,8 @@ class LlamaDeploymentSpec(_Model):
                                "short.")
     placement: Placement = Field(default_factory=Placement, description="Where replicas may run.")
     source: ModelSource = Field(default_factory=ModelSource, description="Where weights come from and are cached.")
+    access: Access = Field(default_factory=Access, description="Who may call the model server: an API key and a "
+                           "NetworkPolicy, both off by default.")
 
     @field_validator("memoryBudget")
     @classmethod
@@ -414,7 +675,8 @@ def _error_path(loc: tuple) -> str:
     for item in loc:
         if isinstance(item, int):
             path += f"[{item}]"
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item) and item not in _UNION_TAGS:
+        elif len(item) <= MAX_LABEL_VALUE_LENGTH and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item) \
+                and item not in _UNION_TAGS:  # (a map's key the user wrote may be anything: left out)
             path += f".{item}"
     return path
 
@@ -423,43 +685,65 @@ def _explain(error: dict) -> str:
     path = _error_path(error["loc"])
     kind = error["type"]
     given = error.get("input")
+    ctx = error.get("ctx") or {}
     if kind == "missing":
         return f"{path}: required; add it"
     if kind == "extra_forbidden":
         return f"{path}: unknown field; remove it or check its spelling"
     if kind == "literal_error":
-        expected = error.get("ctx", {}).get("expected", "")
-        return f"{path}: {given!r} is not one of {expected}"
+        return f"{path}: {shown(given)} is not one of {ctx.get('expected', '')}"
+    if kind == "string_too_long":
+        return f"{path}: {len(given)} characters, more than the {ctx.get('max_length')} allowed"
+    if kind == "too_long":
+        return f"{path}: {ctx.get('actual_length')} items, more than the {ctx.get('max_length')} allowed"
     if kind == "string_pattern_mismatch" and path.endswith(("ttftP95", "tpotP95")):
-        return f"{path}: {given!r} is not a duration; write a number with a unit, e.g. 500ms, 1.5s or 2m"
+        return f"{path}: {shown(given)} is not a duration; write a number with a unit, e.g. 500ms, 1.5s or 2m"
     if kind == "string_pattern_mismatch":
-        return f"{path}: {given!r} is not a quantity; write bytes with a suffix, e.g. 48Gi or 80G"
+        return f"{path}: {shown(given)} does not match {ctx.get('pattern')}"
     if kind == "value_error":
         msg = error["msg"].removeprefix("Value error, ")
-        return msg if path == "spec" else f"{path}: {msg}"  # cross-field messages name their fields
-    return f"{path}: {error['msg'][0].lower()}{error['msg'][1:]} (got {given!r})"
+        if path == "spec":
+            return msg  # cross-field messages name their fields
+        # A model's own check names its fields relative to it: ".value: must be empty ..."
+        return "\n".join(f"{path}{line}" if line.startswith(".") else f"{path}: {line}" for line in msg.split("\n"))
+    return f"{path}: {error['msg'][0].lower()}{error['msg'][1:]} (got {shown(given)})"
 
 
-def parse_spec(spec: Any) -> LlamaDeploymentSpec:
-    """Parse a LlamaDeployment's spec, or raise SpecError with one message per problem."""
+#: A refusal lists at most this many problems (a spec with a thousand bad entries is one mistake repeated).
+MAX_PROBLEMS = 20
+
+_NO_NAME = object()
+
+
+def parse_spec(spec: Any, name: Any = _NO_NAME) -> LlamaDeploymentSpec:
+    """Parse a LlamaDeployment's spec, or raise SpecError with one message per problem. With `name`, its
+    metadata.name is checked too (name_problems)."""
+    problems = name_problems(name) if name is not _NO_NAME else []
     if not isinstance(spec, dict) or not spec:
-        raise SpecError(["spec: empty; a LlamaDeployment needs at least model, slo and memoryBudget"])
+        raise SpecError(problems + ["spec: empty; a LlamaDeployment needs at least model, slo and memoryBudget"])
     try:
-        return LlamaDeploymentSpec.model_validate(spec)
+        parsed = LlamaDeploymentSpec.model_validate(spec)
     except ValidationError as e:
-        problems = []
         for err in e.errors(include_url=False):
             for msg in _explain(err).split("\n"):
                 if msg not in problems:
                     problems.append(msg)
-        raise SpecError(problems) from None
+        parsed = None
+    if problems:
+        if len(problems) > MAX_PROBLEMS:
+            problems = problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more problems"]
+        raise SpecError(problems)
+    return parsed
 
 
 def parse_object(obj: Any) -> LlamaDeploymentSpec:
-    """Parse a whole LlamaDeployment manifest (apiVersion/kind checked)."""
+    """Parse a whole LlamaDeployment manifest (apiVersion/kind checked, and metadata.name when it has one)."""
     if not isinstance(obj, dict):
         raise SpecError(["the document is not a mapping; expected a LlamaDeployment manifest"])
     if obj.get("kind") != KIND or obj.get("apiVersion") != API_VERSION:
         raise SpecError([f"kind/apiVersion: expected kind {KIND} and apiVersion {API_VERSION}, got "
-                         f"{obj.get('kind')!r} and {obj.get('apiVersion')!r}"])
+                         f"{shown(obj.get('kind'))} and {shown(obj.get('apiVersion'))}"])
+    meta = obj.get("metadata")
+    if isinstance(meta, dict) and "name" in meta:
+        return parse_spec(obj.get("spec"), meta["name"])
     return parse_spec(obj.get("spec"))

@@ -6,7 +6,10 @@ message naming the problem, never a traceback).
 from __future__ import annotations
 
 import argparse
+import gc
+import io
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,19 +30,238 @@ class UserError(Exception):
 # --- Loading files --------------------------------------------------------------------------------------
 
 
-def _load_documents(path: str) -> list[Any]:
+#: The largest files `plan` and `render` read: LlamaDeployments are a few hundred bytes each; a cluster
+#: file is `kubectl get nodes -o yaml` (with pods), some KiB per node (images lists included).
+MAX_DEPLOYMENT_FILE_BYTES = 16 * 2**20
+MAX_CLUSTER_FILE_BYTES = 512 * 2**20
+#: Nodes a file may reach again through YAML aliases (a "billion laughs" file reaches billions from a few
+#: hundred bytes; hand-written manifests that share an anchor reach a few hundred).
+MAX_ALIASED_NODES = 100_000
+#: Nesting deeper than any Kubernetes object (libyaml stops at 1000 levels).
+MAX_YAML_DEPTH = 100
+#: The longest error message printed (a message quoting the input is cut): room for api.MAX_PROBLEMS
+#: problems; a YAML error says one thing, in at most MAX_YAML_ERROR_CHARS.
+MAX_ERROR_CHARS = 10_000
+MAX_YAML_ERROR_CHARS = 1000
+
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where PyYAML was built with it
+_STR, _SEQ, _MAP = "tag:yaml.org,2002:str", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """The safe loader (libyaml's parser) resolving the tag of each distinct plain scalar once: a cluster file
+    repeats the same few thousand label keys, values and quantities a million times."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._plain_tags: dict[str, str] = {}
+
+    def resolve(self, kind, value, implicit):
+        if kind is yaml.ScalarNode and implicit[0]:  # a plain scalar: its tag depends on its text alone
+            tag = self._plain_tags.get(value)
+            if tag is None:
+                tag = self._plain_tags[value] = super().resolve(kind, value, implicit)
+            return tag
+        return super().resolve(kind, value, implicit)
+
+
+class _Refused(Exception):
+    """A YAML document the loader will not build (too deep, too much aliasing, an unsupported tag)."""
+
+
+_BUSY = object()  # an anchor whose node is still being read
+_NO_KEY = object()  # a mapping waiting for its next key
+_MERGE_KEY = object()  # the key <<
+
+
+class _Frame:
+    __slots__ = ("obj", "is_map", "anchor", "start", "key", "key_line", "merged")
+
+    def __init__(self, obj, is_map: bool, anchor: str | None, start: int) -> None:
+        self.obj, self.is_map, self.anchor, self.start = obj, is_map, anchor, start
+        self.key: Any = _NO_KEY
+        self.key_line = 0
+        self.merged: list[dict] | None = None
+
+
+def _build_documents(loader) -> list[Any]:
+    """The documents of a YAML stream, built straight from the parser's events: the objects the safe loader
+    builds (str, int, float, bool, None, timestamps, binary, lists, dicts, merge keys), without composing
+    the whole tree of nodes first (a 10,000-node List is one document of a million nodes: `plan` peaked
+    at 537 MiB that way, 149 MiB this way).
+
+    What aliases reach is counted: a node reached again through an alias counts again, so an alias bomb is
+    refused after MAX_ALIASED_NODES nodes instead of being expanded later (by validation, by an error
+    message); an alias is the same object, as with the safe loader. Nesting deeper than MAX_YAML_DEPTH, a
+    recursive alias, and tags other than the plain ones (!!set, !!omap, custom tags) are refused."""
+    get, resolve, constructors = loader.get_event, loader.resolve, loader.yaml_constructors
+    undefined = constructors[None]
+    docs: list[Any] = []
+    visits = aliased = 0  # nodes read, an alias counting its node's size again; of which through aliases
+    get()  # StreamStart
+    while not loader.check_event(yaml.StreamEndEvent):
+        get()  # DocumentStart
+        anchors: dict[str, Any] = {}  # anchor -> (object, nodes in it) or _BUSY
+        stack: list[_Frame] = []
+        doc = None
+        while True:
+            ev = get()
+            cls = ev.__class__
+            if cls is yaml.ScalarEvent:
+                visits += 1
+                tag = ev.tag
+                if tag is None or tag == "!":
+                    tag = resolve(yaml.ScalarNode, ev.value, ev.implicit)
+                if tag == _STR:
+                    value = ev.value
+                elif tag == _MERGE:
+                    value = _MERGE_KEY
+                else:
+                    value = constructors.get(tag, undefined)(
+                        loader, yaml.ScalarNode(tag, ev.value, ev.start_mark, ev.end_mark, ev.style))
+                if ev.anchor is not None:
+                    anchors[ev.anchor] = (value, 1)
+            elif cls is yaml.MappingStartEvent or cls is yaml.SequenceStartEvent:
+                visits += 1
+                is_map = cls is yaml.MappingStartEvent
+                if ev.tag not in (None, "!", _MAP if is_map else _SEQ):
+                    raise _Refused(f"the tag {api.shown(ev.tag)} is not supported (line {ev.start_mark.line + 1})")
+                if len(stack) >= MAX_YAML_DEPTH:
+                    raise _Refused(f"nested deeper than {MAX_YAML_DEPTH} levels (line {ev.start_mark.line + 1})")
+                if ev.anchor is not None:
+                    anchors[ev.anchor] = _BUSY
+                stack.append(_Frame({} if is_map else [], is_map, ev.anchor, visits))
+                continue
+            elif cls is yaml.MappingEndEvent or cls is yaml.SequenceEndEvent:
+                frame = stack.pop()
+                value = frame.obj
+                if frame.merged:  # <<: *a or <<: [*a, *b]: the explicit keys win, then the first merged
+                    value = {}
+                    for m in reversed(frame.merged):
+                        value.update(m)
+                    value.update(frame.obj)
+                if frame.anchor is not None:
+                    anchors[frame.anchor] = (value, visits - frame.start + 1)
+            elif cls is yaml.AliasEvent:
+                hit = anchors.get(ev.anchor)
+                if hit is None:
+                    raise _Refused(f"the alias *{api.shown(ev.anchor)} has no anchor before it "
+                                   f"(line {ev.start_mark.line + 1})")
+                if hit is _BUSY:
+                    raise _Refused(f"the alias *{api.shown(ev.anchor)} is inside its own anchor (a recursive "
+                                   f"alias, line {ev.start_mark.line + 1})")
+                value, size = hit
+                visits += size
+                aliased += size
+                if aliased > MAX_ALIASED_NODES:
+                    raise _Refused(f"aliases (*name) reach more than {MAX_ALIASED_NODES} nodes again; a manifest "
+                                   "never needs that many (is it an alias bomb?)")
+            elif cls is yaml.DocumentEndEvent:
+                break
+            else:  # pragma: no cover - the parser's grammar allows nothing else here
+                raise _Refused(f"unexpected {cls.__name__}")
+            # The value goes into the mapping or list being read, or is the document.
+            if not stack:
+                if value is _MERGE_KEY:
+                    raise _Refused(f"<< is a merge key, not a value; quote it (line {ev.start_mark.line + 1})")
+                doc = value
+                continue
+            frame = stack[-1]
+            if frame.is_map and frame.key is _NO_KEY:
+                frame.key, frame.key_line = value, ev.start_mark.line
+                continue
+            if value is _MERGE_KEY:
+                raise _Refused(f"<< is a merge key, not a value; quote it (line {ev.start_mark.line + 1})")
+            if not frame.is_map:
+                frame.obj.append(value)
+                continue
+            key, frame.key = frame.key, _NO_KEY
+            if key is _MERGE_KEY:
+                merged = value if isinstance(value, list) else [value]
+                if not all(isinstance(m, dict) for m in merged):
+                    raise _Refused(f"a merge key (<<) takes mappings (line {frame.key_line + 1})")
+                frame.merged = (frame.merged or []) + merged
+                continue
+            try:
+                frame.obj[key] = value
+            except TypeError:  # an unhashable key: a list or a mapping
+                raise _Refused(f"a mapping key is a list or a mapping (line {frame.key_line + 1})") from None
+        docs.append(doc)
+    get()  # StreamEnd
+    return docs
+
+
+def _short(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text`, cut to at most `limit` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    tail = f"... ({len(text)} characters in all)"
+    return text[:limit - len(tail)] + tail
+
+
+def _read(path: str, limit: int, what: str) -> bytes:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        docs = [d for d in yaml.safe_load_all(p.read_text(encoding="utf-8")) if d is not None]
+        size = p.stat().st_size
+        if size > limit:
+            raise UserError(f"{path}: {size} bytes, more than the {limit} bytes a {what} may have")
+        with p.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(data) > limit:  # it grew while we looked
+        raise UserError(f"{path}: more than the {limit} bytes a {what} may have")
+    return data
+
+
+def _load_documents(path: str, limit: int = MAX_DEPLOYMENT_FILE_BYTES, what: str = "file") -> list[Any]:
+    """The YAML documents of a file (a List's items in its place), read with libyaml, within bounds: the
+    file's size, nesting, and what aliases reach; any failure is a UserError of bounded length."""
+    data = _read(path, limit, what)
+    # The cyclic garbage collector would walk the growing objects again and again (a 10,000-node List is one
+    # document of a million values: 3x slower with it); loading makes no cycles (a recursive alias is
+    # refused), so reference counting frees whatever is dropped.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _items(_parse_documents(path, data))
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _parse_documents(path: str, data: bytes) -> list[Any]:
+    if data.lstrip()[:1] in (b"{", b"["):  # `kubectl get -o json`: JSON is YAML, and json reads it 10x faster
+        try:
+            return [json.loads(data)]
+        except (ValueError, RecursionError):  # not JSON after all (or too deep): read as YAML
+            pass
+    stream = io.BytesIO(data)
+    stream.name = path  # for the line and column of a YAML error
+    loader = _Loader(stream)
+    try:
+        return _build_documents(loader)
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        raise UserError(_short(f"{path}: not valid YAML: {e}", MAX_YAML_ERROR_CHARS)) from None
+    except _Refused as e:
+        raise UserError(_short(f"{path}: not read: {e}", MAX_YAML_ERROR_CHARS)) from None
+    except (ValueError, RecursionError, MemoryError) as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(_short(f"{path}: not valid YAML: {type(e).__name__}: {e}", MAX_YAML_ERROR_CHARS)) from None
+    finally:
+        loader.dispose()
+
+
+def _items(docs: list[Any]) -> list[Any]:
+    """The documents, each List replaced by its items."""
     out = []
     for d in docs:
-        if isinstance(d, dict) and d.get("kind", "").endswith("List") and isinstance(d.get("items"), list):
+        kind = d.get("kind") if isinstance(d, dict) else None
+        if isinstance(kind, str) and kind.endswith("List") and isinstance(d.get("items"), list):
             out.extend(d["items"])
-        else:
+        elif d is not None:
             out.append(d)
     return out
 
@@ -52,7 +274,7 @@ def load_deployments(path: str) -> list[tuple[str, api.LlamaDeploymentSpec]]:
 def load_deployment_objects(path: str) -> list[tuple[str, dict, api.LlamaDeploymentSpec]]:
     """(name, metadata, spec) of every LlamaDeployment in the file; other kinds are ignored."""
     found = []
-    for i, doc in enumerate(_load_documents(path)):
+    for i, doc in enumerate(_load_documents(path, MAX_DEPLOYMENT_FILE_BYTES, "LlamaDeployment file")):
         if not isinstance(doc, dict) or doc.get("kind") != api.KIND:
             continue
         meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
@@ -60,21 +282,37 @@ def load_deployment_objects(path: str) -> list[tuple[str, dict, api.LlamaDeploym
         try:
             found.append((name, meta, api.parse_object(doc)))
         except SpecError as e:
-            raise UserError(f"{path}: LlamaDeployment {name}:\n  " + "\n  ".join(e.problems)) from None
+            label = name if isinstance(name, str) and len(name) <= 100 else api.shown(name)
+            raise UserError(_short(f"{path}: LlamaDeployment {label}:\n  " + "\n  ".join(e.problems))) from None
     if not found:
         raise UserError(f"{path}: no LlamaDeployment in the file (expected kind {api.KIND}, apiVersion {api.API_VERSION})")
     return found
 
 
 def load_cluster_file(path: str):
-    from .inventory import Inventory
+    from .inventory import Inventory, node_from_manifest, pod_usage
 
-    docs = _load_documents(path)
+    docs = _load_documents(path, MAX_CLUSTER_FILE_BYTES, "cluster file")
     nodes = [d for d in docs if isinstance(d, dict) and d.get("kind", "Node") == "Node" and "metadata" in d]
     pods = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Pod"]
     if not nodes:
         raise UserError(f"{path}: no Node in the file (a `kubectl get nodes -o yaml` dump works)")
-    return Inventory.from_manifests(nodes, pods), len(nodes)
+
+    def read(kind: str, doc: dict, parse):
+        try:
+            return parse(doc)
+        except Exception as e:  # noqa: BLE001 - a malformed manifest, whatever it trips on
+            meta = doc.get("metadata")
+            name = meta.get("name") if isinstance(meta, dict) else None
+            raise UserError(_short(f"{path}: {kind} {api.shown(name)} cannot be read: {type(e).__name__}: "
+                                   f"{_short(str(e), 200)}")) from None
+
+    parsed = [read("Node", d, node_from_manifest) for d in nodes]
+    usage = [u for u in (read("Pod", d, pod_usage) for d in pods) if u is not None]
+    try:
+        return Inventory(parsed, usage), len(nodes)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(_short(f"{path}: the Nodes and Pods cannot be read: {type(e).__name__}: {e}")) from None
 
 
 def load_live_cluster():
@@ -224,6 +462,7 @@ PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
 def cmd_render(args) -> int:
     """The objects the operator would apply for each LlamaDeployment, as one YAML stream: the operator's
     own planner and renderer, on the same cluster input as `plan`."""
+    from .planner import with_pod_tolerations
     from .render import Owner, render
 
     objects = load_deployment_objects(args.file)
@@ -240,7 +479,9 @@ def cmd_render(args) -> int:
         header = f"# LlamaDeployment {namespace}/{name}: {p.summary()}"
         if uid == PLACEHOLDER_UID:
             header += "\n# ownerReferences carry a placeholder uid: the LlamaDeployment has none until it is created"
-        docs = render(Owner(name=name, namespace=namespace, uid=uid), spec, p.chosen.to_chosen_plan())
+        chosen = p.chosen.to_chosen_plan()
+        docs = render(Owner(name=name, namespace=namespace, uid=uid), with_pod_tolerations(spec, inventory, chosen),
+                      chosen)
         out.append(header + "\n" + "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs))
     if out:
         print("---\n".join(out), end="")
@@ -332,7 +573,7 @@ def cmd_crd(args) -> int:
 
 
 def _image_mirrors(pairs: list[str]):
-    """--image PINNED=MIRROR pairs, each PINNED an image of the engine catalog."""
+    """--image PINNED=MIRROR[=UID[:GID]] values, each PINNED an image of the engine catalog."""
     from .engines import releases
     from .render import Images
 
@@ -345,7 +586,40 @@ def _image_mirrors(pairs: list[str]):
         if source not in pinned:
             raise UserError(f"--image {pair!r}: {source} is not a pinned engine image; pinned: {', '.join(pinned)}")
         mirrors.append((source, mirror))
-    return Images(tuple(mirrors))
+    try:
+        return Images(tuple(mirrors))
+    except ValueError as e:  # a malformed =UID[:GID]
+        raise UserError(str(e)) from None
+
+
+def _bind_address(flag: str, value: str) -> str:
+    """An IP address to listen on (IPv4 or IPv6), as --metrics-address and --health-address take it."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        raise UserError(f"{flag} {value!r}: expected an IP address to listen on, e.g. 0.0.0.0 (every IPv4 "
+                        "interface), :: (every interface) or 127.0.0.1 (this host only)") from None
+
+
+#: A taint key: an optional DNS subdomain prefix and "/", then a name (as Kubernetes validates label keys).
+_TAINT_KEY = re.compile(r"^(?:(?=.{1,253}/)[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"(?=.{1,63}$)[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+def _forbidden_tolerations(keys: list[str] | None) -> frozenset[str]:
+    """--forbid-toleration KEY...: the taint keys LlamaDeployments may not tolerate. Not given: the planner's
+    defaults (the control-plane taints); given only empty (`--forbid-toleration=`): none."""
+    from .planner import DEFAULT_FORBIDDEN_TOLERATIONS
+
+    if keys is None:
+        return DEFAULT_FORBIDDEN_TOLERATIONS
+    for key in keys:
+        if key and not _TAINT_KEY.match(key):
+            raise UserError(f"--forbid-toleration {key!r}: not a taint key "
+                            "(e.g. node-role.kubernetes.io/control-plane)")
+    return frozenset(k for k in keys if k)
 
 
 def cmd_run(args) -> int:
@@ -358,18 +632,26 @@ def cmd_run(args) -> int:
 
     if args.metrics_port == args.health_port:
         raise UserError("--metrics-port and --health-port must differ")
-    configure_logging(verbose=args.verbose, json_format=args.log_format == "json")
-    tune_gc()
+    metrics_address = _bind_address("--metrics-address", args.metrics_address)
+    health_address = _bind_address("--health-address", args.health_address)
+    forbidden = _forbidden_tolerations(args.forbid_toleration)
     images = _image_mirrors(args.image or [])
+    settings = Settings(upgrade_delay=timedelta(seconds=args.upgrade_delay), resync_seconds=args.resync,
+                        images=images, forbidden_tolerations=forbidden)
+    namespaces = [] if args.all_namespaces or not args.namespace else list(args.namespace)
     options = RunOptions(
         kubeconfig=args.kubeconfig,
-        namespaces=[] if args.all_namespaces or not args.namespace else list(args.namespace),
+        namespaces=namespaces,
         metrics_port=args.metrics_port,
+        metrics_host=metrics_address,
         health_port=args.health_port,
+        health_host=health_address,
         peering=None if args.standalone or not args.peering else args.peering,
-        settings=Settings(upgrade_delay=timedelta(seconds=args.upgrade_delay), resync_seconds=args.resync,
-                          images=images),
+        settings=settings,
+        pods_all_namespaces=bool(namespaces) and args.pods_all_namespaces,
     )
+    configure_logging(verbose=args.verbose, json_format=args.log_format == "json")
+    tune_gc()
     try:
         asyncio.run(run_async(options))
     except ConfigError as e:
@@ -449,7 +731,20 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable)")
     r.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, then $KUBECONFIG)")
     r.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (/metrics)")
+    r.add_argument("--metrics-address", default="0.0.0.0", metavar="IP",
+                   help="address the metrics endpoint listens on (default 0.0.0.0, every IPv4 interface: in a pod "
+                   "Prometheus scrapes the pod IP; 127.0.0.1 keeps it to this host, :: for IPv6)")
     r.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (/healthz)")
+    r.add_argument("--health-address", default="0.0.0.0", metavar="IP",
+                   help="address the liveness endpoint listens on (default 0.0.0.0: the kubelet probes the pod IP)")
+    r.add_argument("--pods-all-namespaces", action="store_true",
+                   help="with --namespace: still read the Pods of every namespace (needs cluster-wide list and "
+                   "watch on pods), so GPUs that other namespaces' pods hold count as taken; without it only the "
+                   "watched namespaces' Pods are seen (always all with --all-namespaces)")
+    r.add_argument("--forbid-toleration", action="append", metavar="KEY",
+                   help="a taint key that LlamaDeployments' own tolerations never tolerate, not even "
+                   "`operator: Exists` without a key (repeatable; default: node-role.kubernetes.io/control-plane "
+                   "and node-role.kubernetes.io/master; `--forbid-toleration=` alone forbids none)")
     r.add_argument("--log-format", choices=["plain", "json"], default="plain")
     peer = r.add_mutually_exclusive_group()
     peer.add_argument("--peering", help="kopf peering object name: with several replicas only one acts")
@@ -457,19 +752,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--upgrade-delay", type=float, default=120.0,
                    help="seconds new capacity must stay before a deployment moves up to a better variant")
     r.add_argument("--resync", type=float, default=300.0, help="seconds between periodic re-plans")
-    r.add_argument("--image", action="append", metavar="PINNED=MIRROR",
+    r.add_argument("--image", action="append", metavar="PINNED=MIRROR[=UID[:GID]]",
                    help="pull a pinned engine image (docs/engines.md) from a mirror of the same release, e.g. "
-                   "vllm/vllm-openai:v0.34.0=registry.local/vllm-openai:v0.34.0 (repeatable)")
+                   "vllm/vllm-openai:v0.34.0=registry.local/vllm-openai:v0.34.0; =UID[:GID]: the mirror runs as "
+                   "that non-root user (docs/security.md) (repeatable)")
     r.add_argument("-v", "--verbose", action="store_true")
     r.set_defaults(func=cmd_run)
 
     sb = sub.add_parser("sandbox", help="run the operator against a local API emulator with example nodes")
-    sb.add_argument("--cluster", help="example cluster: a file of Node manifests (default "
-                    "examples/clusters/mixed.yaml)")
+    sb.add_argument("--cluster", help="example cluster: a file of Node manifests (default: the bundled "
+                    "examples/clusters/mixed.yaml, installed with the package)")
     sb.add_argument("-f", "--file", action="append", help="LlamaDeployments to apply (repeatable; default: the "
-                    "examples)")
-    sb.add_argument("--join", help="nodes that join after the first plans, then leave again (default "
-                    "examples/clusters/h100-8x.yaml)")
+                    f"bundled examples {', '.join(SANDBOX_DEFAULT_EXAMPLES)})")
+    sb.add_argument("--join", help="nodes that join after the first plans, then leave again (default: the "
+                    "bundled examples/clusters/h100-8x.yaml)")
     sb.add_argument("--no-scenario", action="store_true", help="skip the join-and-leave scenario")
     sb.add_argument("--serve", action="store_true", help="keep running for kubectl (needs --kubeconfig)")
     sb.add_argument("--kubeconfig", help="write the emulator's kubeconfig here once the API answers")
@@ -497,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_short(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # `llama-operator plan ... | head`
         return EXIT_OK

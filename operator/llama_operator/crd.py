@@ -38,13 +38,17 @@ def _inline(schema: dict, defs: dict) -> Any:
         members = [m for m in out["anyOf"] if m.get("type") != "null"]
         types = sorted(m.get("type") for m in members if "type" in m)
         if out.get("x-kubernetes-int-or-string") or types == ["integer", "string"]:
-            # int-or-string: Kubernetes' own convention, as for resource quantities.
-            pattern = out.pop("pattern", None) or next((m.get("pattern") for m in members if m.get("pattern")), None)
+            # int-or-string: Kubernetes' own convention, as for resource quantities. The members' bounds move
+            # up beside it: pattern and maxLength apply to a string, maximum to an integer.
             out.pop("anyOf")
+            for key in ("pattern", "maxLength", "maximum"):
+                value = out.pop(key, None)
+                if value is None:
+                    value = next((m[key] for m in members if key in m), None)
+                if value is not None:
+                    out[key] = value
             out["x-kubernetes-int-or-string"] = True
             out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-            if pattern:
-                out["pattern"] = pattern
         elif len(members) == 1:
             out.pop("anyOf")
             merged = dict(members[0])
@@ -135,6 +139,22 @@ def cel_rules() -> list[dict[str, str]]:
     ]
 
 
+def name_rules() -> list[dict[str, str]]:
+    """CEL on metadata.name, at the root of the schema (the only place a rule may read it): the Service the
+    operator renders is named like the LlamaDeployment, so the name must be a DNS-1035 label, which the API
+    server does not ask of a custom resource's name (a DNS-1123 subdomain of up to 253 characters). The
+    same holds the label value llama-operator.dev/llamadeployment and the claim NAME-model-cache to their
+    limits. Mirrored by api.name_problems."""
+    return [{
+        "rule": f"size(self.metadata.name) <= {api.MAX_NAME_LENGTH} && "
+                f"self.metadata.name.matches('{api.DNS1035_LABEL_PATTERN}')",
+        "message": f"metadata.name names the Service the operator creates: at most {api.MAX_NAME_LENGTH} lowercase "
+                   "letters, digits and '-', starting with a letter and ending with a letter or digit",
+        "fieldPath": ".metadata.name",
+        "reason": "FieldValueInvalid",
+    }]
+
+
 def openapi_schema() -> dict:
     spec = _schema_of(api.LlamaDeploymentSpec, fill_defaults=True)
     spec["description"] = ("A Llama model to serve, the latency it must meet and the memory one replica may use. "
@@ -150,11 +170,14 @@ def openapi_schema() -> dict:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # A structural schema may say no more of metadata than name and generateName; name is declared
+            # so that the root rule's fieldPath .metadata.name refers to a field of the schema.
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec,
             "status": status,
         },
         "required": ["spec"],
+        "x-kubernetes-validations": name_rules(),
     }
 
 

@@ -20,6 +20,22 @@ def _type(prop: dict) -> str:
     return t
 
 
+def _limits(prop: dict) -> str:
+    """The bounds the schema puts on a field, for the table."""
+    out = []
+    if "minimum" in prop and "maximum" in prop and not prop.get("x-kubernetes-int-or-string"):
+        out.append(f"{prop['minimum']}..{prop['maximum']}")
+    if "maxLength" in prop:
+        out.append(f"≤ {prop['maxLength']} characters")
+    if "maxItems" in prop:
+        out.append(f"≤ {prop['maxItems']} items")
+    if "maxProperties" in prop:
+        out.append(f"≤ {prop['maxProperties']} entries")
+    if prop.get("x-kubernetes-int-or-string") and "maximum" in prop:
+        out.append(f"≤ {prop['maximum']} bytes")
+    return ", ".join(out)
+
+
 def _rows(schema: dict, path: str, required: set[str]) -> list[str]:
     out = []
     for name, prop in schema.get("properties", {}).items():
@@ -31,7 +47,9 @@ def _rows(schema: dict, path: str, required: set[str]) -> list[str]:
         values = prop.get("enum") or (prop.get("items") or {}).get("enum") or []
         if len(values) > 4:
             desc += " One of: " + ", ".join(f"`{v}`" for v in values) + "."
-        out.append(f"| `{full}` | {_type(prop)} | {req} | {default_text} | {desc} |")
+        limits = ", ".join(x for x in (_limits(prop), _limits(prop.get("items") or {}),
+                                       _limits(prop.get("additionalProperties") or {})) if x)
+        out.append(f"| `{full}` | {_type(prop)} | {req} | {default_text} | {limits} | {desc} |")
         target = prop.get("items") if prop.get("type") == "array" else prop
         if target and target.get("properties"):
             out.extend(_rows(target, full + ("[]" if prop.get("type") == "array" else ""),
@@ -39,11 +57,29 @@ def _rows(schema: dict, path: str, required: set[str]) -> list[str]:
     return out
 
 
+def _rules(schema: dict, path: str) -> list[tuple[str, dict]]:
+    """Every CEL rule of the schema, with the path of the field it is attached to."""
+    out = [(path, r) for r in schema.get("x-kubernetes-validations", [])]
+    for name, prop in (schema.get("properties") or {}).items():
+        if name != "status":
+            out += _rules(prop, f"{path}.{name}".lstrip("."))
+    if isinstance(schema.get("items"), dict):
+        out += _rules(schema["items"], f"{path}[]")
+    return out
+
+
 def field_reference() -> str:
-    spec = openapi_schema()["properties"]["spec"]
-    lines = [BEGIN, "", "| field | type | required | default | description |", "|---|---|---|---|---|"]
+    root = openapi_schema()
+    spec = root["properties"]["spec"]
+    lines = [BEGIN, "",
+             "| field | type | required | default | limits | description |", "|---|---|---|---|---|---|"]
     lines += _rows(spec, "spec", set(spec.get("required", [])))
-    lines += ["", "Cross-field rules the API server checks (CEL):", ""]
-    lines += [f"* `{r['fieldPath'].lstrip('.')}`: {r['message']}" for r in spec["x-kubernetes-validations"]]
-    lines += ["", END]
+    lines += ["", "Rules the API server checks (CEL):", ""]
+    for path, r in _rules(root, ""):
+        where = (path + r.get("fieldPath", "")) if path != "" else r.get("fieldPath", "").lstrip(".")
+        lines.append(f"* `{where.lstrip('.')}`: {r['message']}")
+    lines += ["", "Strings follow Kubernetes' own syntax where they end up in a rendered object: label keys "
+              "and values (nodeSelector, toleration key and value, gpuProducts), DNS-1123 object names "
+              "(Secret, claim, storage class), Secret keys; `metadata.name` must be a DNS-1035 label of at "
+              "most 63 characters, since the Service is named after it.", "", END]
     return "\n".join(lines)

@@ -1,6 +1,8 @@
 """api.parse_spec / parse_object: what is accepted, and that every refusal names the field and the fix."""
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +289,210 @@ def test_every_example_parses(path):
     assert deployments, f"{path.name} holds no LlamaDeployment"
     for doc in deployments:
         parse_object(doc)
+
+
+# --- Names and the syntax of what ends up in rendered objects -------------------------------------------
+
+
+def _object(name, spec: dict) -> dict:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name}, "spec": spec}
+
+
+@pytest.mark.parametrize("name", ["chat", "a", "chat-8b", "x" * 63, "l40s-2"])
+def test_names_the_service_can_take_are_accepted(spec_dict, name):
+    assert api.name_problems(name) == []
+    parse_object(_object(name, spec_dict()))
+
+
+@pytest.mark.parametrize("name, why", [
+    ("my.chat", "dots: a valid custom resource name, not a Service name"),
+    ("Chat", "upper case"),
+    ("8b-chat", "starts with a digit"),
+    ("chat-", "ends with '-'"),
+    ("x" * 64, "64 characters"),
+    ("x" * 253, "the longest custom resource name"),
+    ("chat_8b", "underscore"),
+    ("", "empty"),
+    (5, "not a string"),
+])
+def test_names_the_service_cannot_take_are_refused_naming_metadata_name(spec_dict, name, why):
+    with pytest.raises(SpecError) as info:
+        parse_object(_object(name, spec_dict()))
+    (problem,) = [p for p in info.value.problems if p.startswith("metadata.name:")]
+    assert len(problem) < 400, why
+    if isinstance(name, str) and name:
+        assert "lowercase" in problem and "63" in problem, why
+
+
+def test_a_bad_name_and_a_bad_spec_are_reported_together(spec_dict):
+    with pytest.raises(SpecError) as info:
+        parse_object(_object("My.Chat", spec_dict(replicas=0)))
+    assert {p.split(":")[0] for p in info.value.problems} == {"metadata.name", "spec.replicas"}
+
+
+def test_every_name_the_service_can_take_gives_valid_object_names(spec_dict):
+    """The name rule is the strictest of the names the operator derives: with it, the claim
+    NAME-model-cache is a valid PersistentVolumeClaim name (a DNS-1123 subdomain of at most 253) and NAME a
+    valid label value, for the longest name and every character class."""
+    for name in ("a" * 63, "a" + "-" * 61 + "9", "z9", "a"):
+        assert api.name_problems(name) == []
+        claim = f"{name}-model-cache"
+        assert len(claim) <= 253 and re.fullmatch(api.DNS1123_SUBDOMAIN_PATTERN, claim)
+        assert api.label_value_problem(name) is None
+
+
+GOOD_PLACEMENTS = [
+    {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}]},
+    {"tolerations": [{"key": "example.com/gpu-pool", "operator": "Exists"}]},
+    {"tolerations": [{"operator": "Exists"}]},  # every taint
+    {"tolerations": [{"operator": "Exists", "effect": "NoSchedule", "value": ""}]},
+    {"tolerations": [{"key": "spot", "value": "true"}]},  # operator Equal by default
+    {"tolerations": [{"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+                      "tolerationSeconds": 300}]},
+    {"tolerations": [{"key": "k" * 63, "operator": "Exists"}]},
+    {"tolerations": [{"key": "p" * 253 + "/" + "k" * 63, "operator": "Exists"}]},
+    {"nodeSelector": {"pool": "llm", "kubernetes.io/hostname": "node-1", "tier": "", "a.b/c_d.e": "A-b_c.9"}},
+    {"nodeSelector": {f"key-{i}": "v" for i in range(32)}},
+    {"gpuProducts": ["L4", "NVIDIA-H100-80GB-HBM3", "AMD_Instinct_MI300X", "x" * 63]},
+]
+
+
+@pytest.mark.parametrize("placement", GOOD_PLACEMENTS, ids=[str(p)[:60] for p in GOOD_PLACEMENTS])
+def test_placements_kubernetes_accepts_are_accepted(spec_dict, placement):
+    parse_spec(spec_dict(placement=placement))
+
+
+BAD_PLACEMENTS = [  # (overrides, the field named, what the message says)
+    ({"tolerations": [{"key": "gpu", "operator": "Exists", "value": "yes"}]},
+     "spec.placement.tolerations[0].value", "Exists"),
+    ({"tolerations": [{"operator": "Equal", "value": "x"}]}, "spec.placement.tolerations[0].operator", "key"),
+    ({"tolerations": [{}]}, "spec.placement.tolerations[0].operator", "Exists"),
+    ({"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}]},
+     "spec.placement.tolerations[0].effect", "NoExecute"),
+    ({"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "Sometimes"}]},
+     "spec.placement.tolerations[0].effect", "NoSchedule"),
+    ({"tolerations": [{"key": "bad key", "operator": "Exists"}]}, "spec.placement.tolerations[0].key", "label key"),
+    ({"tolerations": [{"key": "Example.com/gpu", "operator": "Exists"}]},
+     "spec.placement.tolerations[0].key", "label key"),
+    ({"tolerations": [{"key": "k" * 64, "operator": "Exists"}]}, "spec.placement.tolerations[0].key", "label key"),
+    ({"tolerations": [{"key": "p" * 254 + "/k", "operator": "Exists"}]},
+     "spec.placement.tolerations[0].key", "253"),
+    ({"tolerations": [{"key": "gpu", "value": "two words"}]}, "spec.placement.tolerations[0].value", "label value"),
+    ({"tolerations": [{"key": "gpu", "value": "v" * 64}]}, "spec.placement.tolerations[0].value", "63"),
+    ({"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": -1}]},
+     "spec.placement.tolerations[0].tolerationSeconds", "0"),
+    ({"tolerations": [{"key": "gpu", "operator": "Exists"}] * 33}, "spec.placement.tolerations", "32"),
+    ({"nodeSelector": {"bad key": "v"}}, "spec.placement.nodeSelector", "label key"),
+    ({"nodeSelector": {"-pool": "v"}}, "spec.placement.nodeSelector", "label key"),
+    ({"nodeSelector": {"pool": "two words"}}, "spec.placement.nodeSelector.pool", "label value"),
+    ({"nodeSelector": {"pool": "-edge"}}, "spec.placement.nodeSelector.pool", "label value"),
+    ({"nodeSelector": {"pool": "v" * 64}}, "spec.placement.nodeSelector.pool", "63"),
+    ({"nodeSelector": {f"k{i}": "v" for i in range(33)}}, "spec.placement.nodeSelector", "32"),
+    ({"gpuProducts": ["NVIDIA L4"]}, "spec.placement.gpuProducts[0]", "label value"),
+    ({"gpuProducts": [""]}, "spec.placement.gpuProducts[0]", "at least 1"),
+    ({"gpuProducts": ["L4"] * 33}, "spec.placement.gpuProducts", "32"),
+]
+
+
+@pytest.mark.parametrize("placement, field, says", BAD_PLACEMENTS, ids=[f for _, f, _ in BAD_PLACEMENTS])
+def test_placements_kubernetes_refuses_are_refused_naming_the_field(spec_dict, placement, field, says):
+    message = the_problem(spec_dict(placement=placement), field)
+    assert says in message and len(message) < 400
+
+
+@pytest.mark.parametrize("source", [
+    {"hfTokenSecretRef": {"name": "hf-token"}},
+    {"hfTokenSecretRef": {"name": "hf.token.v2", "key": "token.json"}},
+    {"hfTokenSecretRef": {"name": "s" * 253, "key": ".hidden_KEY-1"}},
+    {"cache": {"size": "200Gi", "storageClassName": "fast-ssd"}},
+    {"cache": {"size": "200Gi", "storageClassName": ""}},  # empty: the cluster's default class
+    {"cache": {"existingClaim": "shared-models"}},
+    {"cache": {"existingClaim": "", "size": "10Gi"}},
+])
+def test_object_names_kubernetes_accepts_are_accepted(spec_dict, source):
+    parse_spec(spec_dict(source=source))
+
+
+@pytest.mark.parametrize("source, field", [
+    ({"hfTokenSecretRef": {"name": "HF_Token"}}, "spec.source.hfTokenSecretRef.name"),
+    ({"hfTokenSecretRef": {"name": "hf token"}}, "spec.source.hfTokenSecretRef.name"),
+    ({"hfTokenSecretRef": {"name": "s" * 254}}, "spec.source.hfTokenSecretRef.name"),
+    ({"hfTokenSecretRef": {"name": ""}}, "spec.source.hfTokenSecretRef.name"),
+    ({"hfTokenSecretRef": {"name": "hf", "key": "HF TOKEN"}}, "spec.source.hfTokenSecretRef.key"),
+    ({"hfTokenSecretRef": {"name": "hf", "key": ".."}}, "spec.source.hfTokenSecretRef.key"),
+    ({"hfTokenSecretRef": {"name": "hf", "key": "..token"}}, "spec.source.hfTokenSecretRef.key"),
+    ({"hfTokenSecretRef": {"name": "hf", "key": "k" * 254}}, "spec.source.hfTokenSecretRef.key"),
+    ({"cache": {"size": "1Gi", "storageClassName": "Fast_SSD"}}, "spec.source.cache.storageClassName"),
+    ({"cache": {"size": "1Gi", "storageClassName": "s" * 254}}, "spec.source.cache.storageClassName"),
+    ({"cache": {"existingClaim": "My Claim"}}, "spec.source.cache.existingClaim"),
+    ({"cache": {"existingClaim": "-claim"}}, "spec.source.cache.existingClaim"),
+])
+def test_object_names_kubernetes_refuses_are_refused_naming_the_field(spec_dict, source, field):
+    message = the_problem(spec_dict(source=source), field)
+    assert len(message) < 400
+
+
+# --- Bounds: no field holds more than a few hundred characters ---------------------------------------
+
+
+MEGABYTE = "9" * 2**20
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"slo": {"ttftP95": MEGABYTE + "s"}}, "spec.slo.ttftP95"),
+    ({"memoryBudget": MEGABYTE + "Gi"}, "spec.memoryBudget"),
+    ({"source": {"cache": {"size": MEGABYTE}}}, "spec.source.cache.size"),
+    ({"placement": {"gpuProducts": [MEGABYTE]}}, "spec.placement.gpuProducts[0]"),
+    ({"placement": {"nodeSelector": {"pool": MEGABYTE}}}, "spec.placement.nodeSelector.pool"),
+    ({"placement": {"nodeSelector": {MEGABYTE: "v"}}}, "spec.placement.nodeSelector"),
+    ({"placement": {"tolerations": [{"key": MEGABYTE, "operator": "Exists"}]}}, "spec.placement.tolerations[0].key"),
+    ({"placement": {"tolerations": [{"key": "k", "value": MEGABYTE}]}}, "spec.placement.tolerations[0].value"),
+    ({"placement": {"tolerations": [{"key": "k", "operator": "Exists"}] * 100_000}}, "spec.placement.tolerations"),
+    ({"placement": {"nodeSelector": {str(i): "v" for i in range(100_000)}}}, "spec.placement.nodeSelector"),
+    ({"source": {"hfTokenSecretRef": {"name": MEGABYTE}}}, "spec.source.hfTokenSecretRef.name"),
+    ({"model": MEGABYTE}, "spec.model"),
+])
+def test_megabyte_values_are_refused_with_a_short_message(spec_dict, overrides, field):
+    started = time.monotonic()
+    message = the_problem(spec_dict(**overrides), field)
+    assert len(message) < 500, message[:500]
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("value, says", [
+    ("9" * 400 + "E", "too long"),
+    ("99999999999E", "too large"),
+    ("9223372036854775808", "too large"),  # 2**63
+    (10**400, "too large"),
+    (2**63, "too large"),
+])
+@pytest.mark.parametrize("field", ["memoryBudget", "source.cache.size"])
+def test_huge_quantities_are_refused_naming_the_field(spec_dict, field, value, says):
+    overrides = {"memoryBudget": value} if field == "memoryBudget" else {"source": {"cache": {"size": value}}}
+    message = the_problem(spec_dict(**overrides), f"spec.{field}")
+    assert says in message and "48Gi" in message and len(message) < 300
+
+
+def test_the_largest_quantity_is_accepted(spec_dict):
+    assert parse_spec(spec_dict(memoryBudget=api.MAX_QUANTITY_BYTES)).memory_budget_bytes == 2**63 - 1
+    assert parse_quantity("7Ei") == 7 * 2**60
+
+
+def test_long_strings_do_not_reach_the_parse_caches():
+    api._parse_quantity.cache_clear()
+    api._parse_duration.cache_clear()
+    for i in range(100):
+        with pytest.raises(ValueError):
+            parse_quantity(f"{i}" + "0" * 10_000)
+        with pytest.raises(ValueError):
+            parse_duration(f"{i}" + "0" * 10_000 + "s")
+    assert api._parse_quantity.cache_info().currsize == 0
+    assert api._parse_duration.cache_info().currsize == 0
+
+
+def test_shown_values_are_short():
+    bomb: list = ["lol"] * 9
+    for _ in range(9):
+        bomb = [bomb] * 9  # 9**10 strings when expanded
+    for value in ("x" * 10**6, 10**5000, bomb, {"a": {"b": {"c": {"d": "e" * 10**6}}}}):
+        assert len(api.shown(value)) < 400

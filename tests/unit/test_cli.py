@@ -138,6 +138,24 @@ def test_plan_json_infeasible(capsys):
     assert d["candidates"] and all(c["verdict"] == "rejected" and c["reasons"] for c in d["candidates"])
 
 
+def test_plan_lists_the_variants_no_node_can_run(capsys):
+    # a vision model (vLLM only) on a CPU-only cluster: every variant is a rejected candidate with why
+    code, out, _ = run(capsys, "plan", "-f", EX / "chat-11b-vision.yaml", "--cluster", CL / "cpu-only.yaml",
+                       "-o", "json")
+    assert code == 2
+    d = json.loads(out)
+    assert [c["quantization"] for c in d["candidates"]] == ["bf16", "fp8", "gptq-int4"]
+    for c in d["candidates"]:
+        assert c["verdict"] == "rejected" and c["hardware"] == "no GPU node" and c["predicted"] is None
+        assert "vLLM 0.10.2 needs a GPU" in c["reasons"]
+    code, out, _ = run(capsys, "plan", "-f", EX / "chat-11b-vision.yaml", "--cluster", CL / "cpu-only.yaml")
+    assert code == 2
+    assert "Candidates tried: 3" in out
+    assert out.count("      - vLLM 0.10.2 needs a GPU") == 3
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("rejected")]
+    assert [r[2] for r in rows] == ["bf16", "fp8", "gptq-int4"] and all("no GPU node" in " ".join(r) for r in rows)
+
+
 def test_plan_yaml_parses_to_the_same_document(capsys):
     code, out, _ = run(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", CL / "mixed.yaml", "-o", "yaml")
     assert code == 0
@@ -270,13 +288,79 @@ def test_render_bad_input_exits_1(capsys, tmp_path):
     assert "spec.model" in bad_input(capsys, "render", "-f", bad, "--cluster", CL / "a100.yaml")
 
 
+@pytest.fixture
+def captured_run(monkeypatch):
+    """`llama-operator run` up to the operator itself: the RunOptions it would start with."""
+    import llama_operator.runner as runner
+
+    seen = []
+
+    async def fake_run_async(options, **_):
+        seen.append(options)
+
+    monkeypatch.setattr(runner, "run_async", fake_run_async)
+    monkeypatch.setattr(runner, "configure_logging", lambda **_: None)
+    monkeypatch.setattr(runner, "tune_gc", lambda: None)  # process-wide: not in the test process
+
+    def start(capsys, *argv):
+        code, out, err = run(capsys, "run", *argv)
+        assert code == 0, err
+        return seen.pop()
+
+    return start
+
+
+def test_run_listens_on_every_interface_by_default(capsys, captured_run):
+    options = captured_run(capsys)
+    assert (options.metrics_host, options.metrics_port) == ("0.0.0.0", 8080)
+    assert (options.health_host, options.health_port) == ("0.0.0.0", 8081)
+
+
+def test_run_metrics_and_health_addresses(capsys, captured_run):
+    options = captured_run(capsys, "--metrics-address", "127.0.0.1", "--health-address", "::1")
+    assert options.metrics_host == "127.0.0.1" and options.health_host == "::1"
+    from llama_operator.runner import _url_host
+
+    assert _url_host("::1") == "[::1]" and _url_host("0.0.0.0") == "0.0.0.0"  # the liveness URL kopf parses
+    for flag in ("--metrics-address", "--health-address"):
+        for bad in ("localhost", "", "0.0.0.0:8080", "300.1.1.1"):
+            assert f"{flag} " in bad_input(capsys, "run", flag, bad)
+
+
+def test_run_forbidden_tolerations(capsys, captured_run):
+    from llama_operator.cli import UserError, _forbidden_tolerations
+    from llama_operator.planner import DEFAULT_FORBIDDEN_TOLERATIONS
+
+    assert _forbidden_tolerations(None) == DEFAULT_FORBIDDEN_TOLERATIONS
+    assert _forbidden_tolerations(["dedicated", "node-role.kubernetes.io/control-plane"]) == {
+        "dedicated", "node-role.kubernetes.io/control-plane"}
+    assert _forbidden_tolerations([""]) == frozenset()  # --forbid-toleration= : none
+    for bad in ("a b", "-x", "a/b/c", "x" * 64):
+        with pytest.raises(UserError, match="--forbid-toleration"):
+            _forbidden_tolerations([bad])
+    assert "--forbid-toleration" in bad_input(capsys, "run", "--forbid-toleration", "not a key")
+    options = captured_run(capsys, "--forbid-toleration", "dedicated", "--forbid-toleration", "gpu-only")
+    assert options.settings.forbidden_tolerations == {"dedicated", "gpu-only"}
+
+
+def test_run_pods_all_namespaces_with_watched_namespaces(capsys, captured_run):
+    options = captured_run(capsys, "-n", "team-a", "--pods-all-namespaces")
+    assert options.namespaces == ["team-a"] and options.pods_all_namespaces
+    assert not captured_run(capsys, "-n", "team-a").pods_all_namespaces
+    # cluster-wide: every namespace's Pods are watched anyway
+    options = captured_run(capsys, "--all-namespaces", "--pods-all-namespaces")
+    assert options.namespaces == [] and not options.pods_all_namespaces
+
+
 def test_run_image_mirrors_name_a_pinned_image(capsys):
     from llama_operator.cli import UserError, _image_mirrors
     from llama_operator.engines import releases
 
     pinned = releases()[0].images["cuda"]
     assert _image_mirrors([f"{pinned}=registry.local/v:1"]).resolve(pinned) == "registry.local/v:1"
-    for bad in ("nope", "vllm/vllm-openai:latest=x", f"{pinned}="):
+    assert _image_mirrors([f"{pinned}=registry.local/v:1=2000"]).user(pinned) == (2000, 2000)
+    for bad in ("nope", "vllm/vllm-openai:latest=x", f"{pinned}=", f"{pinned}=registry.local/v:1=root",
+                f"{pinned}=registry.local/v:1=0"):
         with pytest.raises(UserError, match="--image"):
             _image_mirrors([bad])
 
@@ -487,3 +571,220 @@ def test_crd_writes_the_file(capsys, tmp_path):
     code, out, _ = run(capsys, "crd", "--output", target)
     assert code == 0 and str(target) in out
     assert target.read_text() == render_crd()
+
+
+# --- plan / render: hostile and huge input files --------------------------------------------------------
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A "billion laughs" LlamaDeployment: a few hundred bytes whose aliases expand to 9**levels strings,
+    in the spec where validation, and an error message quoting the value, would expand them."""
+    lines = ["apiVersion: llama-operator.dev/v1alpha1", "kind: LlamaDeployment", "metadata: {name: bomb}",
+             "spec:", "  slo: {ttftP95: 1s, tpotP95: 50ms}", "  memoryBudget: 40Gi",
+             '  x0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, levels):
+        lines.append(f"  x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]")
+    lines.append(f"  model: *a{levels - 1}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("command", ["plan", "render"])
+def test_an_alias_bomb_is_refused_quickly_in_little_memory_with_a_short_message(capsys, tmp_path, command):
+    import time
+    import tracemalloc
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        err = bad_input(capsys, command, "-f", bomb, "--cluster", CL / "a100.yaml")
+        elapsed = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "alias" in err and "bomb.yaml" in err
+    assert len(err) < 500, len(err)
+    assert elapsed < 5 and peak < 64 * 2**20, (elapsed, peak)
+
+
+def test_the_same_bomb_in_a_cluster_file_is_refused(capsys, tmp_path):
+    bomb = tmp_path / "nodes.yaml"
+    bomb.write_text(alias_bomb().replace("kind: LlamaDeployment", "kind: Node"))
+    err = bad_input(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", bomb)
+    assert "alias" in err and len(err) < 500
+
+
+@pytest.mark.parametrize("content, says", [
+    ("a: &a [1, *a]\n", "recursive alias"),
+    ("a: " + "[" * 150 + "]" * 150 + "\n", "deeper than"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nesting"),  # libyaml's own limit
+    ("[" * 5000 + "]" * 5000 + "\n", "nesting"),  # too deep for json: read as YAML
+    ("a: " + "9" * 5000 + "\n", "digits"),
+    ("a: !!set {x: null}\n", "not supported"),
+    ("a: !custom x\n", "constructor"),
+    ("kind: !<" + "x" * 100_000 + "> y\n", "constructor"),
+    ("? [a, b]\n: c\n", "mapping key"),
+    ("a: [unclosed\n", "not valid YAML"),
+])
+def test_yaml_the_loader_refuses_is_a_short_error(capsys, tmp_path, content, says):
+    f = tmp_path / "odd.yaml"
+    f.write_text(content)
+    for argv in (("-f", f, "--cluster", CL / "a100.yaml"), ("-f", EX / "chat.yaml", "--cluster", f)):
+        err = bad_input(capsys, "plan", *argv)
+        assert says in err and len(err) < 1200, err[:300]
+
+
+def test_a_file_that_is_not_utf8_is_a_short_error(capsys, tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("metadata: {name: café}\n".encode("latin-1"))
+    assert "not valid YAML" in bad_input(capsys, "plan", "-f", f, "--cluster", CL / "a100.yaml")
+
+
+def test_files_larger_than_the_caps_are_refused_unread(capsys, tmp_path, monkeypatch):
+    import llama_operator.cli as cli
+
+    monkeypatch.setattr(cli, "MAX_DEPLOYMENT_FILE_BYTES", 1000)
+    monkeypatch.setattr(cli, "MAX_CLUSTER_FILE_BYTES", 2000)
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * 3000 + "\n" + (EX / "chat.yaml").read_text())
+    err = bad_input(capsys, "plan", "-f", big, "--cluster", CL / "a100.yaml")
+    assert "big.yaml" in err and "1000 bytes" in err
+    err = bad_input(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", big)
+    assert "2000 bytes" in err
+    assert cli.MAX_DEPLOYMENT_FILE_BYTES < cli.MAX_CLUSTER_FILE_BYTES
+
+
+@pytest.mark.parametrize("spec_overrides, field", [
+    ({"memoryBudget": "9" * 400 + "E"}, "spec.memoryBudget"),
+    ({"memoryBudget": 10**400}, "spec.memoryBudget"),
+    ({"memoryBudget": "99999999999E"}, "spec.memoryBudget"),
+    ({"source": {"cache": {"size": "9" * 400 + "Ei"}}}, "spec.source.cache.size"),
+    ({"contextLength": 10**400}, "spec.contextLength"),
+    ({"replicas": 1e400}, "spec.replicas"),
+    ({"slo": {"ttftP95": "9" * 400 + "s", "tpotP95": "50ms"}}, "spec.slo.ttftP95"),
+])
+@pytest.mark.parametrize("command", ["plan", "render"])
+def test_huge_numbers_exit_1_naming_the_field(capsys, tmp_path, command, spec_overrides, field):
+    spec = {"model": "llama-3.1-8b-instruct", "slo": {"ttftP95": "1s", "tpotP95": "50ms"}, "memoryBudget": "40Gi"}
+    spec.update(spec_overrides)
+    f = write_yaml(tmp_path / "huge.yaml", deployment("huge", **spec))
+    err = bad_input(capsys, command, "-f", f, "--cluster", CL / "a100.yaml")
+    assert "huge" in err and field in err and len(err) < 800, err[:800]
+
+
+@pytest.mark.parametrize("name", ["chat.v2", "Chat", "x" * 64])
+def test_a_name_the_service_cannot_take_exits_1_naming_metadata_name(capsys, tmp_path, name):
+    spec = {"model": "llama-3.1-8b-instruct", "slo": {"ttftP95": "1s", "tpotP95": "50ms"}, "memoryBudget": "40Gi"}
+    f = write_yaml(tmp_path / "named.yaml", deployment(name, **spec))
+    for command in ("plan", "render"):
+        err = bad_input(capsys, command, "-f", f, "--cluster", CL / "a100.yaml")
+        assert "metadata.name" in err and "63" in err
+
+
+def test_a_megabyte_value_prints_a_short_error(capsys, tmp_path):
+    mega = "k" * 2**20
+    f = tmp_path / "mega.yaml"
+    f.write_text(json.dumps(deployment(mega, model="llama-3.1-8b-instruct", slo={"ttftP95": "1s", "tpotP95": "50ms"},
+                                       memoryBudget=mega, placement={"tolerations": [{"key": mega, "value": mega}],
+                                                                     "nodeSelector": {mega: mega}})))
+    err = bad_input(capsys, "plan", "-f", f, "--cluster", CL / "a100.yaml")
+    for field in ("metadata.name", "spec.memoryBudget", "spec.placement.tolerations[0].key",
+                  "spec.placement.tolerations[0].value", "spec.placement.nodeSelector"):
+        assert field in err
+    assert len(err) < 5000
+
+
+@pytest.mark.parametrize("node", [
+    {"kind": "Node", "metadata": {"name": "a", "labels": [1]}},
+    {"kind": "Node", "metadata": {"name": "a"}, "status": {"allocatable": {"cpu": "lots"}}},
+    {"kind": "Node", "metadata": {"name": "a"}, "status": {"conditions": 7}},
+    {"kind": "Node", "metadata": {"name": ["a"]}, "spec": {"taints": [1]}},
+])
+def test_a_node_the_operator_cannot_read_is_named(capsys, tmp_path, node):
+    f = write_yaml(tmp_path / "nodes.yaml", node)
+    err = bad_input(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", f)
+    assert "Node" in err and "cannot be read" in err
+
+
+def test_the_loader_reads_what_the_safe_loader_reads(tmp_path):
+    from llama_operator.cli import _load_documents
+
+    text = """
+base: &base {a: 1, b: two, c: [1, 2, {d: null}]}
+other: &other {b: 3, e: 2001-12-14, f: 1.5e3, g: .inf, h: 0x1F, i: yes, j: "quoted", k: !!binary aGVsbG8=}
+m: {<<: [*base, *other], c: overridden}
+n: {<<: *other, b: mine}
+s: &s scalar
+t: *s
+empty:
+"1": one
+---
+- a
+- !!str 1
+---
+"""
+    f = tmp_path / "doc.yaml"
+    f.write_text(text)
+    assert _load_documents(str(f)) == [d for d in yaml.safe_load_all(text) if d is not None]
+    for path in sorted(EX.glob("**/*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        expanded = [x for d in docs for x in (d["items"] if d.get("kind") == "List" else [d])]
+        assert _load_documents(str(path), 2**30) == expanded, path.name
+
+
+def cluster_file(nodes: int) -> str:
+    """`kubectl get nodes -o yaml` of a large cluster: a List of GFD-labelled GPU nodes and CPU nodes."""
+    shapes = [("NVIDIA-L4", 4, "23034", "8", "9"), ("NVIDIA-A10G", 1, "23028", "8", "6"),
+              ("NVIDIA-H100-80GB-HBM3", 8, "81559", "9", "0"), (None, 0, "", "", "")]
+    items = []
+    for i in range(nodes):
+        product, gpus, mem, major, minor = shapes[i % len(shapes)]
+        gpu_labels = (f"""
+      nvidia.com/gpu.present: "true"
+      nvidia.com/gpu.product: {product}
+      nvidia.com/gpu.count: "{gpus}"
+      nvidia.com/gpu.memory: "{mem}"
+      nvidia.com/gpu.compute.major: "{major}"
+      nvidia.com/gpu.compute.minor: "{minor}\"""" if product else "")
+        taints = "\n    taints:\n    - {effect: NoSchedule, key: nvidia.com/gpu, value: present}" if product else ""
+        gpu_res = f'\n      nvidia.com/gpu: "{gpus}"' if product else ""
+        items.append(f"""- apiVersion: v1
+  kind: Node
+  metadata:
+    name: node-{i:05d}
+    labels:
+      kubernetes.io/hostname: node-{i:05d}
+      kubernetes.io/os: linux
+      kubernetes.io/arch: amd64
+      topology.kubernetes.io/zone: zone-{i % 3}{gpu_labels}
+  spec:
+    providerID: aws:///zone/i-{i:017x}{taints}
+  status:
+    allocatable:
+      cpu: 47810m
+      memory: 186646292Ki
+      pods: "110"{gpu_res}
+    capacity:
+      cpu: "48"
+      memory: 195924924Ki
+      pods: "110"{gpu_res}
+    conditions:
+    - {{type: MemoryPressure, status: "False", reason: KubeletHasSufficientMemory}}
+    - {{type: Ready, status: "True", reason: KubeletReady}}""")
+    return "apiVersion: v1\nkind: List\nitems:\n" + "\n".join(items) + "\n"
+
+
+def test_a_10000_node_cluster_file_plans(capsys, tmp_path):
+    from llama_operator.cli import _load_documents
+
+    # benchmarks/bench_cli_load.py times it; here it only has to work (and not take minutes).
+    f = tmp_path / "nodes.yaml"
+    f.write_text(cluster_file(10_000))
+    code, out, _ = run(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", f)
+    assert code == 0 and "(10000 nodes)" in out
+    # `kubectl get nodes -o json` (JSON is YAML; read by json)
+    g = tmp_path / "nodes.json"
+    g.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": _load_documents(str(f), 2**30)}))
+    code, out, _ = run(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", g, "-o", "json")
+    assert code == 0 and json.loads(out)["chosen"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import celpy
 import jsonschema
 import pytest
-from crdkit import apply_defaults
+from crdkit import apply_defaults, openapi_validator
 import yaml
 
 from llama_operator import api
@@ -168,8 +168,9 @@ def test_defaults_match_the_python_defaults(spec_schema, spec_dict):
 
 def validator(schema: dict) -> jsonschema.Draft7Validator:
     # x-kubernetes-* keywords are unknown to JSON Schema and ignored; int-or-string is already spelt
-    # anyOf [integer, string] beside the marker, and `pattern` applies to strings only, as in Kubernetes.
-    return jsonschema.Draft7Validator(schema)
+    # anyOf [integer, string] beside the marker, and `pattern` applies to strings only, as in Kubernetes
+    # (read as RE2 reads it, as the API server does).
+    return openapi_validator(schema)
 
 
 @pytest.mark.parametrize("name, obj", example_objects(), ids=[n for n, _ in example_objects()])
@@ -311,3 +312,200 @@ def test_defaulted_prompt_tokens_is_checked_by_both(programs, rules, spec_schema
     assert ".slo.promptTokens" in refusing
     with pytest.raises(SpecError, match="spec.slo.promptTokens"):
         parse_spec(bad)
+
+
+# --- Bounds and Kubernetes syntax -----------------------------------------------------------------------
+
+from crdkit import cel_refusals  # noqa: E402
+
+
+def _whole(spec: dict, name: str = "chat") -> dict:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": "default"},
+            "spec": spec}
+
+
+def api_server_refusals(schema: dict, obj: dict) -> list[str]:
+    """Where the generated CRD refuses `obj`: the paths of its OpenAPI errors, then (when it passes those)
+    of the CEL rules that refuse it after defaulting."""
+    errors = list(validator(schema).iter_errors(obj))
+    if errors:
+        return [".".join(str(p) for p in e.absolute_path) for e in errors]
+    obj = {**obj, "spec": apply_defaults(schema["properties"]["spec"], obj["spec"])}
+    return [path for path, _ in cel_refusals(schema, obj)]
+
+
+def test_every_string_list_and_map_of_the_spec_is_bounded(spec_schema):
+    unbounded = []
+    for path, node in _walk(spec_schema, "spec"):
+        t = node.get("type")
+        if node.get("x-kubernetes-int-or-string"):
+            if "maxLength" not in node or "maximum" not in node:
+                unbounded.append(path)
+        elif t == "string" and "maxLength" not in node and "enum" not in node:
+            unbounded.append(path)
+        elif t == "array" and "maxItems" not in node:
+            unbounded.append(path)
+        elif t == "object" and "additionalProperties" in node and "maxProperties" not in node:
+            unbounded.append(path)
+    assert not unbounded, f"no maxLength / maxItems / maxProperties: {unbounded}"
+
+
+def test_the_bounds_are_the_api_models_bounds(spec_schema):
+    props = spec_schema["properties"]
+    placement = props["placement"]["properties"]
+    assert placement["tolerations"]["maxItems"] == api.MAX_TOLERATIONS == 32
+    assert placement["nodeSelector"]["maxProperties"] == api.MAX_NODE_SELECTOR_ENTRIES == 32
+    assert placement["gpuProducts"]["maxItems"] == api.MAX_GPU_PRODUCTS == 32
+    assert props["fallback"]["properties"]["quantizations"]["maxItems"] == len(api.QUANTIZATIONS)
+    assert placement["tolerations"]["items"]["properties"]["key"]["maxLength"] == 253 + 1 + 63
+    assert placement["nodeSelector"]["additionalProperties"]["maxLength"] == 63
+    for quantity in (props["memoryBudget"], props["source"]["properties"]["cache"]["properties"]["size"]):
+        assert quantity["maxLength"] == api.MAX_QUANTITY_LENGTH and quantity["maximum"] == 2**63 - 1
+    assert props["slo"]["properties"]["ttftP95"]["maxLength"] == api.MAX_DURATION_LENGTH
+
+
+def test_metadata_declares_only_the_name(schema):
+    # A structural schema may restrict only metadata.name and metadata.generateName; name is declared so the
+    # root rule's fieldPath refers to a field of the schema.
+    assert schema["properties"]["metadata"] == {"type": "object", "properties": {"name": {"type": "string"}}}
+
+
+def _all_rules(node: dict, path: str = ""):
+    for rule in node.get("x-kubernetes-validations") or []:
+        yield path, node, rule
+    for key, child in (node.get("properties") or {}).items():
+        yield from _all_rules(child, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _all_rules(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _all_rules(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_every_field_path_names_a_field_of_the_schema(schema):
+    """The API server refuses a CRD whose rule has a fieldPath that does not name a property of the schema the
+    rule sits on (apiextensions' ValidFieldPath): .metadata.name needs metadata.properties.name."""
+    rules = list(_all_rules(schema))
+    assert len(rules) >= 11
+    for path, node, rule in rules:
+        assert rule["message"] and rule["reason"] == "FieldValueInvalid", (path, rule)
+        field_path = rule.get("fieldPath")
+        if field_path is None:
+            continue
+        target = node
+        for part in field_path.lstrip(".").split("."):
+            assert part in (target.get("properties") or {}), f"{path}: fieldPath {field_path} is not in the schema"
+            target = target["properties"][part]
+
+
+def test_the_name_rule_is_at_the_root_and_reads_only_metadata_name(schema):
+    (rule,) = schema["x-kubernetes-validations"]
+    assert rule["fieldPath"] == ".metadata.name" and "self.metadata.name" in rule["rule"]
+    assert "self.spec" not in rule["rule"]
+
+
+# Strings and what Kubernetes says of them, for the differential tests below.
+SYNTAX_CORPUS = ["a", "A", "pool", "gpu-pool", "gpu_pool", "gpu.pool", "9", "a9", "-a", "a-", "_a", "a_", ".a",
+                 "a.", "a b", "a/b", "example.com/pool", "Example.com/pool", "example.com/", "/pool", "a/b/c",
+                 "x" * 63, "x" * 64, "p" * 253 + "/k", "p" * 254 + "/k", "p" * 253 + "/" + "k" * 63,
+                 "a" + "." * 2 + "b", "a..b/c", "ünïcode", "tab\t", "new\nline", "", "..", ".", "..a", ".a.",
+                 "a\n", "x" * 254]
+
+
+@pytest.mark.parametrize("text", SYNTAX_CORPUS, ids=range(len(SYNTAX_CORPUS)))
+def test_the_crd_and_the_operator_agree_on_every_syntax(schema, spec_dict, text):
+    """Each string, in each field with a syntax, is refused by the generated CRD (OpenAPI schema or CEL) exactly
+    when the operator's own check refuses it."""
+    cases = {
+        "spec.placement.nodeSelector": {"placement": {"nodeSelector": {"pool": text}}},
+        "spec.placement.nodeSelector ": {"placement": {"nodeSelector": {text: "v"}}},
+        "spec.placement.tolerations": {"placement": {"tolerations": [{"key": text, "operator": "Exists"}]}},
+        "spec.placement.tolerations ": {"placement": {"tolerations": [{"key": "k", "value": text}]}},
+        "spec.placement.gpuProducts": {"placement": {"gpuProducts": [text]}},
+        "spec.source.hfTokenSecretRef": {"source": {"hfTokenSecretRef": {"name": text}}},
+        "spec.source.hfTokenSecretRef ": {"source": {"hfTokenSecretRef": {"name": "hf", "key": text}}},
+        "spec.source.cache": {"source": {"cache": {"size": "1Gi", "storageClassName": text}}},
+        "spec.source.cache ": {"source": {"cache": {"existingClaim": text}}},
+    }
+    for field, overrides in cases.items():
+        field = field.strip()
+        spec = spec_dict(**overrides)
+        crd_refuses = bool(api_server_refusals(schema, _whole(spec)))
+        try:
+            parse_spec(spec)
+            operator_refuses = False
+        except SpecError as e:
+            operator_refuses = True
+            assert all(p.startswith(field) for p in e.problems), e.problems
+        assert crd_refuses == operator_refuses, f"{field} = {text!r}: CRD {crd_refuses}, operator {operator_refuses}"
+    name_refused_by_crd = bool(api_server_refusals(schema, _whole(spec_dict(), name=text)))
+    assert name_refused_by_crd == bool(api.name_problems(text)), f"metadata.name = {text!r}"
+
+
+BAD_FOR_SCHEMA_SYNTAX = [
+    ("placement.tolerations", {"placement": {"tolerations": [{"key": "bad key", "operator": "Exists"}]}}),
+    ("placement.tolerations", {"placement": {"tolerations": [{"key": "k", "operator": "Exists"}] * 33}}),
+    ("placement.tolerations", {"placement": {"tolerations": [{"key": "k", "value": "v" * 64}]}}),
+    ("placement.nodeSelector", {"placement": {"nodeSelector": {"pool": "two words"}}}),
+    ("placement.nodeSelector", {"placement": {"nodeSelector": {f"k{i}": "v" for i in range(33)}}}),
+    ("placement.gpuProducts", {"placement": {"gpuProducts": ["L4"] * 33}}),
+    ("placement.gpuProducts", {"placement": {"gpuProducts": ["NVIDIA L4"]}}),
+    ("source.hfTokenSecretRef.name", {"source": {"hfTokenSecretRef": {"name": "HF_Token"}}}),
+    ("source.hfTokenSecretRef.key", {"source": {"hfTokenSecretRef": {"name": "hf", "key": ".."}}}),
+    ("source.cache.storageClassName", {"source": {"cache": {"size": "1Gi", "storageClassName": "Fast SSD"}}}),
+    ("source.cache.existingClaim", {"source": {"cache": {"existingClaim": "my_claim"}}}),
+    ("source.cache.size", {"source": {"cache": {"size": "9" * 400 + "E"}}}),
+    ("memoryBudget", {"memoryBudget": "9" * 400 + "E"}),
+    ("memoryBudget", {"memoryBudget": 2**63}),
+    ("slo.ttftP95", {"slo": {"ttftP95": "1" * 40 + "s"}}),
+]
+
+
+@pytest.mark.parametrize("field, overrides", BAD_FOR_SCHEMA_SYNTAX, ids=[f for f, _ in BAD_FOR_SCHEMA_SYNTAX])
+def test_schema_and_parse_spec_both_refuse_bad_syntax_and_sizes(spec_schema, spec_dict, field, overrides):
+    bad = spec_dict(**overrides)
+    assert list(validator(spec_schema).iter_errors(bad)), f"the CRD schema admits {str(overrides)[:200]}"
+    with pytest.raises(SpecError) as info:
+        parse_spec(bad)
+    assert any(p.startswith(f"spec.{field}") for p in info.value.problems), info.value.problems
+
+
+# Each bad object the schema admits, and the field the CEL rule that must refuse it names.
+BAD_FOR_NESTED_CEL = [
+    ("metadata.name", "my.chat", {}),
+    ("metadata.name", "x" * 64, {}),
+    ("metadata.name", "Chat", {}),
+    ("spec.placement.tolerations[0].value", "chat", {"placement": {"tolerations": [
+        {"key": "gpu", "operator": "Exists", "value": "yes"}]}}),
+    ("spec.placement.tolerations[1].operator", "chat", {"placement": {"tolerations": [
+        {"key": "gpu", "operator": "Exists"}, {"value": "x"}]}}),
+    ("spec.placement.tolerations[0].effect", "chat", {"placement": {"tolerations": [
+        {"key": "gpu", "operator": "Exists", "tolerationSeconds": 10}]}}),
+    ("spec.placement.tolerations[0].key", "chat", {"placement": {"tolerations": [
+        {"key": "p" * 254 + "/k", "operator": "Exists"}]}}),
+    ("spec.placement.nodeSelector", "chat", {"placement": {"nodeSelector": {"bad key": "v"}}}),
+    ("spec.placement.nodeSelector", "chat", {"placement": {"nodeSelector": {"p" * 254 + "/k": "v"}}}),
+]
+
+
+@pytest.mark.parametrize("field, name, overrides", BAD_FOR_NESTED_CEL, ids=[f"{f}:{n[:10]}" for f, n, _ in BAD_FOR_NESTED_CEL])
+def test_nested_cel_and_the_operator_refuse_the_same_object(schema, spec_dict, field, name, overrides):
+    obj = _whole(spec_dict(**overrides), name=name)
+    assert not list(validator(schema).iter_errors(obj)), "meant for CEL: the OpenAPI schema already refuses it"
+    assert field in api_server_refusals(schema, obj)
+    with pytest.raises(SpecError) as info:
+        api.parse_object(obj)
+    assert any(p.startswith(field) for p in info.value.problems), info.value.problems
+
+
+def test_every_nested_rule_refuses_at_least_one_bad_object(schema, spec_dict):
+    fired = set()
+    for _, name, overrides in BAD_FOR_NESTED_CEL:
+        obj = _whole(spec_dict(**overrides), name=name)
+        fired |= {rule["rule"] for _, rule in cel_refusals(schema, obj)}
+    nested = {rule["rule"] for path, _, rule in _all_rules(schema) if path not in ("", ".spec")}
+    assert nested <= fired, f"rules no bad object exercises: {nested - fired}"
+
+
+@pytest.mark.parametrize("name, obj", example_objects(), ids=[n for n, _ in example_objects()])
+def test_examples_pass_every_rule_of_the_crd(schema, name, obj):
+    assert api_server_refusals(schema, obj) == [], name
