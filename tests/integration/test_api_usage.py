@@ -1,7 +1,7 @@
 """What the operator really asks of the Kubernetes API, against what the Helm chart's RBAC grants.
 
 The operator runs against the emulator through its whole life (plans on both runtimes, a cache
-claim, an invalid spec, an update, a delete, peering), every request it sends is recorded, and each
+claim, a NetworkPolicy, an invalid spec, an update, a delete, peering), every request it sends is recorded, and each
 becomes (apiGroup, resource, verb). One path no scenario here can time is driven directly: the
 Writer applying objects its watch has not shown yet (a create answered 409, then a GET to compare). tests/chart/operator-api-usage.json keeps that set: this test fails
 when it is stale, and tests/chart/test_chart_rbac.py checks the rendered RBAC against it (nothing
@@ -101,14 +101,16 @@ def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[t
         try:
             docs = [yaml.safe_load((ROOT / "examples" / f).read_text()) for f in ("chat.yaml", "tiny-cpu.yaml")]
             docs[0]["spec"]["source"]["cache"] = {"size": "100Gi"}
+            docs[0]["spec"]["access"] = {"allowedClients": [{"podLabels": {"app": "gateway"}}]}  # a NetworkPolicy
             bad = {"apiVersion": "llama-operator.dev/v1alpha1", "kind": "LlamaDeployment",
                    "metadata": {"name": "bad"}, "spec": {"model": "llama-9"}}
             for doc in docs + [bad]:
                 lds.create(body=doc, namespace="default")
             assert wait_for(lambda: all((i.get("status") or {}).get("phase") in ("Ready", "Invalid")
                                      for i in lds.get(namespace="default").to_dict()["items"]), 30)
-            lds.patch(body={"spec": {"contextLength": 4096}}, name="chat", namespace="default",
-                      content_type="application/merge-patch+json")
+            lds.patch(body={"spec": {"contextLength": 4096,  # the NetworkPolicy changes too: a patch
+                                     "access": {"allowedClients": [{"podLabels": {"app": "router"}}]}}},
+                      name="chat", namespace="default", content_type="application/merge-patch+json")
             assert wait_for(lambda: (lds.get(name="chat", namespace="default").to_dict().get("status") or {})
                          .get("observedGeneration") == 2, 30)
             for name in ("tiny", "upgraded"):

@@ -1,11 +1,16 @@
 """What the operator writes into the cluster for a plan: llama_operator.render.
 
 Every case plans on a small cluster with the real planner (so the plan is one the operator would
-choose), renders it, and checks what a user would see with `kubectl get deploy,svc,pvc -o yaml`:
+choose), renders it, and checks what a user would see with `kubectl get deploy,svc,pvc,netpol -o yaml`:
 the objects, their labels and selectors, owner references, the model server's command line, GPU
 resources and placement, the HF token reference, probes and ports; that the content-hash annotation
 only changes when the plan does; and that every manifest passes `kubernetes-validate --strict` for
 Kubernetes 1.29 and 1.34 (the Python API for each manifest, and the CLI once over all of them).
+
+Hardening (docs/security.md): every pod against the Pod Security Standard "restricted", rule by rule,
+with the checker tests/chart/test_chart_pod_security.py applies to the operator's own pod: the pods of
+releases whose image runs as non-root break no rule, those that need root break only the non-root one.
+The user, the read-only root and the API key's variable come from catalog/engines.yaml, each fact cited.
 """
 from __future__ import annotations
 
@@ -22,11 +27,15 @@ import pytest
 import yaml
 
 from llama_operator import planner
-from llama_operator.catalog import load_catalog
-from llama_operator.engines import release
+from llama_operator.catalog import CATALOG_DIR, load_catalog
+from llama_operator.engines import rejected_arguments, release, releases
 from llama_operator.api import API_VERSION, KIND, ChosenPlan, LlamaDeploymentSpec
-from llama_operator.render import HASH_ANNOTATION, LABEL_DEPLOYMENT, LABEL_RUNTIME, Images, Owner, content_hash, \
-    endpoint, render
+from llama_operator.render import HASH_ANNOTATION, LABEL_DEPLOYMENT, LABEL_RUNTIME, MODEL_SERVER_UID, Images, Owner, \
+    content_hash, endpoint, render
+
+# The Pod Security Standard checker of the chart tests (one rule per check), reused for the model pods.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chart"))
+from test_chart_pod_security import violations as restricted_violations  # noqa: E402
 
 K8S_VERSIONS = ("1.29", "1.34")
 OWNER = Owner(name="chat", namespace="team-a", uid="6f1c2a9e-0b3d-4e21-9c1a-2f5d8e7b1a00")
@@ -113,6 +122,15 @@ CASES: dict[str, tuple[dict, list[dict]]] = {
     "llamacpp-cpu-cache-pvc": ({"model": "llama-3.2-1b-instruct", "runtime": "llamacpp",
                                 "source": {"cache": {"size": "20Gi"}}},
                                [dict(name="cpu-1", cpu="32", memory="128Gi")]),
+    "vllm-access": ({"access": {"apiKeySecretRef": {"name": "chat-api-key"},
+                                "allowedClients": [{"podLabels": {"app": "chat-ui"}},
+                                                   {"podLabels": {"app.kubernetes.io/name": "prometheus"},
+                                                    "namespaceLabels": {"kubernetes.io/metadata.name": "monitoring"}}]}},
+                    [dict(name="l40s", product="NVIDIA-L40S", gpus=1)]),
+    "llamacpp-access": ({"model": "llama-3.2-1b-instruct", "runtime": "llamacpp",
+                         "access": {"apiKeySecretRef": {"name": "keys", "key": "llama"},
+                                    "allowedClients": [{}, {"podLabels": {"role": "scraper"}, "namespaceLabels": {}}]}},
+                        [dict(name="cpu-1", cpu="32", memory="128Gi")]),
 }
 
 
@@ -149,7 +167,9 @@ def test_objects_identity_labels_selector_and_owner(case: Case):
     kinds = [o["kind"] for o in case.objects]
     assert kinds[:2] == ["Deployment", "Service"]
     creates_claim = case.spec.source.cache.size is not None and not case.spec.source.cache.existingClaim
-    assert kinds[2:] == (["PersistentVolumeClaim"] if creates_claim else [])
+    restricts_clients = case.spec.access.allowedClients is not None
+    assert kinds[2:] == (["PersistentVolumeClaim"] if creates_claim else []) + \
+        (["NetworkPolicy"] if restricts_clients else [])
 
     for obj in case.objects:
         meta = obj["metadata"]
@@ -279,7 +299,7 @@ def test_vllm_quantization_flag_only_when_needed(name, quantization, flag, make_
 
 @pytest.mark.parametrize("product, quantization, flag", [
     ("Tesla-T4", "awq-int4", "awq_marlin"),  # vLLM 0.34.0: AutoAWQConfig (awq and awq_marlin) from 7.5
-    ("Tesla-V100-SXM2-32GB", "gptq-int4", "gptq_marlin"),  # AutoGPTQConfig from 6.0
+    ("Tesla-T4", "gptq-int4", "gptq_marlin"),  # AutoGPTQConfig from 6.0
     ("AMD_Instinct_MI300X_OAM", "awq-int4", "awq"),  # ROCm: no Marlin kernels
     ("AMD_Instinct_MI300X_OAM", "gptq-int4", "gptq"),
 ])
@@ -300,9 +320,12 @@ def test_quantized_checkpoints_select_the_kernel_the_gpu_runs(product, quantizat
         assert c.container["resources"]["limits"]["amd.com/gpu"] == "1"
 
 
-@pytest.mark.parametrize("product", ["Tesla-T4", "Tesla-V100-SXM2-32GB"])
-def test_16bit_weights_below_compute_capability_8_0_render_as_half(product, make_spec, make_node, make_inventory):
-    spec, plan = _plan(make_spec, make_node, make_inventory, {"model": "llama-3.2-3b-instruct", "runtime": "vllm"},
+@pytest.mark.parametrize("model, product", [("llama-3.2-3b-instruct", "Tesla-T4"),
+                                            ("llama-3.2-11b-vision-instruct", "Tesla-V100-SXM2-32GB")])
+def test_16bit_weights_below_compute_capability_8_0_render_as_half(model, product, make_spec, make_node,
+                                                                   make_inventory):
+    spec, plan = _plan(make_spec, make_node, make_inventory, {"model": model, "runtime": "vllm",
+                                                              "fallback": {"allowSmallerModels": False}},
                        [dict(name="g", product=product, gpus=1)])
     assert (plan.quantization, plan.kernel) == ("bf16", "fp16-cast")
     assert Case(spec, plan, render(OWNER, spec, plan)).arg("--dtype") == "half"
@@ -419,10 +442,17 @@ def test_without_a_cache_the_model_goes_to_a_sized_empty_dir(all_cases):
     limit = _bytes(volume["emptyDir"]["sizeLimit"])
     weights = 2 * 8.03e9  # Llama 3.1 8B in bf16
     assert weights < limit < 1.5 * weights
-    assert c.container["resources"]["requests"]["ephemeral-storage"] == volume["emptyDir"]["sizeLimit"]
     assert {"name": "HF_HOME", "value": "/models"} in c.container["env"]
-    # With a claim, nothing lands on the node's disk: no ephemeral-storage request.
-    assert "ephemeral-storage" not in all_cases["cache-pvc"].container["resources"]["requests"]
+    # The pod requests what its emptyDirs may hold on the node's disk: the weights, $HOME and /tmp.
+    assert _bytes(c.container["resources"]["requests"]["ephemeral-storage"]) == _on_disk(c)
+    # With a claim, the weights land there: only $HOME and /tmp count.
+    pvc = all_cases["cache-pvc"]
+    assert _bytes(pvc.container["resources"]["requests"]["ephemeral-storage"]) == _on_disk(pvc) < limit
+
+
+def _on_disk(c: "Case") -> int:
+    return sum(_bytes(v["emptyDir"]["sizeLimit"]) for v in c.pod["volumes"]
+               if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
 
 
 # --- the content hash -----------------------------------------------------------------------------------
@@ -480,8 +510,8 @@ def test_spec_tolerations_and_node_selector_pass_through(make_spec, make_node, m
 
 def test_values_that_look_like_yaml_come_back_as_written(make_spec, make_node, make_inventory):
     """Values are set aside while the YAML is parsed (render caches the parse per shape): a selector value
-    YAML would read as a bool, a null, a number or a mapping stays the string the user wrote."""
-    tricky = {"pool": "yes", "tier": "null", "rack": "1e3", "note": "a: b # c", "quote": "\"'\\x01"}
+    YAML would read as a bool, a null or a number stays the string the user wrote."""
+    tricky = {"pool": "yes", "tier": "null", "rack": "1e3", "hex": "0x1F", "octal": "010", "flag": "on"}
     spec, plan = _plan(make_spec, make_node, make_inventory, {"placement": {"nodeSelector": tricky}},
                        [dict(name="l40s", product="NVIDIA-L40S", gpus=1, labels=tricky)])
     assert Case(spec, plan, render(OWNER, spec, plan)).pod["nodeSelector"] == tricky
@@ -513,6 +543,206 @@ def test_a_render_from_the_cache_carries_its_own_owner_everywhere(all_cases):
     assert deployment["spec"]["selector"]["matchLabels"]["llama-operator.dev/llamadeployment"] == "support-bot"
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert "support-bot" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]  # served name
+
+
+# --- hardening: who the server runs as, what it may write, who may call it ------------------------------------
+
+ENGINE_FACTS = {r["id"]: r for r in yaml.safe_load((CATALOG_DIR / "engines.yaml").read_text())["releases"]}
+FLAVOURS = {"nvidia": "cuda", "amd": "rocm", None: "cpu"}
+
+
+def _amd_node(make_node, runtime_gpus: int = 1) -> dict:
+    node = make_node("mi300x", labels={"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM"})
+    node["status"]["allocatable"]["amd.com/gpu"] = str(runtime_gpus)
+    return node
+
+
+def _vendor(plan: ChosenPlan) -> str | None:
+    if plan.gpuProduct is None:
+        return None
+    return load_catalog().find_gpu(plan.gpuProduct).vendor
+
+
+def _image_user(plan: ChosenPlan):
+    """What catalog/engines.yaml says the plan's image runs as: a UID, `any` or `root`."""
+    return ENGINE_FACTS[plan.engine]["runAs"].get(FLAVOURS[_vendor(plan)], "root")
+
+
+def test_every_release_says_who_its_images_run_as_and_where_it_read_it():
+    for rel in releases():
+        facts = ENGINE_FACTS[rel.id]
+        run_as = facts["runAs"]
+        for flavour in rel.images:
+            user = run_as[flavour]
+            assert user in ("any", "root") or (isinstance(user, int) and user > 0), (rel.id, flavour, user)
+        assert isinstance(run_as["readOnlyRootFilesystem"], bool)
+        assert len(run_as["source"]) > 100 and "Dockerfile" in run_as["source"], rel.id
+        api_key = facts["apiKey"]
+        assert re.fullmatch(r"[A-Z_]+_API_KEY", api_key["env"]) and isinstance(api_key["metricsNeedKey"], bool)
+        assert api_key["env"] in api_key["source"]
+        assert "--api-key" in rel.options  # the option the variable stands for exists in the release
+    # The facts as read: vLLM 0.34.0's CUDA image has its user, 0.10.2's none; llama.cpp runs as any UID.
+    assert ENGINE_FACTS["vllm-0.34.0"]["runAs"]["cuda"] == 2000 == MODEL_SERVER_UID
+    assert ENGINE_FACTS["vllm-0.10.2"]["runAs"]["cuda"] == "root"
+    assert set(ENGINE_FACTS["llamacpp-b11434"]["runAs"][f] for f in ("cpu", "cuda", "rocm")) == {"any"}
+
+
+@cases()
+def test_every_pod_is_hardened(case: Case):
+    pod, c = case.pod, case.container
+    assert pod["automountServiceAccountToken"] is False  # the server never calls the Kubernetes API
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert not sc.get("privileged")
+    assert not any(k in pod for k in ("hostNetwork", "hostPID", "hostIPC"))
+    assert all(set(v) - {"name"} <= {"emptyDir", "persistentVolumeClaim"} for v in pod["volumes"])
+
+
+@cases()
+def test_pods_run_as_non_root_where_the_image_allows_and_pass_restricted(case: Case):
+    user = _image_user(case.plan)
+    psc = case.pod["securityContext"]
+    if user == "root":  # the image prepares no other user: only the non-root rule is broken
+        assert "runAsUser" not in psc and "runAsNonRoot" not in psc
+        assert restricted_violations(case.pod) == [f"{case.container['name']}: runAsNonRoot is not true"]
+        return
+    uid = MODEL_SERVER_UID if user == "any" else user
+    # A group of its own, never the image's GID 0 (root's group may write /etc/passwd in vLLM's image).
+    assert (psc["runAsNonRoot"], psc["runAsUser"], psc["runAsGroup"], psc["fsGroup"]) == (True, uid, uid, uid)
+    assert psc["fsGroupChangePolicy"] == "OnRootMismatch"  # no chown of a 100 GiB cache on every start
+    assert restricted_violations(case.pod) == []
+
+
+def test_the_cases_cover_both_non_root_and_root_images(all_cases):
+    users = {_image_user(c.plan) for c in all_cases.values()}
+    assert {2000, "any", "root"} <= users  # vLLM 0.34.0, llama.cpp, vLLM 0.10.2 (the vision case)
+
+
+@cases()
+def test_home_and_tmp_are_sized_empty_dirs_and_the_root_is_read_only_where_shown(case: Case):
+    c, pod = case.container, case.pod
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    for path in (env["HOME"], "/tmp"):
+        volume = volumes[mounts[path]]
+        assert _bytes(volume["emptyDir"]["sizeLimit"]) >= 2**30, path
+    read_only = ENGINE_FACTS[case.plan.engine]["runAs"]["readOnlyRootFilesystem"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is read_only
+    assert read_only is (case.plan.runtime == "llamacpp")
+    # What the engine writes lands on a volume: its downloads, $HOME, the temp dir.
+    cache = env["LLAMA_CACHE"] if case.plan.runtime == "llamacpp" else env["HF_HOME"]
+    assert {cache, env["HOME"], "/tmp"} <= set(mounts)
+
+
+@pytest.mark.parametrize("runtime", ["vllm", "llamacpp"])
+def test_amd_gpu_pods_run_as_root_with_everything_else_restricted(runtime, make_spec, make_node, make_inventory):
+    """/dev/kfd and /dev/dri/renderD* are root:render 0660 on the node, and the render group's id differs per
+    node OS, so a non-root pod could not open them: AMD pods keep root, and nothing else."""
+    spec = make_spec(runtime=runtime)
+    plan = planner.plan(spec, make_inventory(_amd_node(make_node))).chosen.to_chosen_plan()
+    c = Case(spec, plan, render(OWNER, spec, plan))
+    assert c.container["image"] == release(plan.engine).images["rocm"]
+    assert restricted_violations(c.pod) == [f"{c.container['name']}: runAsNonRoot is not true"]
+    assert c.pod["automountServiceAccountToken"] is False
+    for obj in c.objects:
+        kubernetes_validate.validate(obj, "1.34", strict=True)
+
+
+def test_a_mirror_with_a_user_runs_a_root_only_release_under_restricted(all_cases):
+    c = all_cases["vllm-fp8"]  # Llama 3.2 Vision: vLLM 0.10.2, whose image runs as root only
+    assert _image_user(c.plan) == "root" and restricted_violations(c.pod)
+    pinned = c.container["image"]
+    images = Images(((pinned, "registry.local/vllm-openai:v0.10.2-nonroot=1000:3000"),))
+    mirrored = Case(c.spec, c.plan, render(OWNER, c.spec, c.plan, images))
+    assert mirrored.container["image"] == "registry.local/vllm-openai:v0.10.2-nonroot"
+    psc = mirrored.pod["securityContext"]
+    assert (psc["runAsUser"], psc["runAsGroup"], psc["fsGroup"]) == (1000, 3000, 3000)
+    assert restricted_violations(mirrored.pod) == []
+    # A mirror without a user is the same image elsewhere: it runs as the pinned one does.
+    plain = render(OWNER, c.spec, c.plan, Images(((pinned, "registry.local/vllm-openai:v0.10.2"),)))
+    assert plain[0]["spec"]["template"]["spec"]["securityContext"] == c.pod["securityContext"]
+    uid_only = Images(((pinned, "registry.local/x:v0.10.2=1500"),))
+    assert uid_only.user(pinned) == (1500, 1500) and uid_only.resolve(pinned) == "registry.local/x:v0.10.2"
+
+
+@pytest.mark.parametrize("mirror", ["registry.local/x=0", "registry.local/x=abc", "registry.local/x=1000:",
+                                    "=1000", "registry.local/x=1000:g"])
+def test_a_malformed_mirror_user_is_refused_up_front(mirror):
+    with pytest.raises(ValueError, match="non-root numeric UID"):
+        Images((("vllm/vllm-openai:v0.10.2", mirror),))
+
+
+@cases("vllm-access", "llamacpp-access")
+def test_the_api_key_comes_from_the_secret_as_the_engine_variable_never_an_argument(case: Case):
+    ref = case.spec.access.apiKeySecretRef
+    env_name = ENGINE_FACTS[case.plan.engine]["apiKey"]["env"]
+    assert env_name == {"vllm": "VLLM_API_KEY", "llamacpp": "LLAMA_API_KEY"}[case.plan.runtime]
+    keys = [e for e in case.container["env"] if e["name"] == env_name]
+    assert keys == [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+    assert not any(a.startswith("--api-key") for a in case.args)
+    assert rejected_arguments(release(case.plan.engine), case.args) == []
+    # The probes stay on /health, which neither engine guards with the key.
+    assert case.container["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_the_api_key_secret_key_defaults_and_no_key_without_the_field(all_cases):
+    assert all_cases["vllm-access"].spec.access.apiKeySecretRef.key == "API_KEY"
+    for c in all_cases.values():
+        if c.spec.access.apiKeySecretRef is None:
+            assert not any(e["name"].endswith("_API_KEY") for e in c.container["env"])
+
+
+@cases("vllm-access", "llamacpp-access")
+def test_the_network_policy_admits_only_the_listed_clients_to_the_server_port(case: Case):
+    policy = case.kind("NetworkPolicy")
+    assert policy["metadata"]["name"] == "chat"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid  # deleted with the LlamaDeployment
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": SELECTOR} == case.deployment["spec"]["selector"]
+    assert spec["policyTypes"] == ["Ingress"]  # egress stays open: the weights are downloaded
+    (rule,) = spec["ingress"]
+    port = case.container["ports"][0]["containerPort"]
+    assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+    expected = []
+    for client in case.spec.access.allowedClients:
+        peer = {"podSelector": {"matchLabels": client.podLabels} if client.podLabels else {}}
+        if client.namespaceLabels is not None:
+            peer["namespaceSelector"] = {"matchLabels": client.namespaceLabels} if client.namespaceLabels else {}
+        expected.append(peer)
+    assert rule["from"] == expected
+
+
+def test_network_policy_peers_as_written(all_cases):
+    (vllm_rule,) = all_cases["vllm-access"].kind("NetworkPolicy")["spec"]["ingress"]
+    assert vllm_rule["from"] == [
+        {"podSelector": {"matchLabels": {"app": "chat-ui"}}},  # same namespace only
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+    ]
+    (cpp_rule,) = all_cases["llamacpp-access"].kind("NetworkPolicy")["spec"]["ingress"]
+    assert cpp_rule["from"] == [{"podSelector": {}},  # every pod of the namespace
+                                {"podSelector": {"matchLabels": {"role": "scraper"}}, "namespaceSelector": {}}]
+    assert cpp_rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+
+
+def test_an_empty_client_list_is_refused(make_spec):
+    from llama_operator.api import SpecError, parse_spec
+    with pytest.raises(SpecError, match="allowedClients"):
+        parse_spec({**make_spec().model_dump(mode="json", exclude_none=True), "access": {"allowedClients": []}})
+
+
+def test_access_changes_the_deployment_hash_only_through_the_key(all_cases, make_spec, make_node, make_inventory):
+    base = all_cases["vllm-tp1"]
+    spec, plan = _plan(make_spec, make_node, make_inventory, {"access": {"allowedClients": [{}]}},
+                       [dict(name="l40s", product="NVIDIA-L40S", gpus=1)])
+    objs = render(OWNER, spec, plan)
+    assert [o["kind"] for o in objs] == ["Deployment", "Service", "NetworkPolicy"]
+    # A policy alone leaves the pods as they were: no rollout.
+    assert objs[0]["metadata"]["annotations"][HASH_ANNOTATION] == \
+        base.deployment["metadata"]["annotations"][HASH_ANNOTATION]
 
 
 # --- schema validation ------------------------------------------------------------------------------------

@@ -107,9 +107,19 @@ Cluster-wide install: a ClusterRole. Namespaced install: a Role in each watched 
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "create"]
+# spec.access.allowedClients: the NetworkPolicy in front of a model server (read with a GET: not watched).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if and .Values.watch.namespaced (not .Values.watch.podsAllNamespaces) }}
+# watch.podsAllNamespaces false: Pods (what they hold of their nodes) in the watched namespaces only.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- if and .Values.watch.namespaced (include "llama-operator.peeringEnabled" .) }}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
@@ -117,10 +127,15 @@ Cluster-wide install: a ClusterRole. Namespaced install: a Role in each watched 
 {{- end }}
 {{- end }}
 
-{{/* Cluster-wide reads the operator needs in either mode. */}}
+{{/* Cluster-wide reads the operator needs: Nodes in either mode; Pods unless a namespaced install keeps to
+the watched namespaces' Pods (watch.podsAllNamespaces false). */}}
 {{- define "llama-operator.clusterRules" -}}
 - apiGroups: [""]
+  {{- if or (not .Values.watch.namespaced) .Values.watch.podsAllNamespaces }}
   resources: ["nodes", "pods"]
+  {{- else }}
+  resources: ["nodes"]
+  {{- end }}
   verbs: ["list", "watch"]
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]

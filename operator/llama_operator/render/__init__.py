@@ -3,9 +3,16 @@
 Pure: a LlamaDeployment's identity, its spec and the chosen plan in, manifests out. Each manifest
 carries a hash of itself in the annotation `llama-operator.dev/spec-hash`, so the operator writes an
 object only when what it would write differs from what it wrote before.
+
+Every pod is hardened as far as its image allows (docs/security.md): no service-account token, the
+RuntimeDefault seccomp profile, no privilege escalation, no capabilities, and a non-root user wherever
+the release's image runs as one (`runAs` in catalog/engines.yaml), with $HOME and /tmp on sized
+emptyDirs. Optional, from `spec.access`: the OpenAI API key from a Secret (an environment variable the
+engine reads, never an argument) and a NetworkPolicy admitting only the listed clients.
 """
 from __future__ import annotations
 
+import collections
 import contextvars
 import functools
 import hashlib
@@ -19,8 +26,8 @@ import jinja2
 import yaml
 
 from ..api import API_VERSION, KIND, ChosenPlan, LlamaDeploymentSpec
-from ..catalog import load_catalog
-from ..engines import kernel_for, release, release_for
+from ..catalog import _load_yaml, load_catalog
+from ..engines import EngineRelease, kernel_for, release, release_for
 from ..estimate import LLAMACPP_GPU_THREADS, host_requests, weights_bytes
 
 TEMPLATES = Path(__file__).resolve().parent
@@ -30,6 +37,17 @@ LABEL_RUNTIME = "llama-operator.dev/runtime"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "llama-operator"}
 PORTS = {"vllm": 8000, "llamacpp": 8080}
 GiB = 2**30
+#: The user every non-root model server runs as: the UID vLLM's image creates for itself (catalog/engines.yaml,
+#: vllm-0.34.0 runAs), also given to images that run as any UID (llama.cpp), so a cache claim several
+#: deployments share is written by one user. Its group is its own, not the image's GID 0 (see _security).
+MODEL_SERVER_UID = 2000
+#: $HOME of the model server: an emptyDir, so caches (torch.compile, Triton, FlashInfer, CUDA's JIT cache) are
+#: writable by any UID and bounded. vLLM's is its image user's home directory.
+HOME = {"vllm": "/home/vllm", "llamacpp": "/home/llama"}
+#: sizeLimit of the $HOME and /tmp emptyDirs. vLLM compiles and caches kernels there (vllm/envs.py:
+#: VLLM_CACHE_ROOT ~/.cache/vllm, VLLM_RPC_BASE_PATH the temp dir); llama.cpp only CUDA's JIT cache.
+SCRATCH = {"vllm": (8 * 2**30, 4 * 2**30), "llamacpp": (2**30, 2**30)}
+_FLAVOURS = {"nvidia": "cuda", "amd": "rocm", "cpu": "cpu"}
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -94,12 +112,37 @@ def _owned(value: Any, owner: "Owner") -> Any:
 class Images:
     """Where to pull the pinned engine images from: `llama-operator run --image PINNED=MIRROR` replaces an
     image of catalog/engines.yaml by a copy of it (a private registry, a digest). The copy must be the same
-    release: the command line is the one that release accepts."""
+    release: the command line is the one that release accepts.
+
+    `PINNED=MIRROR=UID[:GID]` also says the mirror runs as that non-root user (a copy of a root-only image
+    with a USER added, docs/security.md): its pods then run as UID:GID (GID defaults to UID) under the
+    "restricted" Pod Security Standard. Image references never contain `=`."""
 
     mirrors: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self) -> None:
+        for pinned, mirror in self.mirrors:
+            _mirror_user(pinned, mirror)  # raises on a malformed user
+
     def resolve(self, pinned: str) -> str:
-        return dict(self.mirrors).get(pinned, pinned)
+        mirror = dict(self.mirrors).get(pinned)
+        return pinned if mirror is None else mirror.partition("=")[0]
+
+    def user(self, pinned: str) -> tuple[int, int] | None:
+        """The non-root UID and GID the mirror of `pinned` runs as, when its flag says so."""
+        mirror = dict(self.mirrors).get(pinned)
+        return None if mirror is None else _mirror_user(pinned, mirror)
+
+
+def _mirror_user(pinned: str, mirror: str) -> tuple[int, int] | None:
+    image, eq, user = mirror.partition("=")
+    if not eq:
+        return None
+    uid, colon, gid = user.partition(":")
+    if not image or not uid.isdigit() or (colon and not gid.isdigit()) or int(uid) == 0:
+        raise ValueError(f"--image {pinned}={mirror}: expected PINNED=MIRROR or PINNED=MIRROR=UID[:GID] with a "
+                         "non-root numeric UID, e.g. =2000:2000")
+    return int(uid), int(gid) if colon else int(uid)
 
 
 @dataclass(frozen=True)
@@ -115,8 +158,52 @@ class Owner:
 # labels, the claim name and the owner reference are strings the templates emit whole or within).
 _STAND_IN_MARK = "\x02"
 _STAND_IN = Owner(name="\x02name\x02", namespace="\x02namespace\x02", uid="\x02uid\x02")
+
+
+class _BoundedCache:
+    """A least-recently-used map bounded both by entries and by the bytes they hold (as the caller
+    estimates them). The operator renders every deployment on every pass, but keeps nothing of a deleted
+    LlamaDeployment for long: its entry ages out, and what the entries hold stays under `max_bytes`
+    whatever the specs carry."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: collections.OrderedDict[Any, tuple[Any, int]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Any) -> Any:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        self._entries.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: Any, value: Any, size: int) -> None:
+        if size > self.max_bytes:
+            return  # larger than the whole cache: not kept
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self._entries[key] = (value, size)
+        self.bytes += size
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.bytes -= dropped
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+#: Renders kept, keyed by a digest of the spec and plan (not their text: the key would hold the spec's
+#: strings a second time), at most this many and this many bytes of rendered text and values.
 _RENDERED_LIMIT = 512
-_rendered: dict[tuple[str, str, "Images"], tuple[tuple[Any, ...], list[Any]]] = {}
+_RENDERED_BYTES = 8 * 2**20
+_rendered = _BoundedCache(_RENDERED_LIMIT, _RENDERED_BYTES)
 
 
 def selector_labels(name: str) -> dict[str, str]:
@@ -181,6 +268,54 @@ def _pinned_image(rel, vendor: str) -> str:
     return image
 
 
+@functools.cache
+def _release_facts(release_id: str) -> dict[str, Any]:
+    """A release's entry in catalog/engines.yaml as written: the facts engines.py does not model (runAs, apiKey)."""
+    return next(r for r in _load_yaml("engines.yaml")["releases"] if r["id"] == release_id)
+
+
+def _security(rel: EngineRelease, vendor: str, user: tuple[int, int] | None) -> tuple[dict, dict]:
+    """The pod's and the container's securityContext: the most restrictive the release's image runs under.
+
+    Non-root as the image allows (engines.yaml `runAs` per image flavour): its own UID, or MODEL_SERVER_UID
+    for an image that runs as any UID, always with a group of its own rather than the image's: vLLM's image
+    user has GID 0, but nothing the server needs is readable only by group 0, while /etc/passwd and /etc/group
+    are group-0-writable there (docker/Dockerfile:889-890 of 0.34.0). Root where the image prepares no other
+    user, and on AMD GPUs: /dev/kfd and /dev/dri/renderD* are root:render 0660 on the node and the render
+    group's id differs per node OS (docs/security.md). A mirror with its own user (Images.user) wins."""
+    facts = _release_facts(rel.id)["runAs"]
+    if user is None:
+        image_user = facts.get(_FLAVOURS[vendor], "root")
+        if vendor != "amd" and image_user != "root":
+            uid = MODEL_SERVER_UID if image_user == "any" else int(image_user)
+            user = (uid, uid)
+    pod: dict[str, Any] = {}
+    if user is not None:
+        uid, gid = user
+        # OnRootMismatch: the kubelet gives the volumes to the group once, not file by file on every start.
+        pod = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid, "fsGroup": gid,
+               "fsGroupChangePolicy": "OnRootMismatch"}
+    pod["seccompProfile"] = {"type": "RuntimeDefault"}
+    container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                 "readOnlyRootFilesystem": bool(facts.get("readOnlyRootFilesystem", False))}
+    return pod, container
+
+
+def _network_policy_peers(spec: LlamaDeploymentSpec) -> list[dict] | None:
+    """The NetworkPolicy's `from`: one peer per allowed client (None: no NetworkPolicy)."""
+    clients = spec.access.allowedClients
+    if clients is None:
+        return None
+    peers = []
+    for client in clients:
+        peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(client.podLabels)} if client.podLabels else {}}
+        if client.namespaceLabels is not None:  # {}: every namespace; unset: the deployment's own only
+            peer["namespaceSelector"] = {"matchLabels": dict(client.namespaceLabels)} if client.namespaceLabels \
+                else {}
+        peers.append(peer)
+    return peers
+
+
 def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images) -> dict[str, Any]:
     catalog = load_catalog()
     model = catalog.model(plan.model)
@@ -207,8 +342,12 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
     limits = {"memory": _quantity(memory * (2 if on_gpu else 1.25))}
     if on_gpu:
         requests[gpu_resource] = limits[gpu_resource] = str(n)
-    if cache_claim_name(owner, spec) is None:  # the weights go to an emptyDir on the node's disk
-        requests["ephemeral-storage"] = _quantity(_download_bytes(weights))
+    # What the pod may write to the node's disk: $HOME and /tmp, and the weights when they go to an emptyDir.
+    home_size, tmp_size = SCRATCH[plan.runtime]
+    on_disk = home_size + tmp_size
+    if cache_claim_name(owner, spec) is None:
+        on_disk += _download_bytes(weights)
+    requests["ephemeral-storage"] = _quantity(on_disk)
     rel = release(plan.engine or "") or release_for(model, plan.runtime)
     if rel is None or not rel.serves(model):  # a plan from an older catalog: its model's current release
         rel = release_for(model, plan.runtime)
@@ -233,6 +372,9 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
     claim = cache_claim_name(owner, spec)
     cache = spec.source.cache
     token = spec.source.hfTokenSecretRef
+    pinned = _pinned_image(rel, vendor)
+    pod_security, container_security = _security(rel, vendor, images.user(pinned))
+    api_key = spec.access.apiKeySecretRef
     return {
         "name": owner.name,
         "namespace": owner.namespace,
@@ -242,7 +384,7 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "annotations": {},
         "pod_annotations": {"llama-operator.dev/variant": f"{plan.model}/{plan.quantization}"},
         "replicas": spec.replicas,
-        "image": images.resolve(_pinned_image(rel, vendor)),
+        "image": images.resolve(pinned),
         "command": list(rel.command),
         "kernel_args": list(kernel_args),
         "port": PORTS[plan.runtime],
@@ -271,6 +413,15 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "scratch_size": _quantity(_download_bytes(weights)),
         "cache_storage_class": cache.storageClassName,
         "cache_access_mode": "ReadWriteOnce" if spec.replicas == 1 else "ReadWriteMany",
+        "pod_security": pod_security,
+        "container_security": container_security,
+        "home": HOME[plan.runtime],
+        "home_size": _quantity(home_size),
+        "tmp_size": _quantity(tmp_size),
+        "api_key_env": _release_facts(rel.id)["apiKey"]["env"] if api_key else None,
+        "api_key_secret": api_key.name if api_key else None,
+        "api_key_key": api_key.key if api_key else None,
+        "network_policy_peers": _network_policy_peers(spec),
     }
 
 
@@ -301,8 +452,11 @@ def content_hash(obj: dict) -> str:
 
 
 def render(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images = Images()) -> list[dict]:
-    """The objects one LlamaDeployment owns: Deployment, Service, and a model-cache claim when asked."""
-    key = (spec.model_dump_json(), plan.model_dump_json(), images)
+    """The objects one LlamaDeployment owns: Deployment, Service, and a model-cache claim and a NetworkPolicy
+    when asked."""
+    digest = hashlib.sha256(spec.model_dump_json().encode())
+    digest.update(b"\0" + plan.model_dump_json().encode())
+    key = (digest.digest(), images)
     shape = _rendered.get(key)
     if shape is None:
         template = _env.get_template("vllm.yaml.j2" if plan.runtime == "vllm" else "llamacpp.yaml.j2")
@@ -312,9 +466,10 @@ def render(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Im
             text = template.render(w=build_context(_STAND_IN, spec, plan, images))
         finally:
             _slots.reset(token)
-        if len(_rendered) >= _RENDERED_LIMIT:
-            del _rendered[next(iter(_rendered))]  # the oldest
-        shape = _rendered[key] = (_parse(text), slots)
+        shape = (_parse(text), slots)
+        # What the entry holds: the parsed shape (shared between renders of one shape, but counted), and
+        # the values, as JSON text; Python objects take a few times that, and the bound is on this.
+        _rendered.put(key, shape, len(text) + len(json.dumps(slots)))
     docs, slots = shape
     objects = [_fill(doc, slots, owner) for doc in docs]
     for obj in objects:
