@@ -12,6 +12,13 @@ write); an owned object that differs from what the operator last wrote or saw; a
 of a node that changed; capacity freed by another deployment. A new plan only takes capacity that was
 free after every other plan in force, so it wakes only the deployments waiting to upgrade.
 
+Objects it does not own are never written: a Deployment, Service or claim of the same name that this
+LlamaDeployment does not control is a conflict (status Degraded, one Warning Event), and stays as it is.
+Owned objects are compared with their render by content (kube.is_current), so a hand edit is written
+back. An object the API server refuses (an invalid toleration, a storage class name...) makes the
+status Invalid with the server's message, once; the same render is not sent again before the spec (or
+the plan) changes or the resync period has passed.
+
 Reliability rules (tests/reliability/ proves them): a failed pass is retried with a backoff that
 doubles up to `max_error_backoff_seconds` and resets after a good pass, so neither a broken object nor
 an API outage makes a hot loop; an invalid spec is written down once (phase Invalid, one Warning
@@ -29,17 +36,20 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from . import api, planner
-from .api import GROUP, PLURAL, VERSION, LlamaDeploymentStatus, SpecError
+from .api import GROUP, PLURAL, VERSION, LlamaDeploymentStatus, SpecError, name_problems
 from .inventory import Inventory, Node, PodUsage, node_from_manifest, pod_usage
-from .kube import Live, Writer, canonical, connection_info, event_body
+from .kube import (BLOCKED, REFUSED, RESTORED, Applied, Live, Writer, api_message, canonical,
+                   connection_info, event_body, is_current, rendered_fingerprint)
 from .metrics import OperatorMetrics
 from .peering import PeeringGate, own_priority
-from .reconcile import Decision, Observed, decide, decide_invalid
+from .reconcile import (OWNERSHIP_CONFLICT, WAITING_FOR_GC, WARNING, Decision, ObjectIssue,
+                        Observed, decide, decide_invalid, decide_objects)
 from .render import HASH_ANNOTATION, LABEL_DEPLOYMENT, MANAGED_BY, Images, Owner, render
 from .workqueue import WorkQueue, Workers
 
@@ -68,6 +78,9 @@ class Settings:
     workers: int = 16
     #: At shutdown, how long the passes in progress may take to finish.
     stop_timeout_seconds: float = 15.0
+    #: Taint keys a LlamaDeployment's tolerations never count for (`run --forbid-toleration`): in planning
+    #: and in the pods (planner.effective_tolerations).
+    forbidden_tolerations: frozenset[str] = planner.DEFAULT_FORBIDDEN_TOLERATIONS
 
 
 @dataclass
@@ -131,8 +144,18 @@ class OperatorState:
         self.seen_nodes: dict[str, Node] = {}
         self.seen_pods: dict[Key, tuple[PodUsage, str | None] | None] = {}
         self.seen_status: dict[tuple[str, str, str], dict] = {}
-        #: The content hash the operator last rendered for each owned object, recorded before it writes.
+        #: The content fingerprint (kube.content_fingerprint) the operator last rendered for each owned
+        #: object, recorded before it writes.
         self.rendered: dict[tuple[str, str, str], str] = {}
+        #: Per deployment, per owned object (kind, name): the (content hash, fingerprint) the API server
+        #: answered when the operator last wrote that render (its defaulting included).
+        self.accepted: dict[Key, dict[tuple[str, str], tuple[str, str]]] = {}
+        #: Per deployment, per owned object: (content hash, the server's message, when) of a write the API
+        #: server refused. The same render is not sent again before the resync period has passed.
+        self.refused: dict[Key, dict[tuple[str, str], tuple[str, str, float]]] = {}
+        #: Per deployment, the owned objects last found held by someone else (or a deleted predecessor):
+        #: the next pass reads them (GET) instead of trying to create them again.
+        self.unowned: dict[Key, set[tuple[str, str]]] = {}
 
     # --- cluster view ---
 
@@ -169,7 +192,8 @@ class OperatorState:
 
     def owned_seen(self, namespace: str, owner: str, live: Live, deleted: bool = False) -> None:
         """An owned object as its watch shows it: wake the owner when it is gone, carries another content
-        than the operator rendered for it, or reports a new status. The operator's own create or patch
+        than the operator rendered for it (a new render, or someone's hand edit: the content fingerprint
+        says, not only the hash annotation), or reports a new status. The operator's own create or patch
         (its event may arrive before the write's answer) wakes nobody."""
         ident = (live.kind, namespace, live.name)
         status_before = self.seen_status.pop(ident, {})
@@ -177,8 +201,45 @@ class OperatorState:
             self.wake([(namespace, owner)])
             return
         self.seen_status[ident] = live.status
-        if live.spec_hash != self.rendered.get(ident) or live.status != status_before:
+        accepted = self.accepted.get((namespace, owner), {}).get((live.kind, live.name))
+        expected = live.fingerprint == self.rendered.get(ident) or \
+            (accepted is not None and accepted == (live.spec_hash, live.fingerprint))
+        if not expected or live.status != status_before:
             self.wake([(namespace, owner)])
+
+    def applied(self, key: Key, objects: list[dict], applied: list[Applied], refused: Mapping) -> list[str]:
+        """Record what writing `key`'s objects came to: what the server answered (accepted fingerprints),
+        refusals (with when, unless `refused` shows the pass only remembered them), objects held by
+        others. Returns the refusals that are new, for the log."""
+        now = time.monotonic()
+        accepted = self.accepted.setdefault(key, {})
+        refusals = self.refused.setdefault(key, {})
+        unowned = self.unowned.setdefault(key, set())
+        new = []
+        for obj, a in zip(objects, applied):
+            ident = (obj["kind"], obj["metadata"]["name"])
+            content = obj["metadata"]["annotations"].get(HASH_ANNOTATION) or ""
+            if a.fingerprint:
+                accepted[ident] = (content, a.fingerprint)
+            if a.result == REFUSED:
+                if ident not in refused:  # sent, and refused (again)
+                    before = refusals.get(ident)
+                    if before is None or before[:2] != (content, a.message):
+                        new.append(a.message)
+                    refusals[ident] = (content, a.message, now)
+            elif a.result != BLOCKED:
+                refusals.pop(ident, None)
+            if a.problem and a.result != REFUSED and a.result != BLOCKED:
+                unowned.add(ident)
+            else:
+                unowned.discard(ident)
+        return new
+
+    def refusals_for(self, key: Key) -> dict[tuple[str, str], tuple[str, str]]:
+        """The refusals of `key`'s objects not to send again yet: younger than the resync period."""
+        now = time.monotonic()
+        return {ident: (content, message) for ident, (content, message, when) in self.refused.get(key, {}).items()
+                if now - when < self.settings.resync_seconds}
 
     # --- promises (kept in the order they were made: each was planned with the earlier ones reserved) ---
 
@@ -215,7 +276,9 @@ class OperatorState:
 
         def reserve(inv: Inventory, other: Key, promise: _Promise) -> Inventory:
             missing = promise.spec.replicas - bound.get(other, 0)  # replicas without a bound pod yet
-            return planner.reserve_plan(inv, promise.spec, promise.plan, missing) if missing > 0 else inv
+            return planner.reserve_plan(inv, promise.spec, promise.plan, missing,
+                                        forbidden_tolerations=self.settings.forbidden_tolerations) \
+                if missing > 0 else inv
 
         if not own and key not in self.promises:  # extend the cached fold by the promises made since
             inv, folded = self._all_reserved or (self._inventory, 0)
@@ -237,6 +300,8 @@ class OperatorState:
         self.queue.forget(key)
         for kind in WATCHED_KINDS:  # named like their owner
             self.rendered.pop((kind, *key), None)
+        for kept in (self.accepted, self.refused, self.unowned):
+            kept.pop(key, None)
         if self.drop_promise(key):
             self.wake_all()  # its capacity is free again
         self.metrics.forget_deployment(*key)
@@ -369,11 +434,15 @@ async def run_pass(state: OperatorState, key: Key) -> None:
     settings = state.settings
     try:
         decision = await reconcile(state, key)
-    except Exception:  # noqa: BLE001 - logged, retried
+    except Exception as e:  # noqa: BLE001 - logged, retried
         failures = state.failures[key] = state.failures.get(key, 0) + 1
         backoff = min(settings.error_backoff_seconds * 2 ** (failures - 1),
                       max(settings.max_error_backoff_seconds, settings.error_backoff_seconds))
-        log.exception("reconcile of %s/%s failed; retrying in %gs", *key, backoff)
+        if isinstance(getattr(e, "status", None), int):  # the API server's answer: it says what went wrong
+            log.error("reconcile of %s/%s failed: %s (%s); retrying in %gs", *key, getattr(e, "status"),
+                      api_message(e), backoff)
+        else:
+            log.exception("reconcile of %s/%s failed; retrying in %gs", *key, backoff)
         if key in state.bodies:
             state.queue.add_after(key, backoff)
         return
@@ -381,6 +450,9 @@ async def run_pass(state: OperatorState, key: Key) -> None:
     if key not in state.bodies:
         return  # deleted during the pass
     delay = settings.resync_seconds
+    if decision is not None and any(c.type == "Progressing" and c.reason == WAITING_FOR_GC
+                                    for c in decision.status.conditions):
+        delay = min(delay, settings.error_backoff_seconds)  # the claim is not watched: look again soon
     pending = decision.status.pendingChange if decision is not None else None
     if pending is not None:  # wake when the better plan has waited long enough
         due = datetime.strptime(pending.since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) \
@@ -476,52 +548,83 @@ async def reconcile(state: OperatorState, key: Key) -> Decision | None:
                    deployment_status=None, now=datetime.now(timezone.utc),
                    upgrade_delay=state.settings.upgrade_delay)
     error = False
+    uid = meta.get("uid")
     try:
         objects: list[dict] = []
         owned: dict[str, dict[str, Live]] = {}
+        problems = name_problems(name)
         try:
-            spec = _parse_spec(body.get("spec"))
+            spec: api.LlamaDeploymentSpec | None = _parse_spec(body.get("spec"))
         except SpecError as e:
-            decision = decide_invalid(obs, e.problems)
+            problems = problems + e.problems
+            spec = None
+        if problems or spec is None:
+            decision = decide_invalid(obs, problems)
             spec = None
         else:
             owned = state.indexes.owned(key)
             deployment = owned["Deployment"].get(name)
+            if deployment is not None and not deployment.owned_by(uid):
+                deployment = None  # someone else's Deployment of that name: its status is not ours
             if deployment is not None:
                 obs = replace(obs, deployment_status=deployment.status)
             # From reading the inventory to recording the promise, nothing awaits: no other deployment's
             # pass can plan in between, so two never take the same free GPUs (nor flip between them).
             inventory = state.inventory_for(key)
-            plan = planner.plan(spec, inventory)
+            forbidden = state.settings.forbidden_tolerations
+            plan = planner.plan(spec, inventory, forbidden_tolerations=forbidden)
             current = status.plan
-            problems = planner.check_choice(spec, inventory, current) if current is not None else None
+            problems = planner.check_choice(spec, inventory, current, forbidden_tolerations=forbidden) \
+                if current is not None else None
             decision = decide(obs, spec, plan, problems)
             if decision.apply is not None:
                 _promise(state, key, spec, decision)
                 owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
-                objects = render(owner, spec, decision.apply, state.settings.images)
-                runs = deployment is not None and _runs(deployment, objects)
+                pod_spec = planner.with_pod_tolerations(spec, inventory, decision.apply, forbidden)
+                objects = render(owner, pod_spec, decision.apply, state.settings.images)
+                runs = deployment is not None and _runs(deployment, objects, state.accepted.get(key, {}))
                 if deployment is not None and runs != decision.apply.same_choice(current):
                     # decide assumed the Deployment runs the plan in force; it knows better now.
                     obs = replace(obs, deployment_runs_plan=runs)
                     decision = decide(obs, spec, plan, problems)
                 for obj in objects:
                     if obj["kind"] in WATCHED_KINDS:
-                        state.rendered[(obj["kind"], namespace, obj["metadata"]["name"])] = \
-                            obj["metadata"]["annotations"][HASH_ANNOTATION]
+                        state.rendered[(obj["kind"], namespace, obj["metadata"]["name"])] = rendered_fingerprint(obj)
+        restored: list[tuple[dict, Applied]] = []
+        if objects:
+            # Objects last found held by someone else are read again (a GET), not created again (a 409).
+            unowned = state.unowned.get(key, set())
+            known = {kind: {n: live for n, live in lives.items() if (kind, n) not in unowned}
+                     for kind, lives in owned.items()}
+            refused = state.refusals_for(key)
+            applied = await state.writer.apply(objects, known, state.accepted.get(key, {}), refused,
+                                               recheck=unowned)
+            if key not in state.bodies:
+                return None  # deleted during the pass
+            for message in state.applied(key, objects, applied, refused):
+                log.warning("%s; not sent again before the spec changes or the next resync", message)
+            issues = [ObjectIssue(a.result, a.message) for a in applied if a.problem]
+            decision = decide_objects(obs, decision, issues)
+            restored = [(obj, a) for obj, a in zip(objects, applied) if a.result == RESTORED]
+        involved = {"apiVersion": body.get("apiVersion") or api.API_VERSION, "kind": body.get("kind") or api.KIND,
+                    "name": name, "namespace": namespace, "uid": uid}
+        instance = os.environ.get("POD_ID") or os.environ.get("HOSTNAME", "")
         events = []
         if decision.events:
-            involved = {"apiVersion": body.get("apiVersion") or api.API_VERSION, "kind": body.get("kind") or api.KIND,
-                        "name": name, "namespace": namespace, "uid": meta.get("uid")}
-            instance = os.environ.get("POD_ID") or os.environ.get("HOSTNAME", "")
-            seed = canonical([meta.get("uid"), status.model_dump(mode="json", exclude_none=True)])
+            seed = canonical([uid, status.model_dump(mode="json", exclude_none=True)])
             events = [event_body(involved, etype, reason, message, instance, seed=seed)
                       for etype, reason, message in decision.events]
+            for etype, reason, message in decision.events:
+                if reason == OWNERSHIP_CONFLICT:  # (a refusal is logged where it is new, above)
+                    log.warning("%s/%s: %s", namespace, name, message)
+        for obj, a in restored:  # one Event per hand edit undone (the version undone names it)
+            log.warning("%s/%s: %s", namespace, name, a.message)
+            events.append(event_body(involved, WARNING, "DriftCorrected", a.message, instance,
+                                     seed=canonical([uid, obj["kind"], obj["metadata"]["name"], a.resource_version])))
         new_status = decision.status.model_dump(mode="json")
         status_changed = _without_nulls(new_status) != _without_nulls(raw_status)
-        written = await state.writer.write(objects, owned, events,
-                                           (namespace, name, new_status) if status_changed else None)
-        if not written.status_found:
+        found = await state.writer.record(events, (namespace, name, new_status) if status_changed else None)
+        if not found:
             return None  # deleted during the pass
         if status_changed:
             state.written_status[key] = new_status
@@ -554,12 +657,14 @@ def _promise(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec, deci
         state.wake_all()
 
 
-def _runs(deployment: Live, objects: list[dict]) -> bool:
-    """Whether the Deployment's status is about the rendered spec: it carries the rendered hash, and its
-    controller has observed that generation. Otherwise a rollout is starting (or the watch has not shown
-    this operator's patch yet), and the replicas it counts are old ones."""
+def _runs(deployment: Live, objects: list[dict], accepted: Mapping[tuple[str, str], tuple[str, str]]) -> bool:
+    """Whether the Deployment's status is about the rendered spec: it holds the render (kube.is_current:
+    the content, not only the hash annotation), and its controller has observed that generation.
+    Otherwise a rollout is starting (or the watch has not shown this operator's patch yet, or someone
+    changed it by hand), and the replicas it counts are not the rendered ones."""
     rendered = next(o for o in objects if o["kind"] == "Deployment")
-    return deployment.spec_hash == rendered["metadata"]["annotations"][HASH_ANNOTATION] and deployment.observed
+    return is_current(rendered, deployment, accepted.get(("Deployment", rendered["metadata"]["name"]))) \
+        and deployment.observed
 
 
 def _publish(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec | None, decision: Decision) -> None:

@@ -10,10 +10,15 @@ fits, the owned Deployment's status, the time) and carry out the Decision. Rules
 * An invalid spec keeps whatever runs and says Invalid, naming the field; it is not retried in a loop.
 * Events only on transitions, so a resync writes nothing new; one Event per decision (a fallback is
   said in the message of the decision that applies it, and in the FallbackApplied condition).
+* A Deployment whose controller cannot create pods (its ReplicaFailure condition: an admission
+  refusal, a quota) makes the phase Degraded with the controller's message, and one Warning Event.
+* What writing the objects came to can overrule the phase (`decide_objects`): an object of the same
+  name the LlamaDeployment does not own is a conflict (Degraded, Warning OwnershipConflict), an object
+  the API server refuses makes it Invalid (Warning ObjectRefused), each said once, not every pass.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from .api import (
@@ -30,6 +35,12 @@ from .planner import STATUS_REJECTED_LIMIT, Plan, rank
 from .render import endpoint
 
 NORMAL, WARNING = "Normal", "Warning"
+#: Condition and Event reasons of what writing the owned objects came to (decide_objects), and of a
+#: Deployment that cannot create pods.
+OWNERSHIP_CONFLICT = "OwnershipConflict"
+OBJECT_REFUSED = "ObjectRefused"
+WAITING_FOR_GC = "WaitingForGarbageCollection"
+REPLICA_FAILURE = "ReplicaFailure"
 
 
 @dataclass(frozen=True)
@@ -76,11 +87,18 @@ def _conditions(previous: list[Condition], wanted: list[tuple[str, str, str, str
 
 
 def fallback_kind(spec: LlamaDeploymentSpec, chosen: ChosenPlan) -> str | None:
-    """Why the plan is not the requested model at full precision, as a condition reason."""
+    """Why the plan is not the requested model at full precision, as a condition reason.
+
+    A plan in force may name a quantization the catalog has dropped since (an operator upgrade): while
+    nothing else fits it keeps running, and it is reported as NotInCatalog, since its precision is no
+    longer known."""
     catalog = load_catalog()
     if chosen.model != spec.model:
         return "SmallerModel"
-    if catalog.quantizations[chosen.quantization].quality < 100:
+    quant = catalog.quantizations.get(chosen.quantization)
+    if quant is None:
+        return "NotInCatalog"
+    if quant.quality < 100:
         return "Quantized"
     if chosen.kvCacheDtype != "auto":
         return "KVCacheQuantized"
@@ -117,6 +135,52 @@ def decide_invalid(obs: Observed, problems: list[str]) -> Decision:
     ], obs.now, obs.generation)
     events = [(WARNING, "InvalidSpec", message)] if first_time else []
     return Decision(apply=None, status=status, events=events, outcome="invalid")
+
+
+@dataclass(frozen=True)
+class ObjectIssue:
+    """Why an owned object was not written: `kind` is conflict (someone else's object of that name),
+    superseded (left by a deleted LlamaDeployment of the same name, for the garbage collector), refused
+    (by the API server) or blocked (a Deployment held back because of its claim); `message` says which
+    object and what to do."""
+
+    kind: str
+    message: str
+
+
+def decide_objects(obs: Observed, decision: Decision, issues: list[ObjectIssue]) -> Decision:
+    """The decision once the objects were written, when some could not be: the phase says why (Invalid for
+    a refusal, Degraded for a conflict, Pending while the garbage collector removes a predecessor's
+    object), the message names each object and the fix, and one Warning Event says it when it is new.
+    Whatever runs keeps running; the plan is kept (it applies once the object is fixed)."""
+    if not issues:
+        return decision
+    prev = obs.status
+    status = decision.status.model_copy(deep=True)
+    kinds = {i.kind for i in issues}
+    if "refused" in kinds:
+        phase, reason = "Invalid", OBJECT_REFUSED
+    elif "conflict" in kinds:
+        phase, reason = "Degraded", OWNERSHIP_CONFLICT
+    else:
+        phase, reason = "Pending", WAITING_FOR_GC
+    order = {"refused": 0, "conflict": 1, "superseded": 2, "blocked": 3}
+    message = "; ".join(i.message for i in sorted(issues, key=lambda i: order.get(i.kind, 9)))
+    status.phase = phase
+    status.message = message
+    serving = reason == OBJECT_REFUSED and bool(status.readyReplicas) and \
+        (status.readyReplicas or 0) >= (status.replicas or 0)
+    overrides = {
+        "Ready": ("True" if serving else "False", reason, message),
+        "Progressing": ("False", reason, message),
+    }
+    wanted = [(c.type, *overrides[c.type]) if c.type in overrides else (c.type, c.status, c.reason, c.message)
+              for c in status.conditions]
+    status.conditions = _conditions(prev.conditions, wanted, obs.now, obs.generation)
+    events = [e for e in decision.events if e[1] not in ("Ready", "Degraded", REPLICA_FAILURE)]
+    if reason != WAITING_FOR_GC and (prev.phase != phase or prev.message != message):
+        events.append((WARNING, reason, message))
+    return replace(decision, status=status, events=events)
 
 
 def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problems: list[str] | None) -> Decision:
@@ -201,6 +265,11 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
     status.ready = f"{ready}/{desired}"
     stalled = any(c.get("type") == "Progressing" and c.get("status") == "False"
                   for c in ds.get("conditions") or [])
+    # The Deployment's controller could not create pods (admission refused them, a quota is full): it
+    # says so in ReplicaFailure, and waiting will not help.
+    failure = next((str(c.get("message") or c.get("reason") or "pods cannot be created")
+                    for c in ds.get("conditions") or []
+                    if c.get("type") == "ReplicaFailure" and c.get("status") == "True"), None)
 
     if new is None:
         phase = "Unschedulable"
@@ -210,6 +279,8 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
                       + message
     elif ready >= desired and updated >= desired and total <= desired and not rolling_to_new:
         phase, message = "Ready", f"Serving {apply.variant} on {apply.runtime}"
+    elif failure is not None:
+        phase, message = "Degraded", f"{ready}/{desired} replicas ready; the Deployment cannot create pods: {failure}"
     elif stalled:
         phase, message = "Degraded", f"{ready}/{desired} replicas ready; the rollout is not progressing"
     elif prev.phase in ("Ready", "Degraded") and not rolling_to_new and updated >= desired:
@@ -224,9 +295,11 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
     status.message = message
 
     fb = status.fallback
+    failing = failure is not None and phase == "Degraded"
     wanted = [
         ("Ready", "True" if phase in ("Ready",) or (ready >= desired and desired > 0) else "False",
-         "ReplicasReady" if ready >= desired else "ReplicasNotReady", f"{ready}/{desired} replicas ready"),
+         "ReplicasReady" if ready >= desired else REPLICA_FAILURE if failing else "ReplicasNotReady",
+         f"{ready}/{desired} replicas ready" + (f": {failure}" if failing and ready < desired else "")),
         ("PlanFeasible", "True" if new is not None else "False",
          "Planned" if new is not None else "NoFeasiblePlan",
          plan.chosen.describe() if plan.chosen is not None else plan.fallback_reason),
@@ -235,12 +308,18 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
          fb.reason if fb and fb.inForce else "Serving the requested model at its best precision"),
         ("Progressing",
          "True" if pending is not None or phase in ("Deploying", "Pending") else "False",
-         "UpgradePending" if pending is not None else ("RollingOut" if phase in ("Deploying", "Pending") else "Stable"),
-         pending.reason if pending is not None else message),
+         "UpgradePending" if pending is not None else REPLICA_FAILURE if failing else
+         ("RollingOut" if phase in ("Deploying", "Pending") else "Stable"),
+         pending.reason if pending is not None else failure if failing else message),
     ]
     status.conditions = _conditions(prev.conditions, wanted, obs.now, obs.generation)
     if prev.phase != phase and phase == "Ready":
         events.append((NORMAL, "Ready", message))
-    if prev.phase == "Ready" and phase == "Degraded":
+    if failing:
+        said = any(c.type == "Progressing" and c.reason == REPLICA_FAILURE and c.message == failure
+                   for c in prev.conditions)
+        if not said:  # one Warning per failure the controller reports, not one per pass
+            events.append((WARNING, REPLICA_FAILURE, f"The Deployment cannot create pods: {failure}"))
+    elif prev.phase == "Ready" and phase == "Degraded":
         events.append((WARNING, "Degraded", message))
     return Decision(apply=apply, status=status, events=events, outcome=outcome)

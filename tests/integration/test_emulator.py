@@ -400,3 +400,105 @@ def test_kopf_handles_a_custom_resource_once_with_its_finalizer(emulator_thread,
         wait_until(gone, timeout=20, what='kopf to remove its finalizer and the object to go')
     assert runner.exception is None
     assert created == ['l1'] and deleted == ['l1']
+
+
+# --- added: what a real API server checks and fills in for Deployments, Services and claims ---------------
+
+def _deployment(name: str, labels: dict | None = None, **pod: Any) -> dict[str, Any]:
+    labels = labels or {'app': 'web'}
+    return {'apiVersion': 'apps/v1', 'kind': 'Deployment', 'metadata': {'name': name, 'labels': labels},
+            'spec': {'selector': {'matchLabels': labels},
+                     'template': {'metadata': {'labels': labels},
+                                  'spec': {'containers': [{'name': 'c', 'image': 'nginx:1.27',
+                                                           'ports': [{'containerPort': 80}],
+                                                           'resources': {'requests': {'memory': '16384Mi',
+                                                                                      'cpu': '2000m'}}}],
+                                           **pod}}}}
+
+
+def _refusal(call: Callable[[], Any]) -> dict[str, Any]:
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        call()
+    assert err.value.status == 422, err.value
+    body = json.loads(err.value.body)
+    assert body['kind'] == 'Status' and body['status'] == 'Failure' and body['reason'] == 'Invalid'
+    assert body['code'] == 422 and body['details']['causes']
+    return body
+
+
+def test_names_and_labels_a_real_server_refuses_answer_422_with_a_status(kube_api):
+    core = kubernetes.client.CoreV1Api(kube_api)
+    apps = kubernetes.client.AppsV1Api(kube_api)
+    service = {'metadata': {'name': '1chat'}, 'spec': {'ports': [{'port': 80}]}}
+    body = _refusal(lambda: core.create_namespaced_service('default', service))
+    assert body['message'].startswith('Service "1chat" is invalid: metadata.name: Invalid value: "1chat": '
+                                      'a DNS-1035 label must consist of')
+    assert body['details'] == {'name': '1chat', 'kind': 'Service', 'causes': [
+        {'reason': 'FieldValueInvalid', 'field': 'metadata.name', 'message': body['message'].split(': ', 2)[2]}]}
+    for name in ('my.chat', 'a' * 64, 'Chat'):  # a dot, too long, upper case: no Service name
+        _refusal(lambda: core.create_namespaced_service('default', {**service, 'metadata': {'name': name}}))
+    core.create_namespaced_service('default', {**service, 'metadata': {'name': 'a' * 63}})
+
+    # Deployments: DNS-1123 subdomains (a dot is fine), label values at most 63 characters.
+    apps.create_namespaced_deployment('default', _deployment('my.chat'))
+    body = _refusal(lambda: apps.create_namespaced_deployment('default', _deployment('x', {'app': 'a' * 64})))
+    assert body['message'].startswith('Deployment.apps "x" is invalid: [metadata.labels: Invalid value: "aaaa')
+    assert 'must be no more than 63 characters' in body['message'] and body['details']['group'] == 'apps'
+    _refusal(lambda: apps.create_namespaced_deployment('default', _deployment('Upper')))
+    _refusal(lambda: apps.create_namespaced_deployment('default', _deployment('y', {'app': 'bad value!'})))
+    assert [d.metadata.name for d in apps.list_namespaced_deployment('default').items] == ['my.chat']
+
+
+def test_a_deployments_selector_is_immutable_and_must_match_its_template(kube_api):
+    apps = kubernetes.client.AppsV1Api(kube_api)
+    apps.create_namespaced_deployment('default', _deployment('web'))
+    body = _refusal(lambda: apps.patch_namespaced_deployment(
+        'web', 'default', {'spec': {'selector': {'matchLabels': {'app': 'web', 'tier': 'x'}},
+                                    'template': {'metadata': {'labels': {'app': 'web', 'tier': 'x'}}}}}))
+    assert 'spec.selector: Invalid value' in body['message'] and 'field is immutable' in body['message']
+    broken = _deployment('other')
+    broken['spec']['template']['metadata']['labels'] = {'app': 'else'}
+    body = _refusal(lambda: apps.create_namespaced_deployment('default', broken))
+    assert '`selector` does not match template `labels`' in body['message']
+
+
+def test_pod_templates_and_claims_are_checked_as_a_real_server_does(kube_api):
+    apps = kubernetes.client.AppsV1Api(kube_api)
+    core = kubernetes.client.CoreV1Api(kube_api)
+    body = _refusal(lambda: apps.create_namespaced_deployment('default', _deployment(
+        'a', tolerations=[{'key': 'bad key', 'operator': 'Exists'}])))
+    assert 'spec.template.spec.tolerations[0].key: Invalid value: "bad key"' in body['message']
+    env = _deployment('b')
+    env['spec']['template']['spec']['containers'][0]['env'] = [
+        {'name': 'HF_TOKEN', 'valueFrom': {'secretKeyRef': {'name': 's', 'key': 'hf token'}}}]
+    body = _refusal(lambda: apps.create_namespaced_deployment('default', env))
+    assert 'secretKeyRef.key: Invalid value: "hf token": a valid config key' in body['message']
+    claim = {'metadata': {'name': 'cache'}, 'spec': {'accessModes': ['ReadWriteOnce'], 'storageClassName': 'Fast SSD',
+                                                      'resources': {'requests': {'storage': '100Gi'}}}}
+    body = _refusal(lambda: core.create_namespaced_persistent_volume_claim('default', claim))
+    assert body['message'].startswith('PersistentVolumeClaim "cache" is invalid: spec.storageClassName')
+
+
+def test_deployments_and_services_get_the_servers_defaults(kube_api):
+    apps = kubernetes.client.AppsV1Api(kube_api)
+    core = kubernetes.client.CoreV1Api(kube_api)
+    raw = kubernetes.client.ApiClient.sanitize_for_serialization
+    d = raw(kube_api, apps.create_namespaced_deployment('default', _deployment('web')))
+    assert d['spec']['progressDeadlineSeconds'] == 600 and d['spec']['revisionHistoryLimit'] == 10
+    assert d['spec']['strategy'] == {'type': 'RollingUpdate',
+                                     'rollingUpdate': {'maxSurge': '25%', 'maxUnavailable': '25%'}}
+    pod = d['spec']['template']['spec']
+    assert pod['restartPolicy'] == 'Always' and pod['dnsPolicy'] == 'ClusterFirst'
+    c = pod['containers'][0]
+    assert c['terminationMessagePath'] == '/dev/termination-log' and c['imagePullPolicy'] == 'IfNotPresent'
+    assert c['ports'][0]['protocol'] == 'TCP'
+    assert c['resources']['requests'] == {'memory': '16Gi', 'cpu': '2'}  # quantities in canonical form
+    s = raw(kube_api, core.create_namespaced_service(
+        'default', {'metadata': {'name': 'web'}, 'spec': {'ports': [{'port': 80}]}}))['spec']
+    ip = s['clusterIP']
+    assert ip and s['clusterIPs'] == [ip] and s['type'] == 'ClusterIP' and s['ipFamilies'] == ['IPv4']
+    assert s['ports'] == [{'port': 80, 'targetPort': 80, 'protocol': 'TCP'}]
+    # The allocated address stays when a patch replaces the spec without it.
+    s = raw(kube_api, core.patch_namespaced_service('web', 'default', [
+        {'op': 'replace', 'path': '/spec', 'value': {'ports': [{'port': 81}]}}]))['spec']
+    assert s['clusterIP'] == ip and s['ports'][0]['port'] == 81

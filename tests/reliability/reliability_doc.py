@@ -32,6 +32,10 @@ TABLES = {
                   "which validates nothing, stored the object anyway.",
                   [("input", "Input"), ("wrong", "What is wrong"), ("caught_by", "Caught by"),
                    ("operator", "Operator")]),
+    "cli-input": ("`plan` and `render` input files", "What `llama-operator plan` and `render` do with hostile or "
+                  "huge files, each run as a process of its own (both commands where they apply); a bad input exits "
+                  "1 with a message, never a traceback.",
+                  [("input", "Input"), ("outcome", "Outcome")]),
     "api-faults": ("API faults on every write", "Each write the operator makes, failed twice (once for 429) while a "
                    "LlamaDeployment (with a model-cache claim) is created, updated (model and replicas) and "
                    "deleted. *Converged* means: Ready for the last generation, and the Deployment, Service, claim, "
@@ -41,6 +45,13 @@ TABLES = {
     "watch-faults": ("Watch faults", "The operator's open watches are cut, and the next watch request of the "
                      "resource gets the fault, while the same create, update and delete run.",
                      [("fault", "Fault"), ("watch", "Watch of"), ("outcome", "Outcome")]),
+    "guards": ("Objects of the same name, hand edits and refusals",
+               "What the operator does with objects it does not own, with edits of the objects it does own, and with "
+               "what the API server refuses, for a LlamaDeployment (Llama 3.1 8B) created beside them. The emulator "
+               "refuses names, labels and selectors as a real API server does, defaults and canonicalises fields, "
+               "and runs the admission checks a test adds; a simulated kubelet stands in for Pod Security "
+               "admission.",
+               [("kind", "Case"), ("what", "What was done"), ("outcome", "Operator")]),
     "outage-restarts": ("Outage, restarts and peering", "",
                         [("scenario", "Scenario"), ("outcome", "Outcome")]),
     "secrets": ("Secrets", "A Secret holds a recognisable Hugging Face token; a LlamaDeployment references it and "
@@ -55,12 +66,16 @@ def expected_rows() -> list[dict]:
     for b in cases.bad_inputs():
         rows.append({"table": "bad-input", "key": b.key, "input": f"`{b.path.name}`", "wrong": b.wrong,
                      "caught_by": cases.CAUGHT_BY[b.caught_by], "operator": cases.bad_input_answer(b)})
+    for key, (what, outcome) in cases.CLI_INPUTS.items():
+        rows.append({"table": "cli-input", "key": key, "input": what, "outcome": outcome})
     for c in cases.FAULT_CASES:
         rows.append({"table": "api-faults", "key": c.id, "fault": c.kind.label, "request": c.target.label,
                      "outcome": cases.CONVERGED})
     for w in cases.WATCH_CASES:
         rows.append({"table": "watch-faults", "key": w.id, "fault": w.label, "watch": w.plural,
                      "outcome": cases.CONVERGED})
+    for g in cases.GUARD_CASES:
+        rows.append({"table": "guards", "key": g.key, "kind": g.kind, "what": g.what, "outcome": g.outcome})
     for key, (scenario, outcome) in cases.SCENARIOS.items():
         rows.append({"table": "outage-restarts", "key": key, "scenario": scenario, "outcome": outcome})
     for key, where in cases.SECRETS.items():
@@ -130,6 +145,13 @@ def render(rows: list[dict]) -> str:
         "where it can) instead of failing every pass.",
         "- An invalid or unschedulable LlamaDeployment gets one status write and one Warning Event per generation; "
         "later passes write nothing.",
+        "- The operator patches only objects whose controller ownerReference is the LlamaDeployment; another owner's "
+        "object of the same name is a conflict, reported once and never changed.",
+        "- Owned objects are compared with their render by content (server defaults and canonical quantities taken "
+        "out), so a hand edit is written back while an unchanged object costs no write.",
+        "- A write the API server refuses for good (4xx other than 401, 404, 409, 429) is reported once (status and "
+        "one Warning Event, one log line, no traceback) and not sent again before the spec or plan changes or the "
+        "resync period has passed.",
         "",
     ]
     return "\n".join(out)

@@ -50,6 +50,7 @@ from llama_operator.api import API_VERSION, KIND
 from llama_operator.crd import crd_manifest
 from llama_operator.emulator import WATCH_CONTENT_TYPE, ClusterEmulator, declare_crd, kubeconfig
 from llama_operator.handlers import Settings
+from llama_operator.kube import SERVICE_ASSIGNED
 from llama_operator.render import LABEL_DEPLOYMENT, MANAGED_BY
 from llama_operator.runner import RunOptions, run_async
 from llama_operator.sandbox import SimulatedKubelet
@@ -595,8 +596,9 @@ OPERATOR_EVENT_SOURCE = "llama-operator"
 
 def fingerprint(cluster: Cluster, namespace: str) -> dict:
     """Everything the operator wrote in `namespace`, without what differs from run to run (uids,
-    resourceVersions, timestamps, event names): the owned objects' specs and labels, the status'
-    phase/variant/runtime/ready, and the operator's events as a multiset of (object, type, reason)."""
+    resourceVersions, timestamps, event names, a Service's allocated addresses): the owned objects' specs
+    and labels, the status' phase/variant/runtime/ready, and the operator's events as a multiset of
+    (object, type, reason)."""
     out: dict[str, Any] = {}
     for api_version, kind in OWNED_KINDS:
         objs = cluster.list(api_version, kind, namespace)
@@ -605,7 +607,8 @@ def fingerprint(cluster: Cluster, namespace: str) -> dict:
         for o in objs:
             name = o["metadata"]["name"]
             labels = o["metadata"].get("labels") or {}
-            entries[name] = _digest({"spec": o.get("spec"), "labels": labels,
+            spec = {k: v for k, v in (o.get("spec") or {}).items() if k not in SERVICE_ASSIGNED}  # per cluster
+            entries[name] = _digest({"spec": spec, "labels": labels,
                                      "owners": [(r["kind"], r["name"]) for r in o["metadata"].get("ownerReferences") or []]})
         out[key] = entries
     out["status"] = {}

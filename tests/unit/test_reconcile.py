@@ -13,8 +13,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from llama_operator import planner
-from llama_operator.api import LlamaDeploymentStatus
-from llama_operator.reconcile import Decision, Observed, decide, decide_invalid
+from llama_operator.api import LlamaDeploymentStatus, name_problems
+from llama_operator.reconcile import Decision, ObjectIssue, Observed, decide, decide_invalid, decide_objects
 
 T0 = datetime(2025, 1, 15, 10, 0, 0, tzinfo=timezone.utc)
 DELAY = timedelta(minutes=2)
@@ -405,3 +405,129 @@ def test_not_ready_while_the_old_revision_still_serves(make_spec, clusters):
     d = decide(observe(replanned.status, generation=2, deployment=midway, now=T0 + timedelta(seconds=30)), after,
                plan_on(after, inv), check(after, inv, replanned.status))
     assert d.status.phase != "Ready", d.status.message
+
+
+# --- the Deployment's controller cannot create pods (admission, quota) ------------------------------------
+
+PSA = ('pods "chat-7d4b9c-x2x9z" is forbidden: violates PodSecurity "restricted:latest": allowPrivilegeEscalation '
+       '!= false (container "vllm" must set securityContext.allowPrivilegeEscalation=false)')
+REFUSED_1 = {"replicas": 0, "updatedReplicas": 0, "readyReplicas": 0, "observedGeneration": 1, "conditions": [
+    {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
+    {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": PSA}]}
+
+
+def test_pods_refused_by_admission_are_degraded_with_the_controllers_message_once(make_spec, clusters):
+    spec = make_spec()
+    inv = clusters["small"]
+    first = decide(observe(), spec, plan_on(spec, inv), None)
+    refused = decide(observe(first.status, deployment=REFUSED_1, now=T0 + timedelta(seconds=5)), spec,
+                     plan_on(spec, inv), check(spec, inv, first.status))
+    s = refused.status
+    assert s.phase == "Degraded" and PSA in s.message and s.message.startswith("0/1 replicas ready")
+    assert reasons(refused) == ["ReplicaFailure"] and refused.events[0][0] == "Warning"
+    assert PSA in refused.events[0][2]
+    assert condition(s, "Ready").status == "False" and condition(s, "Ready").reason == "ReplicaFailure"
+    assert PSA in condition(s, "Ready").message
+    progressing = condition(s, "Progressing")
+    assert progressing.status == "False" and progressing.reason == "ReplicaFailure" and progressing.message == PSA
+
+    # Resyncs: the same failure is said once.
+    again = decide(observe(s, deployment=REFUSED_1, now=T0 + timedelta(minutes=5)), spec, plan_on(spec, inv),
+                   check(spec, inv, s))
+    assert again.events == [] and again.status == s
+
+    # Another refusal (say the namespace's policy changed): said again.
+    other = dict(REFUSED_1, conditions=[dict(REFUSED_1["conditions"][1], message="exceeded quota: gpu-quota")])
+    changed = decide(observe(s, deployment=other, now=T0 + timedelta(minutes=6)), spec, plan_on(spec, inv),
+                     check(spec, inv, s))
+    assert reasons(changed) == ["ReplicaFailure"] and "exceeded quota" in changed.status.message
+
+    # Fixed (the pods are admitted and ready): Ready, and the failure is gone from the conditions.
+    fixed = decide(observe(changed.status, deployment=READY_1, now=T0 + timedelta(minutes=7)), spec,
+                   plan_on(spec, inv), check(spec, inv, changed.status))
+    assert fixed.status.phase == "Ready" and reasons(fixed) == ["Ready"]
+    assert all(c.reason != "ReplicaFailure" for c in fixed.status.conditions)
+
+
+def test_a_ready_deployment_whose_new_pods_are_refused_warns_once_not_twice(make_spec, clusters):
+    """From Ready, a rollout whose pods admission refuses: one Warning (ReplicaFailure), not Degraded as well."""
+    spec = make_spec()
+    inv = clusters["small"]
+    ready = converge(spec, inv)
+    stuck = {**READY_1, "updatedReplicas": 0, "conditions": REFUSED_1["conditions"]}
+    d = decide(replace(observe(ready, generation=2, deployment=stuck), deployment_runs_plan=False),
+               make_spec(contextLength=16384), plan_on(make_spec(contextLength=16384), inv), check(spec, inv, ready))
+    assert d.status.phase == "Degraded" and PSA in d.status.message
+    assert reasons(d) == ["ReplicaFailure"]
+    assert condition(d.status, "Ready").status == "True"  # the old revision still serves
+
+
+# --- objects that could not be written: conflicts, refusals --------------------------------------------------
+
+CONFLICT_MSG = ("Service team-a/chat exists and is not owned by this LlamaDeployment (it has no controller); the "
+                "operator leaves it as it is. Rename the LlamaDeployment or remove the Service")
+
+
+def test_an_object_held_by_someone_else_is_a_conflict_said_once(make_spec, clusters):
+    spec = make_spec()
+    inv = clusters["small"]
+    first = decide(observe(), spec, plan_on(spec, inv), None)
+    d = decide_objects(observe(), first, [ObjectIssue("conflict", CONFLICT_MSG)])
+    assert d.status.phase == "Degraded" and d.status.message == CONFLICT_MSG
+    assert reasons(d) == ["Planned", "OwnershipConflict"] and d.events[1][0] == "Warning"
+    ready = condition(d.status, "Ready")
+    assert ready.status == "False" and ready.reason == "OwnershipConflict" and "Rename" in ready.message
+    assert d.apply is not None and d.status.plan is not None  # the plan stands; it runs once the name is free
+
+    # The next pass finds the same conflict (and a Deployment now ready): nothing new to say.
+    later = decide(observe(d.status, deployment=READY_1, now=T0 + timedelta(minutes=1)), spec, plan_on(spec, inv),
+                   check(spec, inv, d.status))
+    assert "Ready" in reasons(later)  # what decide alone would say...
+    again = decide_objects(observe(d.status, deployment=READY_1, now=T0 + timedelta(minutes=1)), later,
+                           [ObjectIssue("conflict", CONFLICT_MSG)])
+    assert again.events == [] and again.status.phase == "Degraded"  # ...is not said while the conflict holds
+    assert condition(again.status, "Ready").lastTransitionTime == iso(T0)
+
+    # Resolved (the Service was removed, the operator made its own): Ready, said once.
+    resolved = decide(observe(again.status, deployment=READY_1, now=T0 + timedelta(minutes=2)), spec,
+                      plan_on(spec, inv), check(spec, inv, again.status))
+    assert resolved.status.phase == "Ready" and reasons(resolved) == ["Ready"]
+
+
+def test_a_refused_object_makes_it_invalid_with_the_servers_message_once(make_spec, clusters):
+    spec = make_spec()
+    inv = clusters["small"]
+    message = ('the API server refused Deployment team-a/chat: Deployment.apps "chat" is invalid: '
+               'spec.template.spec.tolerations[1].key: Invalid value: "bad key": name part must consist of ...')
+    first = decide(observe(), spec, plan_on(spec, inv), None)
+    d = decide_objects(observe(), first, [ObjectIssue("refused", message),
+                                          ObjectIssue("conflict", CONFLICT_MSG)])
+    assert d.status.phase == "Invalid" and d.status.message.startswith(message) and CONFLICT_MSG in d.status.message
+    assert reasons(d) == ["Planned", "ObjectRefused"]  # one Warning for both
+    assert condition(d.status, "Ready").reason == "ObjectRefused"
+    again = decide_objects(observe(d.status), decide(observe(d.status), spec, plan_on(spec, inv),
+                                                     check(spec, inv, d.status)),
+                           [ObjectIssue("refused", message), ObjectIssue("conflict", CONFLICT_MSG)])
+    assert again.events == [] and again.status == d.status
+
+
+def test_an_object_left_by_a_deleted_predecessor_is_waited_for_without_a_warning(make_spec, clusters):
+    spec = make_spec()
+    first = decide(observe(), spec, plan_on(spec, clusters["small"]), None)
+    d = decide_objects(observe(), first, [ObjectIssue("superseded", "PersistentVolumeClaim team-a/chat-model-cache "
+                                                                    "belongs to a deleted LlamaDeployment ...")])
+    assert d.status.phase == "Pending" and reasons(d) == ["Planned"]
+    assert condition(d.status, "Progressing").reason == "WaitingForGarbageCollection"
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("chat", True), ("a", True), ("llama-3-1-8b", True), ("a" * 63, True),
+    ("a" * 64, False), ("my.chat", False), ("1chat", False), ("Chat", False), ("chat-", False), ("-chat", False),
+])
+def test_a_name_the_objects_cannot_have_is_invalid(name, ok):
+    problems = name_problems(name)
+    assert (problems == []) == ok
+    if not ok:
+        assert problems[0].startswith("metadata.name: ") and "Service" in problems[0]
+        d = decide_invalid(observe(), problems)
+        assert d.status.phase == "Invalid" and d.apply is None and reasons(d) == ["InvalidSpec"]
