@@ -11,13 +11,16 @@ Pure and deterministic. It walks the fallback ladder rung by rung (docs/fallback
 Within a rung every candidate (variant x runtime x hardware pool x GPUs per replica) is estimated and
 checked against the hard limits: the support matrix, the memory budget, GPU memory, free GPUs, the SLO.
 The first rung with a feasible candidate wins, and among its candidates the cheapest: CPU (when it
-meets the SLO), then fewer GPUs, then smaller GPUs. Every rejected candidate keeps its reasons.
+meets the SLO), then fewer GPUs, then smaller GPUs. Every rejected candidate keeps its reasons, and every
+variant a rung considers is a candidate: one that no pool can run (vLLM where only CPU nodes match the
+placement, anything where no node does) is listed on a stand-in pool ("no GPU node", "no matching node")
+with why. A spec's tolerations never count for the taint keys the operator forbids (effective_tolerations).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterable
+from typing import Collection, Iterable
 
 from .api import LlamaDeploymentSpec, format_bytes, format_seconds
 from .catalog import GPU, Model, Quantization, load_catalog
@@ -47,6 +50,11 @@ CPU_MAX_THREADS = 16
 CPU_MEMORY_HEADROOM = 0.9
 #: How many rejected candidates status carries (the CLI shows them all).
 STATUS_REJECTED_LIMIT = 20
+#: Taint keys a LlamaDeployment's own tolerations never tolerate unless the operator is told otherwise
+#: (`llama-operator run --forbid-toleration`, the chart's operator.forbiddenTolerations): model servers
+#: stay off control-plane nodes even with `tolerations: [{operator: Exists}]`. See effective_tolerations.
+DEFAULT_FORBIDDEN_TOLERATIONS: frozenset[str] = frozenset({"node-role.kubernetes.io/control-plane",
+                                                         "node-role.kubernetes.io/master"})
 
 
 @dataclass(frozen=True)
@@ -60,12 +68,15 @@ class Pool:
     free: tuple[tuple[tuple[int, int, int], int], ...] = ()
     cpu_cores: int = 0
     cpu_bandwidth_gbps: float = 0.0
+    #: Set on the stand-in pools of variants no node can run (NO_GPU_NODE, NO_NODE): what the
+    #: candidate's hardware column says instead of a GPU or CPU shape.
+    label: str = ""
 
     def __post_init__(self) -> None:
         # slots() is asked dozens of times per plan, each time a cache lookup that hashes the pool, whose
         # `free` grows with the cluster: hash it once.
         object.__setattr__(self, "_hash", hash((self.key, self.gpu, self.max_gpus_per_node, self.free,
-                                                self.cpu_cores, self.cpu_bandwidth_gbps)))
+                                                self.cpu_cores, self.cpu_bandwidth_gbps, self.label)))
 
     def __hash__(self) -> int:
         return self._hash  # type: ignore[attr-defined]
@@ -74,6 +85,13 @@ class Pool:
         """Replicas that fit, one node each: a replica needs `gpus` GPUs (0 on CPU) and its host CPU and
         memory requests (CPU nodes keep a tenth of their memory for the page cache and the kubelet)."""
         return _slots(self, gpus, cpu_millis, memory_bytes)
+
+
+#: Stand-ins for the hardware of a variant that no pool can run, so that it still appears among the
+#: candidates with its reasons: a vLLM variant where no GPU node matches the placement, any variant
+#: where no node matches at all.
+NO_GPU_NODE = Pool(key="no-gpu-node", gpu=None, max_gpus_per_node=0, label="no GPU node")
+NO_NODE = Pool(key="no-node", gpu=None, max_gpus_per_node=0, label="no matching node")
 
 
 @lru_cache(maxsize=4096)
@@ -128,6 +146,8 @@ class Candidate:
 
     @property
     def hardware(self) -> str:
+        if self.pool.label:
+            return self.pool.label
         if self.pool.gpu is None:
             return f"cpu ({self.cpu_threads} cores, {self.pool.cpu_bandwidth_gbps:g} GB/s)"
         return f"{self.gpus_per_replica}x {self.pool.gpu.product}"
@@ -137,8 +157,11 @@ class Candidate:
         return not self.reasons
 
     def cost_key(self) -> tuple:
-        """Cheaper first: CPU, then fewer GPUs, then smaller GPUs, then vLLM, then faster; names break ties."""
+        """Cheaper first: CPU, then fewer GPUs, then smaller GPUs, then vLLM, then faster; names break ties.
+        A variant no node can run (a stand-in pool) comes last."""
         gpu = self.pool.gpu
+        if self.pool.label:
+            return (2, self.pool.key, self.quant.id)
         if gpu is None:
             return (0, 0, 0.0, self.estimate.tpot_seconds if self.estimate else 0, self.pool.key, self.quant.id)
         return (
@@ -335,6 +358,72 @@ def _tolerates(taints, tolerations: list[dict]) -> bool:
 GPU_TOLERATIONS = [{"key": r, "operator": "Exists", "effect": "NoSchedule"} for r in GPU_RESOURCES]
 
 
+def effective_tolerations(tolerations: Iterable[dict], forbidden_keys: Collection[str],
+                          taint_keys: Iterable[str] = ()) -> list[dict]:
+    """A spec's tolerations (as pod spec dicts) less what they may not tolerate: none of them counts for a
+    taint whose key is in `forbidden_keys`. Pure; the planner judges nodes with the result and the pods
+    carry the result, so both agree.
+
+    A toleration naming a forbidden key is dropped. A toleration without a key (`operator: Exists`)
+    tolerates every taint, and Kubernetes has no "every taint but these": it is spelt out as one
+    `Exists` toleration per key of `taint_keys` (the taints of the nodes in question) that is not
+    forbidden, keeping its effect and tolerationSeconds. Without forbidden keys nothing changes."""
+    tolerations = list(tolerations)
+    if not forbidden_keys or not tolerations:
+        return tolerations
+    out: list[dict] = []
+    for t in tolerations:
+        key = t.get("key")
+        if key:
+            if key not in forbidden_keys:
+                out.append(t)
+        elif t.get("operator") == "Exists":
+            rest = {k: v for k, v in t.items() if k not in ("key", "operator", "value")}
+            for k in sorted(set(taint_keys) - set(forbidden_keys)):
+                out.append({"key": k, "operator": "Exists", **rest})
+        else:
+            out.append(t)  # no key and not Exists: matches only taints without a key (none is forbidden)
+    unique: list[dict] = []
+    for t in out:
+        if t not in unique:
+            unique.append(t)
+    return unique
+
+
+def _reaches_forbidden(tolerations: Iterable[dict], forbidden_keys: Collection[str]) -> list[str]:
+    """The forbidden taint keys the spec's tolerations would reach (sorted): the ones they name, all of
+    them for a toleration without a key."""
+    reached: set[str] = set()
+    for t in tolerations:
+        if t.get("key") in forbidden_keys:
+            reached.add(t["key"])
+        elif not t.get("key") and t.get("operator") == "Exists":
+            reached.update(forbidden_keys)
+    return sorted(reached)
+
+
+def _spec_tolerations(spec: LlamaDeploymentSpec) -> list[dict]:
+    return [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
+
+
+class _Tolerations:
+    """A spec's tolerations under the forbidden keys, per shape (effective_tolerations): worked out once per
+    plan, unless a toleration without a key must be spelt out over each shape's taint keys."""
+
+    __slots__ = ("spec", "forbidden", "fixed")
+
+    def __init__(self, spec: LlamaDeploymentSpec, forbidden: Collection[str]):
+        self.spec = _spec_tolerations(spec)
+        self.forbidden = forbidden
+        keyless = bool(forbidden) and any(not t.get("key") and t.get("operator") == "Exists" for t in self.spec)
+        self.fixed = None if keyless else effective_tolerations(self.spec, forbidden)
+
+    def for_shape(self, shape: Shape) -> list[dict]:
+        if self.fixed is not None:
+            return self.fixed
+        return effective_tolerations(self.spec, self.forbidden, (t.key for t in shape.taints))
+
+
 def _allowed_products(spec: LlamaDeploymentSpec) -> set[str] | None:
     if not spec.placement.gpuProducts:
         return None
@@ -346,13 +435,14 @@ def _allowed_products(spec: LlamaDeploymentSpec) -> set[str] | None:
     return out
 
 
-def _shape_matches(shape: Shape, spec: LlamaDeploymentSpec, allowed_products: set[str] | None) -> bool:
+def _shape_matches(shape: Shape, spec: LlamaDeploymentSpec, allowed_products: set[str] | None,
+                   tolerations_of: _Tolerations) -> bool:
     selector = spec.placement.nodeSelector
     if selector:  # (the label dict only when there is something to look up in it)
         labels = shape.label_dict()
         if any(labels.get(k) != v for k, v in selector.items() if k not in PER_NODE_LABELS):
             return False
-    tolerations = [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
+    tolerations = tolerations_of.for_shape(shape)
     if shape.gpu is not None:
         tolerations = tolerations + GPU_TOLERATIONS
         if allowed_products is not None and shape.gpu.product not in allowed_products:
@@ -383,15 +473,23 @@ def _merged(groups: list[ShapeGroup]) -> tuple[tuple[tuple[int, int, int], int],
     return tuple(sorted(total.items()))
 
 
-def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory) -> tuple[list[Pool], list[str]]:
-    """Placement-compatible pools, and notes on what placement excluded."""
+def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory,
+                forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> tuple[list[Pool], list[str]]:
+    """Placement-compatible pools, and notes on what placement excluded. `forbidden_tolerations`: taint keys
+    the spec's tolerations do not count for (effective_tolerations)."""
     allowed = _allowed_products(spec)
     by_product: dict[str, list[ShapeGroup]] = {}
     cpu_groups: list[ShapeGroup] = []
     excluded = 0
     hostname = _per_node_selector(spec).get("kubernetes.io/hostname")
+    tolerations_of = _Tolerations(spec, forbidden_tolerations)
+    reached = _reaches_forbidden(tolerations_of.spec, forbidden_tolerations) if tolerations_of.spec else []
+    withheld: dict[str, int] = {}  # forbidden taint key the tolerations reach -> nodes carrying it
     for group in inventory.groups():
-        if not _shape_matches(group.shape, spec, allowed):
+        if reached:
+            for key in {t.key for t in group.shape.taints if t.key in reached}:
+                withheld[key] = withheld.get(key, 0) + len(group.nodes)
+        if not _shape_matches(group.shape, spec, allowed, tolerations_of):
             excluded += len(group.nodes)
             continue
         if hostname is not None:
@@ -428,6 +526,10 @@ def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory) -> tuple[list[P
                 free=_merged(gs),
             ))
     notes = []
+    if withheld:
+        taints = ", ".join(f"{key} ({count} node(s))" for key, count in sorted(withheld.items()))
+        notes.append(f"placement.tolerations do not count for the taint(s) {taints}: the operator does not let "
+                     "LlamaDeployments tolerate them (llama-operator run --forbid-toleration)")
     if excluded:
         notes.append(f"placement excluded {excluded} node(s)")
     unknown = sorted({p.gpu.product for p in pools if p.gpu is not None and not p.gpu.known})
@@ -549,9 +651,11 @@ def _kv_dtype(quant: Quantization) -> str:
     return "fp8" if quant.runtime == "vllm" else "q8_0"
 
 
-def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
-    """Choose what to run for `spec` on `inventory`, with the verdict and reasons for every candidate tried."""
-    pools, notes = build_pools(spec, inventory)
+def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
+         forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> Plan:
+    """Choose what to run for `spec` on `inventory`, with the verdict and reasons for every candidate tried.
+    `forbidden_tolerations`: taint keys the spec's tolerations do not count for (effective_tolerations)."""
+    pools, notes = build_pools(spec, inventory, forbidden_tolerations)
     base = Workload(context_length=spec.contextLength, concurrency=spec.slo.concurrency,
                     prompt_tokens=spec.slo.promptTokens)
     kv_options = ["auto"] + (["8bit"] if spec.fallback.allowKVCacheQuantization else [])
@@ -560,7 +664,6 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
     chosen: Candidate | None = None
     rung = 0
     rung_labels: list[str] = []
-    rung_gaps: dict[int, str] = {}
     if not pools:
         notes.append("no ready node matches the placement (nodeSelector, tolerations, gpuProducts)")
     for model in ladder_models(spec):
@@ -572,9 +675,10 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
                     kv_dtype = "auto" if kv == "auto" else _kv_dtype(quant)
                     workload = base if kv_dtype == "auto" else Workload(
                         base.context_length, base.concurrency, base.prompt_tokens, kv_dtype)  # type: ignore[arg-type]
+                    placed = False
                     for pool in pools:
                         if pool.gpu is None and quant.runtime == "vllm":
-                            continue  # vLLM serves on GPUs only; not a candidate at all
+                            continue  # vLLM serves on GPUs only: no attempt on a CPU pool
                         attempts = []
                         for n in _gpu_counts(quant, model, pool):
                             c = Candidate(model, quant, kv_dtype, pool, n, rung)
@@ -584,10 +688,11 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
                                 break  # _best_of takes the fewest GPUs that work: larger counts never win
                         if attempts:
                             rung_candidates.append(_best_of(attempts))
+                            placed = True
+                    if not placed:  # still a candidate, on a stand-in pool, saying why nothing could run it
+                        rung_candidates.append(_unplaceable(spec, model, quant, kv_dtype, rung, bool(pools)))
                 rung_labels.append(f"{model.id} {'/'.join(q.id for q in tier)}"
                                    + (" with 8-bit KV cache" if kv != "auto" else ""))
-                if not rung_candidates:
-                    rung_gaps[rung] = _why_nothing_to_try(tier, pools)
                 rung_candidates.sort(key=lambda c: c.cost_key())
                 candidates.extend(rung_candidates)
                 feasible = [c for c in rung_candidates if c.feasible]
@@ -606,7 +711,7 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
         if chosen:
             break
     fallback = chosen is not None and chosen.rung > 0
-    reason = _fallback_reason(candidates, chosen, rung_labels, rung_gaps, notes)
+    reason = _fallback_reason(candidates, chosen, rung_labels, notes)
     return Plan(
         requested_model=spec.model,
         feasible=chosen is not None,
@@ -618,12 +723,24 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory) -> Plan:
     )
 
 
-def _why_nothing_to_try(tier: list[Quantization], pools: list[Pool]) -> str:
-    if not pools:
-        return "no ready node matches the placement"
-    if all(q.runtime == "vllm" for q in tier) and all(p.gpu is None for p in pools):
-        return "served by vLLM, which needs a GPU, and no GPU node matches the placement"
-    return "no hardware to try"
+def _unplaceable(spec: LlamaDeploymentSpec, model: Model, quant: Quantization, kv_dtype: str, rung: int,
+                 any_pool: bool) -> Candidate:
+    """The candidate of a variant that no pool can run: vLLM where only CPU nodes match the placement, or
+    anything where no node matches at all. It is rejected, on a stand-in pool (hardware "no GPU node" or
+    "no matching node"), with the reasons. Only such variants pay for this: no per-node work."""
+    reasons = []
+    needs_gpu = quant.runtime == "vllm" or not spec.fallback.allowCPU
+    if quant.runtime == "vllm":
+        reasons.append(support_problem(model, quant, None, kv_dtype) or f"{quant.runtime} needs a GPU")
+    if needs_gpu:
+        gpu_reason = "no ready GPU node matches the placement"
+        if not spec.fallback.allowCPU and quant.runtime != "vllm":
+            gpu_reason += " (fallback.allowCPU is false: CPU nodes do not count)"
+        reasons.append(gpu_reason)
+    else:
+        assert not any_pool  # with a CPU or GPU pool, llama.cpp always has an attempt
+        reasons.append("no ready node matches the placement")
+    return Candidate(model, quant, kv_dtype, NO_GPU_NODE if needs_gpu else NO_NODE, 0, rung, reasons=reasons)
 
 
 def _kv_is_the_problem(candidates: list[Candidate], rung_labels: list[str]) -> bool:
@@ -638,7 +755,7 @@ def _kv_is_the_problem(candidates: list[Candidate], rung_labels: list[str]) -> b
 
 
 def _fallback_reason(candidates: list[Candidate], chosen: Candidate | None, rung_labels: list[str],
-                     rung_gaps: dict[int, str], notes: list[str]) -> str:
+                     notes: list[str]) -> str:
     """Why the rungs above the chosen one did not work: the closest candidate's reasons, per rung."""
     if chosen is not None and chosen.rung == 0:
         return ""
@@ -646,8 +763,8 @@ def _fallback_reason(candidates: list[Candidate], chosen: Candidate | None, rung
     last = chosen.rung if chosen else len(rung_labels)
     for rung in range(last):
         rejected = [c for c in candidates if c.rung == rung]
-        if not rejected:
-            parts.append(f"{rung_labels[rung]}: {rung_gaps.get(rung, 'no hardware to try')}")
+        if not rejected:  # not reached: every variant of a rung is a candidate, if only on a stand-in pool
+            parts.append(f"{rung_labels[rung]}: no hardware to try")
             continue
         # The candidate closest to working explains the rung best; a support-matrix refusal (no
         # estimate, infinite shortfall) says less than a limit missed on hardware that can run the format.
@@ -683,7 +800,8 @@ def rank(spec: LlamaDeploymentSpec, chosen) -> tuple:
     )
 
 
-def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen) -> list[str]:
+def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen, *,
+                 forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> list[str]:
     """Reasons the plan in force (api.ChosenPlan) no longer works on `inventory`; empty while it does.
 
     The operator keeps a working plan until a better one has been stable for a while, but moves at once
@@ -694,7 +812,7 @@ def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen) -> lis
         return [f"{chosen.model} {chosen.quantization} is no longer in the catalog"]
     model = catalog.model(chosen.model)
     quant = catalog.quantizations[chosen.quantization]
-    pools, _ = build_pools(spec, inventory)
+    pools, _ = build_pools(spec, inventory, forbidden_tolerations)
     if chosen.gpuProduct:
         pool = next((p for p in pools if p.gpu is not None and p.gpu.product == chosen.gpuProduct), None)
     else:
@@ -709,11 +827,11 @@ def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen) -> lis
     return c.reasons
 
 
-def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replicas: int) -> Inventory:
-    """`inventory` with `replicas` replicas of the plan `chosen` (api.ChosenPlan) taken, on the nodes that
-    plan can use: its GPU product or CPU shape, within the spec's placement."""
+def _plan_shape_fits(spec: LlamaDeploymentSpec, chosen, forbidden_tolerations: Collection[str]):
+    """Whether a shape is one the plan `chosen` (api.ChosenPlan) can use: its GPU product or CPU shape,
+    within the spec's placement (the hostname aside: that is per node)."""
     allowed = _allowed_products(spec)
-    hostname = _per_node_selector(spec).get("kubernetes.io/hostname")
+    tolerations_of = _Tolerations(spec, forbidden_tolerations)
 
     def shape_fits(shape: Shape) -> bool:
         if chosen.gpuProduct is not None:
@@ -721,7 +839,44 @@ def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replic
                 return False
         elif shape.gpu is not None or shape.cpu_bandwidth_gbps != chosen.cpuMemoryBandwidthGbps:
             return False
-        return _shape_matches(shape, spec, allowed)
+        return _shape_matches(shape, spec, allowed, tolerations_of)
+
+    return shape_fits
+
+
+def pod_tolerations(spec: LlamaDeploymentSpec, inventory: Inventory, chosen,
+                    forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> list[dict]:
+    """The spec's tolerations as the model server pods of the plan `chosen` (api.ChosenPlan) must carry
+    them: effective_tolerations, a toleration without a key spelt out over the taint keys of the nodes
+    the plan can use (what the planner counted). Per shape, not per node; the inventory is read only when
+    such a toleration meets forbidden keys."""
+    spec_tolerations = _spec_tolerations(spec)
+    if not forbidden_tolerations or all(t.get("key") or t.get("operator") != "Exists" for t in spec_tolerations):
+        return effective_tolerations(spec_tolerations, forbidden_tolerations)
+    shape_fits = _plan_shape_fits(spec, chosen, forbidden_tolerations)
+    keys = {t.key for g in inventory.groups() if shape_fits(g.shape) for t in g.shape.taints}
+    return effective_tolerations(spec_tolerations, forbidden_tolerations, keys)
+
+
+def with_pod_tolerations(spec: LlamaDeploymentSpec, inventory: Inventory, chosen,
+                         forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> LlamaDeploymentSpec:
+    """`spec` with its placement.tolerations replaced by pod_tolerations: what to hand the renderer, which
+    passes a spec's tolerations through. The same object when nothing changes."""
+    tolerations = pod_tolerations(spec, inventory, chosen, forbidden_tolerations)
+    if tolerations == _spec_tolerations(spec):
+        return spec
+    from .api import Toleration
+
+    placement = spec.placement.model_copy(update={"tolerations": [Toleration(**t) for t in tolerations]})
+    return spec.model_copy(update={"placement": placement})
+
+
+def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replicas: int, *,
+                 forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> Inventory:
+    """`inventory` with `replicas` replicas of the plan `chosen` (api.ChosenPlan) taken, on the nodes that
+    plan can use: its GPU product or CPU shape, within the spec's placement."""
+    hostname = _per_node_selector(spec).get("kubernetes.io/hostname")
+    shape_fits = _plan_shape_fits(spec, chosen, forbidden_tolerations)
 
     def fits(node: Node) -> bool:  # what shape_fits cannot say: the node itself
         return hostname is None or node.hostname == hostname
@@ -732,7 +887,8 @@ def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replic
     key = ("reserve_plan", tuple(sorted(placement.nodeSelector.items())),
            tuple((t.key, t.operator, t.value, t.effect) for t in placement.tolerations),
            tuple(placement.gpuProducts), chosen.gpuProduct,
-           None if chosen.gpuProduct is not None else chosen.cpuMemoryBandwidthGbps)
+           None if chosen.gpuProduct is not None else chosen.cpuMemoryBandwidthGbps,
+           tuple(sorted(forbidden_tolerations)) if placement.tolerations else ())
     if chosen.gpuProduct is not None:
         return inventory.reserve(fits, replicas, chosen.gpusPerReplica, shape_fits=shape_fits, shape_key=key)
     return inventory.reserve(fits, replicas, 0, (chosen.cpuThreads or 1) * 1000, chosen.predicted.memoryBytes,

@@ -27,8 +27,17 @@ from .inventory import GPU_RESOURCES, _quantity_millis, _resource_bytes
 from .render import LABEL_DEPLOYMENT, MANAGED_BY
 from .runner import RunOptions, run_async
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO_ROOT / "examples"
+#: The example LlamaDeployments and clusters the sandbox uses by default: package data, so an installed
+#: package has them too (the repository's top-level examples/ links to these files).
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+
+
+def shown(path: Path) -> str:
+    """How the sandbox names a file it read: a bundled example by its place among the examples."""
+    try:
+        return f"examples/{path.resolve().relative_to(EXAMPLES).as_posix()}"
+    except ValueError:
+        return str(path)
 
 
 def _client(kubeconfig: str, user_agent: str = "llama-operator-sandbox"):
@@ -272,7 +281,8 @@ def _scenario(api, ld_res, join: Path, items: Callable[[], list[dict]], upgrade_
         node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
             "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
     out("")
-    out(f"--- {len(joined)} node(s) join from {join}; upgrades wait {upgrade_delay:g}s for the capacity to stay ---")
+    out(f"--- {len(joined)} node(s) join from {shown(join)}; upgrades wait {upgrade_delay:g}s for the capacity to "
+        "stay ---")
 
     def moved() -> bool:
         now = items()
@@ -317,7 +327,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
         for n in nodes:
             node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
                 "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
-        out(f"API emulator at {emu.url}; loaded the CRD and {len(nodes)} nodes from {cluster}")
+        out(f"API emulator at {emu.url}; loaded the CRD and {len(nodes)} nodes from {shown(cluster)}")
         kubelet = SimulatedKubelet(kubeconfig).start()
         operator = SandboxOperator(kubeconfig, Settings(upgrade_delay=timedelta(seconds=upgrade_delay),
                                                         resync_seconds=30)).start()
@@ -330,7 +340,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                         ns = doc["metadata"].get("namespace", "default")
                         ld_res.create(body=doc, namespace=ns)
                         names.append((ns, doc["metadata"]["name"]))
-            out(f"applied {len(names)} LlamaDeployments from {', '.join(str(p) for p in deployments)}")
+            out(f"applied {len(names)} LlamaDeployments from {', '.join(shown(p) for p in deployments)}")
 
             def items() -> list[dict]:
                 return ld_res.get().to_dict()["items"]

@@ -33,6 +33,12 @@ SCENARIOS: dict[str, list[str]] = {
         "--set", "watch.namespaced=true",
         "--set", "watch.namespaces={" + ",".join(WATCHED) + "}",
     ],
+    # A namespaced install that reads Pods in the watched namespaces only.
+    "namespaced-own-pods": [
+        "--set", "watch.namespaced=true",
+        "--set", "watch.namespaces={" + ",".join(WATCHED) + "}",
+        "--set", "watch.podsAllNamespaces=false",
+    ],
 }
 
 

@@ -110,6 +110,17 @@ def test_namespaced_install_writes_only_in_watched_namespaces(scenario, name):
     assert role_namespaces == set(WATCHED)
 
 
+def test_namespaced_install_reads_pods_cluster_wide_only_when_asked(scenario):
+    # watch.podsAllNamespaces (default true) with the operator's --pods-all-namespaces: list/watch on pods
+    # in the ClusterRole; false: in each watched namespace's Role, and the operator keeps to those.
+    pods = expand({("", "pods")}, "namespaced")
+    assert pods and pods <= granted_in(scenario("namespaced"), "ClusterRole")
+    docs = scenario("namespaced-own-pods")
+    assert granted_in(docs, "ClusterRole") == expand(CLUSTER_WIDE - {("", "pods")}, "namespaced")
+    for ns in WATCHED:
+        assert granted_in(docs, "Role", ns) == expand(PER_NAMESPACE | {("", "pods")}, "namespaced"), ns
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_bindings_tie_each_role_to_the_operator_service_account(scenario, name):
     docs = scenario(name)

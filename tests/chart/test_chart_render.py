@@ -131,8 +131,10 @@ def test_default_image_and_args(scenario):
     assert container["image"] == f"ghcr.io/llama-operator/llama-operator:{chart['appVersion']}"
     assert container["imagePullPolicy"] == "IfNotPresent"
     assert container["args"] == [
-        "run", "--all-namespaces", "--metrics-port=8080", "--health-port=8081",
-        "--log-format=plain", "--standalone",
+        "run", "--all-namespaces", "--metrics-address=0.0.0.0", "--metrics-port=8080",
+        "--health-address=0.0.0.0", "--health-port=8081", "--log-format=plain",
+        "--forbid-toleration=node-role.kubernetes.io/control-plane",
+        "--forbid-toleration=node-role.kubernetes.io/master", "--standalone",
     ]
     assert deploy["metadata"] == {**deploy["metadata"], "name": FULLNAME, "namespace": NAMESPACE}
 
@@ -143,3 +145,37 @@ def test_notes_tell_the_next_step(helm):
     assert "kubectl apply" in notes
     assert "kubectl get llamad" in notes
     assert f"helm test llm -n {NAMESPACE}" in notes
+
+
+def _run_args(render, *values: str) -> list[str]:
+    _, docs = render(*values)
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    return deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_run_flags_from_values(render):
+    """The chart passes what `llama-operator run` takes: listen addresses, forbidden tolerations, and in a
+    namespaced install the cluster-wide Pod reads its ClusterRole grants."""
+    args = _run_args(render, "--set", "operator.metricsAddress=::", "--set", "operator.healthAddress=::",
+                     "--set", "operator.forbiddenTolerations={dedicated}")
+    assert "--metrics-address=::" in args and "--health-address=::" in args
+    assert [a for a in args if a.startswith("--forbid-toleration")] == ["--forbid-toleration=dedicated"]
+    args = _run_args(render, "--set-json", "operator.forbiddenTolerations=[]")
+    assert [a for a in args if a.startswith("--forbid-toleration")] == ["--forbid-toleration="]  # none forbidden
+    assert "--pods-all-namespaces" not in _run_args(render)  # cluster-wide: every Pod anyway
+    namespaced = ["--set", "watch.namespaced=true", "--set", "watch.namespaces={team-a}"]
+    assert "--pods-all-namespaces" in _run_args(render, *namespaced)
+    assert "--pods-all-namespaces" not in _run_args(render, *namespaced, "--set", "watch.podsAllNamespaces=false")
+
+
+def test_the_chart_args_parse_as_llama_operator_run(scenario):
+    """Every scenario's arguments are ones `llama-operator run` accepts (its own parser)."""
+    from llama_operator.cli import _bind_address, _forbidden_tolerations, build_parser
+
+    for name in SCENARIOS:
+        deploy = next(d for d in scenario(name) if d["kind"] == "Deployment")
+        args = build_parser().parse_args(deploy["spec"]["template"]["spec"]["containers"][0]["args"])
+        assert args.command == "run"
+        _bind_address("--metrics-address", args.metrics_address)
+        _bind_address("--health-address", args.health_address)
+        _forbidden_tolerations(args.forbid_toleration)

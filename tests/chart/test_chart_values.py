@@ -26,6 +26,11 @@ BAD_VALUES = {
     "unknown-runtime": ("metrics:\n  podMonitors:\n    runtimes: [ollama]\n", "/metrics/podMonitors/runtimes/0"),
     "service-type-enum": ("service:\n  type: ExternalName\n", "/service/type"),
     "digest-format": ("image:\n  digest: latest\n", "/image/digest"),
+    "metrics-address-hostname": ("operator:\n  metricsAddress: localhost\n", "/operator/metricsAddress"),
+    "health-address-with-port": ("operator:\n  healthAddress: 0.0.0.0:8081\n", "/operator/healthAddress"),
+    "forbidden-toleration-not-a-key": ("operator:\n  forbiddenTolerations: [a b]\n",
+                                       "/operator/forbiddenTolerations/0"),
+    "pods-all-namespaces-string": ("watch:\n  podsAllNamespaces: yes please\n", "/watch/podsAllNamespaces"),
 }
 
 

@@ -460,3 +460,22 @@ def _apart(llama_cluster) -> bool:
         return True
     except AssertionError:
         return False
+
+
+def test_a_toleration_of_everything_does_not_reach_control_plane_nodes(llama_cluster, run_operator, kubelet):
+    # The only L40S sits on a control-plane node; the spec tolerates every taint. The operator does not let
+    # LlamaDeployments tolerate control-plane taints: it plans on the worker's L4, and the pods it renders
+    # spell the key-less toleration out over the other taints only.
+    control = gpu_node("cp", "NVIDIA-L40S", 1, memory_mib=46068, compute="8.9")
+    control["spec"]["taints"].append({"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"})
+    llama_cluster.add_nodes([control, gpu_node("worker", "NVIDIA-L4", 1, memory_mib=23034, compute="8.9")])
+    run_operator(FAST)
+    manifest = example("chat.yaml")
+    llama_cluster.create(manifest, placement={"tolerations": [{"operator": "Exists"}]},
+                         slo={"ttftP95": "10s", "tpotP95": "1s"}, memoryBudget="48Gi", contextLength=4096)
+    st = llama_cluster.wait_phase("chat", "Ready")
+    assert st["plan"]["gpuProduct"] == "NVIDIA-L4"
+    assert any("node-role.kubernetes.io/control-plane" in n for n in st["notes"])
+    tolerations = only(llama_cluster.deployments(), "Deployment")["spec"]["template"]["spec"]["tolerations"]
+    assert all(t.get("key") for t in tolerations)  # no key-less toleration reaches the pod
+    assert not any(t["key"] == "node-role.kubernetes.io/control-plane" for t in tolerations)

@@ -3,6 +3,7 @@ example scenarios of the issue."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,16 @@ import yaml
 from llama_operator.api import parse_object
 from llama_operator.catalog import load_catalog
 from llama_operator.inventory import Inventory
-from llama_operator.planner import ladder_models, plan
+from llama_operator.planner import (
+    DEFAULT_FORBIDDEN_TOLERATIONS,
+    check_choice,
+    effective_tolerations,
+    ladder_models,
+    plan,
+    pod_tolerations,
+    reserve_plan,
+    with_pod_tolerations,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 2**30
@@ -31,6 +41,14 @@ def example_cluster(name: str) -> Inventory:
 def chosen(p):
     assert p.feasible and p.chosen is not None, p.fallback_reason or p.notes
     return p.chosen
+
+
+def only_stand_ins(p, *hardware: str) -> bool:
+    """Every candidate is a variant no node could run: rejected, with reasons, on a stand-in pool (no
+    hardware of the cluster, nothing estimated)."""
+    return bool(p.candidates) and all(
+        c.verdict == "rejected" and c.reasons and c.hardware in hardware and c.estimate is None
+        for c in p.candidates)
 
 
 def reasons_text(p, **match) -> str:
@@ -253,7 +271,8 @@ def test_allow_cpu_false_excludes_cpu_nodes(make_spec, make_inventory, make_node
     cpu_only = make_inventory(make_node("c1", cpu="32", memory="128Gi"))
     assert chosen(plan(make_spec(**tiny), cpu_only)).pool.gpu is None
     p = plan(make_spec(**tiny, fallback={"allowCPU": False}), cpu_only)
-    assert not p.feasible and not p.candidates
+    assert not p.feasible and only_stand_ins(p, "no GPU node")
+    assert all("fallback.allowCPU is false" in " ".join(c.reasons) for c in p.candidates)
     with_gpu = make_inventory(make_node("c1", cpu="32", memory="128Gi"), make_node("g", "NVIDIA-L4", 1))
     c = chosen(plan(make_spec(**tiny, fallback={"allowCPU": False}), with_gpu))
     assert c.pool.gpu is not None
@@ -407,8 +426,8 @@ def test_vision_models_are_never_planned_on_llamacpp(make_spec, make_inventory, 
 
 
 @pytest.mark.parametrize("model, product, marlin_floor", [
-    ("llama-3.1-8b-instruct", "Tesla-V100-SXM2-16GB", "7.5"),  # vLLM 0.34.0: FP8 Marlin needs 7.5
     ("llama-3.2-11b-vision-instruct", "Tesla-T4", "8.0"),  # vLLM 0.10.2 (Mllama): Fp8Config needs 8.0
+    ("llama-3.2-11b-vision-instruct", "Tesla-V100-SXM2-32GB", "8.0"),
 ])
 def test_fp8_needs_the_marlin_floor_of_its_release(make_spec, make_inventory, make_node, model, product, marlin_floor):
     p = plan(make_spec(model=model, runtime="vllm", fallback={"quantizations": ["fp8"], "allowSmallerModels": False}),
@@ -471,11 +490,13 @@ def test_fp8_weight_only_decodes_like_a_quantized_kernel():
         assert e.tpot_seconds == pytest.approx(expected), product
 
 
-@pytest.mark.parametrize("product", ["Tesla-V100-SXM2-16GB", "Tesla-V100-SXM2-32GB", "Tesla-T4"])
-def test_16bit_weights_run_as_fp16_below_compute_capability_8_0(make_spec, make_inventory, make_node, product):
+@pytest.mark.parametrize("model, product", [
+    ("llama-3.2-3b-instruct", "Tesla-T4"),  # vLLM 0.34.0
+    ("llama-3.2-11b-vision-instruct", "Tesla-V100-SXM2-32GB"),  # vLLM 0.10.2, whose image still has 7.0 kernels
+])
+def test_16bit_weights_run_as_fp16_below_compute_capability_8_0(make_spec, make_inventory, make_node, model, product):
     # A bf16 checkpoint runs with --dtype half where the GPU has no bf16: what every T4 user of vLLM does.
-    p = plan(make_spec(model="llama-3.2-3b-instruct", runtime="vllm", memoryBudget="16Gi",
-                       fallback={"allowSmallerModels": False}),
+    p = plan(make_spec(model=model, runtime="vllm", memoryBudget="32Gi", fallback={"allowSmallerModels": False}),
              make_inventory(make_node("g", product, 1)))
     c = chosen(p)
     assert (c.quant.id, c.kernel, c.runtime) == ("bf16", "fp16-cast", "vllm")
@@ -515,12 +536,28 @@ def test_no_quantized_kv_cache_below_compute_capability_8_0(make_spec, make_inve
     assert c.runtime == "llamacpp" and c.kv_cache_dtype == "q8_0"
 
 
-def test_awq_needs_turing_but_gptq_runs_on_volta(make_spec, make_inventory, make_node):
+def test_the_current_vllm_image_has_no_volta_kernels(make_spec, make_inventory, make_node):
+    # vLLM 0.34.0's image is compiled for 7.5 and up: text models on a V100 go to llama.cpp, with why.
+    p = plan(make_spec(fallback={"allowSmallerModels": False}), make_inventory(make_node("v", "Tesla-V100-SXM2-16GB", 1)))
+    refused = [c for c in p.candidates if c.runtime == "vllm"]
+    assert refused and all(c.reasons == ["vLLM 0.34.0: its image has no kernels below compute capability 7.5; "
+                                         "Tesla-V100-SXM2-16GB has 7.0"] for c in refused)
+    assert chosen(p).runtime == "llamacpp"
+
+
+def test_awq_needs_turing_but_gptq_runs_from_pascal(make_spec, make_inventory, make_node):
+    # vLLM 0.34.0 on a T4: AutoAWQConfig (7.5) and AutoGPTQConfig (6.0) both run, as their Marlin kernels.
     p = plan(make_spec(runtime="vllm", fallback={"quantizations": ["awq-int4", "gptq-int4"]}),
-             make_inventory(make_node("v", "Tesla-V100-SXM2-16GB", 1)))
-    awq = [c for c in p.candidates if c.quant.id == "awq-int4"]
-    assert awq and "awq needs compute capability >= 7.5" in awq[0].reasons[0]
-    assert chosen(p).quant.id == "gptq-int4" and chosen(p).kernel == "gptq_marlin"
+             make_inventory(make_node("t", "Tesla-T4", 1)))
+    assert {(c.quant.id, c.kernel) for c in p.candidates if c.feasible} == {("awq-int4", "awq_marlin"),
+                                                                           ("gptq-int4", "gptq_marlin")}
+    from llama_operator.engines import kernel_for, release
+    gptq = load_catalog().quantizations["gptq-int4"]
+    pascal = replace(load_catalog().find_gpu("Tesla-T4"), compute_capability="6.1")
+    awq = load_catalog().quantizations["awq-int4"]
+    model = load_catalog().model("llama-3.1-8b-instruct")
+    assert kernel_for(release("vllm-0.34.0"), model, gptq, pascal).id == "gptq_marlin"
+    assert kernel_for(release("vllm-0.34.0"), model, awq, pascal) is None
 
 
 def test_vision_models_have_no_vllm_image_for_amd(make_spec, make_inventory, make_node):
@@ -545,8 +582,72 @@ def test_vision_models_run_on_the_newest_vllm_that_serves_mllama(make_spec, make
 
 def test_vllm_is_never_offered_cpu_nodes(make_spec, make_inventory, make_node):
     p = plan(make_spec(model="llama-3.2-11b-vision-instruct"), make_inventory(make_node("c", cpu="64", memory="256Gi")))
-    assert not p.feasible and not p.candidates
+    assert not p.feasible and only_stand_ins(p, "no GPU node")  # listed, never on the CPU pool
     assert "GPU" in p.fallback_reason
+
+
+def test_every_variant_the_ladder_considers_is_a_candidate_even_without_hardware_for_its_runtime():
+    # The issue: a vision model on a CPU-only cluster answered with no candidates while its reasons named
+    # three variants. Each vLLM variant is now a rejected candidate on "no GPU node", saying why.
+    p = plan(example_spec("chat-11b-vision.yaml"), example_cluster("cpu-only.yaml"))
+    assert not p.feasible
+    assert [(c.model.id, c.quant.id) for c in p.candidates] == [
+        ("llama-3.2-11b-vision-instruct", q) for q in ("bf16", "fp8", "gptq-int4")]
+    for c in p.candidates:
+        assert c.verdict == "rejected" and c.hardware == "no GPU node" and c.estimate is None
+        assert c.reasons == [f"vLLM {c.engine.removeprefix('vllm-')} needs a GPU",
+                             "no ready GPU node matches the placement"]
+        assert c.to_dict()["gpuProduct"] is None and c.to_dict()["predicted"] is None
+    # the reason names the same variants the candidates list, rung by rung
+    assert p.fallback_reason.count("no GPU node: vLLM 0.10.2 needs a GPU") == 3
+    assert len(p.rejected) == 3
+
+
+def test_status_rejected_lists_the_variants_no_node_can_run():
+    from llama_operator.reconcile import _rejected
+
+    p = plan(example_spec("chat-11b-vision.yaml"), example_cluster("cpu-only.yaml"))
+    rejected = _rejected(p)
+    assert [(r.quantization, r.hardware) for r in rejected] == [
+        ("bf16", "no GPU node"), ("fp8", "no GPU node"), ("gptq-int4", "no GPU node")]
+    assert all("needs a GPU" in r.reasons[0] for r in rejected)
+
+
+def test_a_vllm_variant_without_a_gpu_node_is_listed_after_the_cpu_candidates(make_spec, make_inventory, make_node):
+    # 1B on CPU: the bf16 variant (vLLM) shares the first rung with f16 (llama.cpp); f16 runs on the CPU
+    # node and is chosen, bf16 is listed after it, rejected, on no GPU node.
+    tiny = dict(model="llama-3.2-1b-instruct", contextLength=4096,
+                slo={"ttftP95": "3s", "tpotP95": "200ms", "promptTokens": 256})
+    p = plan(make_spec(**tiny), make_inventory(make_node("c", cpu="32", memory="128Gi")))
+    c = chosen(p)
+    assert c.pool.gpu is None and c.runtime == "llamacpp" and c.rung == 0
+    first_rung = [x for x in p.candidates if x.rung == 0]
+    assert first_rung[0] is c
+    stand_in = [x for x in first_rung if x.hardware == "no GPU node"]
+    assert [x.quant.id for x in stand_in] == ["bf16"] and first_rung[-1] is stand_in[0]
+    assert not p.fallback and p.fallback_reason == ""
+
+
+def test_no_stand_in_candidate_when_some_pool_can_run_the_variant():
+    # Plans are otherwise unchanged: with a GPU pool, no vLLM variant is listed on "no GPU node", and a
+    # CPU pool never gets a vLLM attempt.
+    for example, cluster in (("chat-11b-vision.yaml", "l4-pool.yaml"), ("70b-tight-tpot.yaml", "mixed.yaml"),
+                             ("tiny-cpu.yaml", "mixed.yaml"), ("impossible.yaml", "h100-8x.yaml")):
+        p = plan(example_spec(example), example_cluster(cluster))
+        assert p.candidates and not any(c.pool.label for c in p.candidates), (example, cluster)
+        assert not any(c.pool.gpu is None and c.runtime == "vllm" for c in p.candidates)
+
+
+def test_no_node_matching_the_placement_lists_every_variant_with_why(make_spec, make_inventory, make_node):
+    inv = make_inventory(make_node("a", "NVIDIA-L4", 1, labels={"pool": "batch"}), make_node("c"))
+    p = plan(make_spec(model="llama-3.2-1b-instruct", placement={"nodeSelector": {"pool": "nowhere"}}), inv)
+    assert not p.feasible and only_stand_ins(p, "no GPU node", "no matching node")
+    vllm = [c for c in p.candidates if c.runtime == "vllm"]
+    llamacpp = [c for c in p.candidates if c.runtime == "llamacpp"]
+    assert vllm and all(c.hardware == "no GPU node" for c in vllm)
+    assert llamacpp and all(c.reasons == ["no ready node matches the placement"] for c in llamacpp)
+    # each rung the reason names has its candidates
+    assert {c.rung for c in p.candidates} == set(range(max(c.rung for c in p.candidates) + 1))
 
 
 # --- Placement -----------------------------------------------------------------------------------------
@@ -599,6 +700,87 @@ def test_cpu_node_taints(make_spec, make_inventory, make_node):
     assert chosen(plan(ok, tainted)).pool.gpu is None
 
 
+CONTROL_PLANE = {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}
+MASTER = {"key": "node-role.kubernetes.io/master", "effect": "NoSchedule"}
+DEDICATED = {"key": "dedicated", "value": "llm", "effect": "NoSchedule"}
+TINY = dict(model="llama-3.2-1b-instruct", contextLength=4096,
+            slo={"ttftP95": "5s", "tpotP95": "500ms", "promptTokens": 256})
+
+
+def test_effective_tolerations_drop_forbidden_keys_and_spell_out_a_keyless_one():
+    forbidden = DEFAULT_FORBIDDEN_TOLERATIONS
+    assert forbidden == {"node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"}
+    keys = ["dedicated", "node-role.kubernetes.io/control-plane", "nvidia.com/gpu"]
+    assert effective_tolerations([{"operator": "Exists"}], forbidden, keys) == [
+        {"key": "dedicated", "operator": "Exists"}, {"key": "nvidia.com/gpu", "operator": "Exists"}]
+    # effect and tolerationSeconds are kept; a toleration naming a forbidden key is dropped
+    assert effective_tolerations(
+        [{"operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+         {"key": "node-role.kubernetes.io/master", "operator": "Exists"},
+         {"key": "dedicated", "operator": "Equal", "value": "llm"}], forbidden, keys) == [
+        {"key": "dedicated", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+        {"key": "dedicated", "operator": "Equal", "value": "llm"}]
+    # no taint to spell it out over: nothing is left of a key-less toleration
+    assert effective_tolerations([{"operator": "Exists"}], forbidden, ["node-role.kubernetes.io/master"]) == []
+    # nothing forbidden: unchanged; duplicates collapse
+    assert effective_tolerations([{"operator": "Exists"}], frozenset(), keys) == [{"operator": "Exists"}]
+    assert effective_tolerations([{"operator": "Exists"}, {"key": "dedicated", "operator": "Exists"}],
+                                 forbidden, ["dedicated"]) == [{"key": "dedicated", "operator": "Exists"}]
+
+
+@pytest.mark.parametrize("taint", [CONTROL_PLANE, MASTER])
+@pytest.mark.parametrize("toleration", [{"operator": "Exists"}, {"operator": "Exists", "effect": "NoSchedule"},
+                                        {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"},
+                                        {"key": "node-role.kubernetes.io/master", "operator": "Exists"}])
+def test_tolerations_do_not_reach_control_plane_nodes(make_spec, make_inventory, make_node, taint, toleration):
+    inv = make_inventory(make_node("cp", cpu="64", memory="256Gi", taints=[taint]))
+    spec = make_spec(**TINY, placement={"tolerations": [toleration]})
+    p = plan(spec, inv)
+    assert not p.feasible and not [c for c in p.candidates if c.pool.label == ""]
+    if toleration.get("key") in (None, taint["key"]):
+        assert any(f"do not count for the taint(s) {taint['key']} (1 node(s))" in n for n in p.notes), p.notes
+    # the operator may be told to allow it (run --forbid-toleration=, an empty list)
+    if toleration.get("key") in (None, taint["key"]):
+        assert chosen(plan(spec, inv, forbidden_tolerations=frozenset())).pool.gpu is None
+
+
+def test_a_keyless_toleration_still_counts_for_the_other_taints(make_spec, make_inventory, make_node):
+    inv = make_inventory(make_node("cp", cpu="64", memory="256Gi", taints=[CONTROL_PLANE]),
+                         make_node("gpu", "NVIDIA-L4", 1, taints=[DEDICATED]))
+    spec = make_spec(**TINY, placement={"tolerations": [{"operator": "Exists"}]})
+    c = chosen(plan(spec, inv))
+    assert c.pool.gpu is not None and c.pool.gpu.product == "NVIDIA-L4"  # not the roomier control-plane node
+    assert plan(spec, inv).notes == [
+        "placement.tolerations do not count for the taint(s) node-role.kubernetes.io/control-plane (1 node(s)): the "
+        "operator does not let LlamaDeployments tolerate them (llama-operator run --forbid-toleration)",
+        "placement excluded 1 node(s)"]
+    # the pods carry what the planner counted: the wildcard spelt out over the L4 node's taints
+    chosen_plan = c.to_chosen_plan()
+    assert pod_tolerations(spec, inv, chosen_plan) == [{"key": "dedicated", "operator": "Exists"},
+                                                      {"key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert pod_tolerations(spec, inv, chosen_plan, frozenset()) == [{"operator": "Exists"}]
+    rendered = with_pod_tolerations(spec, inv, chosen_plan)
+    assert [t.model_dump(exclude_none=True) for t in rendered.placement.tolerations] == \
+        pod_tolerations(spec, inv, chosen_plan)
+    assert rendered.model_dump(exclude={"placement"}) == spec.model_dump(exclude={"placement"})
+    plain = make_spec(**TINY, placement={"tolerations": [{"key": "dedicated", "operator": "Exists"}]})
+    assert with_pod_tolerations(plain, inv, chosen_plan) is plain  # nothing to change: the same spec
+
+
+def test_reserve_and_check_choice_follow_the_same_rule(make_spec, make_inventory, make_node):
+    inv = make_inventory(make_node("cp", cpu="64", memory="256Gi", taints=[CONTROL_PLANE]),
+                         make_node("worker", cpu="64", memory="256Gi", taints=[DEDICATED]))
+    spec = make_spec(**TINY, placement={"tolerations": [{"operator": "Exists"}]})
+    c = chosen(plan(spec, inv, forbidden_tolerations=frozenset()))
+    taken = reserve_plan(inv, spec, c.to_chosen_plan(), 1)
+    assert taken.free["cp"] == inv.free["cp"] and taken.free["worker"] != inv.free["worker"]
+    assert check_choice(spec, inv, c.to_chosen_plan()) == []
+    only_cp = make_inventory(make_node("cp", cpu="64", memory="256Gi", taints=[CONTROL_PLANE]))
+    assert check_choice(spec, only_cp, c.to_chosen_plan()) != []
+    assert check_choice(spec, only_cp, c.to_chosen_plan(), forbidden_tolerations=frozenset()) == []
+
+
 @pytest.mark.parametrize("allowed", [["L4"], ["NVIDIA-L4"], ["l4"]])
 def test_gpu_products_with_aliases(make_spec, make_inventory, make_node, allowed):
     inv = make_inventory(make_node("h", "NVIDIA-H100-80GB-HBM3", 1), make_node("l", "NVIDIA-L4", 1),
@@ -621,7 +803,7 @@ def test_not_ready_and_cordoned_nodes_are_excluded(make_spec, make_inventory, ma
     p = plan(make_spec(), inv)
     assert {c.pool.gpu.product for c in p.candidates} == {"NVIDIA-L4"}
     p = plan(make_spec(), make_inventory(make_node("down", "NVIDIA-H100-80GB-HBM3", 1, ready=False)))
-    assert not p.feasible and not p.candidates
+    assert not p.feasible and only_stand_ins(p, "no GPU node", "no matching node")
 
 
 def test_unknown_gpu_product_plans_from_its_memory_label_with_a_note(make_spec, make_inventory, make_node):
