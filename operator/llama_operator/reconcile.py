@@ -178,7 +178,11 @@ def decide_objects(obs: Observed, decision: Decision, issues: list[ObjectIssue])
               for c in status.conditions]
     status.conditions = _conditions(prev.conditions, wanted, obs.now, obs.generation)
     events = [e for e in decision.events if e[1] not in ("Ready", "Degraded", REPLICA_FAILURE)]
-    if reason != WAITING_FOR_GC and (prev.phase != phase or prev.message != message):
+    # A Warning when a refusal or conflict is new, not when an object waiting for the garbage collector
+    # comes or goes beside one already said.
+    said = prev.message or ""
+    new_trouble = [i for i in issues if i.kind in ("refused", "conflict") and i.message not in said]
+    if reason != WAITING_FOR_GC and (prev.phase != phase or new_trouble):
         events.append((WARNING, reason, message))
     return replace(decision, status=status, events=events)
 

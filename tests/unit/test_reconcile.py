@@ -487,6 +487,10 @@ def test_an_object_held_by_someone_else_is_a_conflict_said_once(make_spec, clust
                            [ObjectIssue("conflict", CONFLICT_MSG)])
     assert again.events == [] and again.status.phase == "Degraded"  # ...is not said while the conflict holds
     assert condition(again.status, "Ready").lastTransitionTime == iso(T0)
+    # An object left for the garbage collector appearing beside it is no new trouble to warn about.
+    beside = decide_objects(observe(again.status, deployment=READY_1, now=T0 + timedelta(minutes=1)), later,
+                            [ObjectIssue("conflict", CONFLICT_MSG), ObjectIssue("superseded", "Service waits")])
+    assert beside.events == [] and "Service waits" in beside.status.message
 
     # Resolved (the Service was removed, the operator made its own): Ready, said once.
     resolved = decide(observe(again.status, deployment=READY_1, now=T0 + timedelta(minutes=2)), spec,
