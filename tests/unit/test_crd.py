@@ -371,14 +371,9 @@ def test_metadata_declares_only_the_name(schema):
 
 
 def _all_rules(node: dict, path: str = ""):
-    for rule in node.get("x-kubernetes-validations") or []:
-        yield path, node, rule
-    for key, child in (node.get("properties") or {}).items():
-        yield from _all_rules(child, f"{path}.{key}")
-    if isinstance(node.get("items"), dict):
-        yield from _all_rules(node["items"], f"{path}[]")
-    if isinstance(node.get("additionalProperties"), dict):
-        yield from _all_rules(node["additionalProperties"], f"{path}{{}}")
+    for where, sub in _walk(node, path):
+        for rule in sub.get("x-kubernetes-validations") or []:
+            yield where, sub, rule
 
 
 def test_every_field_path_names_a_field_of_the_schema(schema):

@@ -147,15 +147,6 @@ class GPU:
         """Dense 16-bit tensor throughput: BF16 where the GPU has it, else FP16."""
         return self.bf16_tflops or self.fp16_tflops or 0.0
 
-    def supports(self, feature: str | None) -> bool:
-        if feature is None:
-            return True
-        if feature == "bf16":
-            return self.bf16_tflops is not None
-        if feature == "fp8":
-            return self.fp8_tflops is not None
-        raise ValueError(f"unknown hardware feature {feature!r}")
-
 
 @dataclass(frozen=True)
 class CpuDefaults:

@@ -345,10 +345,11 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
     # What the pod may write to the node's disk: $HOME and /tmp, and the weights when they go to an emptyDir.
     home_size, tmp_size = SCRATCH[plan.runtime]
     on_disk = home_size + tmp_size
-    if cache_claim_name(owner, spec) is None:
+    claim = cache_claim_name(owner, spec)
+    if claim is None:
         on_disk += _download_bytes(weights)
     requests["ephemeral-storage"] = _quantity(on_disk)
-    rel = release(plan.engine or "") or release_for(model, plan.runtime)
+    rel = release(plan.engine or "")
     if rel is None or not rel.serves(model):  # a plan from an older catalog: its model's current release
         rel = release_for(model, plan.runtime)
     assert rel is not None, f"no engine release serves {model.id}"  # the planner never plans one
@@ -369,7 +370,6 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
     tolerations = [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
     if on_gpu:
         tolerations = [{"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"}] + tolerations
-    claim = cache_claim_name(owner, spec)
     cache = spec.source.cache
     token = spec.source.hfTokenSecretRef
     pinned = _pinned_image(rel, vendor)
