@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "operator"))
 from reliability_harness import (ANY, OWNED_KINDS, Cluster, Fault, chat_doc, orphans)  # noqa: E402
 
 from llama_operator.api import API_VERSION, KIND  # noqa: E402
-from llama_operator.render import LABEL_DEPLOYMENT  # noqa: E402
+from llama_operator.ownership import LABEL_DEPLOYMENT  # noqa: E402
 
 MODELS = ["llama-3.2-1b-instruct", "llama-3.2-3b-instruct", "llama-3.1-8b-instruct"]
 NAMESPACES = [f"soak-{i}" for i in range(5)]

@@ -6,10 +6,7 @@ models, so what the API server admits and what the operator accepts cannot drift
 """
 from __future__ import annotations
 
-import functools
 import re
-import reprlib
-from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -27,6 +24,8 @@ from pydantic import (
 )
 
 from .catalog import load_catalog, model_ids
+from .units import (DURATION_PATTERN, MAX_DURATION_LENGTH, MAX_QUANTITY_BYTES, MAX_QUANTITY_LENGTH,
+                    QUANTITY_PATTERN, parse_duration, parse_quantity, shown)
 
 GROUP = "llama-operator.dev"
 VERSION = "v1alpha1"
@@ -53,110 +52,11 @@ MAX_LABEL_VALUE_LENGTH = 63
 MAX_SUBDOMAIN_LENGTH = 253
 #: A label key or toleration key: an optional subdomain prefix and '/', then a name.
 MAX_LABEL_KEY_LENGTH = MAX_SUBDOMAIN_LENGTH + 1 + MAX_LABEL_VALUE_LENGTH
-#: The longest quantity or duration written as a string ("1073741824", "1.5Gi", "1m30s500ms" are far shorter).
-MAX_QUANTITY_LENGTH = 32
-MAX_DURATION_LENGTH = 32
-#: The largest quantity: what Kubernetes quantities hold (int64), about 8Ei.
-MAX_QUANTITY_BYTES = 2**63 - 1
 MAX_TOLERATIONS = 32
 MAX_NODE_SELECTOR_ENTRIES = 32
 MAX_GPU_PRODUCTS = 32
 
 # --- Durations and quantities -------------------------------------------------------------------------
-
-DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m))+$"
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
-
-QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
-_QUANTITY_SUFFIX = {
-    "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 3, 3, 3, 3
-_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
-
-
-def shown(value: Any) -> str:
-    """repr(value) for a message, cut short (a few levels, items and characters): a message never carries a
-    user's megabyte string, nor the expansion of a YAML alias bomb."""
-    if isinstance(value, int) and value.bit_length() > 1000:  # (repr of a 4300-digit int raises)
-        return f"a {'negative ' if value < 0 else ''}number of more than 300 digits"
-    text = _REPR.repr(value)
-    if isinstance(value, str) and len(value) > _REPR.maxstring:
-        text += f" ({len(value)} characters)"
-    return text
-
-
-def parse_duration(text: str) -> float:
-    """'500ms' -> 0.5, '1.5s' -> 1.5, '1m30s' -> 90.0 (Go-style, the units ms, s and m)."""
-    if not isinstance(text, str) or not re.fullmatch(DURATION_PATTERN, text[:MAX_DURATION_LENGTH + 1]):
-        raise ValueError(f"{shown(text)} is not a duration: write a number with a unit, e.g. 500ms, 1.5s or 2m")
-    if len(text) > MAX_DURATION_LENGTH:
-        raise ValueError(f"{shown(text)} is too long for a duration (at most {MAX_DURATION_LENGTH} characters), "
-                         "e.g. 500ms, 1.5s or 2m")
-    return _parse_duration(text)
-
-
-# The planner asks for a spec's SLO once per candidate. Only bounded strings reach the cache (at most
-# 4096 x MAX_DURATION_LENGTH characters): a user's long string cannot pin memory here.
-@functools.lru_cache(maxsize=4096)
-def _parse_duration(text: str) -> float:
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
-
-
-def parse_quantity(value: str | int) -> int:
-    """A Kubernetes quantity of bytes: '48Gi' -> 51539607552, '80G' -> 80e9, 1024 -> 1024.
-
-    At most MAX_QUANTITY_BYTES (what Kubernetes' int64 quantities hold); a number beyond it is an error
-    naming the limit, never an overflow further on."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a quantity")
-    if isinstance(value, int):
-        if value > MAX_QUANTITY_BYTES:
-            raise ValueError(f"{shown(value)} is too large: at most {MAX_QUANTITY_BYTES} bytes (8Ei), "
-                             "e.g. 48Gi or 80G")
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"{shown(value)} is not a quantity: write bytes with a suffix, e.g. 48Gi or 80G")
-    if len(value) > MAX_QUANTITY_LENGTH:
-        raise ValueError(f"{shown(value)} is too long for a quantity (at most {MAX_QUANTITY_LENGTH} characters): "
-                         "write bytes with a suffix, e.g. 48Gi or 80G")
-    return _parse_quantity(value)
-
-
-# The planner asks for a spec's memory budget once per candidate; the inventory for each node's memory.
-# Only strings of at most MAX_QUANTITY_LENGTH characters reach the cache.
-@functools.lru_cache(maxsize=4096)
-def _parse_quantity(value: str) -> int:
-    m = re.fullmatch(QUANTITY_PATTERN, value)
-    if not m:
-        raise ValueError(f"{shown(value)} is not a quantity: write bytes with a suffix, e.g. 48Gi or 80G")
-    try:
-        number = Decimal(m.group(1))
-    except InvalidOperation as e:  # pragma: no cover - the pattern admits only decimals
-        raise ValueError(f"{value!r} is not a quantity") from e
-    n = int(number * _QUANTITY_SUFFIX[m.group(3) or ""])
-    if n > MAX_QUANTITY_BYTES:
-        raise ValueError(f"{value!r} is too large: at most {MAX_QUANTITY_BYTES} bytes (8Ei), e.g. 48Gi or 80G")
-    return n
-
-
-def format_bytes(n: float) -> str:
-    """Bytes for people: GiB with one decimal above 1 GiB, MiB below."""
-    if n >= 2**30:
-        return f"{n / 2**30:.1f} GiB"
-    return f"{n / 2**20:.0f} MiB"
-
-
-def format_seconds(s: float) -> str:
-    if s < 1:
-        return f"{s * 1000:.0f}ms" if s >= 0.01 else f"{s * 1000:.1f}ms"
-    return f"{s:.2f}s"
-
 
 Duration = Annotated[str, StringConstraints(max_length=MAX_DURATION_LENGTH, pattern=DURATION_PATTERN)]
 

@@ -17,8 +17,9 @@ from typing import Any, Sequence
 import yaml
 
 from . import api
-from .api import SpecError, format_bytes, format_seconds
+from .api import SpecError
 from .catalog import load_catalog
+from .units import format_bytes, format_seconds, shown
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 1, 2
 
@@ -126,7 +127,7 @@ def _build_documents(loader) -> list[Any]:
                 visits += 1
                 is_map = cls is yaml.MappingStartEvent
                 if ev.tag not in (None, "!", _MAP if is_map else _SEQ):
-                    raise _Refused(f"the tag {api.shown(ev.tag)} is not supported (line {ev.start_mark.line + 1})")
+                    raise _Refused(f"the tag {shown(ev.tag)} is not supported (line {ev.start_mark.line + 1})")
                 if len(stack) >= MAX_YAML_DEPTH:
                     raise _Refused(f"nested deeper than {MAX_YAML_DEPTH} levels (line {ev.start_mark.line + 1})")
                 if ev.anchor is not None:
@@ -146,10 +147,10 @@ def _build_documents(loader) -> list[Any]:
             elif cls is yaml.AliasEvent:
                 hit = anchors.get(ev.anchor)
                 if hit is None:
-                    raise _Refused(f"the alias *{api.shown(ev.anchor)} has no anchor before it "
+                    raise _Refused(f"the alias *{shown(ev.anchor)} has no anchor before it "
                                    f"(line {ev.start_mark.line + 1})")
                 if hit is _BUSY:
-                    raise _Refused(f"the alias *{api.shown(ev.anchor)} is inside its own anchor (a recursive "
+                    raise _Refused(f"the alias *{shown(ev.anchor)} is inside its own anchor (a recursive "
                                    f"alias, line {ev.start_mark.line + 1})")
                 value, size = hit
                 visits += size
@@ -282,7 +283,7 @@ def load_deployment_objects(path: str) -> list[tuple[str, dict, api.LlamaDeploym
         try:
             found.append((name, meta, api.parse_object(doc)))
         except SpecError as e:
-            label = name if isinstance(name, str) and len(name) <= 100 else api.shown(name)
+            label = name if isinstance(name, str) and len(name) <= 100 else shown(name)
             raise UserError(_short(f"{path}: LlamaDeployment {label}:\n  " + "\n  ".join(e.problems))) from None
     if not found:
         raise UserError(f"{path}: no LlamaDeployment in the file (expected kind {api.KIND}, apiVersion {api.API_VERSION})")
@@ -304,7 +305,7 @@ def load_cluster_file(path: str):
         except Exception as e:  # noqa: BLE001 - a malformed manifest, whatever it trips on
             meta = doc.get("metadata")
             name = meta.get("name") if isinstance(meta, dict) else None
-            raise UserError(_short(f"{path}: {kind} {api.shown(name)} cannot be read: {type(e).__name__}: "
+            raise UserError(_short(f"{path}: {kind} {shown(name)} cannot be read: {type(e).__name__}: "
                                    f"{_short(str(e), 200)}")) from None
 
     parsed = [read("Node", d, node_from_manifest) for d in nodes]

@@ -55,7 +55,6 @@ import bisect
 import contextlib
 import copy
 import dataclasses
-import datetime
 import decimal
 import json
 import pathlib
@@ -75,6 +74,8 @@ import yaml
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal import parsing as kmock_parsing
 from kmock._internal import rendering as kmock_rendering
+
+from .units import utc_now
 
 __all__ = [
     'ClusterEmulator',
@@ -108,10 +109,6 @@ def _error(status: int, reason: str, message: str, **details: Any) -> kmock.Kube
 
 def _content_type(request: kmock.Request) -> str:
     return next((v for k, v in request.headers.items() if k.lower() == 'content-type'), '')
-
-
-def _now() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
 
 
 def _without_directives(patch: Any) -> Any:
@@ -606,14 +603,14 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if key in self.objects and not self.objects[key].deleted:
             raise _error(409, 'AlreadyExists', f'{resource.plural} "{meta["name"]}" already exists')
 
-        obj['metadata'].update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
+        obj['metadata'].update(uid=str(uuid.uuid4()), creationTimestamp=utc_now(), generation=1)
         for field in ('deletionTimestamp', 'deletionGracePeriodSeconds', 'resourceVersion'):
             obj['metadata'].pop(field, None)
         if resource == CRDS:
             self._declare_crd(obj)
             names = obj['spec']['names']
             obj['status'] = {'acceptedNames': names, 'conditions': [
-                {'type': t, 'status': 'True', 'reason': t, 'lastTransitionTime': _now()}
+                {'type': t, 'status': 'True', 'reason': t, 'lastTransitionTime': utc_now()}
                 for t in ('NamesAccepted', 'Established')
             ]}
         self._store(key, obj, 'ADDED')
@@ -708,7 +705,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if meta.get('deletionTimestamp'):
             return  # already being deleted, waiting for its finalizers
         if meta.get('finalizers'):
-            meta.update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
+            meta.update(deletionTimestamp=utc_now(), deletionGracePeriodSeconds=0)
             self._store(key, obj, 'MODIFIED')
         else:
             self._remove(key, cascade=cascade)
@@ -750,7 +747,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             self._store(key, {
                 'apiVersion': 'v1', 'kind': 'Namespace',
                 'metadata': {'name': name, 'uid': str(uuid.uuid4()),
-                             'creationTimestamp': _now(), 'generation': 1},
+                             'creationTimestamp': utc_now(), 'generation': 1},
                 'spec': {'finalizers': ['kubernetes']}, 'status': {'phase': 'Active'},
             }, 'ADDED')
 

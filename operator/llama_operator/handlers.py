@@ -44,13 +44,15 @@ import kopf
 from . import api, planner
 from .api import GROUP, PLURAL, VERSION, LlamaDeploymentStatus, SpecError, name_problems
 from .inventory import Inventory, Node, PodUsage, node_from_manifest, pod_usage
-from .kube import (BLOCKED, REFUSED, RESTORED, Applied, Live, Writer, api_message, canonical,
+from .kube import (BLOCKED, REFUSED, RESTORED, Applied, Live, Writer, api_message,
                    connection_info, event_body, is_current, rendered_fingerprint)
 from .metrics import OperatorMetrics
 from .peering import PeeringGate, own_priority
 from .reconcile import (OWNERSHIP_CONFLICT, WAITING_FOR_GC, WARNING, Decision, ObjectIssue,
                         Observed, decide, decide_invalid, decide_objects)
-from .render import HASH_ANNOTATION, LABEL_DEPLOYMENT, MANAGED_BY, Images, Owner, render
+from .ownership import FINALIZER, HASH_ANNOTATION, LABEL_DEPLOYMENT, MANAGED_BY, canonical
+from .render import Images, Owner, render
+from .units import parse_time
 from .workqueue import WorkQueue, Workers
 
 log = logging.getLogger("llama_operator")
@@ -58,7 +60,6 @@ log = logging.getLogger("llama_operator")
 LD = (GROUP, VERSION, PLURAL)
 #: The finalizer earlier builds had kopf put on every LlamaDeployment (for a daemon per object). No handler
 #: needs it now; kopf takes it off the objects that still carry it, because `configure` still names it.
-FINALIZER = "llama-operator.dev/finalizer"
 Key = tuple[str, str]  # (namespace, name)
 #: The kinds of owned objects the operator watches (and so never reads before writing).
 WATCHED_KINDS = ("Deployment", "Service")
@@ -455,7 +456,7 @@ async def run_pass(state: OperatorState, key: Key) -> None:
         delay = min(delay, settings.error_backoff_seconds)  # the claim is not watched: look again soon
     pending = decision.status.pendingChange if decision is not None else None
     if pending is not None:  # wake when the better plan has waited long enough
-        due = datetime.strptime(pending.since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) \
+        due = parse_time(pending.since) \
             + settings.upgrade_delay
         delay = min(delay, max(0.5, (due - datetime.now(timezone.utc)).total_seconds() + 0.5))
     state.queue.add_after(key, delay)

@@ -12,8 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, Iterable, Mapping
 
-from .api import parse_quantity
 from .catalog import GPU, load_catalog
+from .units import quantity_bytes, quantity_millis
 
 GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
 GPU_PRODUCT_LABELS = ("nvidia.com/gpu.product", "amd.com/gpu.product-name")
@@ -62,21 +62,6 @@ class ShapeGroup:
         for (gpus, _, _), count in self.free.items():
             out[gpus] += count
         return out
-
-
-def _quantity_millis(value: str | int | float) -> int:
-    """CPU quantity to millicores: '32' -> 32000, '7910m' -> 7910."""
-    text = str(value)
-    if text.endswith("m"):
-        return int(float(text[:-1]))
-    return int(float(text) * 1000)
-
-
-def _resource_bytes(value) -> int:
-    try:
-        return parse_quantity(value)
-    except ValueError:
-        return 0
 
 
 #: GFD's label for the device memory of a node's GPUs: the NVML total in MiB, as an integer string.
@@ -200,7 +185,7 @@ def node_from_manifest(node: dict) -> Node:
     labels = dict(meta.get("labels") or {})
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     gpu = _node_gpu(labels)
-    gpus = sum(int(_resource_bytes(allocatable.get(r, 0))) for r in GPU_RESOURCES)
+    gpus = sum(quantity_bytes(allocatable.get(r, 0)) for r in GPU_RESOURCES)
     if gpu is None or gpus == 0:
         gpu, gpus = None, 0
     cpu_defaults = load_catalog().cpu
@@ -215,8 +200,8 @@ def node_from_manifest(node: dict) -> Node:
     shape = Shape(
         gpu=gpu,
         gpus_per_node=gpus,
-        cpu_millis=_quantity_millis(allocatable.get("cpu", 0)),
-        memory_bytes=_resource_bytes(allocatable.get("memory", 0)),
+        cpu_millis=quantity_millis(allocatable.get("cpu", 0)),
+        memory_bytes=quantity_bytes(allocatable.get("memory", 0)),
         cpu_bandwidth_gbps=bandwidth,
         labels=tuple(sorted((k, v) for k, v in labels.items() if k not in PER_NODE_LABELS)),
         taints=taints,
@@ -244,11 +229,11 @@ def pod_usage(pod: dict) -> PodUsage | None:
     for container in spec.get("containers") or []:
         resources = container.get("resources") or {}
         requests = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
-        gpus += sum(int(_resource_bytes(requests.get(r, 0))) for r in GPU_RESOURCES)
+        gpus += sum(quantity_bytes(requests.get(r, 0)) for r in GPU_RESOURCES)
         if "cpu" in requests:
-            cpu += _quantity_millis(requests["cpu"])
+            cpu += quantity_millis(requests["cpu"])
         if "memory" in requests:
-            mem += _resource_bytes(requests["memory"])
+            mem += quantity_bytes(requests["memory"])
     return PodUsage(node=node, gpus=gpus, cpu_millis=cpu, memory_bytes=mem)
 
 
@@ -428,11 +413,3 @@ def _move(counter: Counter, before, now) -> None:
     else:
         del counter[before]
     counter[now] += 1
-
-
-def synthetic_nodes(shapes: Mapping[str, tuple[Shape, int]]) -> list[Node]:
-    """Nodes for benchmarks and tests: `count` nodes of each shape, named `<prefix>-<i>`."""
-    out = []
-    for prefix, (shape, count) in shapes.items():
-        out.extend(Node(name=f"{prefix}-{i}", shape=replace(shape), ready=True) for i in range(count))
-    return out

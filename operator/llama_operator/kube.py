@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import re
 import logging
 import os
 import random
@@ -46,8 +45,6 @@ import uuid
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, NamedTuple, TypeVar
 
 import kopf
@@ -57,7 +54,9 @@ from kubernetes.dynamic.exceptions import ConflictError, DynamicApiError, NotFou
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from .api import API_VERSION, KIND
-from .render import HASH_ANNOTATION, sha256_hex
+from .ownership import (HASH_ANNOTATION, OUR_ANNOTATION_PREFIXES, OUR_LABEL_PREFIXES, canonical, owner_uid,
+                        sha256_hex)
+from .units import quantity_exact, utc_now
 
 
 USER_AGENT = "llama-operator"
@@ -207,10 +206,6 @@ _cache_lock = threading.Lock()
 
 # --- what the operator owns of an object, with what the API server adds taken out -----------------------
 
-#: Label and annotation keys the operator writes; others' keys on its objects are theirs (kubectl's,
-#: the Deployment controller's revision, `kubectl rollout restart`'s restartedAt), and are left alone.
-OUR_LABEL_PREFIXES = ("llama-operator.dev/", "app.kubernetes.io/")
-OUR_ANNOTATION_PREFIXES = ("llama-operator.dev/",)
 #: Service fields the API server allocates: any value is the server's, not a change.
 SERVICE_ASSIGNED = ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy")
 # Defaults the API server fills in (k8s.io/kubernetes pkg/apis/{apps,core}/v1/defaults.go). A field that
@@ -225,39 +220,12 @@ _PROBE_DEFAULTS = {"timeoutSeconds": 1, "periodSeconds": 10, "successThreshold":
 _SERVICE_DEFAULTS = {"type": "ClusterIP", "sessionAffinity": "None", "internalTrafficPolicy": "Cluster",
                      "externalTrafficPolicy": "Cluster", "allocateLoadBalancerNodePorts": True}
 _VOLUME_MODES = ("secret", "configMap", "downwardAPI", "projected")
-_QUANTITY = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:(Ki|Mi|Gi|Ti|Pi|Ei)|(m|k|M|G|T|P|E)|[eE]([+-]?\d+))?")
-_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {"m": Decimal("0.001"), "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9,
-            "T": Decimal(10) ** 12, "P": Decimal(10) ** 15, "E": Decimal(10) ** 18}
-
-
-def quantity_value(value: Any) -> Any:
-    """A Kubernetes quantity as an exact decimal string ('16Gi' and '16384Mi' alike), so the server's
-    canonical form of a quantity is not taken for a change; anything else as it is."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return value
-    m = _QUANTITY.fullmatch(str(value).strip())
-    if m is None:
-        return value
-    try:
-        number = Decimal(m.group(1))
-    except InvalidOperation:
-        return value
-    if m.group(2):
-        number *= _BINARY[m.group(2)]
-    elif m.group(3):
-        number *= _DECIMAL[m.group(3)]
-    elif m.group(4):
-        number *= Decimal(10) ** int(m.group(4))
-    return format(number.normalize(), "f")
-
-
 def _without(d: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not (k in defaults and v == defaults[k])}
 
 
 def _quantities(d: Any) -> Any:
-    return {k: quantity_value(v) for k, v in d.items()} if isinstance(d, Mapping) else d
+    return {k: quantity_exact(v) for k, v in d.items()} if isinstance(d, Mapping) else d
 
 
 def _default_pull_policy(image: Any) -> str:
@@ -312,7 +280,7 @@ def _norm_volume(v: Any) -> Any:
         if isinstance(out.get(mode), Mapping):
             out[mode] = _without(out[mode], {"defaultMode": 420})
     if isinstance(out.get("emptyDir"), Mapping) and "sizeLimit" in out["emptyDir"]:
-        out["emptyDir"] = {**out["emptyDir"], "sizeLimit": quantity_value(out["emptyDir"]["sizeLimit"])}
+        out["emptyDir"] = {**out["emptyDir"], "sizeLimit": quantity_exact(out["emptyDir"]["sizeLimit"])}
     if isinstance(out.get("hostPath"), Mapping):
         out["hostPath"] = _without(out["hostPath"], {"type": ""})
     return out
@@ -399,11 +367,6 @@ def rendered_fingerprint(obj: Mapping[str, Any]) -> str:
                     del _rendered_fingerprints[next(iter(_rendered_fingerprints))]
                 _rendered_fingerprints[key] = found
     return found
-
-
-def owner_uid(obj: Mapping[str, Any]) -> str | None:
-    """The uid of a rendered object's controller (the LlamaDeployment it is rendered for)."""
-    return next((r.get("uid") for r in obj["metadata"].get("ownerReferences") or [] if r.get("controller")), None)
 
 
 def is_current(obj: Mapping[str, Any], live: Live | None, accepted: tuple[str, str] | None = None) -> bool:
@@ -755,7 +718,7 @@ def event_body(involved: dict, type_: str, reason: str, message: str, instance: 
     the status the transition starts from) and the event itself, so posting it again, from a retry or
     from a restarted operator redoing the same pass, is answered 409 instead of making a second Event.
     Without a seed the name is random."""
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = utc_now()
     if len(message) > EVENT_MESSAGE_LIMIT:
         message = message[:EVENT_MESSAGE_LIMIT - 3] + "..."
     if seed is None:
@@ -794,7 +757,3 @@ def _short(e: BaseException) -> str:
 def _escape(key: str) -> str:
     """JSON pointer escaping (RFC 6901) for label keys like llama-operator.dev/model."""
     return key.replace("~", "~0").replace("/", "~1")
-
-
-def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

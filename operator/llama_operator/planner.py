@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Collection, Iterable
 
-from .api import LlamaDeploymentSpec, format_bytes, format_seconds
+from .api import LlamaDeploymentSpec
 from .catalog import GPU, Model, Quantization, load_catalog
 from .engines import kernel_for, release_for, support_problem
 from .estimate import (
@@ -34,6 +34,7 @@ from .estimate import (
     estimate,
 )
 from .inventory import GPU_RESOURCES, PER_NODE_LABELS, Inventory, Node, Shape, ShapeGroup
+from .units import format_bytes, format_seconds
 
 #: Bits below which a quantization is used only when the spec lists it ("down to 4-bit by default").
 DEFAULT_MIN_BITS = 4

@@ -19,7 +19,7 @@ fits, the owned Deployment's status, the time) and carry out the Decision. Rules
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from .api import (
     ChosenPlan,
@@ -32,7 +32,8 @@ from .api import (
 )
 from .catalog import load_catalog
 from .planner import STATUS_REJECTED_LIMIT, Plan, rank
-from .render import endpoint
+from .ownership import endpoint
+from .units import format_time, parse_time
 
 NORMAL, WARNING = "Normal", "Warning"
 #: Condition and Event reasons of what writing the owned objects came to (decide_objects), and of a
@@ -65,14 +66,6 @@ class Decision:
     outcome: str = "requested"  # requested | fallback | infeasible | invalid (for metrics)
 
 
-def _iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_iso(s: str) -> datetime:
-    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-
-
 def _conditions(previous: list[Condition], wanted: list[tuple[str, str, str, str]], now: datetime,
                 generation: int) -> list[Condition]:
     """Conditions with lastTransitionTime kept while their status does not change (API conventions)."""
@@ -80,7 +73,7 @@ def _conditions(previous: list[Condition], wanted: list[tuple[str, str, str, str
     out = []
     for ctype, status, reason, message in wanted:
         old = before.get(ctype)
-        since = old.lastTransitionTime if old is not None and old.status == status else _iso(now)
+        since = old.lastTransitionTime if old is not None and old.status == status else format_time(now)
         out.append(Condition(type=ctype, status=status, reason=reason, message=message,
                              lastTransitionTime=since, observedGeneration=generation))
     return out
@@ -226,16 +219,16 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
             # Status keeps whole seconds: round up, so the wait is never shorter than the delay.
             since = obs.now.replace(microsecond=0) + (timedelta(seconds=1) if obs.now.microsecond else timedelta())
             if old_pending is not None and old_pending.plan.same_choice(new):
-                since = _parse_iso(old_pending.since)
+                since = parse_time(old_pending.since)
             if obs.now - since >= obs.upgrade_delay:
                 apply = new
                 verb = "Upgraded" if better else "Replanned"
                 events.append((NORMAL, verb, f"Capacity stable for {int(obs.upgrade_delay.total_seconds())}s: moving "
                                f"from {current.variant} to {_choice(plan)}"))
             else:
-                pending = PendingChange(plan=new, since=_iso(since), reason=(
+                pending = PendingChange(plan=new, since=format_time(since), reason=(
                     f"{plan.chosen.describe()} became possible; moving once the capacity has been stable until "
-                    f"{_iso(since + obs.upgrade_delay)}"))
+                    f"{format_time(since + obs.upgrade_delay)}"))
                 if old_pending is None or not old_pending.plan.same_choice(new):
                     events.append((NORMAL, "UpgradePending", pending.reason))
 

@@ -23,9 +23,10 @@ import yaml
 from .api import API_VERSION, KIND
 from .crd import crd_manifest
 from .handlers import Settings
-from .inventory import GPU_RESOURCES, _quantity_millis, _resource_bytes
-from .render import LABEL_DEPLOYMENT, MANAGED_BY
+from .inventory import GPU_RESOURCES
+from .ownership import LABEL_DEPLOYMENT, MANAGED_BY
 from .runner import RunOptions, run_async
+from .units import quantity_bytes, quantity_millis
 
 #: The example LlamaDeployments and clusters the sandbox uses by default: package data, so an installed
 #: package has them too (the repository's top-level examples/ links to these files).
@@ -52,9 +53,9 @@ def _requests(pod_spec: dict) -> tuple[int, int, int]:
     gpus = cpu = mem = 0
     for c in pod_spec.get("containers") or []:
         r = {**((c.get("resources") or {}).get("limits") or {}), **((c.get("resources") or {}).get("requests") or {})}
-        gpus += sum(int(_resource_bytes(r.get(k, 0))) for k in GPU_RESOURCES)
-        cpu += _quantity_millis(r["cpu"]) if "cpu" in r else 0
-        mem += _resource_bytes(r["memory"]) if "memory" in r else 0
+        gpus += sum(quantity_bytes(r.get(k, 0)) for k in GPU_RESOURCES)
+        cpu += quantity_millis(r["cpu"]) if "cpu" in r else 0
+        mem += quantity_bytes(r["memory"]) if "memory" in r else 0
     return gpus, cpu, mem
 
 
@@ -179,8 +180,8 @@ class SimulatedKubelet:
 
 def _capacity(node: dict) -> tuple[int, int, int]:
     alloc = (node.get("status") or {}).get("allocatable") or {}
-    return (sum(int(_resource_bytes(alloc.get(k, 0))) for k in GPU_RESOURCES),
-            _quantity_millis(alloc.get("cpu", 0)), _resource_bytes(alloc.get("memory", 0)))
+    return (sum(quantity_bytes(alloc.get(k, 0)) for k in GPU_RESOURCES),
+            quantity_millis(alloc.get("cpu", 0)), quantity_bytes(alloc.get("memory", 0)))
 
 
 class SandboxOperator:

@@ -19,7 +19,8 @@ from llama_operator.handlers import Settings
 from llama_operator.inventory import Inventory
 from llama_operator.catalog import load_catalog
 from llama_operator.engines import release_for
-from llama_operator.render import HASH_ANNOTATION, Owner, render
+from llama_operator.ownership import HASH_ANNOTATION
+from llama_operator.render import Owner, render
 from llama_operator.sandbox import load_docs
 from operator_kit import CLUSTERS, arg, container, example, gpu_node, gpu_product_affinity, holds_for, wait_until
 

@@ -27,7 +27,7 @@ from kubernetes.dynamic.exceptions import NotFoundError
 
 from llama_operator.api import KIND
 from llama_operator.emulator import CLAIMS, DEPLOYMENTS
-from llama_operator.render import LABEL_DEPLOYMENT, MANAGED_BY
+from llama_operator.ownership import LABEL_DEPLOYMENT, MANAGED_BY
 from llama_operator.sandbox import SimulatedKubelet
 from reliability_cases import GUARD_CASES
 from reliability_harness import Cluster, chat_doc, fast_settings, wait_until, writes_by_port

@@ -12,7 +12,7 @@ import tracemalloc
 
 import pytest
 
-from llama_operator import api, planner
+from llama_operator import api, planner, units
 from llama_operator import render as R
 from llama_operator.api import parse_spec
 
@@ -109,11 +109,11 @@ def test_the_bounded_cache_evicts_the_least_recently_used_by_entries_and_bytes()
 
 
 def test_the_parse_caches_hold_only_short_strings(spec_dict):
-    api._parse_duration.cache_clear()
-    api._parse_quantity.cache_clear()
+    units._parse_duration.cache_clear()
+    units._parse_quantity.cache_clear()
     for i in range(50):
         with pytest.raises(api.SpecError):
             parse_spec(spec_dict(memoryBudget=f"{i}" * 40_000, slo={"ttftP95": "1" * 40_000 + "s"}))
         parse_spec(spec_dict(memoryBudget=f"{i + 1}Gi", slo={"ttftP95": f"{i + 1}s"}))
-    assert api._parse_quantity.cache_info().currsize <= 50
-    assert api._parse_duration.cache_info().currsize <= 51
+    assert units._parse_quantity.cache_info().currsize <= 50
+    assert units._parse_duration.cache_info().currsize <= 51

@@ -30,8 +30,8 @@ from llama_operator import planner
 from llama_operator.catalog import CATALOG_DIR, load_catalog
 from llama_operator.engines import rejected_arguments, release, releases
 from llama_operator.api import API_VERSION, KIND, ChosenPlan, LlamaDeploymentSpec
-from llama_operator.render import HASH_ANNOTATION, LABEL_DEPLOYMENT, LABEL_RUNTIME, MODEL_SERVER_UID, Images, Owner, \
-    content_hash, endpoint, render
+from llama_operator.ownership import HASH_ANNOTATION, LABEL_DEPLOYMENT, LABEL_RUNTIME, content_hash, endpoint
+from llama_operator.render import MODEL_SERVER_UID, Images, Owner, render
 
 # The Pod Security Standard checker of the chart tests (one rule per check), reused for the model pods.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chart"))

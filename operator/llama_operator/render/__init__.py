@@ -29,13 +29,9 @@ from ..api import API_VERSION, KIND, ChosenPlan, LlamaDeploymentSpec
 from ..catalog import _load_yaml, load_catalog
 from ..engines import EngineRelease, kernel_for, release, release_for
 from ..estimate import LLAMACPP_GPU_THREADS, host_requests, weights_bytes
+from ..ownership import HASH_ANNOTATION, LABEL_RUNTIME, PORTS, content_hash, selector_labels
 
 TEMPLATES = Path(__file__).resolve().parent
-HASH_ANNOTATION = "llama-operator.dev/spec-hash"
-LABEL_DEPLOYMENT = "llama-operator.dev/llamadeployment"
-LABEL_RUNTIME = "llama-operator.dev/runtime"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "llama-operator"}
-PORTS = {"vllm": 8000, "llamacpp": 8080}
 GiB = 2**30
 #: The user every non-root model server runs as: the UID vLLM's image creates for itself (catalog/engines.yaml,
 #: vllm-0.34.0 runAs), also given to images that run as any UID (llama.cpp), so a cache claim several
@@ -204,15 +200,6 @@ class _BoundedCache:
 _RENDERED_LIMIT = 512
 _RENDERED_BYTES = 8 * 2**20
 _rendered = _BoundedCache(_RENDERED_LIMIT, _RENDERED_BYTES)
-
-
-def selector_labels(name: str) -> dict[str, str]:
-    """What the Deployment and Service select on: stable across runtimes and variants."""
-    return {LABEL_DEPLOYMENT: name, **MANAGED_BY}
-
-
-def endpoint(name: str, namespace: str, runtime: str) -> str:
-    return f"http://{name}.{namespace}.svc:{PORTS[runtime]}/v1"
 
 
 def cache_claim_name(owner: Owner, spec: LlamaDeploymentSpec) -> str | None:
@@ -423,32 +410,6 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "api_key_key": api_key.key if api_key else None,
         "network_policy_peers": _network_policy_peers(spec),
     }
-
-
-#: hashlib lets go of the GIL to hash 2048 bytes or more in one call. The operator hashes in the event loop's
-#: thread, and taking the GIL back from a busy writer thread can cost it milliseconds per hash; pieces
-#: below that size give the same digest without letting go.
-_HASH_PIECE = 2047
-
-
-def sha256_hex(text: str) -> str:
-    """The sha256 of `text` (UTF-8), in hex, computed without releasing the GIL (see _HASH_PIECE)."""
-    data = text.encode()
-    digest = hashlib.sha256()
-    for start in range(0, len(data), _HASH_PIECE):
-        digest.update(data[start:start + _HASH_PIECE])
-    return digest.hexdigest()
-
-
-def content_hash(obj: dict) -> str:
-    """sha256 of the object as written, without its own hash annotation."""
-    if obj.get("metadata"):
-        meta = dict(obj["metadata"])
-        annotations = {k: v for k, v in (meta.pop("annotations", None) or {}).items() if k != HASH_ANNOTATION}
-        if annotations:  # no annotations and an empty map hash alike
-            meta["annotations"] = annotations
-        obj = {**obj, "metadata": meta}
-    return sha256_hex(json.dumps(obj, sort_keys=True, separators=(",", ":")))[:16]
 
 
 def render(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images = Images()) -> list[dict]:

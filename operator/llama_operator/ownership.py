@@ -1,0 +1,71 @@
+"""How the operator marks what it owns, and how it names and reaches it: label and annotation keys, the
+content hash, the finalizer, the Service's port and endpoint, and the controller uid of an object.
+
+A ground-floor module: the renderer writes these marks, the Writer and the shell read them, the sandbox's
+kubelet selects by them. It imports nothing of the project.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+LABEL_DEPLOYMENT = "llama-operator.dev/llamadeployment"
+LABEL_RUNTIME = "llama-operator.dev/runtime"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "llama-operator"}
+#: The content hash of a rendered object, written on it so a pass knows what it last rendered.
+HASH_ANNOTATION = "llama-operator.dev/spec-hash"
+FINALIZER = "llama-operator.dev/finalizer"
+#: Label and annotation keys the operator writes; others' keys on its objects are theirs (kubectl's,
+#: the Deployment controller's revision, `kubectl rollout restart`'s restartedAt), and are left alone.
+OUR_LABEL_PREFIXES = ("llama-operator.dev/", "app.kubernetes.io/")
+OUR_ANNOTATION_PREFIXES = ("llama-operator.dev/",)
+#: The port of each runtime's Service and container.
+PORTS = {"vllm": 8000, "llamacpp": 8080}
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """What the Deployment and Service select on: stable across runtimes and variants."""
+    return {LABEL_DEPLOYMENT: name, **MANAGED_BY}
+
+
+def endpoint(name: str, namespace: str, runtime: str) -> str:
+    """The OpenAI-compatible base URL of a deployment's Service, inside the cluster."""
+    return f"http://{name}.{namespace}.svc:{PORTS[runtime]}/v1"
+
+
+def owner_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of a rendered object's controller (the LlamaDeployment it is rendered for)."""
+    return next((r.get("uid") for r in obj["metadata"].get("ownerReferences") or [] if r.get("controller")), None)
+
+
+def canonical(obj: Any) -> str:
+    """JSON with sorted keys and no spaces: equal objects, equal text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+#: hashlib lets go of the GIL to hash 2048 bytes or more in one call. The operator hashes in the event loop's
+#: thread, and taking the GIL back from a busy writer thread can cost it milliseconds per hash; pieces
+#: below that size give the same digest without letting go.
+_HASH_PIECE = 2047
+
+
+def sha256_hex(text: str) -> str:
+    """The sha256 of `text` (UTF-8), in hex, computed without releasing the GIL (see _HASH_PIECE)."""
+    data = text.encode()
+    digest = hashlib.sha256()
+    for start in range(0, len(data), _HASH_PIECE):
+        digest.update(data[start:start + _HASH_PIECE])
+    return digest.hexdigest()
+
+
+def content_hash(obj: dict) -> str:
+    """sha256 of the object as written, without its own hash annotation."""
+    if obj.get("metadata"):
+        meta = dict(obj["metadata"])
+        annotations = {k: v for k, v in (meta.pop("annotations", None) or {}).items() if k != HASH_ANNOTATION}
+        if annotations:  # no annotations and an empty map hash alike
+            meta["annotations"] = annotations
+        obj = {**obj, "metadata": meta}
+    return sha256_hex(canonical(obj))[:16]
