@@ -628,7 +628,7 @@ def cmd_run(args) -> int:
     from datetime import timedelta
 
     from .handlers import Settings
-    from .kube import ConfigError
+    from .kubeclient import ConfigError
     from .runner import RunOptions, configure_logging, run_async, tune_gc
 
     if args.metrics_port == args.health_port:

@@ -44,8 +44,9 @@ import kopf
 from . import api, planner
 from .api import GROUP, PLURAL, VERSION, LlamaDeploymentStatus, SpecError, name_problems
 from .inventory import Inventory, Node, PodUsage, node_from_manifest, pod_usage
-from .kube import (BLOCKED, REFUSED, RESTORED, Applied, Live, Writer, api_message,
-                   connection_info, event_body, is_current, rendered_fingerprint)
+from .kube import BLOCKED, REFUSED, RESTORED, Applied, Writer, event_body
+from .kubeclient import api_message, connection_info
+from .live import Live, is_current, rendered_fingerprint
 from .metrics import OperatorMetrics
 from .peering import PeeringGate, own_priority
 from .reconcile import (OWNERSHIP_CONFLICT, WAITING_FOR_GC, WARNING, Decision, ObjectIssue,
