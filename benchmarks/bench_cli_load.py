@@ -9,7 +9,7 @@ that these files work or are refused): timings depend on the machine and its loa
   a multi-document YAML file, as one `kind: List` (what `kubectl get nodes -o yaml` writes) and as JSON
   (`-o json`); for each, `plan -f examples/chat.yaml --cluster FILE` in a process of its own: wall time and
   peak resident memory (median of --repeats), and in this process the seconds spent reading the file
-  (cli._load_documents) against PyYAML's pure-Python safe loader (what `plan` used before, the
+  (loading._load_documents) against PyYAML's pure-Python safe loader (what `plan` used before, the
   ``baseline``; skipped with --no-baseline: it takes minutes) and libyaml's CSafeLoader as PyYAML builds with
   it;
 * ``alias_bomb``: a 700-byte "billion laughs" LlamaDeployment (9 levels of 9 aliases): `plan` in a process
@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import synthetic  # noqa: E402
 
-from llama_operator import cli  # noqa: E402
+from llama_operator import loading  # noqa: E402
 
 CHAT = ROOT / "examples" / "chat.yaml"
 # The CLI in a process of its own, printing its peak resident memory last (VmHWM: ru_maxrss would carry this
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             text = path.read_text()
             entry = {"file": label, "megabytes": round(len(text) / 1e6, 1),
                      "plan": median_run(args.repeats, "plan", "-f", CHAT, "--cluster", path),
-                     "read_seconds": timed(lambda: cli._load_documents(str(path), cli.MAX_CLUSTER_FILE_BYTES))}
+                     "read_seconds": timed(lambda: loading._load_documents(str(path), loading.MAX_CLUSTER_FILE_BYTES))}
             if hasattr(yaml, "CSafeLoader"):
                 entry["read_seconds_pyyaml_csafeloader"] = timed(
                     lambda: list(yaml.load_all(text, Loader=yaml.CSafeLoader)))

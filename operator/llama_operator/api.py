@@ -1,8 +1,9 @@
-"""The LlamaDeployment API: spec and status models, the one source of truth for the CRD.
+"""The LlamaDeployment API: its group, version and kind, the spec models, and parsing a user's object.
 
-`llama-operator crd` turns these models into crds/llamadeployments.yaml (structural schema with
-descriptions, defaults, enums, CEL rules). The operator and the CLI parse user objects with the same
-models, so what the API server admits and what the operator accepts cannot drift apart.
+The models here (the spec) and in status.py are the one source of truth for the CRD: `llama-operator
+crd` turns them into crds/llamadeployments.yaml (structural schema with descriptions, defaults, enums,
+CEL rules). The operator and the CLI parse user objects with the same models, so what the API server
+admits and what the operator accepts cannot drift apart.
 """
 from __future__ import annotations
 
@@ -10,9 +11,6 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
@@ -24,6 +22,9 @@ from pydantic import (
 )
 
 from .catalog import load_catalog, model_ids
+from .fields import (LABEL_VALUE_PATTERN, MAX_GPU_PRODUCTS, MAX_LABEL_KEY_LENGTH, MAX_LABEL_VALUE_LENGTH,
+                     MAX_TOLERATIONS, QUALIFIED_NAME_PATTERN, QUALIFIED_PREFIX_CEL, ApiModel, LabelMap, LabelValue,
+                     SecretKey, checked_by, label_key_problem, label_value_problem, name_problems, object_name)
 from .units import (DURATION_PATTERN, MAX_DURATION_LENGTH, MAX_QUANTITY_BYTES, MAX_QUANTITY_LENGTH,
                     QUANTITY_PATTERN, parse_duration, parse_quantity, shown)
 
@@ -38,151 +39,16 @@ SHORT_NAMES = ["llamad"]
 VLLM_QUANTIZATIONS = ["bf16", "fp8", "awq-int4", "gptq-int4"]
 GGUF_QUANTIZATIONS = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k"]
 QUANTIZATIONS = VLLM_QUANTIZATIONS + GGUF_QUANTIZATIONS
-PHASES = ["Pending", "Deploying", "Ready", "Degraded", "Unschedulable", "Invalid"]
-
-# --- Bounds -------------------------------------------------------------------------------------------
-# Every string, list and map of a spec is bounded, here and (the same numbers) in the CRD, so neither the
-# API server nor the operator holds more than a few kilobytes per LlamaDeployment.
-
-#: metadata.name names the Service (a DNS-1035 label) and is a label value: at most 63 characters.
-MAX_NAME_LENGTH = 63
-#: A label value, the name part of a label key (Kubernetes' limits).
-MAX_LABEL_VALUE_LENGTH = 63
-#: A DNS-1123 subdomain: object names (Secret, PersistentVolumeClaim, StorageClass), label key prefixes.
-MAX_SUBDOMAIN_LENGTH = 253
-#: A label key or toleration key: an optional subdomain prefix and '/', then a name.
-MAX_LABEL_KEY_LENGTH = MAX_SUBDOMAIN_LENGTH + 1 + MAX_LABEL_VALUE_LENGTH
-MAX_TOLERATIONS = 32
-MAX_NODE_SELECTOR_ENTRIES = 32
-MAX_GPU_PRODUCTS = 32
 
 # --- Durations and quantities -------------------------------------------------------------------------
 
 Duration = Annotated[str, StringConstraints(max_length=MAX_DURATION_LENGTH, pattern=DURATION_PATTERN)]
 
-# --- Kubernetes names and labels ---------------------------------------------------------------------
-# What the API server checks in the objects the operator renders (k8s.io/apimachinery validation): a
-# LlamaDeployment that would make one of them invalid is refused up front, naming its field. The patterns
-# are the CRD's (Go RE2, anchored; '[.]' rather than a backslash, so they go into CEL strings as they are);
-# the checks below give the message.
-
-DNS1035_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
-#: A label key (a qualified name): an optional DNS-1123 subdomain prefix and '/', then a name of at most 63
-#: characters. The prefix's 253 characters are checked apart (RE2 cannot count them and check the syntax).
-QUALIFIED_NAME_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                          r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-#: A key of a Secret's data (IsConfigMapKey): letters, digits, '-', '_', '.'; not '.', nor starting '..'.
-SECRET_KEY_PATTERN = r"^([-_a-zA-Z0-9]|[.][-_a-zA-Z0-9])[-._a-zA-Z0-9]*$"
-#: The CEL check of a qualified name's prefix length (label_key_problem checks it in Python).
-QUALIFIED_PREFIX_CEL = "!self.contains('/') || self.matches('^[^/]{1,253}/')"
-
-_LABEL_VALUE_HELP = ("at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
-                     "(e.g. gpu-pool)")
-_LABEL_KEY_HELP = ("a label key: an optional DNS subdomain prefix of at most 253 characters and '/', then a name "
-                   "of at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
-                   "(e.g. example.com/pool or pool)")
-_SUBDOMAIN_HELP = "at most 253 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
-
-
-def label_value_problem(value: str) -> str | None:
-    if len(value) > MAX_LABEL_VALUE_LENGTH or not re.fullmatch(LABEL_VALUE_PATTERN, value):
-        return f"{shown(value)} is not a valid label value: {_LABEL_VALUE_HELP}"
-    return None
-
-
-def label_key_problem(key: str) -> str | None:
-    prefix, slash, _ = key.rpartition("/")
-    if (len(key) > MAX_LABEL_KEY_LENGTH or not re.fullmatch(QUALIFIED_NAME_PATTERN, key)
-            or (slash and len(prefix) > MAX_SUBDOMAIN_LENGTH)):
-        return f"{shown(key)} is not {_LABEL_KEY_HELP}"
-    return None
-
-
-def _check(problem) -> Any:
-    """An AfterValidator from a function returning a problem (or None)."""
-    def check(value: str) -> str:
-        message = problem(value)
-        if message:
-            raise ValueError(message)
-        return value
-    return AfterValidator(check)
-
-
-def _subdomain_problem(what: str, example: str):
-    def problem(value: str) -> str | None:
-        if value and not re.fullmatch(DNS1123_SUBDOMAIN_PATTERN, value):
-            return f"{shown(value)} is not a valid {what}: {_SUBDOMAIN_HELP} (e.g. {example})"
-        return None
-    return problem
-
-
-def _secret_key_problem(value: str) -> str | None:
-    if not re.fullmatch(SECRET_KEY_PATTERN, value):
-        return (f"{shown(value)} is not a valid Secret key: letters, digits, '-', '_' or '.', not '.' and not "
-                "starting with '..' (e.g. HF_TOKEN)")
-    return None
-
-
-#: A label value (nodeSelector values, GPU products as GFD labels them).
-LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE_LENGTH), _check(label_value_problem),
-                       Field(json_schema_extra={"pattern": LABEL_VALUE_PATTERN})]
-#: A label key as a map key: no JSON Schema of its own (a structural schema has no propertyNames); the CRD
-#: checks the keys of a LabelMap with the CEL rule below.
-LabelKey = Annotated[str, _check(label_key_problem)]
-
-
-def _few_entries(value: Any) -> Any:
-    # pydantic counts a map's entries after validating each of them; a huge map is refused before that.
-    if isinstance(value, dict) and len(value) > MAX_NODE_SELECTOR_ENTRIES:
-        raise ValueError(f"{len(value)} entries, more than the {MAX_NODE_SELECTOR_ENTRIES} allowed")
-    return value
-
-
-#: A map of labels (nodeSelector and the like): at most MAX_NODE_SELECTOR_ENTRIES label keys and values.
-LabelMap = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_NODE_SELECTOR_ENTRIES, json_schema_extra={
-    "x-kubernetes-validations": [{
-        "rule": f"self.all(k, size(k) <= {MAX_LABEL_KEY_LENGTH} && k.matches('{QUALIFIED_NAME_PATTERN}') && "
-                f"(!k.contains('/') || k.matches('^[^/]{{1,{MAX_SUBDOMAIN_LENGTH}}}/')))",
-        "message": f"every key must be {_LABEL_KEY_HELP}",
-        "reason": "FieldValueInvalid"}]}), BeforeValidator(_few_entries)]
-
-
-def object_name(what: str, example: str, *, optional: bool = False) -> Any:
-    """The name of an object (a Secret or PersistentVolumeClaim in the LlamaDeployment's namespace, a
-    StorageClass): a DNS-1123 subdomain. `optional`: empty is accepted too and means unset, as these fields
-    took an empty string before names were checked."""
-    pattern = f"^({DNS1123_SUBDOMAIN_PATTERN[1:-1]})?$" if optional else DNS1123_SUBDOMAIN_PATTERN
-    return Annotated[str, StringConstraints(min_length=None if optional else 1, max_length=MAX_SUBDOMAIN_LENGTH),
-                     _check(_subdomain_problem(what, example)), Field(json_schema_extra={"pattern": pattern})]
-
-
-SecretKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SUBDOMAIN_LENGTH),
-                      _check(_secret_key_problem), Field(json_schema_extra={"pattern": SECRET_KEY_PATTERN})]
-
-
-def name_problems(name: Any) -> list[str]:
-    """metadata.name as the objects the operator renders need it: the Service is named after it (a DNS-1035
-    label, at most 63 characters), and it is the value of the llama-operator.dev/llamadeployment label. Such
-    a name also makes NAME-model-cache, the claim of source.cache.size, a valid DNS-1123 subdomain."""
-    if not isinstance(name, str):
-        return [f"metadata.name: {shown(name)} is not a string"]
-    if len(name) > MAX_NAME_LENGTH or not re.fullmatch(DNS1035_LABEL_PATTERN, name):
-        return [f"metadata.name: {shown(name)} cannot name the Service the operator creates for it: use at most "
-                f"{MAX_NAME_LENGTH} lowercase letters, digits and '-', starting with a letter and ending with a "
-                "letter or digit (e.g. chat-8b)"]
-    return []
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
 
 # --- Spec ---------------------------------------------------------------------------------------------
 
 
-class SLO(_Model):
+class SLO(ApiModel):
     """The latency the deployment must meet, at the load one replica is expected to carry."""
 
     ttftP95: Duration = Field(
@@ -219,7 +85,7 @@ class SLO(_Model):
         return parse_duration(self.tpotP95)
 
 
-class Fallback(_Model):
+class Fallback(ApiModel):
     """What the operator may do when the cluster cannot run the requested model as asked."""
 
     allowQuantization: bool = Field(
@@ -242,7 +108,7 @@ class Fallback(_Model):
         "of a long context is what does not fit; tried before a smaller model.")
 
 
-class Toleration(_Model):
+class Toleration(ApiModel):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || size(self.value) == 0",
          "message": "value must be empty when operator is Exists", "fieldPath": ".value",
@@ -256,7 +122,7 @@ class Toleration(_Model):
     ]})
 
     key: Annotated[str, StringConstraints(max_length=MAX_LABEL_KEY_LENGTH),
-                   _check(lambda v: label_key_problem(v) if v else None),
+                   checked_by(lambda v: label_key_problem(v) if v else None),
                    Field(json_schema_extra={"pattern": f"^({QUALIFIED_NAME_PATTERN[1:-1]})?$",
                                             "x-kubernetes-validations": [{
                                                 "rule": QUALIFIED_PREFIX_CEL,
@@ -266,9 +132,7 @@ class Toleration(_Model):
         default=None, description="Taint key the toleration applies to; empty matches all keys (with operator "
         "Exists).")
     operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default Equal).")
-    value: Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE_LENGTH),
-                     _check(label_value_problem),
-                     Field(json_schema_extra={"pattern": LABEL_VALUE_PATTERN})] | None = Field(
+    value: LabelValue | None = Field(
         default=None, description="Taint value the toleration matches (operator Equal; empty with Exists).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects.")
@@ -293,7 +157,7 @@ class Toleration(_Model):
         return self
 
 
-class Placement(_Model):
+class Placement(ApiModel):
     nodeSelector: LabelMap = Field(
         default_factory=dict, description="Labels a node must have to run a replica (as a pod's nodeSelector).")
     tolerations: list[Toleration] = Field(
@@ -301,7 +165,7 @@ class Placement(_Model):
         description="Extra tolerations for the model server pods. The operator adds the nvidia.com/gpu and "
         "amd.com/gpu NoSchedule tolerations on GPU pods by itself.")
     gpuProducts: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_VALUE_LENGTH),
-                                _check(label_value_problem),
+                                checked_by(label_value_problem),
                                 Field(json_schema_extra={"pattern": LABEL_VALUE_PATTERN})]] = Field(
         default_factory=list, max_length=MAX_GPU_PRODUCTS,
         description="GPU products allowed, as GPU Feature Discovery names them in "
@@ -309,13 +173,13 @@ class Placement(_Model):
         "Empty allows all.")
 
 
-class SecretKeyRef(_Model):
+class SecretKeyRef(ApiModel):
     name: object_name("Secret name", "hf-token") = Field(  # type: ignore[valid-type]
         description="Name of a Secret in the LlamaDeployment's namespace.")
     key: SecretKey = Field(default="HF_TOKEN", description="Key in the Secret holding the token.")
 
 
-class ModelCache(_Model):
+class ModelCache(ApiModel):
     size: StrictStr | StrictInt | None = Field(
         default=None, description="Size of a PersistentVolumeClaim the operator creates for the model cache "
         "(e.g. 200Gi). Without size and existingClaim the cache is an emptyDir.",
@@ -335,7 +199,7 @@ class ModelCache(_Model):
         return v
 
 
-class ModelSource(_Model):
+class ModelSource(ApiModel):
     hfTokenSecretRef: SecretKeyRef | None = Field(
         default=None, description="Secret holding a Hugging Face token (gated Llama repositories need one). The "
         "operator only references it in the pod spec; it never reads it.")
@@ -346,7 +210,7 @@ class ApiKeySecretRef(SecretKeyRef):
     key: SecretKey = Field(default="API_KEY", description="Key in the Secret holding the API key.")
 
 
-class AllowedClient(_Model):
+class AllowedClient(ApiModel):
     podLabels: LabelMap = Field(
         default_factory=dict, description="Labels a client pod must all carry; empty matches every pod of the "
         "namespaces below.")
@@ -355,7 +219,7 @@ class AllowedClient(_Model):
         "kubernetes.io/metadata.name: NAME for one by name). Unset: the LlamaDeployment's own namespace only.")
 
 
-class Access(_Model):
+class Access(ApiModel):
     """Who may call the model server. Both are off by default: any pod that reaches the Service may call it."""
 
     apiKeySecretRef: ApiKeySecretRef | None = Field(
@@ -368,7 +232,7 @@ class Access(_Model):
         "matching one of these; include your Prometheus to keep the metrics scrape. Unset: no NetworkPolicy.")
 
 
-class LlamaDeploymentSpec(_Model):
+class LlamaDeploymentSpec(ApiModel):
     model: Literal[tuple(model_ids())] = Field(  # type: ignore[valid-type]
         description="The Llama model to serve, by catalog id (e.g. llama-3.1-8b-instruct, "
         "llama-3.2-11b-vision-instruct).")
@@ -454,101 +318,6 @@ def cross_field_problems(spec: LlamaDeploymentSpec) -> list[str]:
         if allowed and not set(allowed) & servable:
             problems.append(f"spec.fallback.quantizations: {spec.model} is not published in any of {', '.join(allowed)}")
     return problems
-
-
-# --- Status -------------------------------------------------------------------------------------------
-
-
-class Condition(_Model):
-    type: str = Field(description="Ready, PlanFeasible, FallbackApplied or Progressing.")
-    status: Literal["True", "False", "Unknown"]
-    reason: str = Field(description="CamelCase reason.")
-    message: str = Field(default="", description="What a person can act on.")
-    lastTransitionTime: str | None = Field(default=None, description="When the status last changed (RFC 3339).")
-    observedGeneration: int | None = None
-
-
-class Predicted(_Model):
-    memoryBytes: int = Field(description="Memory one replica needs (weights, KV cache, runtime overhead).")
-    perGpuBytes: int | None = Field(default=None, description="Memory needed on each GPU (null on CPU).")
-    ttftSeconds: float = Field(description="Predicted p95 time to first token.")
-    tpotSeconds: float = Field(description="Predicted time per output token.")
-
-
-class ChosenPlan(_Model):
-    model: str
-    quantization: str
-    runtime: Literal["vllm", "llamacpp"]
-    engine: str | None = Field(default=None, description=(
-        "The pinned engine release the plan runs on (e.g. vllm-0.34.0): its image, and the options it accepts. "
-        "Follows the operator's catalog: a newer operator may roll a plan onto a newer release."))
-    kernel: str | None = Field(default=None, description=(
-        "vLLM: how the release runs the checkpoint on this GPU (e.g. awq_marlin, fp8-marlin-w8a16, fp16-cast); "
-        "docs/engines.md lists them."))
-    gpuProduct: str | None = Field(default=None, description="GPU product; null on CPU.")
-    gpusPerReplica: int
-    kvCacheDtype: str = Field(default="auto", description="auto (the model's dtype), fp8 or q8_0.")
-    weightsSource: str = Field(default="", description="Where the weights come from (Hugging Face repo[/file]).")
-    gpuMemoryUtilization: float | None = Field(default=None, description="vLLM --gpu-memory-utilization.")
-    cpuThreads: int | None = Field(default=None, description="llama.cpp threads on a CPU node.")
-    cpuMemoryBandwidthGbps: float | None = Field(
-        default=None, description="Memory bandwidth of the CPU nodes planned on (GB/s); pods are pinned to them.")
-    predicted: Predicted
-
-    @property
-    def variant(self) -> str:
-        return f"{self.model}/{self.quantization}"
-
-    def same_choice(self, other: "ChosenPlan | None") -> bool:
-        """Whether two plans run the same thing (predictions aside)."""
-        if other is None:
-            return False
-        keys = ("model", "quantization", "runtime", "gpuProduct", "gpusPerReplica", "kvCacheDtype", "cpuThreads",
-                "cpuMemoryBandwidthGbps")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
-
-
-class RejectedCandidate(_Model):
-    model: str
-    quantization: str
-    runtime: str
-    hardware: str
-    reasons: list[str]
-
-
-class FallbackStatus(_Model):
-    inForce: bool = False
-    requestedModel: str | None = None
-    reason: str = ""
-
-
-class PendingChange(_Model):
-    plan: ChosenPlan = Field(description="The better plan waiting for the cluster to stay stable.")
-    since: str = Field(description="When this plan was first proposed (RFC 3339).")
-    reason: str = ""
-
-
-class LlamaDeploymentStatus(_Model):
-    phase: Literal[tuple(PHASES)] | None = None  # type: ignore[valid-type]
-    message: str | None = Field(default=None, description="One line on the current state.")
-    observedGeneration: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    plan: ChosenPlan | None = Field(default=None, description="What runs, with its predictions.")
-    variant: str | None = Field(default=None, description="model/quantization in force (printer column).")
-    runtime: str | None = None
-    fallback: FallbackStatus | None = None
-    rejected: list[RejectedCandidate] = Field(default_factory=list, description="Candidates better than the chosen "
-                                              "one that were rejected, with why (the first 20).")
-    notes: list[str] = Field(default_factory=list, description=(
-        "What the planner noticed about the cluster: nodes the placement excluded, GPU products the catalog "
-        "lacks (planned from their GFD labels with the slowest catalog speeds)."))
-    replicas: int | None = None
-    readyReplicas: int | None = None
-    ready: str | None = Field(default=None, description="Ready replicas out of desired, e.g. 1/2 (printer column).")
-    endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI-compatible API.")
-    pendingChange: PendingChange | None = Field(
-        default=None, description="A better plan the operator will move to once the capacity behind it has been "
-        "stable for the upgrade delay.")
 
 
 # --- Parsing user objects --------------------------------------------------------------------------------

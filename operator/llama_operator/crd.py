@@ -1,4 +1,4 @@
-"""The CustomResourceDefinition, generated from the pydantic models in api.py.
+"""The CustomResourceDefinition, generated from the pydantic models in api.py (spec) and status.py.
 
 pydantic's JSON Schema is close to what Kubernetes wants but not the same: Kubernetes needs a
 *structural* schema (no $ref, no nullable unions, types everywhere), marks int-or-string fields with
@@ -14,6 +14,8 @@ import yaml
 
 from . import api
 from .catalog import load_catalog
+from .fields import DNS1035_LABEL_PATTERN, MAX_NAME_LENGTH
+from .status import LlamaDeploymentStatus
 
 _DROP_KEYS = {"title"}
 
@@ -144,11 +146,11 @@ def name_rules() -> list[dict[str, str]]:
     operator renders is named like the LlamaDeployment, so the name must be a DNS-1035 label, which the API
     server does not ask of a custom resource's name (a DNS-1123 subdomain of up to 253 characters). The
     same holds the label value llama-operator.dev/llamadeployment and the claim NAME-model-cache to their
-    limits. Mirrored by api.name_problems."""
+    limits. Mirrored by fields.name_problems."""
     return [{
-        "rule": f"size(self.metadata.name) <= {api.MAX_NAME_LENGTH} && "
-                f"self.metadata.name.matches('{api.DNS1035_LABEL_PATTERN}')",
-        "message": f"metadata.name names the Service the operator creates: at most {api.MAX_NAME_LENGTH} lowercase "
+        "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
+                f"self.metadata.name.matches('{DNS1035_LABEL_PATTERN}')",
+        "message": f"metadata.name names the Service the operator creates: at most {MAX_NAME_LENGTH} lowercase "
                    "letters, digits and '-', starting with a letter and ending with a letter or digit",
         "fieldPath": ".metadata.name",
         "reason": "FieldValueInvalid",
@@ -162,7 +164,7 @@ def openapi_schema() -> dict:
     spec["x-kubernetes-validations"] = cel_rules()
     fallback = spec["properties"]["fallback"]["properties"]
     fallback["quantizations"]["minItems"] = 1
-    status = _schema_of(api.LlamaDeploymentStatus, fill_defaults=False)
+    status = _schema_of(LlamaDeploymentStatus, fill_defaults=False)
     status["description"] = "What the operator chose and why, and how the deployment is doing."
     return {
         "type": "object",

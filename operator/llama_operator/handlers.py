@@ -42,16 +42,19 @@ from typing import Any
 import kopf
 
 from . import api, planner
-from .api import GROUP, PLURAL, VERSION, LlamaDeploymentStatus, SpecError, name_problems
+from .api import GROUP, PLURAL, VERSION, SpecError
+from .fields import name_problems
 from .inventory import Inventory, Node, PodUsage, node_from_manifest, pod_usage
-from .kube import (BLOCKED, REFUSED, RESTORED, Applied, Live, Writer, api_message,
-                   connection_info, event_body, is_current, rendered_fingerprint)
+from .kube import BLOCKED, REFUSED, RESTORED, Applied, Writer, event_body
+from .kubeclient import api_message, connection_info
+from .live import Live, is_current, rendered_fingerprint
 from .metrics import OperatorMetrics
 from .peering import PeeringGate, own_priority
 from .reconcile import (OWNERSHIP_CONFLICT, WAITING_FOR_GC, WARNING, Decision, ObjectIssue,
                         Observed, decide, decide_invalid, decide_objects)
 from .ownership import FINALIZER, HASH_ANNOTATION, LABEL_DEPLOYMENT, MANAGED_BY, canonical
 from .render import Images, Owner, render
+from .status import LlamaDeploymentStatus
 from .units import parse_time
 from .workqueue import WorkQueue, Workers
 

@@ -43,7 +43,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from . import api
+from . import status
 
 __all__ = [
     "PHASES",
@@ -60,7 +60,7 @@ __all__ = [
 #: Phases a LlamaDeployment can be in. The alert rules select on two of them (Unschedulable,
 #: Invalid); the `llama_operator_deployments` gauge always carries all of them, zeros included,
 #: so a dashboard shows "0 Unschedulable" instead of "no data".
-PHASES: tuple[str, ...] = tuple(api.PHASES)
+PHASES: tuple[str, ...] = tuple(status.PHASES)
 
 #: Outcomes of one planning pass (`llama_operator_plans_total{outcome}`).
 PLAN_OUTCOMES: tuple[str, ...] = ("requested", "fallback", "infeasible", "invalid")

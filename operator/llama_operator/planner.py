@@ -188,7 +188,7 @@ class Candidate:
 
     def to_chosen_plan(self):
         """This candidate as status records it, and as the renderer consumes it."""
-        from .api import ChosenPlan, Predicted
+        from .status import ChosenPlan, Predicted
 
         e = self.estimate
         assert e is not None

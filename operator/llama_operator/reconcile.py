@@ -21,17 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from .api import (
+from .api import LlamaDeploymentSpec
+from .catalog import load_catalog
+from .planner import STATUS_REJECTED_LIMIT, Plan, rank
+from .status import (
     ChosenPlan,
     Condition,
     FallbackStatus,
-    LlamaDeploymentSpec,
     LlamaDeploymentStatus,
     PendingChange,
     RejectedCandidate,
 )
-from .catalog import load_catalog
-from .planner import STATUS_REJECTED_LIMIT, Plan, rank
 from .ownership import endpoint
 from .units import format_time, parse_time
 

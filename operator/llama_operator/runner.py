@@ -20,7 +20,8 @@ import kubernetes
 
 from .handlers import OperatorState, Settings, _pod_use, register
 from .inventory import PodUsage
-from .kube import Writer, load_client_configuration
+from .kube import Writer
+from .kubeclient import load_client_configuration
 from .metrics import OperatorMetrics
 from .peering import PeeringGate, own_identity, own_priority
 

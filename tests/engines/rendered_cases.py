@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import yaml
 
 from llama_operator import planner
-from llama_operator.api import ChosenPlan, LlamaDeploymentSpec, parse_spec
+from llama_operator.api import LlamaDeploymentSpec, parse_spec
+from llama_operator.status import ChosenPlan
 from llama_operator.inventory import Inventory
 from llama_operator.render import Owner, render
 from toolcheck import PROJECT_ROOT

@@ -17,9 +17,10 @@ from llama_operator import planner
 from llama_operator.api import parse_spec
 from llama_operator.emulator import CLAIMS, DEPLOYMENTS, EmulatorThread
 from llama_operator.inventory import Inventory
-from llama_operator.kube import (BLOCKED, CONFLICT, CREATED, REFUSED, RESTORED, SUPERSEDED, UNCHANGED, Live, Writer,
-                                 content_fingerprint, is_current, load_client_configuration, ownership_problem,
-                                 rendered_fingerprint)
+from llama_operator.kube import (BLOCKED, CONFLICT, CREATED, REFUSED, RESTORED, SUPERSEDED, UNCHANGED, Writer,
+                                 ownership_problem)
+from llama_operator.kubeclient import load_client_configuration
+from llama_operator.live import Live, content_fingerprint, is_current, rendered_fingerprint
 from llama_operator.render import Owner, render
 from llama_operator.sandbox import load_docs
 

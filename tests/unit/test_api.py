@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama_operator import api
+from llama_operator import api, fields
 from llama_operator.api import SpecError, parse_object, parse_spec
 from llama_operator.units import parse_duration, parse_quantity
 
@@ -271,7 +271,7 @@ def _object(name, spec: dict) -> dict:
 
 @pytest.mark.parametrize("name", ["chat", "a", "chat-8b", "x" * 63, "l40s-2"])
 def test_names_the_service_can_take_are_accepted(spec_dict, name):
-    assert api.name_problems(name) == []
+    assert fields.name_problems(name) == []
     parse_object(_object(name, spec_dict()))
 
 
@@ -306,10 +306,10 @@ def test_every_name_the_service_can_take_gives_valid_object_names(spec_dict):
     NAME-model-cache is a valid PersistentVolumeClaim name (a DNS-1123 subdomain of at most 253) and NAME a
     valid label value, for the longest name and every character class."""
     for name in ("a" * 63, "a" + "-" * 61 + "9", "z9", "a"):
-        assert api.name_problems(name) == []
+        assert fields.name_problems(name) == []
         claim = f"{name}-model-cache"
-        assert len(claim) <= 253 and re.fullmatch(api.DNS1123_SUBDOMAIN_PATTERN, claim)
-        assert api.label_value_problem(name) is None
+        assert len(claim) <= 253 and re.fullmatch(fields.DNS1123_SUBDOMAIN_PATTERN, claim)
+        assert fields.label_value_problem(name) is None
 
 
 GOOD_PLACEMENTS = [

@@ -2,7 +2,7 @@
 
 The operator renders every deployment on every pass and caches the render per spec and plan
 (render._rendered); the API parses durations and quantities through small caches. A spec's strings are
-bounded (api.py), and the render cache is bounded by entries and by the bytes it holds, keyed by a
+bounded (fields.py), and the render cache is bounded by entries and by the bytes it holds, keyed by a
 digest: many distinct large specs (deployments created and deleted) leave at most its budget behind.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tracemalloc
 
 import pytest
 
-from llama_operator import api, planner, units
+from llama_operator import api, fields, planner, units
 from llama_operator import render as R
 from llama_operator.api import parse_spec
 
@@ -25,10 +25,10 @@ def largest_spec(i: int) -> dict:
     prefix = "p" * 239 + f"{i:012d}.x"  # a 253-character label key prefix
     return {**BASE, "placement": {
         "tolerations": [{"key": f"{prefix}/{'k' * 60}{j:03d}", "operator": "Equal", "value": "v" * 60 + f"{j:03d}",
-                         "effect": "NoSchedule"} for j in range(api.MAX_TOLERATIONS)],
+                         "effect": "NoSchedule"} for j in range(fields.MAX_TOLERATIONS)],
         "nodeSelector": {f"{prefix}/{'k' * 60}{j:03d}": "v" * 60 + f"{j:03d}"
-                         for j in range(api.MAX_NODE_SELECTOR_ENTRIES)},
-        "gpuProducts": ["L4"] + ["g" * 60 + f"{j:03d}" for j in range(api.MAX_GPU_PRODUCTS - 1)]}}
+                         for j in range(fields.MAX_NODE_SELECTOR_ENTRIES)},
+        "gpuProducts": ["L4"] + ["g" * 60 + f"{j:03d}" for j in range(fields.MAX_GPU_PRODUCTS - 1)]}}
 
 
 @pytest.fixture

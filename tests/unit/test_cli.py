@@ -244,7 +244,7 @@ def test_later_deployments_see_the_gpus_taken_where_the_earlier_one_was_placed(c
 
 
 def test_render_prints_what_the_operator_would_apply(capsys):
-    from llama_operator.cli import load_cluster_file, load_deployment_objects
+    from llama_operator.loading import load_cluster_file, load_deployment_objects
     from llama_operator.planner import plan
     from llama_operator.render import Owner, render
 
@@ -328,7 +328,8 @@ def test_run_metrics_and_health_addresses(capsys, captured_run):
 
 
 def test_run_forbidden_tolerations(capsys, captured_run):
-    from llama_operator.cli import UserError, _forbidden_tolerations
+    from llama_operator.cli import _forbidden_tolerations
+    from llama_operator.loading import UserError
     from llama_operator.planner import DEFAULT_FORBIDDEN_TOLERATIONS
 
     assert _forbidden_tolerations(None) == DEFAULT_FORBIDDEN_TOLERATIONS
@@ -353,7 +354,8 @@ def test_run_pods_all_namespaces_with_watched_namespaces(capsys, captured_run):
 
 
 def test_run_image_mirrors_name_a_pinned_image(capsys):
-    from llama_operator.cli import UserError, _image_mirrors
+    from llama_operator.cli import _image_mirrors
+    from llama_operator.loading import UserError
     from llama_operator.engines import releases
 
     pinned = releases()[0].images["cuda"]
@@ -642,17 +644,17 @@ def test_a_file_that_is_not_utf8_is_a_short_error(capsys, tmp_path):
 
 
 def test_files_larger_than_the_caps_are_refused_unread(capsys, tmp_path, monkeypatch):
-    import llama_operator.cli as cli
+    import llama_operator.loading as loading
 
-    monkeypatch.setattr(cli, "MAX_DEPLOYMENT_FILE_BYTES", 1000)
-    monkeypatch.setattr(cli, "MAX_CLUSTER_FILE_BYTES", 2000)
+    monkeypatch.setattr(loading, "MAX_DEPLOYMENT_FILE_BYTES", 1000)
+    monkeypatch.setattr(loading, "MAX_CLUSTER_FILE_BYTES", 2000)
     big = tmp_path / "big.yaml"
     big.write_text("# " + "x" * 3000 + "\n" + (EX / "chat.yaml").read_text())
     err = bad_input(capsys, "plan", "-f", big, "--cluster", CL / "a100.yaml")
     assert "big.yaml" in err and "1000 bytes" in err
     err = bad_input(capsys, "plan", "-f", EX / "chat.yaml", "--cluster", big)
     assert "2000 bytes" in err
-    assert cli.MAX_DEPLOYMENT_FILE_BYTES < cli.MAX_CLUSTER_FILE_BYTES
+    assert loading.MAX_DEPLOYMENT_FILE_BYTES < loading.MAX_CLUSTER_FILE_BYTES
 
 
 @pytest.mark.parametrize("spec_overrides, field", [
@@ -708,7 +710,7 @@ def test_a_node_the_operator_cannot_read_is_named(capsys, tmp_path, node):
 
 
 def test_the_loader_reads_what_the_safe_loader_reads(tmp_path):
-    from llama_operator.cli import _load_documents
+    from llama_operator.loading import _load_documents
 
     text = """
 base: &base {a: 1, b: two, c: [1, 2, {d: null}]}
@@ -776,7 +778,7 @@ def cluster_file(nodes: int) -> str:
 
 
 def test_a_10000_node_cluster_file_plans(capsys, tmp_path):
-    from llama_operator.cli import _load_documents
+    from llama_operator.loading import _load_documents
 
     # benchmarks/bench_cli_load.py times it; here it only has to work (and not take minutes).
     f = tmp_path / "nodes.yaml"

@@ -10,7 +10,7 @@ import pytest
 from crdkit import apply_defaults, openapi_validator
 import yaml
 
-from llama_operator import api
+from llama_operator import api, fields
 from llama_operator.api import SpecError, parse_spec
 from llama_operator.catalog import model_ids
 from llama_operator.crd import render_crd
@@ -353,9 +353,9 @@ def test_every_string_list_and_map_of_the_spec_is_bounded(spec_schema):
 def test_the_bounds_are_the_api_models_bounds(spec_schema):
     props = spec_schema["properties"]
     placement = props["placement"]["properties"]
-    assert placement["tolerations"]["maxItems"] == api.MAX_TOLERATIONS == 32
-    assert placement["nodeSelector"]["maxProperties"] == api.MAX_NODE_SELECTOR_ENTRIES == 32
-    assert placement["gpuProducts"]["maxItems"] == api.MAX_GPU_PRODUCTS == 32
+    assert placement["tolerations"]["maxItems"] == fields.MAX_TOLERATIONS == 32
+    assert placement["nodeSelector"]["maxProperties"] == fields.MAX_NODE_SELECTOR_ENTRIES == 32
+    assert placement["gpuProducts"]["maxItems"] == fields.MAX_GPU_PRODUCTS == 32
     assert props["fallback"]["properties"]["quantizations"]["maxItems"] == len(api.QUANTIZATIONS)
     assert placement["tolerations"]["items"]["properties"]["key"]["maxLength"] == 253 + 1 + 63
     assert placement["nodeSelector"]["additionalProperties"]["maxLength"] == 63
@@ -433,7 +433,7 @@ def test_the_crd_and_the_operator_agree_on_every_syntax(schema, spec_dict, text)
             assert all(p.startswith(field) for p in e.problems), e.problems
         assert crd_refuses == operator_refuses, f"{field} = {text!r}: CRD {crd_refuses}, operator {operator_refuses}"
     name_refused_by_crd = bool(api_server_refusals(schema, _whole(spec_dict(), name=text)))
-    assert name_refused_by_crd == bool(api.name_problems(text)), f"metadata.name = {text!r}"
+    assert name_refused_by_crd == bool(fields.name_problems(text)), f"metadata.name = {text!r}"
 
 
 BAD_FOR_SCHEMA_SYNTAX = [

@@ -272,5 +272,5 @@ def test_serve_exposes_the_render_over_http():
 
 def test_phases_match_the_api():
     """The alert rules select phases by name; metrics.py and the CRD's status must agree on them."""
-    api = pytest.importorskip("llama_operator.api")
-    assert tuple(api.PHASES) == PHASES
+    status = pytest.importorskip("llama_operator.status")
+    assert tuple(status.PHASES) == PHASES

@@ -13,8 +13,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from llama_operator import planner
-from llama_operator.api import LlamaDeploymentStatus, name_problems
+from llama_operator.fields import name_problems
 from llama_operator.reconcile import Decision, ObjectIssue, Observed, decide, decide_invalid, decide_objects
+from llama_operator.status import LlamaDeploymentStatus
 
 T0 = datetime(2025, 1, 15, 10, 0, 0, tzinfo=timezone.utc)
 DELAY = timedelta(minutes=2)

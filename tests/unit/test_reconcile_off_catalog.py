@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from llama_operator import planner
-from llama_operator.api import LlamaDeploymentStatus
+from llama_operator.status import LlamaDeploymentStatus
 from llama_operator.reconcile import Observed, decide, fallback_kind
 
 T0 = datetime(2025, 1, 15, 10, 0, 0, tzinfo=timezone.utc)

@@ -29,7 +29,8 @@ import yaml
 from llama_operator import planner
 from llama_operator.catalog import CATALOG_DIR, load_catalog
 from llama_operator.engines import rejected_arguments, release, releases
-from llama_operator.api import API_VERSION, KIND, ChosenPlan, LlamaDeploymentSpec
+from llama_operator.api import API_VERSION, KIND, LlamaDeploymentSpec
+from llama_operator.status import ChosenPlan
 from llama_operator.ownership import HASH_ANNOTATION, LABEL_DEPLOYMENT, LABEL_RUNTIME, content_hash, endpoint
 from llama_operator.render import MODEL_SERVER_UID, Images, Owner, render
 

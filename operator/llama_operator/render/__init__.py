@@ -25,11 +25,12 @@ from typing import Any
 import jinja2
 import yaml
 
-from ..api import API_VERSION, KIND, ChosenPlan, LlamaDeploymentSpec
+from ..api import API_VERSION, KIND, LlamaDeploymentSpec
 from ..catalog import _load_yaml, load_catalog
 from ..engines import EngineRelease, kernel_for, release, release_for
 from ..estimate import LLAMACPP_GPU_THREADS, host_requests, weights_bytes
 from ..ownership import HASH_ANNOTATION, LABEL_RUNTIME, PORTS, content_hash, selector_labels
+from ..status import ChosenPlan
 
 TEMPLATES = Path(__file__).resolve().parent
 GiB = 2**30
