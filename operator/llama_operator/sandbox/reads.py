@@ -12,7 +12,7 @@ import asyncio
 import bisect
 import dataclasses
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -30,13 +30,20 @@ _LABEL_TERM = re.compile(
 _FIELD_TERM = re.compile(r'\s*(?P<path>[^\s!=]+)\s*(?P<op>==|=|!=)\s*(?P<value>.*?)\s*')
 
 
-def _labels_match(selector: str, labels: Mapping[str, str]) -> bool:
+def _terms(selector: str, pattern: re.Pattern[str], what: str) -> Iterator[re.Match[str]]:
+    """The terms of a selector as `pattern` reads them, one at a time: a term that does not parse answers 400
+    once it is reached."""
     for term in _SELECTOR_TERMS.split(selector):
         if not term.strip():
             continue
-        m = _LABEL_TERM.fullmatch(term)
+        m = pattern.fullmatch(term)
         if m is None:
-            raise status_error(400, 'BadRequest', f'unable to parse label selector term {term!r}')
+            raise status_error(400, 'BadRequest', f'unable to parse {what} selector term {term!r}')
+        yield m
+
+
+def _labels_match(selector: str, labels: Mapping[str, str]) -> bool:
+    for m in _terms(selector, _LABEL_TERM, 'label'):
         key, actual = m['key'], labels.get(m['key'])
         choices = {v.strip() for v in (m['values'] or '').split(',')}
         ok = (
@@ -52,12 +59,7 @@ def _labels_match(selector: str, labels: Mapping[str, str]) -> bool:
 
 
 def _fields_match(selector: str, obj: Mapping[str, Any]) -> bool:
-    for term in _SELECTOR_TERMS.split(selector):
-        if not term.strip():
-            continue
-        m = _FIELD_TERM.fullmatch(term)
-        if m is None:
-            raise status_error(400, 'BadRequest', f'unable to parse field selector term {term!r}')
+    for m in _terms(selector, _FIELD_TERM, 'field'):
         value: Any = obj
         for part in m['path'].split('.'):
             value = value.get(part) if isinstance(value, Mapping) else None
