@@ -5,7 +5,7 @@
 
 For each operator (bare first, then llama-operator; with --rounds N they alternate order each round):
 
-1. a fresh API emulator (llama_operator.emulator, kmock-based) in this process on 127.0.0.1, with the
+1. a fresh API emulator (llama_operator.sandbox.emulator, kmock-based) in this process on 127.0.0.1, with the
    LlamaDeployment CRD and `--nodes` synthetic Nodes (20 shapes, benchmarks/synthetic.py);
 2. the operator in its own subprocess (benchmarks/run_operator.py: what `llama-operator run
    --standalone -A` runs; benchmarks/bare_operator.py: the floor), waited for until its liveness
@@ -48,8 +48,9 @@ sys.path.insert(0, str(HERE))
 import synthetic  # noqa: E402
 
 from llama_operator.crd import crd_manifest  # noqa: E402
-from llama_operator.emulator import ClusterEmulator, EmulatorThread, declare_crd  # noqa: E402
-from llama_operator.sandbox import wait_for  # noqa: E402
+from llama_operator.sandbox.demo import wait_for  # noqa: E402
+from llama_operator.sandbox.emulator import ClusterEmulator, declare_crd  # noqa: E402
+from llama_operator.sandbox.server import EmulatorThread  # noqa: E402
 
 GOAL_RATIO = 1.25
 GOAL_RSS_MIB = 200.0

@@ -339,7 +339,7 @@ SANDBOX_DEFAULT_EXAMPLES = ["chat.yaml", "chat-11b-vision.yaml", "vision-90b-on-
 
 def cmd_sandbox(args) -> int:
     try:
-        from .sandbox import EXAMPLES, run_sandbox
+        from .sandbox.demo import EXAMPLES, run_sandbox
     except ImportError as e:
         raise UserError(f"the sandbox needs the optional extra: pip install 'llama-operator[sandbox]' ({e})") from None
     cluster = Path(args.cluster) if args.cluster else EXAMPLES / "clusters" / "mixed.yaml"

@@ -1,4 +1,4 @@
-"""Fixtures for running things against the API emulator (``llama_operator.emulator``).
+"""Fixtures for running things against the API emulator (``llama_operator.sandbox.emulator``).
 
 - ``emulator_server``: an emulator served from the test's own event loop (async tests only; never
   call blocking clients from there, they would block the server too).
@@ -18,7 +18,7 @@ import kubernetes
 import pytest
 from toolcheck import require_tool
 
-from llama_operator.emulator import EmulatorThread, RunningEmulator, serve_emulator
+from llama_operator.sandbox.server import EmulatorThread, RunningEmulator, serve_emulator
 
 
 @pytest.fixture
@@ -76,14 +76,15 @@ def kubectl(kubeconfig: Path, tmp_path: Path) -> Kubectl:
 # Added fixtures, built on the ones above:
 # - ``llama_cluster``: an ``operator_kit.Cluster`` on ``emulator_thread`` with the LlamaDeployment CRD
 #   declared (as if applied).
-# - ``run_operator``: starts ``sandbox.SandboxOperator`` threads against ``kubeconfig`` (call it with a
+# - ``run_operator``: starts ``sandbox.demo.SandboxOperator`` threads against ``kubeconfig`` (call it with a
 #   ``Settings``; call ``.stop()`` to stop one early, e.g. to restart); all are stopped at teardown.
-# - ``kubelet``: a started ``sandbox.SimulatedKubelet`` that binds pods and reports Deployment status.
+# - ``kubelet``: a started ``sandbox.kubelet.SimulatedKubelet`` that binds pods and reports Deployment status.
 
 from llama_operator.crd import crd_manifest  # noqa: E402
-from llama_operator.emulator import declare_crd  # noqa: E402
 from llama_operator.handlers import Settings  # noqa: E402
-from llama_operator.sandbox import SandboxOperator, SimulatedKubelet  # noqa: E402
+from llama_operator.sandbox.demo import SandboxOperator  # noqa: E402
+from llama_operator.sandbox.emulator import declare_crd  # noqa: E402
+from llama_operator.sandbox.kubelet import SimulatedKubelet  # noqa: E402
 from operator_kit import Cluster  # noqa: E402
 
 

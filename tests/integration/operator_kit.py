@@ -19,7 +19,7 @@ from kubernetes.dynamic.exceptions import NotFoundError
 
 from llama_operator.api import API_VERSION, KIND
 from llama_operator.ownership import LABEL_DEPLOYMENT, MANAGED_BY
-from llama_operator.sandbox import load_docs
+from llama_operator.sandbox.demo import load_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

@@ -21,12 +21,14 @@ import yaml
 
 from llama_operator.api import parse_spec
 from llama_operator.crd import crd_manifest
-from llama_operator.emulator import EmulatorThread, declare_crd
 from llama_operator.handlers import FINALIZER, Settings
 from llama_operator.kube import Writer
 from llama_operator.kubeclient import load_client_configuration
 from llama_operator.render import Owner, render
-from llama_operator.sandbox import SandboxOperator, SimulatedKubelet, _client, load_docs, wait_for
+from llama_operator.sandbox.demo import SandboxOperator, load_docs, wait_for
+from llama_operator.sandbox.emulator import declare_crd
+from llama_operator.sandbox.kubelet import SimulatedKubelet, dynamic_client
+from llama_operator.sandbox.server import EmulatorThread
 from llama_operator.status import ChosenPlan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +79,7 @@ def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[t
         for crd in load_docs(ROOT / "charts" / "llama-operator" / "crds" / "kopf-peerings.yaml"):
             declare_crd(emu.emulator, crd)
         kubeconfig = str(emu.write_kubeconfig(Path(tempfile.mkdtemp()) / "kubeconfig"))
-        api = _client(kubeconfig, user_agent="test")
+        api = dynamic_client(kubeconfig, user_agent="test")
         nodes = api.resources.get(api_version="v1", kind="Node")
         for n in load_docs(ROOT / "examples" / "clusters" / "mixed.yaml"):
             nodes.create(body={**n, "metadata": {"name": n["metadata"]["name"], "labels": n["metadata"]["labels"]}})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llama_operator.handlers import Settings
-from llama_operator.sandbox import SandboxOperator
+from llama_operator.sandbox.demo import SandboxOperator
 from operator_kit import Cluster, gpu_node
 
 pytestmark = pytest.mark.looptime(False)

@@ -1,6 +1,6 @@
 """The API emulator behaves like an API server for the real clients: kubernetes, kubectl, kopf.
 
-Each test proves one of the fixes listed in ``llama_operator.emulator``'s docstring.
+Each test proves one of the fixes listed in ``llama_operator.sandbox.emulator``'s docstring.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import kopf.testing
 import kubernetes
 import pytest
 
-from llama_operator.emulator import ClusterEmulator, EmulatorThread, RunningEmulator, \
-                                    declare_custom_resource, serve_emulator
+from llama_operator.sandbox.emulator import ClusterEmulator, declare_custom_resource
+from llama_operator.sandbox.server import EmulatorThread, RunningEmulator, serve_emulator
 
 # Real sockets and real timeouts (the server's timeoutSeconds) even if run with --looptime.
 pytestmark = pytest.mark.looptime(False)

@@ -21,7 +21,7 @@ from llama_operator.catalog import load_catalog
 from llama_operator.engines import release_for
 from llama_operator.ownership import HASH_ANNOTATION
 from llama_operator.render import Owner, render
-from llama_operator.sandbox import load_docs
+from llama_operator.sandbox.demo import load_docs
 from operator_kit import CLUSTERS, arg, container, example, gpu_node, gpu_product_affinity, holds_for, wait_until
 
 # Real threads and sockets: never fast-forward time here.

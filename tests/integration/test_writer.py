@@ -15,14 +15,15 @@ import yaml
 
 from llama_operator import planner
 from llama_operator.api import parse_spec
-from llama_operator.emulator import CLAIMS, DEPLOYMENTS, EmulatorThread
 from llama_operator.inventory import Inventory
 from llama_operator.kube import (BLOCKED, CONFLICT, CREATED, REFUSED, RESTORED, SUPERSEDED, UNCHANGED, Writer,
                                  ownership_problem)
 from llama_operator.kubeclient import load_client_configuration
 from llama_operator.live import Live, content_fingerprint, is_current, rendered_fingerprint
 from llama_operator.render import Owner, render
-from llama_operator.sandbox import load_docs
+from llama_operator.sandbox.admission import CLAIMS, DEPLOYMENTS
+from llama_operator.sandbox.demo import load_docs
+from llama_operator.sandbox.server import EmulatorThread
 
 pytestmark = pytest.mark.looptime(False)
 ROOT = Path(__file__).resolve().parents[2]

@@ -145,7 +145,7 @@ def test_top_level_examples_are_links_to_the_package_data():
 
 def test_the_sandbox_defaults_are_bundled():
     from llama_operator.cli import SANDBOX_DEFAULT_EXAMPLES
-    from llama_operator.sandbox import EXAMPLES
+    from llama_operator.sandbox.demo import EXAMPLES
 
     assert EXAMPLES.resolve() == PACKAGE_EXAMPLES.resolve()
     for name in [*SANDBOX_DEFAULT_EXAMPLES, "clusters/mixed.yaml", "clusters/h100-8x.yaml"]:

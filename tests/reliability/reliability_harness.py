@@ -48,12 +48,14 @@ import yaml
 
 from llama_operator.api import API_VERSION, KIND
 from llama_operator.crd import crd_manifest
-from llama_operator.emulator import WATCH_CONTENT_TYPE, ClusterEmulator, declare_crd, kubeconfig
 from llama_operator.handlers import Settings
 from llama_operator.live import SERVICE_ASSIGNED
 from llama_operator.ownership import LABEL_DEPLOYMENT, MANAGED_BY
 from llama_operator.runner import RunOptions, run_async
-from llama_operator.sandbox import SimulatedKubelet
+from llama_operator.sandbox.emulator import ClusterEmulator, declare_crd
+from llama_operator.sandbox.kubelet import SimulatedKubelet
+from llama_operator.sandbox.reads import WATCH_CONTENT_TYPE
+from llama_operator.sandbox.server import kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

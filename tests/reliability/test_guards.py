@@ -26,9 +26,9 @@ import pytest
 from kubernetes.dynamic.exceptions import NotFoundError
 
 from llama_operator.api import KIND
-from llama_operator.emulator import CLAIMS, DEPLOYMENTS
 from llama_operator.ownership import LABEL_DEPLOYMENT, MANAGED_BY
-from llama_operator.sandbox import SimulatedKubelet
+from llama_operator.sandbox.admission import CLAIMS, DEPLOYMENTS
+from llama_operator.sandbox.kubelet import SimulatedKubelet
 from reliability_cases import GUARD_CASES
 from reliability_harness import Cluster, chat_doc, fast_settings, wait_until, writes_by_port
 

@@ -1,0 +1,233 @@
+"""`llama-operator sandbox`: the operator against the API emulator on 127.0.0.1, with example nodes.
+
+The operator runs in a thread (`SandboxOperator`) beside the emulator and a `SimulatedKubelet`; the demo
+applies example LlamaDeployments, prints what `kubectl get llamadeployments` would, the workloads
+rendered and why some fell back, then plays a scenario: nodes join (deployments move up once the
+capacity has stayed), the nodes leave (they fall back at once).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from ..api import API_VERSION, KIND
+from ..crd import crd_manifest
+from ..handlers import Settings
+from ..inventory import GPU_RESOURCES
+from ..runner import RunOptions, run_async
+from .kubelet import SimulatedKubelet, dynamic_client
+
+#: The example LlamaDeployments and clusters the sandbox uses by default: package data, so an installed
+#: package has them too (the repository's top-level examples/ links to these files).
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def display_path(path: Path) -> str:
+    """How the sandbox names a file it read: a bundled example by its place among the examples."""
+    try:
+        return f"examples/{path.resolve().relative_to(EXAMPLES).as_posix()}"
+    except ValueError:
+        return str(path)
+
+
+class SandboxOperator:
+    """The operator in a background thread, stoppable."""
+
+    def __init__(self, kubeconfig: str, settings: Settings):
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.options = RunOptions(kubeconfig=kubeconfig, metrics_port=None, health_port=None, settings=settings,
+                                  watch_timeout=60)
+        self.state_holder: list = []
+        self._thread = threading.Thread(target=self._run, name="operator", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(run_async(self.options, stop_flag=self._stop, ready_flag=self._ready,
+                              state_holder=self.state_holder))
+
+    def start(self, timeout: float = 20) -> "SandboxOperator":
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("the operator did not become ready")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=20)
+
+
+def printer_table(items: list[dict]) -> str:
+    """What `kubectl get llamadeployments` prints (the CRD's printer columns)."""
+    rows = [("NAME", "MODEL", "VARIANT", "RUNTIME", "READY", "PHASE")]
+    for item in sorted(items, key=lambda i: i["metadata"]["name"]):
+        st = item.get("status") or {}
+        rows.append((item["metadata"]["name"], item["spec"]["model"], st.get("variant") or "", st.get("runtime") or "",
+                     st.get("ready") or "", st.get("phase") or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def workload_summary(deployments: list[dict]) -> str:
+    lines = []
+    for d in sorted(deployments, key=lambda x: x["metadata"]["name"]):
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        limits = (c.get("resources") or {}).get("limits") or {}
+        gpus = next((f"{v} {k}" for k, v in limits.items() if k in GPU_RESOURCES), "no GPU")
+        lines.append(f"{d['metadata']['name']}: {c['image']} ({gpus})")
+        args = c.get("args") or []
+        pairs = []
+        i = 0
+        while i < len(args):
+            if i + 1 < len(args) and not str(args[i + 1]).startswith("--"):
+                pairs.append(f"{args[i]} {args[i + 1]}")
+                i += 2
+            else:
+                pairs.append(str(args[i]))
+                i += 1
+        lines.append("    " + " ".join([*(c.get("command") or []), *pairs]))
+    return "\n".join(lines)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    """Poll `predicate` every `interval` seconds until it is true or `timeout` has passed; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def load_docs(path: Path) -> list[dict]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    out = []
+    for d in docs:
+        out.extend(d["items"] if d.get("kind", "").endswith("List") else [d])
+    return out
+
+
+#: The Events of a deployment moving to another variant, which the scenario shows.
+MOVE_REASONS = ("Upgraded", "Replanned", "UpgradePending")
+
+
+def _events(api, reasons: tuple[str, ...]) -> list[str]:
+    evs = api.resources.get(api_version="v1", kind="Event").get().to_dict()["items"]
+    evs.sort(key=lambda e: (e.get("metadata") or {}).get("resourceVersion", "0").zfill(20))
+    return [f"  {e['involvedObject']['name']}: {e['reason']}: {e['message']}" for e in evs
+            if e.get("reason") in reasons]
+
+
+def _scenario(api, join: Path, items: Callable[[], list[dict]], upgrade_delay: float, timeout: float) -> None:
+    """Nodes join, the deployments move up once the capacity has been stable; the nodes leave, they fall back."""
+    node_res = api.resources.get(api_version="v1", kind="Node")
+    joined = load_docs(join)
+    seen = len(_events(api, MOVE_REASONS))
+    before = {i["metadata"]["name"]: (i.get("status") or {}).get("variant") for i in items()}
+    for n in joined:
+        node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
+            "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
+    print()
+    print(f"--- {len(joined)} node(s) join from {display_path(join)}; upgrades wait {upgrade_delay:g}s for the "
+          "capacity to stay ---")
+
+    def moved() -> bool:
+        now = items()
+        changed = any((i.get("status") or {}).get("variant") != before.get(i["metadata"]["name"]) for i in now)
+        calm = all((i.get("status") or {}).get("phase") in ("Ready", "Unschedulable", "Invalid")
+                   and not (i.get("status") or {}).get("pendingChange") for i in now)
+        return changed and calm
+
+    wait_for(moved, timeout + upgrade_delay)
+    time.sleep(1.0)
+    print("$ kubectl get llamadeployments")
+    print(printer_table(items()))
+    print("Events:")
+    print("\n".join(_events(api, MOVE_REASONS)[seen:]) or "  (none)")
+    seen = len(_events(api, MOVE_REASONS))
+    for n in joined:
+        node_res.delete(name=n["metadata"]["name"])
+    print()
+    print(f"--- the {len(joined)} node(s) leave again: deployments that ran there fall back at once ---")
+    wait_for(lambda: all((i.get("status") or {}).get("variant") == before.get(i["metadata"]["name"])
+                         and (i.get("status") or {}).get("phase") in ("Ready", "Unschedulable") for i in items()), timeout)
+    print("$ kubectl get llamadeployments")
+    print(printer_table(items()))
+    print("Events:")
+    print("\n".join(_events(api, MOVE_REASONS)[seen:]) or "  (none)")
+
+
+def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconfig_path: Path | None,
+                upgrade_delay: float, timeout: float, join: Path | None = None) -> int:
+    from .emulator import declare_crd
+    from .server import EmulatorThread
+
+    logging.getLogger("kopf").setLevel(logging.ERROR)  # the sandbox prints its own story
+    with EmulatorThread() as emu:
+        declare_crd(emu.emulator, crd_manifest())
+        kubeconfig = str(emu.write_kubeconfig(kubeconfig_path or Path(tempfile.mkdtemp()) / "kubeconfig"))
+        api = dynamic_client(kubeconfig)
+        node_res = api.resources.get(api_version="v1", kind="Node")
+        nodes = load_docs(cluster)
+        for n in nodes:
+            node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
+                "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
+        print(f"API emulator at {emu.url}; loaded the CRD and {len(nodes)} nodes from {display_path(cluster)}")
+        kubelet = SimulatedKubelet(kubeconfig).start()
+        operator = SandboxOperator(kubeconfig, Settings(upgrade_delay=timedelta(seconds=upgrade_delay),
+                                                        resync_seconds=30)).start()
+        ld_res = api.resources.get(api_version=API_VERSION, kind=KIND)
+        names = []
+        try:
+            for path in deployments:
+                for doc in load_docs(path):
+                    if doc.get("kind") == KIND:
+                        ns = doc["metadata"].get("namespace", "default")
+                        ld_res.create(body=doc, namespace=ns)
+                        names.append((ns, doc["metadata"]["name"]))
+            print(f"applied {len(names)} LlamaDeployments from {', '.join(display_path(p) for p in deployments)}")
+
+            def items() -> list[dict]:
+                return ld_res.get().to_dict()["items"]
+
+            def settled() -> bool:
+                return all((i.get("status") or {}).get("phase") in ("Ready", "Unschedulable", "Invalid", "Degraded")
+                           for i in items()) and len(items()) == len(names)
+
+            wait_for(settled, timeout)
+            print()
+            print("$ kubectl get llamadeployments")
+            print(printer_table(items()))
+            print()
+            print("Rendered workloads (key arguments):")
+            deps = api.resources.get(api_version="apps/v1", kind="Deployment").get().to_dict()["items"]
+            print(workload_summary(deps))
+            print()
+            print("Why (status.fallback.reason of deployments in fallback):")
+            for i in sorted(items(), key=lambda i: i["metadata"]["name"]):
+                st = i.get("status") or {}
+                fb = st.get("fallback") or {}
+                if fb.get("inForce") or st.get("phase") in ("Unschedulable", "Invalid"):
+                    reason = fb.get("reason") or st.get("message") or ""
+                    print(f"  {i['metadata']['name']}: " + reason.replace(" | ", "\n      "))
+            if join is not None:
+                _scenario(api, join, items, upgrade_delay, timeout)
+            if serve:
+                print()
+                print(f"Serving until Ctrl-C. Try: kubectl --kubeconfig {kubeconfig} get llamadeployments")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+            return 0 if settled() else 1
+        finally:
+            operator.stop()
+            kubelet.stop()

@@ -1,0 +1,159 @@
+"""A stand-in for the scheduler and kubelet, for the sandbox and the tests.
+
+The emulator is an API server only: nothing schedules or runs pods. `SimulatedKubelet` binds the pods of
+the operator's Deployments to nodes that satisfy their node affinity and resource requests, marks them
+running, and reports the Deployment's status, so a person sees phases move as in a cluster. It never
+starts a model server.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+from ..inventory import GPU_RESOURCES
+from ..ownership import LABEL_DEPLOYMENT, MANAGED_BY
+from ..units import quantity_bytes, quantity_millis
+
+
+def dynamic_client(kubeconfig: str, user_agent: str = "llama-operator-sandbox"):
+    from kubernetes import config, dynamic
+
+    api = config.new_client_from_config(config_file=kubeconfig)
+    api.user_agent = user_agent  # tells the operator's requests apart from the sandbox's own
+    return dynamic.DynamicClient(api)
+
+
+def _requests(pod_spec: dict) -> tuple[int, int, int]:
+    gpus = cpu = mem = 0
+    for c in pod_spec.get("containers") or []:
+        r = {**((c.get("resources") or {}).get("limits") or {}), **((c.get("resources") or {}).get("requests") or {})}
+        gpus += sum(quantity_bytes(r.get(k, 0)) for k in GPU_RESOURCES)
+        cpu += quantity_millis(r["cpu"]) if "cpu" in r else 0
+        mem += quantity_bytes(r["memory"]) if "memory" in r else 0
+    return gpus, cpu, mem
+
+
+def _affinity_ok(pod_spec: dict, node: dict) -> bool:
+    labels = node["metadata"].get("labels") or {}
+    if any(labels.get(k) != v for k, v in (pod_spec.get("nodeSelector") or {}).items()):
+        return False
+    terms = (((pod_spec.get("affinity") or {}).get("nodeAffinity") or {})
+             .get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or []
+    if not terms:
+        return True
+    for term in terms:
+        ok = True
+        for e in term.get("matchExpressions") or []:
+            value = labels.get(e["key"])
+            op = e["operator"]
+            if op == "In" and value not in e.get("values", []) or op == "NotIn" and value in e.get("values", []) \
+                    or op == "Exists" and value is None or op == "DoesNotExist" and value is not None:
+                ok = False
+        if ok:
+            return True
+    return False
+
+
+class SimulatedKubelet:
+    """Schedules and 'runs' the pods of llama-operator's Deployments, polling the API every `interval`."""
+
+    def __init__(self, kubeconfig: str, interval: float = 0.3):
+        self.dyn = dynamic_client(kubeconfig, user_agent="simulated-kubelet")
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="simulated-kubelet", daemon=True)
+
+    def start(self) -> "SimulatedKubelet":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the emulator may be stopping; try again
+                pass
+            self._stop.wait(self.interval)
+
+    def step(self) -> None:
+        api = self.dyn
+        node_res = api.resources.get(api_version="v1", kind="Node")
+        pod_res = api.resources.get(api_version="v1", kind="Pod")
+        dep_res = api.resources.get(api_version="apps/v1", kind="Deployment")
+        nodes = {n["metadata"]["name"]: n for n in node_res.get().to_dict()["items"]}
+        pods = pod_res.get(label_selector=",".join(f"{k}={v}" for k, v in MANAGED_BY.items())).to_dict()["items"]
+        deployments = dep_res.get(label_selector=",".join(f"{k}={v}" for k, v in MANAGED_BY.items())).to_dict()["items"]
+        # Pods on nodes that are gone are gone too (the node controller's eviction, at once).
+        for p in pods:
+            node = (p.get("spec") or {}).get("nodeName")
+            if node and node not in nodes:
+                pod_res.delete(name=p["metadata"]["name"], namespace=p["metadata"]["namespace"])
+        pods = [p for p in pods if not (p.get("spec") or {}).get("nodeName") or p["spec"]["nodeName"] in nodes]
+        used: dict[str, list[int]] = {name: [0, 0, 0] for name in nodes}
+        for p in pods:
+            node = (p.get("spec") or {}).get("nodeName")
+            if node:
+                for i, v in enumerate(_requests(p["spec"])):
+                    used[node][i] += v
+        live = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in deployments}
+        for p in pods:  # pods whose Deployment is gone (garbage collection of ReplicaSets' pods)
+            owner = (p["metadata"]["namespace"], p["metadata"]["labels"].get(LABEL_DEPLOYMENT))
+            if owner not in live:
+                pod_res.delete(name=p["metadata"]["name"], namespace=p["metadata"]["namespace"])
+        for d in deployments:
+            self._sync(d, [p for p in pods if p["metadata"]["namespace"] == d["metadata"]["namespace"]
+                           and p["metadata"]["labels"].get(LABEL_DEPLOYMENT) == d["metadata"]["labels"].get(
+                               LABEL_DEPLOYMENT)], nodes, used, pod_res, dep_res)
+
+    def _sync(self, d: dict, pods: list[dict], nodes: dict, used: dict, pod_res, dep_res) -> None:
+        ns, name = d["metadata"]["namespace"], d["metadata"]["name"]
+        template = d["spec"]["template"]
+        revision = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+        want = int(d["spec"].get("replicas", 1))
+        current = [p for p in pods if p["metadata"]["labels"].get("pod-template-hash") == revision]
+        old = [p for p in pods if p not in current]
+        need = _requests(template["spec"])
+        for _ in range(max(0, want - len(current))):
+            node = next((n for n, obj in sorted(nodes.items()) if _affinity_ok(template["spec"], obj) and all(
+                used[n][i] + need[i] <= cap for i, cap in enumerate(_capacity(obj)))), None)
+            pod = {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": f"{name}-{revision}-", "namespace": ns,
+                             "labels": {**template["metadata"]["labels"], "pod-template-hash": revision}},
+                "spec": {**template["spec"], **({"nodeName": node} if node else {})},
+                "status": {"phase": "Running" if node else "Pending"},
+            }
+            pod_res.create(body=pod, namespace=ns)
+            if node:
+                for i, v in enumerate(need):
+                    used[node][i] += v
+                current.append(pod)
+        ready_new = sum(1 for p in current if (p.get("spec") or {}).get("nodeName"))
+        if ready_new >= want:  # the new revision is up: retire the old pods (maxUnavailable 0)
+            for p in old:
+                if p["metadata"].get("name"):
+                    pod_res.delete(name=p["metadata"]["name"], namespace=ns)
+            old = []
+        ready_old = sum(1 for p in old if (p.get("spec") or {}).get("nodeName"))
+        status = {
+            "observedGeneration": d["metadata"].get("generation", 1),
+            "replicas": len(current) + len(old),
+            "updatedReplicas": len(current),
+            "readyReplicas": min(want, ready_new) + ready_old,
+            "availableReplicas": min(want, ready_new) + ready_old,
+            "conditions": [{"type": "Available", "status": "True" if ready_new + ready_old >= want else "False"}],
+        }
+        if d.get("status") != status:
+            dep_res.status.patch(body={"status": status}, name=name, namespace=ns,
+                                 content_type="application/merge-patch+json")
+
+
+def _capacity(node: dict) -> tuple[int, int, int]:
+    alloc = (node.get("status") or {}).get("allocatable") or {}
+    return (sum(quantity_bytes(alloc.get(k, 0)) for k in GPU_RESOURCES),
+            quantity_millis(alloc.get("cpu", 0)), quantity_bytes(alloc.get("memory", 0)))
