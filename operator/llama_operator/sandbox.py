@@ -21,9 +21,9 @@ from typing import Callable
 import yaml
 
 from .api import API_VERSION, KIND
+from .catalog import GPU_RESOURCES
 from .crd import crd_manifest
 from .handlers import Settings
-from .inventory import GPU_RESOURCES
 from .ownership import LABEL_DEPLOYMENT, MANAGED_BY
 from .runner import RunOptions, run_async
 from .units import quantity_bytes, quantity_millis
