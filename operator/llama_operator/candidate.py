@@ -96,7 +96,7 @@ class Candidate:
         assert self.model.gguf is not None and self.quant.gguf is not None
         return f"{self.model.gguf.repo}/{self.model.gguf.file_for(self.quant.gguf, self.quant.id)}"
 
-    def to_chosen_plan(self):
+    def to_chosen_plan(self) -> ChosenPlan:
         """This candidate as status records it, and as the renderer consumes it."""
         e = self.estimate
         assert e is not None
@@ -113,16 +113,11 @@ class Candidate:
             gpuMemoryUtilization=round(e.gpu_memory_utilization, 3) if e.gpu_memory_utilization is not None else None,
             cpuThreads=self.cpu_threads if self.pool.gpu is None else None,
             cpuMemoryBandwidthGbps=self.pool.cpu_bandwidth_gbps if self.pool.gpu is None else None,
-            predicted=Predicted(
-                memoryBytes=e.total_bytes,
-                perGpuBytes=e.per_gpu_bytes if self.pool.gpu else None,
-                ttftSeconds=round(e.ttft_seconds, 6),
-                tpotSeconds=round(e.tpot_seconds, 6),
-            ),
+            predicted=Predicted(**self._predicted()),
         )
 
     def to_dict(self) -> dict:
-        out = {
+        return {
             "model": self.model.id,
             "quantization": self.quant.id,
             "runtime": self.runtime,
@@ -134,13 +129,17 @@ class Candidate:
             "kvCacheDtype": self.kv_cache_dtype,
             "verdict": self.verdict,
             "reasons": list(self.reasons),
+            # a format the hardware cannot run is not estimated
+            "predicted": self._predicted() if self.estimate is not None else None,
         }
-        out["predicted"] = None  # a format the hardware cannot run is not estimated
-        if self.estimate is not None:
-            out["predicted"] = {
-                "memoryBytes": self.estimate.total_bytes,
-                "perGpuBytes": self.estimate.per_gpu_bytes if self.pool.gpu else None,
-                "ttftSeconds": round(self.estimate.ttft_seconds, 6),
-                "tpotSeconds": round(self.estimate.tpot_seconds, 6),
-            }
-        return out
+
+    def _predicted(self) -> dict:
+        """The estimate as status and the CLI show it."""
+        e = self.estimate
+        assert e is not None
+        return {
+            "memoryBytes": e.total_bytes,
+            "perGpuBytes": e.per_gpu_bytes if self.pool.gpu else None,
+            "ttftSeconds": round(e.ttft_seconds, 6),
+            "tpotSeconds": round(e.tpot_seconds, 6),
+        }

@@ -79,6 +79,8 @@ def _slots(pool: Pool, gpus: int, cpu_millis: int, memory_bytes: int) -> int:
 
 
 def _tolerates(taints, tolerations: list[dict]) -> bool:
+    """Whether a pod with `tolerations` may be scheduled on a node with `taints` (PreferNoSchedule ones only
+    steer the scheduler)."""
     for taint in taints:
         if taint.effect not in ("NoSchedule", "NoExecute"):
             continue
@@ -305,7 +307,6 @@ def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory,
         notes.append(f"GPU product {product} is not in the catalog: planned from its GFD memory and compute "
                      "capability labels with the slowest catalog GPU's bandwidth and throughput")
     return pools, notes
-
 
 
 # --- The nodes of a plan -------------------------------------------------------------------------------
