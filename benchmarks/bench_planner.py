@@ -22,7 +22,7 @@ holding some GPUs; see benchmarks/synthetic.py):
   - ``fresh_inventory_ms``: plan on a fresh inventory copy (shape groups not yet computed), warm
     estimate cache: the operator's steady state, one sample per repeat;
   - ``steady_ms``: plan again on the same inventory (groups already computed);
-* ``reserve_plan_4_replicas``: one `planner.reserve_plan` (what the operator pays per other
+* ``reserve_plan_4_replicas``: one `placement.reserve_plan` (what the operator pays per other
   deployment's promise on every pass);
 * ``operator_pass``: one operator pass for one deployment among 200 (benchmarks/synthetic.py's
   operator mix, each placed in turn): the inventory less the other deployments' promises (a
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synthetic  # noqa: E402
 
-from llama_operator import api, planner  # noqa: E402
+from llama_operator import api, placement, planner  # noqa: E402
 from llama_operator.inventory import Inventory, pod_usage  # noqa: E402
 
 GOAL_MS = 100.0
@@ -126,7 +126,7 @@ def bench_size(n: int, specs: dict, repeats: int, cold: bool) -> dict:
         entry["result"] = result.summary()[:160]
         if result.chosen is not None:
             chosen = result.chosen.to_chosen_plan()
-            reserve_ns = [_timed(lambda: planner.reserve_plan(inv, spec, chosen, 4))[0] for _ in range(repeats)]
+            reserve_ns = [_timed(lambda: placement.reserve_plan(inv, spec, chosen, 4))[0] for _ in range(repeats)]
             entry["reserve_plan_4_replicas"] = _stats(reserve_ns)
         per_spec[name] = entry
 
@@ -140,13 +140,13 @@ def bench_size(n: int, specs: dict, repeats: int, cold: bool) -> dict:
         if p.chosen is not None:
             chosen = p.chosen.to_chosen_plan()
             promises.append((spec, chosen))
-            cur = planner.reserve_plan(cur, spec, chosen, spec.replicas)
+            cur = placement.reserve_plan(cur, spec, chosen, spec.replicas)
     probe = api.parse_spec(specs[next(iter(specs))])
 
     def one_pass():
         x = inv
         for spec, chosen in promises[1:]:
-            x = planner.reserve_plan(x, spec, chosen, spec.replicas)
+            x = placement.reserve_plan(x, spec, chosen, spec.replicas)
         return planner.plan(probe, x)
 
     one_pass()

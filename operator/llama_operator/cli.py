@@ -93,7 +93,7 @@ def _plan_each(deployments, inventory) -> list:
     """A plan per deployment, in file order; later deployments see the GPUs earlier ones take (as the
     operator does: a plan in force reserves its hardware)."""
     from .planner import plan as make_plan
-    from .planner import reserve_plan
+    from .placement import reserve_plan
 
     plans = []
     for spec in deployments:
@@ -132,7 +132,7 @@ PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
 def cmd_render(args) -> int:
     """The objects the operator would apply for each LlamaDeployment, as one YAML stream: the operator's
     own planner and renderer, on the same cluster input as `plan`."""
-    from .planner import with_pod_tolerations
+    from .placement import with_pod_tolerations
     from .render import Owner, render
 
     objects = load_deployment_objects(args.file)
@@ -281,7 +281,7 @@ _TAINT_KEY = re.compile(r"^(?:(?=.{1,253}/)[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[
 def _forbidden_tolerations(keys: list[str] | None) -> frozenset[str]:
     """--forbid-toleration KEY...: the taint keys LlamaDeployments may not tolerate. Not given: the planner's
     defaults (the control-plane taints); given only empty (`--forbid-toleration=`): none."""
-    from .planner import DEFAULT_FORBIDDEN_TOLERATIONS
+    from .placement import DEFAULT_FORBIDDEN_TOLERATIONS
 
     if keys is None:
         return DEFAULT_FORBIDDEN_TOLERATIONS

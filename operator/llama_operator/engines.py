@@ -3,8 +3,8 @@
 Pure. The facts live in catalog/engines.yaml, each citing the file of the release's source it was read
 from, and the options each release accepts in catalog/engine-options/ (generated from the same sources by
 scripts/engine_options.py). The planner asks `support_problem` whether a variant can run on a GPU at all;
-the renderer asks `serving` for the image, command and arguments that select the kernels; the tests ask
-`rejected_arguments` whether a rendered command line is one the release would accept.
+the renderer asks a release for its image and command, and `kernel_for` for the arguments that select the
+kernels; the tests ask `rejected_arguments` whether a rendered command line is one the release would accept.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .catalog import CATALOG_DIR, GPU, Model, Quantization, _load_yaml, capability_version, load_catalog
+from .catalog import CATALOG_DIR, GPU, Model, Quantization, capability_version, load_catalog, load_yaml
 
 ENGINE_NAMES = {"vllm": "vLLM", "llamacpp": "llama.cpp"}
-#: Image flavour per accelerator vendor.
-_FLAVOURS = {"nvidia": "cuda", "amd": "rocm"}
+#: Image flavour per accelerator vendor: how engines.yaml keys a release's `images` and `runAs`.
+IMAGE_FLAVOURS = {"nvidia": "cuda", "amd": "rocm", "cpu": "cpu"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class EngineRelease:
 
     def image(self, vendor: str) -> str | None:
         """The pinned image for an accelerator vendor (nvidia, amd, or cpu); None when there is none."""
-        return self.images.get(_FLAVOURS.get(vendor, vendor))
+        return self.images.get(IMAGE_FLAVOURS.get(vendor, vendor))
 
     @property
     def options(self) -> Mapping[str, dict]:
@@ -110,7 +110,7 @@ def _release(raw: dict) -> EngineRelease:
 @functools.cache
 def releases() -> tuple[EngineRelease, ...]:
     """The pinned releases, in the order a model tries them."""
-    return tuple(_release(r) for r in _load_yaml("engines.yaml")["releases"])
+    return tuple(_release(r) for r in load_yaml("engines.yaml")["releases"])
 
 
 def release(release_id: str) -> EngineRelease | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from .catalog import GPU, Model, ModelArch, Quantization, load_catalog
 
@@ -251,7 +251,7 @@ def weights_bytes(model: Model, quant: Quantization) -> int:
     return int(total_bits / 8 + load_catalog().gguf_metadata_bytes)
 
 
-def kv_bytes_per_element(runtime: RuntimeName, dtype: KvCacheDtype) -> float:
+def kv_bytes_per_element(dtype: KvCacheDtype) -> float:
     if dtype == "fp8":
         return 1.0
     if dtype == "q8_0":
@@ -259,12 +259,12 @@ def kv_bytes_per_element(runtime: RuntimeName, dtype: KvCacheDtype) -> float:
     return 2.0  # the model's 16-bit dtype (vLLM "auto", llama.cpp f16)
 
 
-def kv_cache_bytes(arch: ModelArch, workload: Workload, runtime: RuntimeName) -> int:
+def kv_cache_bytes(arch: ModelArch, workload: Workload) -> int:
     """KV cache for `context_length` tokens in each of `concurrency` sequences.
 
     Vision models also cache, per sequence, the cross-attention K/V of one image's encoder tokens.
     """
-    elem = kv_bytes_per_element(runtime, workload.kv_cache_dtype)
+    elem = kv_bytes_per_element(workload.kv_cache_dtype)
     per_token = 2 * arch.self_attention_layers * arch.kv_heads * arch.head_dim * elem
     total = per_token * workload.context_length * workload.concurrency
     if arch.vision is not None and arch.cross_attention_layers:
@@ -273,9 +273,9 @@ def kv_cache_bytes(arch: ModelArch, workload: Workload, runtime: RuntimeName) ->
     return int(total)
 
 
-def kv_read_bytes_per_step(arch: ModelArch, workload: Workload, runtime: RuntimeName) -> float:
+def kv_read_bytes_per_step(arch: ModelArch, workload: Workload) -> float:
     """KV bytes one decode step reads: every running sequence at the reference context."""
-    elem = kv_bytes_per_element(runtime, workload.kv_cache_dtype)
+    elem = kv_bytes_per_element(workload.kv_cache_dtype)
     context = min(workload.context_length, workload.prompt_tokens + REFERENCE_OUTPUT_TOKENS // 2)
     per_token = 2 * arch.self_attention_layers * arch.kv_heads * arch.head_dim * elem
     return per_token * context * workload.concurrency
@@ -321,6 +321,89 @@ def _overhead_bytes(model: Model, quant: Quantization, hw: Hardware) -> tuple[in
     return int(per_gpu * hw.gpu_count), int(per_gpu)
 
 
+class _Memory(NamedTuple):
+    weights: int
+    kv_cache: int
+    overhead: int
+    total: int
+    per_gpu: int  # on CPU: the total (RAM)
+
+
+def _memory(model: Model, quant: Quantization, hw: Hardware, workload: Workload) -> _Memory:
+    """What one replica holds. vLLM splits the weights and the cache over its GPUs by tensor parallelism,
+    llama.cpp by layers: either way each GPU holds 1/N of them, and its own runtime overhead."""
+    weights = weights_bytes(model, quant)
+    kv = kv_cache_bytes(model.arch, workload)
+    overhead, overhead_per_gpu = _overhead_bytes(model, quant, hw)
+    total = weights + kv + overhead
+    per_gpu = total if hw.is_cpu else math.ceil((weights + kv) / max(1, hw.gpu_count)) + overhead_per_gpu
+    return _Memory(weights, kv, overhead, total, per_gpu)
+
+
+class _Decode(NamedTuple):
+    """One decode step of the running batch, and the rates prefill is timed with."""
+
+    step_seconds: float
+    bandwidth: float  # bytes/s one device reads its weights at
+    parallel: int  # devices sharing every token's work (vLLM's tensor parallelism), else 1
+    prefill_flops_rate: float  # FLOP/s a prompt is processed at
+    allreduce_seconds: float  # tensor parallelism's all-reduces in one pass over the layers (else 0)
+
+
+def _cpu_decode(hw: Hardware, step_bytes: float, step_flops: float) -> _Decode:
+    """llama.cpp on CPU: the node's bandwidth at the calibrated share, its cores' FLOPs."""
+    cores = max(1, hw.cpu_cores)
+    bandwidth = hw.cpu_bandwidth_gbps * 1e9 * CPU_BANDWIDTH_EFFICIENCY
+    flops = load_catalog().cpu.tflops * 1e12 * cores / CPU_REFERENCE_CORES
+    t_memory = step_bytes / bandwidth
+    t_compute = step_flops / flops
+    return _Decode(max(t_memory, t_compute), bandwidth, 1, flops, 0.0)
+
+
+def _gpu_decode(model: Model, quant: Quantization, hw: Hardware, step_bytes: float, step_flops: float,
+                active_parameters: float) -> _Decode:
+    """On GPUs: the weight-streaming kernels' share of peak bandwidth (llama.cpp's capped) plus their fixed
+    per-parameter cost, or the step's FLOPs, whichever is longer; vLLM splits both N ways and all-reduces."""
+    gpu = hw.gpu
+    assert gpu is not None
+    sixteen = _is_16bit(quant, gpu)
+    efficiency = DECODE_BANDWIDTH_EFFICIENCY_16BIT if sixteen else DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED
+    per_param = DECODE_SECONDS_PER_PARAMETER_16BIT if sixteen else DECODE_SECONDS_PER_PARAMETER_QUANTIZED
+    bandwidth = gpu.memory_bandwidth_gbps * 1e9 * efficiency
+    if quant.runtime == "llamacpp":
+        cap = LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_16BIT if sixteen \
+            else LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED
+        bandwidth = min(bandwidth, cap * 1e9)
+    peak = _gpu_tflops(gpu, quant) * 1e12
+    n = max(1, hw.gpu_count)
+    if quant.runtime == "vllm":
+        parallel = n  # tensor parallel: the traffic and the FLOPs split N ways
+        comm = 2 * model.arch.layers * ALLREDUCE_LATENCY_SECONDS.get(gpu.interconnect, 25e-6) if n > 1 else 0.0
+    else:
+        parallel = 1  # layer split: shards run one after another
+        comm = 0.0
+    t_memory = step_bytes / (bandwidth * parallel) + active_parameters * per_param / parallel
+    t_compute = step_flops / (peak * DECODE_COMPUTE_EFFICIENCY * parallel)
+    return _Decode(max(t_memory, t_compute) + comm, bandwidth, parallel,
+                   peak * PREFILL_COMPUTE_EFFICIENCY * parallel, comm)
+
+
+def _prefill_seconds(arch: ModelArch, prompt: int, weights: int, active_parameters: float, decode: _Decode) -> float:
+    """One prompt: 2 x parameters x tokens plus causal attention FLOPs at the prefill rate, never faster
+    than one pass over the weights, plus the all-reduces of that pass."""
+    flops = 2 * active_parameters * prompt + 2 * arch.self_attention_layers * prompt**2 * arch.heads * arch.head_dim
+    return max(flops / decode.prefill_flops_rate, weights / (decode.bandwidth * decode.parallel)) \
+        + decode.allreduce_seconds
+
+
+def _vllm_gpu_memory_utilization(quant: Quantization, hw: Hardware, per_gpu: int) -> float | None:
+    """vLLM's --gpu-memory-utilization: what the plan needs, plus 2% of the device for allocator
+    fragmentation (None: not vLLM on GPUs)."""
+    if quant.runtime != "vllm" or hw.gpu is None:
+        return None
+    return min(VLLM_MAX_GPU_MEMORY_UTILIZATION, per_gpu / hw.gpu.memory_bytes + 0.02)
+
+
 def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload) -> Estimate:
     """Memory and latency of one replica of `model` in `quant` on `hw` under `workload`.
 
@@ -329,72 +412,24 @@ def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload
     holds a contiguous block of layers and a token passes through them in turn, so memory adds up
     but one token's time does not shrink).
     """
-    arch = model.arch
-    runtime: RuntimeName = quant.runtime
-    params = parameter_counts(arch)
-    w_bytes = weights_bytes(model, quant)
-    kv_bytes = kv_cache_bytes(arch, workload, runtime)
-    overhead, overhead_per_gpu = _overhead_bytes(model, quant, hw)
-    total = w_bytes + kv_bytes + overhead
-    n = max(1, hw.gpu_count)
-    per_gpu = total if hw.is_cpu else math.ceil((w_bytes + kv_bytes) / n) + overhead_per_gpu
-
-    active = params.active_per_token
-    kv_read = kv_read_bytes_per_step(arch, workload, runtime)
-    c = workload.concurrency
-    sixteen = _is_16bit(quant, hw.gpu)
-    eff_bw = DECODE_BANDWIDTH_EFFICIENCY_16BIT if sixteen else DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED
-    per_param = DECODE_SECONDS_PER_PARAMETER_16BIT if sixteen else DECODE_SECONDS_PER_PARAMETER_QUANTIZED
-
-    if hw.is_cpu:
-        cores = max(1, hw.cpu_cores)
-        bandwidth = hw.cpu_bandwidth_gbps * 1e9 * CPU_BANDWIDTH_EFFICIENCY
-        flops = load_catalog().cpu.tflops * 1e12 * cores / CPU_REFERENCE_CORES
-        t_memory = (w_bytes + kv_read) / bandwidth
-        t_compute = 2 * active * c / flops
-        step = max(t_memory, t_compute)
-        prefill_flops_rate = flops
-        parallel = 1
-        comm = 0.0
-    else:
-        gpu = hw.gpu
-        assert gpu is not None
-        bandwidth = gpu.memory_bandwidth_gbps * 1e9 * eff_bw
-        if runtime == "llamacpp":
-            cap = LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_16BIT if sixteen else LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED
-            bandwidth = min(bandwidth, cap * 1e9)
-        peak = _gpu_tflops(gpu, quant) * 1e12
-        if runtime == "vllm":
-            parallel = n  # tensor parallel: the traffic and the FLOPs split N ways
-            comm = 2 * arch.layers * ALLREDUCE_LATENCY_SECONDS.get(gpu.interconnect, 25e-6) if n > 1 else 0.0
-        else:
-            parallel = 1  # layer split: shards run one after another
-            comm = 0.0
-        t_memory = (w_bytes + kv_read) / (bandwidth * parallel) + active * per_param / parallel
-        t_compute = 2 * active * c / (peak * DECODE_COMPUTE_EFFICIENCY * parallel)
-        step = max(t_memory, t_compute) + comm
-        prefill_flops_rate = peak * PREFILL_COMPUTE_EFFICIENCY * parallel
-
-    prompt = workload.prompt_tokens
-    prefill_flops = 2 * active * prompt + 2 * arch.self_attention_layers * prompt**2 * arch.heads * arch.head_dim
-    prefill = max(prefill_flops / prefill_flops_rate, w_bytes / (bandwidth * parallel))
-    if not hw.is_cpu and runtime == "vllm" and n > 1:
-        prefill += comm
-    ttft = prefill + step
-
-    utilization = None
-    if runtime == "vllm" and hw.gpu is not None:
-        # What the plan needs, plus 2% of the device for allocator fragmentation.
-        utilization = min(VLLM_MAX_GPU_MEMORY_UTILIZATION, per_gpu / hw.gpu.memory_bytes + 0.02)
+    memory = _memory(model, quant, hw, workload)
+    active = parameter_counts(model.arch).active_per_token
+    # One decode step reads every weight and the running sequences' KV cache, and does 2 FLOPs per
+    # active parameter per sequence.
+    step_bytes = memory.weights + kv_read_bytes_per_step(model.arch, workload)
+    step_flops = 2 * active * workload.concurrency
+    decode = _cpu_decode(hw, step_bytes, step_flops) if hw.is_cpu \
+        else _gpu_decode(model, quant, hw, step_bytes, step_flops, active)
+    prefill = _prefill_seconds(model.arch, workload.prompt_tokens, memory.weights, active, decode)
     return Estimate(
-        weights_bytes=w_bytes,
-        kv_cache_bytes=kv_bytes,
-        overhead_bytes=overhead,
-        total_bytes=total,
-        per_gpu_bytes=per_gpu,
-        ttft_seconds=ttft,
-        tpot_seconds=step,
-        decode_tokens_per_second=1.0 / step,
-        prefill_tokens_per_second=prompt / prefill,
-        gpu_memory_utilization=utilization,
+        weights_bytes=memory.weights,
+        kv_cache_bytes=memory.kv_cache,
+        overhead_bytes=memory.overhead,
+        total_bytes=memory.total,
+        per_gpu_bytes=memory.per_gpu,
+        ttft_seconds=prefill + decode.step_seconds,
+        tpot_seconds=decode.step_seconds,
+        decode_tokens_per_second=1.0 / decode.step_seconds,
+        prefill_tokens_per_second=workload.prompt_tokens / prefill,
+        gpu_memory_utilization=_vllm_gpu_memory_utilization(quant, hw, memory.per_gpu),
     )

@@ -41,7 +41,7 @@ from typing import Any
 
 import kopf
 
-from . import api, planner
+from . import api, placement, planner
 from .api import GROUP, PLURAL, VERSION, SpecError
 from .fields import name_problems
 from .inventory import Inventory, Node, PodUsage, node_from_manifest, pod_usage
@@ -54,7 +54,7 @@ from .reconcile import (OWNERSHIP_CONFLICT, WAITING_FOR_GC, WARNING, Decision, O
                         Observed, decide, decide_invalid, decide_objects)
 from .ownership import FINALIZER, HASH_ANNOTATION, LABEL_DEPLOYMENT, MANAGED_BY, canonical
 from .render import Images, Owner, render
-from .status import LlamaDeploymentStatus
+from .status import ChosenPlan, LlamaDeploymentStatus
 from .units import parse_time
 from .workqueue import WorkQueue, Workers
 
@@ -83,8 +83,8 @@ class Settings:
     #: At shutdown, how long the passes in progress may take to finish.
     stop_timeout_seconds: float = 15.0
     #: Taint keys a LlamaDeployment's tolerations never count for (`run --forbid-toleration`): in planning
-    #: and in the pods (planner.effective_tolerations).
-    forbidden_tolerations: frozenset[str] = planner.DEFAULT_FORBIDDEN_TOLERATIONS
+    #: and in the pods (placement.effective_tolerations).
+    forbidden_tolerations: frozenset[str] = placement.DEFAULT_FORBIDDEN_TOLERATIONS
 
 
 @dataclass
@@ -93,7 +93,7 @@ class _Promise:
     before their pods exist."""
 
     spec: api.LlamaDeploymentSpec
-    plan: api.ChosenPlan
+    plan: ChosenPlan
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Promise) and self.spec == other.spec and self.plan.same_choice(other.plan)
@@ -280,8 +280,8 @@ class OperatorState:
 
         def reserve(inv: Inventory, other: Key, promise: _Promise) -> Inventory:
             missing = promise.spec.replicas - bound.get(other, 0)  # replicas without a bound pod yet
-            return planner.reserve_plan(inv, promise.spec, promise.plan, missing,
-                                        forbidden_tolerations=self.settings.forbidden_tolerations) \
+            return placement.reserve_plan(inv, promise.spec, promise.plan, missing,
+                                          forbidden_tolerations=self.settings.forbidden_tolerations) \
                 if missing > 0 else inv
 
         if not own and key not in self.promises:  # extend the cached fold by the promises made since
@@ -584,7 +584,7 @@ async def reconcile(state: OperatorState, key: Key) -> Decision | None:
             if decision.apply is not None:
                 _promise(state, key, spec, decision)
                 owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
-                pod_spec = planner.with_pod_tolerations(spec, inventory, decision.apply, forbidden)
+                pod_spec = placement.with_pod_tolerations(spec, inventory, decision.apply, forbidden)
                 objects = render(owner, pod_spec, decision.apply, state.settings.images)
                 runs = deployment is not None and _runs(deployment, objects, state.accepted.get(key, {}))
                 if deployment is not None and runs != decision.apply.same_choice(current):

@@ -12,11 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, Iterable, Mapping
 
-from .catalog import GPU, load_catalog
+from .catalog import GPU, GPU_PRODUCT_LABELS, GPU_RESOURCES, load_catalog
 from .units import quantity_bytes, quantity_millis
 
-GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
-GPU_PRODUCT_LABELS = ("nvidia.com/gpu.product", "amd.com/gpu.product-name")
 #: Labels that differ node by node and say nothing about what a node can run.
 PER_NODE_LABELS = ("kubernetes.io/hostname",)
 

@@ -14,26 +14,21 @@ The first rung with a feasible candidate wins, and among its candidates the chea
 meets the SLO), then fewer GPUs, then smaller GPUs. Every rejected candidate keeps its reasons, and every
 variant a rung considers is a candidate: one that no pool can run (vLLM where only CPU nodes match the
 placement, anything where no node does) is listed on a stand-in pool ("no GPU node", "no matching node")
-with why. A spec's tolerations never count for the taint keys the operator forbids (effective_tolerations).
+with why. Which nodes form the pools is placement's (placement.py); what one candidate is, candidate.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Iterator
 
 from .api import LlamaDeploymentSpec
-from .catalog import GPU, Model, Quantization, load_catalog
-from .engines import kernel_for, release_for, support_problem
-from .estimate import (
-    VLLM_MAX_GPU_MEMORY_UTILIZATION,
-    host_requests,
-    Estimate,
-    Hardware,
-    Workload,
-    estimate,
-)
-from .inventory import GPU_RESOURCES, PER_NODE_LABELS, Inventory, Node, Shape, ShapeGroup
+from .candidate import Candidate
+from .catalog import Model, Quantization, load_catalog
+from .engines import support_problem
+from .estimate import VLLM_MAX_GPU_MEMORY_UTILIZATION, Estimate, Hardware, Workload, estimate, host_requests
+from .inventory import Inventory
+from .placement import DEFAULT_FORBIDDEN_TOLERATIONS, NO_GPU_NODE, NO_NODE, Pool, build_pools
 from .units import format_bytes, format_seconds
 
 #: Bits below which a quantization is used only when the spec lists it ("down to 4-bit by default").
@@ -44,198 +39,8 @@ LLAMACPP_MAX_GPU_MEMORY_FRACTION = 0.95
 VLLM_TP_SIZES = (1, 2, 4, 8)
 #: GPUs one llama.cpp replica may split layers over.
 LLAMACPP_MAX_GPUS = 8
-#: llama.cpp's CPU decode is bandwidth-bound; past 16 threads it gains little, so a replica asks for at
-#: most this many cores and leaves the rest of the node to others.
-CPU_MAX_THREADS = 16
-#: CPU replicas leave this share of a node's free memory to the page cache and the kubelet.
-CPU_MEMORY_HEADROOM = 0.9
 #: How many rejected candidates status carries (the CLI shows them all).
 STATUS_REJECTED_LIMIT = 20
-#: Taint keys a LlamaDeployment's own tolerations never tolerate unless the operator is told otherwise
-#: (`llama-operator run --forbid-toleration`, the chart's operator.forbiddenTolerations): model servers
-#: stay off control-plane nodes even with `tolerations: [{operator: Exists}]`. See effective_tolerations.
-DEFAULT_FORBIDDEN_TOLERATIONS: frozenset[str] = frozenset({"node-role.kubernetes.io/control-plane",
-                                                         "node-role.kubernetes.io/master"})
-
-
-@dataclass(frozen=True)
-class Pool:
-    """Where replicas of one candidate can go: all placement-compatible nodes of one GPU product, or the
-    CPU nodes of one shape. `free` counts nodes by (free GPUs, free CPU millicores, free memory bytes)."""
-
-    key: str
-    gpu: GPU | None
-    max_gpus_per_node: int
-    free: tuple[tuple[tuple[int, int, int], int], ...] = ()
-    cpu_cores: int = 0
-    cpu_bandwidth_gbps: float = 0.0
-    #: Set on the stand-in pools of variants no node can run (NO_GPU_NODE, NO_NODE): what the
-    #: candidate's hardware column says instead of a GPU or CPU shape.
-    label: str = ""
-
-    def __post_init__(self) -> None:
-        # slots() is asked dozens of times per plan, each time a cache lookup that hashes the pool, whose
-        # `free` grows with the cluster: hash it once.
-        object.__setattr__(self, "_hash", hash((self.key, self.gpu, self.max_gpus_per_node, self.free,
-                                                self.cpu_cores, self.cpu_bandwidth_gbps, self.label)))
-
-    def __hash__(self) -> int:
-        return self._hash  # type: ignore[attr-defined]
-
-    def slots(self, gpus: int, cpu_millis: int, memory_bytes: int) -> int:
-        """Replicas that fit, one node each: a replica needs `gpus` GPUs (0 on CPU) and its host CPU and
-        memory requests (CPU nodes keep a tenth of their memory for the page cache and the kubelet)."""
-        return _slots(self, gpus, cpu_millis, memory_bytes)
-
-
-#: Stand-ins for the hardware of a variant that no pool can run, so that it still appears among the
-#: candidates with its reasons: a vLLM variant where no GPU node matches the placement, any variant
-#: where no node matches at all.
-NO_GPU_NODE = Pool(key="no-gpu-node", gpu=None, max_gpus_per_node=0, label="no GPU node")
-NO_NODE = Pool(key="no-node", gpu=None, max_gpus_per_node=0, label="no matching node")
-
-
-@lru_cache(maxsize=4096)
-def _slots(pool: Pool, gpus: int, cpu_millis: int, memory_bytes: int) -> int:
-    headroom = 1.0 if pool.gpu is not None else CPU_MEMORY_HEADROOM
-    total = 0
-    for (free_gpus, cpu, mem), count in pool.free:
-        fits = [cpu // max(cpu_millis, 1), int(mem * headroom) // max(memory_bytes, 1)]
-        if gpus:
-            fits.append(free_gpus // gpus)
-        total += count * min(fits)
-    return total
-
-
-@dataclass
-class Candidate:
-    model: Model
-    quant: Quantization
-    kv_cache_dtype: str
-    pool: Pool
-    gpus_per_replica: int
-    rung: int
-    estimate: Estimate | None = None
-    reasons: list[str] = field(default_factory=list)
-    verdict: str = "rejected"  # chosen | feasible | rejected
-    #: How far the candidate is from working: the largest of needed/available over every limit
-    #: (<= 1 when feasible; infinite when the hardware cannot run the format at all).
-    shortfall: float = float("inf")
-
-    @property
-    def runtime(self) -> str:
-        return self.quant.runtime
-
-    @property
-    def cpu_threads(self) -> int:
-        return min(self.pool.cpu_cores, CPU_MAX_THREADS)
-
-    @property
-    def engine(self) -> str | None:
-        """The pinned engine release this candidate runs on (engines.yaml)."""
-        rel = release_for(self.model, self.runtime)
-        return rel.id if rel else None
-
-    @property
-    def kernel(self) -> str | None:
-        """vLLM: the kernel the release runs this variant with on this GPU."""
-        rel = release_for(self.model, self.runtime)
-        if rel is None or self.runtime != "vllm" or self.pool.gpu is None:
-            return None
-        k = kernel_for(rel, self.model, self.quant, self.pool.gpu)
-        return k.id if k else None
-
-    @property
-    def hardware(self) -> str:
-        if self.pool.label:
-            return self.pool.label
-        if self.pool.gpu is None:
-            return f"cpu ({self.cpu_threads} cores, {self.pool.cpu_bandwidth_gbps:g} GB/s)"
-        return f"{self.gpus_per_replica}x {self.pool.gpu.product}"
-
-    @property
-    def feasible(self) -> bool:
-        return not self.reasons
-
-    def cost_key(self) -> tuple:
-        """Cheaper first: CPU, then fewer GPUs, then smaller GPUs, then vLLM, then faster; names break ties.
-        A variant no node can run (a stand-in pool) comes last."""
-        gpu = self.pool.gpu
-        if self.pool.label:
-            return (2, self.pool.key, self.quant.id)
-        if gpu is None:
-            return (0, 0, 0.0, self.estimate.tpot_seconds if self.estimate else 0, self.pool.key, self.quant.id)
-        return (
-            1,
-            self.gpus_per_replica,
-            gpu.memory_gib * self.gpus_per_replica,
-            # vLLM before llama.cpp on GPUs: continuous batching, and latency histograms for the SLO alerts
-            0 if self.runtime == "vllm" else 1,
-            self.estimate.tpot_seconds if self.estimate else 0,
-            gpu.product,
-            self.quant.id,
-        )
-
-    def describe(self) -> str:
-        kv = f", {self.kv_cache_dtype} KV cache" if self.kv_cache_dtype != "auto" else ""
-        return f"{self.model.id} {self.quant.id} ({self.runtime}{kv}) on {self.hardware}"
-
-    def weights_source(self) -> str:
-        if self.runtime == "vllm":
-            return self.model.vllm_repos[self.quant.id]
-        assert self.model.gguf is not None and self.quant.gguf is not None
-        return f"{self.model.gguf.repo}/{self.model.gguf.file_for(self.quant.gguf, self.quant.id)}"
-
-    def to_chosen_plan(self):
-        """This candidate as status records it, and as the renderer consumes it."""
-        from .status import ChosenPlan, Predicted
-
-        e = self.estimate
-        assert e is not None
-        return ChosenPlan(
-            model=self.model.id,
-            quantization=self.quant.id,
-            runtime=self.runtime,
-            engine=self.engine,
-            kernel=self.kernel,
-            gpuProduct=self.pool.gpu.product if self.pool.gpu else None,
-            gpusPerReplica=self.gpus_per_replica,
-            kvCacheDtype=self.kv_cache_dtype,
-            weightsSource=self.weights_source(),
-            gpuMemoryUtilization=round(e.gpu_memory_utilization, 3) if e.gpu_memory_utilization is not None else None,
-            cpuThreads=self.cpu_threads if self.pool.gpu is None else None,
-            cpuMemoryBandwidthGbps=self.pool.cpu_bandwidth_gbps if self.pool.gpu is None else None,
-            predicted=Predicted(
-                memoryBytes=e.total_bytes,
-                perGpuBytes=e.per_gpu_bytes if self.pool.gpu else None,
-                ttftSeconds=round(e.ttft_seconds, 6),
-                tpotSeconds=round(e.tpot_seconds, 6),
-            ),
-        )
-
-    def to_dict(self) -> dict:
-        out = {
-            "model": self.model.id,
-            "quantization": self.quant.id,
-            "runtime": self.runtime,
-            "engine": self.engine,
-            "kernel": self.kernel,
-            "hardware": self.hardware,
-            "gpuProduct": self.pool.gpu.product if self.pool.gpu else None,
-            "gpusPerReplica": self.gpus_per_replica,
-            "kvCacheDtype": self.kv_cache_dtype,
-            "verdict": self.verdict,
-            "reasons": list(self.reasons),
-        }
-        out["predicted"] = None  # a format the hardware cannot run is not estimated
-        if self.estimate is not None:
-            out["predicted"] = {
-                "memoryBytes": self.estimate.total_bytes,
-                "perGpuBytes": self.estimate.per_gpu_bytes if self.pool.gpu else None,
-                "ttftSeconds": round(self.estimate.ttft_seconds, 6),
-                "tpotSeconds": round(self.estimate.tpot_seconds, 6),
-            }
-        return out
 
 
 @dataclass
@@ -331,213 +136,6 @@ def quality_tiers(quants: Iterable[Quantization]) -> list[list[Quantization]]:
     for q in quants:
         by_quality.setdefault(q.quality, []).append(q)
     return [by_quality[k] for k in sorted(by_quality, reverse=True)]
-
-
-# --- Pools --------------------------------------------------------------------------------------------
-
-
-def _tolerates(taints, tolerations: list[dict]) -> bool:
-    for taint in taints:
-        if taint.effect not in ("NoSchedule", "NoExecute"):
-            continue
-        ok = False
-        for t in tolerations:
-            if t.get("effect") and t["effect"] != taint.effect:
-                continue
-            if t.get("operator") == "Exists":
-                if not t.get("key") or t["key"] == taint.key:
-                    ok = True
-            elif t.get("key") == taint.key and (t.get("value") or None) == (taint.value or None):
-                ok = True
-            if ok:
-                break
-        if not ok:
-            return False
-    return True
-
-
-GPU_TOLERATIONS = [{"key": r, "operator": "Exists", "effect": "NoSchedule"} for r in GPU_RESOURCES]
-
-
-def effective_tolerations(tolerations: Iterable[dict], forbidden_keys: Collection[str],
-                          taint_keys: Iterable[str] = ()) -> list[dict]:
-    """A spec's tolerations (as pod spec dicts) less what they may not tolerate: none of them counts for a
-    taint whose key is in `forbidden_keys`. Pure; the planner judges nodes with the result and the pods
-    carry the result, so both agree.
-
-    A toleration naming a forbidden key is dropped. A toleration without a key (`operator: Exists`)
-    tolerates every taint, and Kubernetes has no "every taint but these": it is spelt out as one
-    `Exists` toleration per key of `taint_keys` (the taints of the nodes in question) that is not
-    forbidden, keeping its effect and tolerationSeconds. Without forbidden keys nothing changes."""
-    tolerations = list(tolerations)
-    if not forbidden_keys or not tolerations:
-        return tolerations
-    out: list[dict] = []
-    for t in tolerations:
-        key = t.get("key")
-        if key:
-            if key not in forbidden_keys:
-                out.append(t)
-        elif t.get("operator") == "Exists":
-            rest = {k: v for k, v in t.items() if k not in ("key", "operator", "value")}
-            for k in sorted(set(taint_keys) - set(forbidden_keys)):
-                out.append({"key": k, "operator": "Exists", **rest})
-        else:
-            out.append(t)  # no key and not Exists: matches only taints without a key (none is forbidden)
-    unique: list[dict] = []
-    for t in out:
-        if t not in unique:
-            unique.append(t)
-    return unique
-
-
-def _reaches_forbidden(tolerations: Iterable[dict], forbidden_keys: Collection[str]) -> list[str]:
-    """The forbidden taint keys the spec's tolerations would reach (sorted): the ones they name, all of
-    them for a toleration without a key."""
-    reached: set[str] = set()
-    for t in tolerations:
-        if t.get("key") in forbidden_keys:
-            reached.add(t["key"])
-        elif not t.get("key") and t.get("operator") == "Exists":
-            reached.update(forbidden_keys)
-    return sorted(reached)
-
-
-def _spec_tolerations(spec: LlamaDeploymentSpec) -> list[dict]:
-    return [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
-
-
-class _Tolerations:
-    """A spec's tolerations under the forbidden keys, per shape (effective_tolerations): worked out once per
-    plan, unless a toleration without a key must be spelt out over each shape's taint keys."""
-
-    __slots__ = ("spec", "forbidden", "fixed")
-
-    def __init__(self, spec: LlamaDeploymentSpec, forbidden: Collection[str]):
-        self.spec = _spec_tolerations(spec)
-        self.forbidden = forbidden
-        keyless = bool(forbidden) and any(not t.get("key") and t.get("operator") == "Exists" for t in self.spec)
-        self.fixed = None if keyless else effective_tolerations(self.spec, forbidden)
-
-    def for_shape(self, shape: Shape) -> list[dict]:
-        if self.fixed is not None:
-            return self.fixed
-        return effective_tolerations(self.spec, self.forbidden, (t.key for t in shape.taints))
-
-
-def _allowed_products(spec: LlamaDeploymentSpec) -> set[str] | None:
-    if not spec.placement.gpuProducts:
-        return None
-    catalog = load_catalog()
-    out = set()
-    for name in spec.placement.gpuProducts:
-        gpu = catalog.find_gpu(name)
-        out.add(gpu.product if gpu else name)
-    return out
-
-
-def _shape_matches(shape: Shape, spec: LlamaDeploymentSpec, allowed_products: set[str] | None,
-                   tolerations_of: _Tolerations) -> bool:
-    selector = spec.placement.nodeSelector
-    if selector:  # (the label dict only when there is something to look up in it)
-        labels = shape.label_dict()
-        if any(labels.get(k) != v for k, v in selector.items() if k not in PER_NODE_LABELS):
-            return False
-    tolerations = tolerations_of.for_shape(shape)
-    if shape.gpu is not None:
-        tolerations = tolerations + GPU_TOLERATIONS
-        if allowed_products is not None and shape.gpu.product not in allowed_products:
-            return False
-    return _tolerates(shape.taints, tolerations)
-
-
-def _per_node_selector(spec: LlamaDeploymentSpec) -> dict[str, str]:
-    return {k: v for k, v in spec.placement.nodeSelector.items() if k in PER_NODE_LABELS}
-
-
-def _narrowed(group: ShapeGroup, inventory: Inventory, hostname: str) -> ShapeGroup | None:
-    """The part of a group on the named host (a nodeSelector on kubernetes.io/hostname)."""
-    names = [n for n in group.nodes if inventory.nodes[n].hostname == hostname]
-    if not names:
-        return None
-    out = ShapeGroup(group.shape, names)
-    for n in names:
-        out.free[inventory.free[n]] += 1
-    return out
-
-
-def _merged(groups: list[ShapeGroup]) -> tuple[tuple[tuple[int, int, int], int], ...]:
-    total: dict[tuple[int, int, int], int] = {}
-    for g in groups:
-        for k, count in g.free.items():
-            total[k] = total.get(k, 0) + count
-    return tuple(sorted(total.items()))
-
-
-def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory,
-                forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> tuple[list[Pool], list[str]]:
-    """Placement-compatible pools, and notes on what placement excluded. `forbidden_tolerations`: taint keys
-    the spec's tolerations do not count for (effective_tolerations)."""
-    allowed = _allowed_products(spec)
-    by_product: dict[str, list[ShapeGroup]] = {}
-    cpu_groups: list[ShapeGroup] = []
-    excluded = 0
-    hostname = _per_node_selector(spec).get("kubernetes.io/hostname")
-    tolerations_of = _Tolerations(spec, forbidden_tolerations)
-    reached = _reaches_forbidden(tolerations_of.spec, forbidden_tolerations) if tolerations_of.spec else []
-    withheld: dict[str, int] = {}  # forbidden taint key the tolerations reach -> nodes carrying it
-    for group in inventory.groups():
-        if reached:
-            for key in {t.key for t in group.shape.taints if t.key in reached}:
-                withheld[key] = withheld.get(key, 0) + len(group.nodes)
-        if not _shape_matches(group.shape, spec, allowed, tolerations_of):
-            excluded += len(group.nodes)
-            continue
-        if hostname is not None:
-            narrowed = _narrowed(group, inventory, hostname)
-            excluded += len(group.nodes) - (len(narrowed.nodes) if narrowed else 0)
-            if narrowed is None:
-                continue
-            group = narrowed
-        if group.shape.gpu is None:
-            cpu_groups.append(group)
-        else:
-            by_product.setdefault(group.shape.gpu.product, []).append(group)
-    pools = []
-    for product, gs in sorted(by_product.items()):
-        pools.append(Pool(
-            key=product,
-            # Nodes of one product may report less memory than the catalog (MIG, ECC): a replica may land
-            # on any of them, so the pool is sized by the smallest.
-            gpu=min((g.shape.gpu for g in gs), key=lambda gpu: gpu.memory_gib),
-            max_gpus_per_node=max(g.shape.gpus_per_node for g in gs),
-            free=_merged(gs),
-        ))
-    if spec.fallback.allowCPU:
-        by_cpu_shape: dict[tuple[int, float], list[ShapeGroup]] = {}
-        for g in cpu_groups:
-            by_cpu_shape.setdefault((g.shape.cpu_millis // 1000, g.shape.cpu_bandwidth_gbps), []).append(g)
-        for (cores, bandwidth), gs in sorted(by_cpu_shape.items()):
-            pools.append(Pool(
-                key=f"cpu-{cores}c-{bandwidth:g}gbps",
-                gpu=None,
-                max_gpus_per_node=0,
-                cpu_cores=cores,
-                cpu_bandwidth_gbps=bandwidth,
-                free=_merged(gs),
-            ))
-    notes = []
-    if withheld:
-        taints = ", ".join(f"{key} ({count} node(s))" for key, count in sorted(withheld.items()))
-        notes.append(f"placement.tolerations do not count for the taint(s) {taints}: the operator does not let "
-                     "LlamaDeployments tolerate them (llama-operator run --forbid-toleration)")
-    if excluded:
-        notes.append(f"placement excluded {excluded} node(s)")
-    unknown = sorted({p.gpu.product for p in pools if p.gpu is not None and not p.gpu.known})
-    for product in unknown:
-        notes.append(f"GPU product {product} is not in the catalog: planned from its GFD memory and compute "
-                     "capability labels with the slowest catalog GPU's bandwidth and throughput")
-    return pools, notes
 
 
 # --- Checking one candidate ----------------------------------------------------------------------------
@@ -652,74 +250,94 @@ def _kv_dtype(quant: Quantization) -> str:
     return "fp8" if quant.runtime == "vllm" else "q8_0"
 
 
+@dataclass(frozen=True)
+class _Rung:
+    """One rung of the ladder: the variants of one quality tier of a model, with the model's own KV cache
+    or an 8-bit one."""
+
+    model: Model
+    tier: list[Quantization]
+    kv_8bit: bool
+
+    @property
+    def label(self) -> str:
+        kv = " with 8-bit KV cache" if self.kv_8bit else ""
+        return f"{self.model.id} {'/'.join(q.id for q in self.tier)}{kv}"
+
+
+def _rungs(spec: LlamaDeploymentSpec, tried: list[Candidate]) -> Iterator[_Rung]:
+    """The ladder's rungs in order: each model's quality tiers (best first), then the same tiers with an
+    8-bit KV cache when the spec allows it and the candidates tried so far show that the cache is what does
+    not fit (`tried`: the caller's list, which it extends as it walks the rungs)."""
+    for model in ladder_models(spec):
+        tiers = quality_tiers(allowed_quantizations(spec, model))
+        for tier in tiers:
+            yield _Rung(model, tier, False)
+        if spec.fallback.allowKVCacheQuantization and _kv_is_the_problem(tried):
+            for tier in tiers:
+                yield _Rung(model, tier, True)
+
+
+def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: list[Pool], base: Workload,
+                     limits: _Limits) -> list[Candidate]:
+    """Every variant of the rung, checked: one candidate per pool that can run it (the fewest GPUs that
+    work, else the count closest to working), or one on a stand-in pool saying why none can."""
+    out = []
+    for quant in rung.tier:
+        kv_dtype = _kv_dtype(quant) if rung.kv_8bit else "auto"
+        workload = base if kv_dtype == "auto" else Workload(
+            base.context_length, base.concurrency, base.prompt_tokens, kv_dtype)  # type: ignore[arg-type]
+        placed = False
+        for pool in pools:
+            if pool.gpu is None and quant.runtime == "vllm":
+                continue  # vLLM serves on GPUs only: no attempt on a CPU pool
+            attempts = []
+            for n in _gpu_counts(quant, rung.model, pool):
+                c = Candidate(rung.model, quant, kv_dtype, pool, n, index)
+                _check(c, spec, workload, limits)
+                attempts.append(c)
+                if c.feasible:
+                    break  # _best_of takes the fewest GPUs that work: larger counts never win
+            if attempts:
+                out.append(_best_of(attempts))
+                placed = True
+        if not placed:  # still a candidate, on a stand-in pool, saying why nothing could run it
+            out.append(_unplaceable(spec, rung.model, quant, kv_dtype, index, bool(pools)))
+    return out
+
+
 def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
          forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> Plan:
     """Choose what to run for `spec` on `inventory`, with the verdict and reasons for every candidate tried.
-    `forbidden_tolerations`: taint keys the spec's tolerations do not count for (effective_tolerations)."""
+    `forbidden_tolerations`: taint keys the spec's tolerations do not count for (placement.effective_tolerations)."""
     pools, notes = build_pools(spec, inventory, forbidden_tolerations)
     base = Workload(context_length=spec.contextLength, concurrency=spec.slo.concurrency,
                     prompt_tokens=spec.slo.promptTokens)
-    kv_options = ["auto"] + (["8bit"] if spec.fallback.allowKVCacheQuantization else [])
     limits = _Limits.of(spec)
     candidates: list[Candidate] = []
     chosen: Candidate | None = None
-    rung = 0
     rung_labels: list[str] = []
     if not pools:
         notes.append("no ready node matches the placement (nodeSelector, tolerations, gpuProducts)")
-    for model in ladder_models(spec):
-        tiers = quality_tiers(allowed_quantizations(spec, model))
-        for kv in kv_options:
-            for tier in tiers:
-                rung_candidates = []
-                for quant in tier:
-                    kv_dtype = "auto" if kv == "auto" else _kv_dtype(quant)
-                    workload = base if kv_dtype == "auto" else Workload(
-                        base.context_length, base.concurrency, base.prompt_tokens, kv_dtype)  # type: ignore[arg-type]
-                    placed = False
-                    for pool in pools:
-                        if pool.gpu is None and quant.runtime == "vllm":
-                            continue  # vLLM serves on GPUs only: no attempt on a CPU pool
-                        attempts = []
-                        for n in _gpu_counts(quant, model, pool):
-                            c = Candidate(model, quant, kv_dtype, pool, n, rung)
-                            _check(c, spec, workload, limits)
-                            attempts.append(c)
-                            if c.feasible:
-                                break  # _best_of takes the fewest GPUs that work: larger counts never win
-                        if attempts:
-                            rung_candidates.append(_best_of(attempts))
-                            placed = True
-                    if not placed:  # still a candidate, on a stand-in pool, saying why nothing could run it
-                        rung_candidates.append(_unplaceable(spec, model, quant, kv_dtype, rung, bool(pools)))
-                rung_labels.append(f"{model.id} {'/'.join(q.id for q in tier)}"
-                                   + (" with 8-bit KV cache" if kv != "auto" else ""))
-                rung_candidates.sort(key=lambda c: c.cost_key())
-                candidates.extend(rung_candidates)
-                feasible = [c for c in rung_candidates if c.feasible]
-                if feasible:
-                    chosen = feasible[0]
-                    chosen.verdict = "chosen"
-                    for other in feasible[1:]:
-                        other.verdict = "feasible"
-                    break
-                rung += 1
-            if chosen:
-                break
-            if not _kv_is_the_problem(candidates, rung_labels):
-                # An 8-bit KV cache only helps when the cache is what does not fit.
-                break
-        if chosen:
+    for index, rung in enumerate(_rungs(spec, candidates)):
+        rung_labels.append(rung.label)
+        rung_candidates = _rung_candidates(spec, rung, index, pools, base, limits)
+        rung_candidates.sort(key=Candidate.cost_key)
+        candidates.extend(rung_candidates)
+        feasible = [c for c in rung_candidates if c.feasible]
+        if feasible:
+            chosen = feasible[0]
+            chosen.verdict = "chosen"
+            for other in feasible[1:]:
+                other.verdict = "feasible"
             break
-    fallback = chosen is not None and chosen.rung > 0
-    reason = _fallback_reason(candidates, chosen, rung_labels, notes)
     return Plan(
         requested_model=spec.model,
         feasible=chosen is not None,
         chosen=chosen,
         candidates=candidates,
-        fallback=fallback,
-        fallback_reason=reason,
+        fallback=chosen is not None and chosen.rung > 0,
+        fallback_reason=_fallback_reason(candidates, chosen, rung_labels, notes),
         notes=notes,
     )
 
@@ -744,8 +362,9 @@ def _unplaceable(spec: LlamaDeploymentSpec, model: Model, quant: Quantization, k
     return Candidate(model, quant, kv_dtype, NO_GPU_NODE if needs_gpu else NO_NODE, 0, rung, reasons=reasons)
 
 
-def _kv_is_the_problem(candidates: list[Candidate], rung_labels: list[str]) -> bool:
-    """True when some candidate failed on memory alone and its KV cache is a large share of its memory."""
+def _kv_is_the_problem(candidates: list[Candidate]) -> bool:
+    """True when some candidate failed on memory alone and its KV cache is a large share of its memory: an
+    8-bit KV cache only helps when the cache is what does not fit."""
     for c in candidates:
         if c.estimate is None or c.kv_cache_dtype != "auto":
             continue
@@ -763,10 +382,7 @@ def _fallback_reason(candidates: list[Candidate], chosen: Candidate | None, rung
     parts = []
     last = chosen.rung if chosen else len(rung_labels)
     for rung in range(last):
-        rejected = [c for c in candidates if c.rung == rung]
-        if not rejected:  # not reached: every variant of a rung is a candidate, if only on a stand-in pool
-            parts.append(f"{rung_labels[rung]}: no hardware to try")
-            continue
+        rejected = [c for c in candidates if c.rung == rung]  # never empty: every variant is a candidate
         # The candidate closest to working explains the rung best; a support-matrix refusal (no
         # estimate, infinite shortfall) says less than a limit missed on hardware that can run the format.
         closest = min(rejected, key=lambda c: (c.shortfall, c.cost_key()))
@@ -782,7 +398,7 @@ def _fallback_reason(candidates: list[Candidate], chosen: Candidate | None, rung
 
 
 def rank(spec: LlamaDeploymentSpec, chosen) -> tuple:
-    """Where a plan (api.ChosenPlan) stands on this spec's ladder: smaller is better.
+    """Where a plan (status.ChosenPlan) stands on this spec's ladder: smaller is better.
 
     (model position, 8-bit KV cache, quality tier, GPUs, GPU memory); a plan off the ladder (the spec
     changed since) ranks last.
@@ -803,7 +419,7 @@ def rank(spec: LlamaDeploymentSpec, chosen) -> tuple:
 
 def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen, *,
                  forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> list[str]:
-    """Reasons the plan in force (api.ChosenPlan) no longer works on `inventory`; empty while it does.
+    """Reasons the plan in force (status.ChosenPlan) no longer works on `inventory`; empty while it does.
 
     The operator keeps a working plan until a better one has been stable for a while, but moves at once
     when the one in force has lost its hardware.
@@ -826,71 +442,3 @@ def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen, *,
     c = Candidate(model, quant, chosen.kvCacheDtype, pool, chosen.gpusPerReplica, rung=0)
     _check(c, spec, workload)
     return c.reasons
-
-
-def _plan_shape_fits(spec: LlamaDeploymentSpec, chosen, forbidden_tolerations: Collection[str]):
-    """Whether a shape is one the plan `chosen` (api.ChosenPlan) can use: its GPU product or CPU shape,
-    within the spec's placement (the hostname aside: that is per node)."""
-    allowed = _allowed_products(spec)
-    tolerations_of = _Tolerations(spec, forbidden_tolerations)
-
-    def shape_fits(shape: Shape) -> bool:
-        if chosen.gpuProduct is not None:
-            if shape.gpu is None or shape.gpu.product != chosen.gpuProduct:
-                return False
-        elif shape.gpu is not None or shape.cpu_bandwidth_gbps != chosen.cpuMemoryBandwidthGbps:
-            return False
-        return _shape_matches(shape, spec, allowed, tolerations_of)
-
-    return shape_fits
-
-
-def pod_tolerations(spec: LlamaDeploymentSpec, inventory: Inventory, chosen,
-                    forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> list[dict]:
-    """The spec's tolerations as the model server pods of the plan `chosen` (api.ChosenPlan) must carry
-    them: effective_tolerations, a toleration without a key spelt out over the taint keys of the nodes
-    the plan can use (what the planner counted). Per shape, not per node; the inventory is read only when
-    such a toleration meets forbidden keys."""
-    spec_tolerations = _spec_tolerations(spec)
-    if not forbidden_tolerations or all(t.get("key") or t.get("operator") != "Exists" for t in spec_tolerations):
-        return effective_tolerations(spec_tolerations, forbidden_tolerations)
-    shape_fits = _plan_shape_fits(spec, chosen, forbidden_tolerations)
-    keys = {t.key for g in inventory.groups() if shape_fits(g.shape) for t in g.shape.taints}
-    return effective_tolerations(spec_tolerations, forbidden_tolerations, keys)
-
-
-def with_pod_tolerations(spec: LlamaDeploymentSpec, inventory: Inventory, chosen,
-                         forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> LlamaDeploymentSpec:
-    """`spec` with its placement.tolerations replaced by pod_tolerations: what to hand the renderer, which
-    passes a spec's tolerations through. The same object when nothing changes."""
-    tolerations = pod_tolerations(spec, inventory, chosen, forbidden_tolerations)
-    if tolerations == _spec_tolerations(spec):
-        return spec
-    from .api import Toleration
-
-    placement = spec.placement.model_copy(update={"tolerations": [Toleration(**t) for t in tolerations]})
-    return spec.model_copy(update={"placement": placement})
-
-
-def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replicas: int, *,
-                 forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> Inventory:
-    """`inventory` with `replicas` replicas of the plan `chosen` (api.ChosenPlan) taken, on the nodes that
-    plan can use: its GPU product or CPU shape, within the spec's placement."""
-    hostname = _per_node_selector(spec).get("kubernetes.io/hostname")
-    shape_fits = _plan_shape_fits(spec, chosen, forbidden_tolerations)
-
-    def fits(node: Node) -> bool:  # what shape_fits cannot say: the node itself
-        return hostname is None or node.hostname == hostname
-
-    # The inventory asks shape_fits once per shape, and fits only of nodes of fitting shapes; what
-    # shape_fits answers depends on the placement (less the hostname) and the plan's pool alone.
-    placement = spec.placement
-    key = ("reserve_plan", tuple(sorted(placement.nodeSelector.items())),
-           tuple((t.key, t.operator, t.value, t.effect) for t in placement.tolerations),
-           tuple(placement.gpuProducts), chosen.gpuProduct,
-           None if chosen.gpuProduct is not None else chosen.cpuMemoryBandwidthGbps,
-           tuple(sorted(forbidden_tolerations)) if placement.tolerations else ())
-    if chosen.gpuProduct is not None:
-        return inventory.reserve(fits, replicas, chosen.gpusPerReplica, shape_fits=shape_fits, shape_key=key)
-    return inventory.reserve(fits, replicas, 0, (chosen.cpuThreads or 1) * 1000, chosen.predicted.memoryBytes,
-                             shape_fits=shape_fits, shape_key=key)

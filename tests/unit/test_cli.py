@@ -330,7 +330,7 @@ def test_run_metrics_and_health_addresses(capsys, captured_run):
 def test_run_forbidden_tolerations(capsys, captured_run):
     from llama_operator.cli import _forbidden_tolerations
     from llama_operator.loading import UserError
-    from llama_operator.planner import DEFAULT_FORBIDDEN_TOLERATIONS
+    from llama_operator.placement import DEFAULT_FORBIDDEN_TOLERATIONS
 
     assert _forbidden_tolerations(None) == DEFAULT_FORBIDDEN_TOLERATIONS
     assert _forbidden_tolerations(["dedicated", "node-role.kubernetes.io/control-plane"]) == {

@@ -125,10 +125,10 @@ def test_vision_models_add_the_cross_attention_cache():
         w = Workload(context_length=8192, concurrency=concurrency)
         cross_per_image = 2 * vision.cross_attention_layers * vision.kv_heads * vision.head_dim * 2 * \
             vision.vision.image_tokens
-        assert kv_cache_bytes(vision, w, "vllm") - kv_cache_bytes(text, w, "vllm") == cross_per_image * concurrency
+        assert kv_cache_bytes(vision, w) - kv_cache_bytes(text, w) == cross_per_image * concurrency
     # the image part does not grow with the context
-    a = kv_cache_bytes(vision, Workload(context_length=4096), "vllm") - kv_cache_bytes(text, Workload(4096), "vllm")
-    b = kv_cache_bytes(vision, Workload(context_length=65536), "vllm") - kv_cache_bytes(text, Workload(65536), "vllm")
+    a = kv_cache_bytes(vision, Workload(context_length=4096)) - kv_cache_bytes(text, Workload(4096))
+    b = kv_cache_bytes(vision, Workload(context_length=65536)) - kv_cache_bytes(text, Workload(65536))
     assert a == b > 0
 
 

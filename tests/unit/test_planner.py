@@ -12,16 +12,14 @@ import yaml
 from llama_operator.api import parse_object
 from llama_operator.catalog import load_catalog
 from llama_operator.inventory import Inventory
-from llama_operator.planner import (
+from llama_operator.placement import (
     DEFAULT_FORBIDDEN_TOLERATIONS,
-    check_choice,
     effective_tolerations,
-    ladder_models,
-    plan,
     pod_tolerations,
     reserve_plan,
     with_pod_tolerations,
 )
+from llama_operator.planner import check_choice, ladder_models, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 2**30
@@ -480,7 +478,7 @@ def test_fp8_weight_only_decodes_like_a_quantized_kernel():
     model, fp8 = catalog.model("llama-3.1-8b-instruct"), catalog.quantizations["fp8"]
     workload = est.Workload(4096)
     active = est.parameter_counts(model.arch).active_per_token
-    kv_read = est.kv_read_bytes_per_step(model.arch, workload, "vllm")
+    kv_read = est.kv_read_bytes_per_step(model.arch, workload)
     for product, efficiency, per_parameter in (
             ("NVIDIA-A100-SXM4-80GB", est.DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED, est.DECODE_SECONDS_PER_PARAMETER_QUANTIZED),
             ("NVIDIA-H100-80GB-HBM3", est.DECODE_BANDWIDTH_EFFICIENCY_16BIT, est.DECODE_SECONDS_PER_PARAMETER_16BIT)):

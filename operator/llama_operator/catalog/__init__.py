@@ -18,6 +18,15 @@ CATALOG_DIR = Path(__file__).resolve().parent
 Runtime = Literal["vllm", "llamacpp"]
 Capability = Literal["text", "vision"]
 
+#: Per GPU vendor, the extended resource its device plugin advertises (which pods request, and the key of
+#: the NoSchedule taint GPU nodes commonly carry) and the node label its feature discovery writes the GPU
+#: product under (NVIDIA GPU Feature Discovery, the AMD node labeller).
+GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
+GPU_PRODUCT_LABEL = {"nvidia": "nvidia.com/gpu.product", "amd": "amd.com/gpu.product-name"}
+#: Every vendor's, NVIDIA first: the order a node's labels are read in.
+GPU_RESOURCES = tuple(GPU_RESOURCE.values())
+GPU_PRODUCT_LABELS = tuple(GPU_PRODUCT_LABEL.values())
+
 
 @dataclass(frozen=True)
 class VisionArch:
@@ -130,13 +139,13 @@ class GPU:
     int8_tops: float | None
     compute_capability: str | None
     interconnect: str
-    label_key: str = "nvidia.com/gpu.product"
+    label_key: str = GPU_PRODUCT_LABEL["nvidia"]  # hardware.yaml `labelKey`, on AMD entries
     arch: str | None = None
     known: bool = True  # False for a product missing from the catalog, built from its node labels
 
     @property
     def resource_name(self) -> str:
-        return "amd.com/gpu" if self.vendor == "amd" else "nvidia.com/gpu"
+        return GPU_RESOURCE[self.vendor]
 
     @property
     def memory_bytes(self) -> int:
@@ -189,14 +198,15 @@ def _snake_keys(d: dict) -> dict:
     return {_camel_to_snake(k): v for k, v in d.items()}
 
 
-def _load_yaml(name: str) -> dict:
+def load_yaml(name: str) -> dict:
+    """One of the YAML files beside this module, as written (load_catalog turns them into values)."""
     with open(CATALOG_DIR / name, encoding="utf-8") as f:
         return yaml.safe_load(f)
 
 
 def _load_models() -> dict[str, Model]:
     models: dict[str, Model] = {}
-    for raw in _load_yaml("models.yaml")["models"]:
+    for raw in load_yaml("models.yaml")["models"]:
         arch = dict(raw["arch"])
         vision = arch.pop("vision", None)
         arch_kwargs = _snake_keys(arch)
@@ -228,7 +238,7 @@ def _load_models() -> dict[str, Model]:
 
 
 def _load_hardware() -> tuple[dict[str, GPU], dict[str, GPU], CpuDefaults]:
-    raw = _load_yaml("hardware.yaml")
+    raw = load_yaml("hardware.yaml")
     gpus: dict[str, GPU] = {}
     index: dict[str, GPU] = {}
     for entry in raw["gpus"]:
@@ -255,7 +265,7 @@ def _load_hardware() -> tuple[dict[str, GPU], dict[str, GPU], CpuDefaults]:
 @functools.cache
 def load_catalog() -> Catalog:
     """The catalogs shipped with the package (read once; they are immutable)."""
-    q_raw = _load_yaml("quantizations.yaml")
+    q_raw = load_yaml("quantizations.yaml")
     quants = {}
     for qid, q in q_raw["quantizations"].items():
         kw = _snake_keys(q)
@@ -275,7 +285,7 @@ def load_catalog() -> Catalog:
 
 def model_ids() -> list[str]:
     """Model ids in catalog order (used for the CRD enum and CEL rules, so they must not need hardware)."""
-    return [m["id"] for m in _load_yaml("models.yaml")["models"]]
+    return [m["id"] for m in load_yaml("models.yaml")["models"]]
 
 
 def capability_version(cc: str | None) -> tuple[int, int]:

@@ -26,10 +26,12 @@ import jinja2
 import yaml
 
 from ..api import API_VERSION, KIND, LlamaDeploymentSpec
-from ..catalog import _load_yaml, load_catalog
-from ..engines import EngineRelease, kernel_for, release, release_for
+from ..catalog import (GPU, GPU_PRODUCT_LABEL, GPU_PRODUCT_LABELS, GPU_RESOURCE, Model, Quantization, load_catalog,
+                       load_yaml)
+from ..engines import IMAGE_FLAVOURS, EngineRelease, kernel_for, release, release_for
 from ..estimate import LLAMACPP_GPU_THREADS, host_requests, weights_bytes
 from ..ownership import HASH_ANNOTATION, LABEL_RUNTIME, PORTS, content_hash, selector_labels
+from ..placement import model_server_tolerations
 from ..status import ChosenPlan
 
 TEMPLATES = Path(__file__).resolve().parent
@@ -44,7 +46,6 @@ HOME = {"vllm": "/home/vllm", "llamacpp": "/home/llama"}
 #: sizeLimit of the $HOME and /tmp emptyDirs. vLLM compiles and caches kernels there (vllm/envs.py:
 #: VLLM_CACHE_ROOT ~/.cache/vllm, VLLM_RPC_BASE_PATH the temp dir); llama.cpp only CUDA's JIT cache.
 SCRATCH = {"vllm": (8 * 2**30, 4 * 2**30), "llamacpp": (2**30, 2**30)}
-_FLAVOURS = {"nvidia": "cuda", "amd": "rocm", "cpu": "cpu"}
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -218,20 +219,16 @@ def _startup_failure_threshold(weights: int) -> int:
     return math.ceil((600 + 30 * weights / GiB) / 10)
 
 
-def _gpu_affinity(plan: ChosenPlan) -> list[dict]:
-    gpu = load_catalog().find_gpu(plan.gpuProduct or "")
+def _gpu_affinity(product: str, gpu: GPU | None) -> list[dict]:
     if gpu is None:  # a product the catalog does not know: match the label as the node has it
-        return [{"key": "nvidia.com/gpu.product", "operator": "In", "values": [plan.gpuProduct]}]
+        return [{"key": GPU_PRODUCT_LABEL["nvidia"], "operator": "In", "values": [product]}]
     values = [gpu.product] + [a for a in gpu.aliases if "-" in a or "_" in a]
     return [{"key": gpu.label_key, "operator": "In", "values": values}]
 
 
 def _cpu_affinity(plan: ChosenPlan) -> list[dict]:
     cpu = load_catalog().cpu
-    expressions = [
-        {"key": "nvidia.com/gpu.product", "operator": "DoesNotExist"},
-        {"key": "amd.com/gpu.product-name", "operator": "DoesNotExist"},
-    ]
+    expressions = [{"key": label, "operator": "DoesNotExist"} for label in GPU_PRODUCT_LABELS]
     bandwidth = plan.cpuMemoryBandwidthGbps
     if bandwidth is not None and bandwidth != cpu.memory_bandwidth_gbps:
         # Planned on nodes labelled faster than the default: stay on them.
@@ -259,7 +256,7 @@ def _pinned_image(rel, vendor: str) -> str:
 @functools.cache
 def _release_facts(release_id: str) -> dict[str, Any]:
     """A release's entry in catalog/engines.yaml as written: the facts engines.py does not model (runAs, apiKey)."""
-    return next(r for r in _load_yaml("engines.yaml")["releases"] if r["id"] == release_id)
+    return next(r for r in load_yaml("engines.yaml")["releases"] if r["id"] == release_id)
 
 
 def _security(rel: EngineRelease, vendor: str, user: tuple[int, int] | None) -> tuple[dict, dict]:
@@ -273,7 +270,7 @@ def _security(rel: EngineRelease, vendor: str, user: tuple[int, int] | None) -> 
     group's id differs per node OS (docs/security.md). A mirror with its own user (Images.user) wins."""
     facts = _release_facts(rel.id)["runAs"]
     if user is None:
-        image_user = facts.get(_FLAVOURS[vendor], "root")
+        image_user = facts.get(IMAGE_FLAVOURS[vendor], "root")
         if vendor != "amd" and image_user != "root":
             uid = MODEL_SERVER_UID if image_user == "any" else int(image_user)
             user = (uid, uid)
@@ -304,15 +301,17 @@ def _network_policy_peers(spec: LlamaDeploymentSpec) -> list[dict] | None:
     return peers
 
 
-def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images) -> dict[str, Any]:
-    catalog = load_catalog()
-    model = catalog.model(plan.model)
-    on_gpu = plan.gpuProduct is not None
-    gpu = catalog.find_gpu(plan.gpuProduct) if on_gpu else None
-    vendor = (gpu.vendor if gpu else "nvidia") if on_gpu else "cpu"
-    gpu_resource = "amd.com/gpu" if vendor == "amd" else "nvidia.com/gpu"
-    n = plan.gpusPerReplica if on_gpu else 0
-    labels = {
+def _accelerator(plan: ChosenPlan) -> tuple[GPU | None, str]:
+    """The plan's GPU as the catalog knows it (None on CPU, or for a product the catalog lacks), and the
+    vendor whose image and GPU resource the pod uses: nvidia, amd, or cpu (nvidia for an unknown product)."""
+    if plan.gpuProduct is None:
+        return None, "cpu"
+    gpu = load_catalog().find_gpu(plan.gpuProduct)
+    return gpu, gpu.vendor if gpu else "nvidia"
+
+
+def _labels(owner: Owner, plan: ChosenPlan) -> dict[str, str]:
+    return {
         **selector_labels(owner.name),
         "app.kubernetes.io/name": "vllm" if plan.runtime == "vllm" else "llama-cpp",
         "app.kubernetes.io/instance": owner.name,
@@ -321,43 +320,77 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "llama-operator.dev/model": plan.model,
         "llama-operator.dev/quantization": plan.quantization,
     }
-    weights = weights_bytes(model, catalog.quantizations[plan.quantization])
-    threads = 0 if plan.runtime == "vllm" else LLAMACPP_GPU_THREADS if on_gpu else (plan.cpuThreads or 1)
-    cpu_millis, memory = host_requests(plan.runtime, n, threads, plan.predicted.memoryBytes)
+
+
+def _llamacpp_threads(plan: ChosenPlan) -> int:
+    """llama.cpp's --threads: a few beside GPUs that hold every layer, the planned cores on CPU (0: vLLM)."""
+    if plan.runtime == "vllm":
+        return 0
+    return LLAMACPP_GPU_THREADS if plan.gpuProduct is not None else (plan.cpuThreads or 1)
+
+
+def _resources(plan: ChosenPlan, gpu_resource: str | None, threads: int, weights: int,
+               claim: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """The container's requests and limits: host CPU and memory as the planner counted them, the GPUs, and
+    what the pod may write to the node's disk ($HOME and /tmp, and the weights when no claim holds them)."""
+    gpus = plan.gpusPerReplica if gpu_resource is not None else 0
+    cpu_millis, memory = host_requests(plan.runtime, gpus, threads, plan.predicted.memoryBytes)
     requests = {"cpu": str(cpu_millis // 1000) if cpu_millis % 1000 == 0 else f"{cpu_millis}m",
                 "memory": _quantity(memory)}
     # vLLM and llama.cpp on GPUs may burst above their request; a CPU replica is capped at a quarter more.
-    limits = {"memory": _quantity(memory * (2 if on_gpu else 1.25))}
-    if on_gpu:
-        requests[gpu_resource] = limits[gpu_resource] = str(n)
-    # What the pod may write to the node's disk: $HOME and /tmp, and the weights when they go to an emptyDir.
-    home_size, tmp_size = SCRATCH[plan.runtime]
-    on_disk = home_size + tmp_size
-    claim = cache_claim_name(owner, spec)
+    limits = {"memory": _quantity(memory * (2 if gpu_resource is not None else 1.25))}
+    if gpu_resource is not None:
+        requests[gpu_resource] = limits[gpu_resource] = str(gpus)
+    on_disk = sum(SCRATCH[plan.runtime])
     if claim is None:
         on_disk += _download_bytes(weights)
     requests["ephemeral-storage"] = _quantity(on_disk)
+    return requests, limits
+
+
+def _serving_release(plan: ChosenPlan, model: Model) -> EngineRelease:
+    """The release the plan names, or, for a plan from an older catalog, its model's current release."""
     rel = release(plan.engine or "")
-    if rel is None or not rel.serves(model):  # a plan from an older catalog: its model's current release
+    if rel is None or not rel.serves(model):
         rel = release_for(model, plan.runtime)
     assert rel is not None, f"no engine release serves {model.id}"  # the planner never plans one
-    kernel_args: tuple[str, ...] = ()
+    return rel
+
+
+def _kernel_args(plan: ChosenPlan, rel: EngineRelease, model: Model, quant: Quantization,
+                 gpu: GPU | None) -> tuple[str, ...]:
+    """vLLM's arguments selecting the kernel. The planner names the kernel (it saw the GPU's compute
+    capability, even for a product the catalog lacks); a plan without one (an older operator's) gets the
+    first this GPU can run."""
+    if plan.runtime != "vllm":
+        return ()
+    kernel = rel.kernels.get(plan.kernel or "") or kernel_for(rel, model, quant, gpu)
+    return kernel.args if kernel is not None else ()
+
+
+def _weights_location(plan: ChosenPlan, model: Model) -> tuple[str, str | None]:
+    """(repository, file in it): vLLM loads a whole repository, llama.cpp one GGUF file of one."""
     if plan.runtime == "vllm":
-        # The planner names the kernel (it saw the GPU's compute capability, even for a product the catalog
-        # lacks); a plan without one (an older operator's) gets the first this GPU can run.
-        kernel = rel.kernels.get(plan.kernel or "") or kernel_for(rel, model, catalog.quantizations[plan.quantization],
-                                                                  gpu)
-        kernel_args = kernel.args if kernel is not None else ()
-    weights_file = None
-    if plan.runtime == "vllm":
-        weights_repo = plan.weightsSource
-    else:
-        assert model.gguf is not None
-        weights_repo = model.gguf.repo
-        weights_file = plan.weightsSource[len(model.gguf.repo) + 1:]
-    tolerations = [t.model_dump(exclude_none=True) for t in spec.placement.tolerations]
-    if on_gpu:
-        tolerations = [{"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"}] + tolerations
+        return plan.weightsSource, None
+    assert model.gguf is not None
+    return model.gguf.repo, plan.weightsSource[len(model.gguf.repo) + 1:]
+
+
+def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images) -> dict[str, Any]:
+    """What the templates read: every value of the objects, worked out here."""
+    catalog = load_catalog()
+    model = catalog.model(plan.model)
+    quant = catalog.quantizations[plan.quantization]
+    on_gpu = plan.gpuProduct is not None
+    gpu, vendor = _accelerator(plan)
+    gpu_resource = GPU_RESOURCE[vendor] if on_gpu else None
+    weights = weights_bytes(model, quant)
+    threads = _llamacpp_threads(plan)
+    claim = cache_claim_name(owner, spec)
+    requests, limits = _resources(plan, gpu_resource, threads, weights, claim)
+    rel = _serving_release(plan, model)
+    weights_repo, weights_file = _weights_location(plan, model)
+    home_size, tmp_size = SCRATCH[plan.runtime]
     cache = spec.source.cache
     token = spec.source.hfTokenSecretRef
     pinned = _pinned_image(rel, vendor)
@@ -367,21 +400,21 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "name": owner.name,
         "namespace": owner.namespace,
         "owner": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name, "uid": owner.uid},
-        "labels": labels,
+        "labels": _labels(owner, plan),
         "selector": selector_labels(owner.name),
         "annotations": {},
         "pod_annotations": {"llama-operator.dev/variant": f"{plan.model}/{plan.quantization}"},
         "replicas": spec.replicas,
         "image": images.resolve(pinned),
         "command": list(rel.command),
-        "kernel_args": list(kernel_args),
+        "kernel_args": list(_kernel_args(plan, rel, model, quant, gpu)),
         "port": PORTS[plan.runtime],
         "weights_repo": weights_repo,
         "weights_file": weights_file,
         "served_model_name": owner.name,
         "context_length": spec.contextLength,
         "concurrency": spec.slo.concurrency,
-        "gpus": n,
+        "gpus": plan.gpusPerReplica if on_gpu else 0,
         "gpu_layers": 999 if on_gpu else 0,
         "threads": threads,
         "gpu_memory_utilization": plan.gpuMemoryUtilization if plan.gpuMemoryUtilization is not None else 0.9,
@@ -389,8 +422,8 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "requests": requests,
         "limits": limits,
         "node_selector": dict(spec.placement.nodeSelector),
-        "node_affinity": _gpu_affinity(plan) if on_gpu else _cpu_affinity(plan),
-        "tolerations": tolerations,
+        "node_affinity": _gpu_affinity(plan.gpuProduct, gpu) if on_gpu else _cpu_affinity(plan),
+        "tolerations": model_server_tolerations(spec, gpu_resource),
         "shm_size": "8Gi",
         "startup_failure_threshold": _startup_failure_threshold(weights),
         "hf_token_secret": token.name if token else None,

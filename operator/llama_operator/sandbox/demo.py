@@ -21,7 +21,7 @@ import yaml
 from ..api import API_VERSION, KIND
 from ..crd import crd_manifest
 from ..handlers import Settings
-from ..inventory import GPU_RESOURCES
+from ..catalog import GPU_RESOURCES
 from ..runner import RunOptions, run_async
 from .kubelet import SimulatedKubelet, dynamic_client
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import threading
 
-from ..inventory import GPU_RESOURCES
+from ..catalog import GPU_RESOURCES
 from ..ownership import LABEL_DEPLOYMENT, MANAGED_BY
 from ..units import quantity_bytes, quantity_millis
 

@@ -1,0 +1,145 @@
+"""One candidate of the planner's ladder: a variant (model, quantization, KV cache) on a pool with a number of
+GPUs per replica, with its estimate, its verdict and the reasons for it, and how status, the CLI and the
+renderer read it (to_dict, to_chosen_plan).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .status import ChosenPlan, Predicted
+from .catalog import Model, Quantization
+from .engines import kernel_for, release_for
+from .estimate import Estimate
+from .placement import Pool
+
+#: llama.cpp's CPU decode is bandwidth-bound; past 16 threads it gains little, so a replica asks for at
+#: most this many cores and leaves the rest of the node to others.
+CPU_MAX_THREADS = 16
+
+
+@dataclass
+class Candidate:
+    model: Model
+    quant: Quantization
+    kv_cache_dtype: str
+    pool: Pool
+    gpus_per_replica: int
+    rung: int
+    estimate: Estimate | None = None
+    reasons: list[str] = field(default_factory=list)
+    verdict: str = "rejected"  # chosen | feasible | rejected
+    #: How far the candidate is from working: the largest of needed/available over every limit
+    #: (<= 1 when feasible; infinite when the hardware cannot run the format at all).
+    shortfall: float = float("inf")
+
+    @property
+    def runtime(self) -> str:
+        return self.quant.runtime
+
+    @property
+    def cpu_threads(self) -> int:
+        return min(self.pool.cpu_cores, CPU_MAX_THREADS)
+
+    @property
+    def engine(self) -> str | None:
+        """The pinned engine release this candidate runs on (engines.yaml)."""
+        rel = release_for(self.model, self.runtime)
+        return rel.id if rel else None
+
+    @property
+    def kernel(self) -> str | None:
+        """vLLM: the kernel the release runs this variant with on this GPU."""
+        rel = release_for(self.model, self.runtime)
+        if rel is None or self.runtime != "vllm" or self.pool.gpu is None:
+            return None
+        k = kernel_for(rel, self.model, self.quant, self.pool.gpu)
+        return k.id if k else None
+
+    @property
+    def hardware(self) -> str:
+        if self.pool.label:
+            return self.pool.label
+        if self.pool.gpu is None:
+            return f"cpu ({self.cpu_threads} cores, {self.pool.cpu_bandwidth_gbps:g} GB/s)"
+        return f"{self.gpus_per_replica}x {self.pool.gpu.product}"
+
+    @property
+    def feasible(self) -> bool:
+        return not self.reasons
+
+    def cost_key(self) -> tuple:
+        """Cheaper first: CPU, then fewer GPUs, then smaller GPUs, then vLLM, then faster; names break ties.
+        A variant no node can run (a stand-in pool) comes last."""
+        gpu = self.pool.gpu
+        if self.pool.label:
+            return (2, self.pool.key, self.quant.id)
+        if gpu is None:
+            return (0, 0, 0.0, self.estimate.tpot_seconds if self.estimate else 0, self.pool.key, self.quant.id)
+        return (
+            1,
+            self.gpus_per_replica,
+            gpu.memory_gib * self.gpus_per_replica,
+            # vLLM before llama.cpp on GPUs: continuous batching, and latency histograms for the SLO alerts
+            0 if self.runtime == "vllm" else 1,
+            self.estimate.tpot_seconds if self.estimate else 0,
+            gpu.product,
+            self.quant.id,
+        )
+
+    def describe(self) -> str:
+        kv = f", {self.kv_cache_dtype} KV cache" if self.kv_cache_dtype != "auto" else ""
+        return f"{self.model.id} {self.quant.id} ({self.runtime}{kv}) on {self.hardware}"
+
+    def weights_source(self) -> str:
+        if self.runtime == "vllm":
+            return self.model.vllm_repos[self.quant.id]
+        assert self.model.gguf is not None and self.quant.gguf is not None
+        return f"{self.model.gguf.repo}/{self.model.gguf.file_for(self.quant.gguf, self.quant.id)}"
+
+    def to_chosen_plan(self) -> ChosenPlan:
+        """This candidate as status records it, and as the renderer consumes it."""
+        e = self.estimate
+        assert e is not None
+        return ChosenPlan(
+            model=self.model.id,
+            quantization=self.quant.id,
+            runtime=self.runtime,
+            engine=self.engine,
+            kernel=self.kernel,
+            gpuProduct=self.pool.gpu.product if self.pool.gpu else None,
+            gpusPerReplica=self.gpus_per_replica,
+            kvCacheDtype=self.kv_cache_dtype,
+            weightsSource=self.weights_source(),
+            gpuMemoryUtilization=round(e.gpu_memory_utilization, 3) if e.gpu_memory_utilization is not None else None,
+            cpuThreads=self.cpu_threads if self.pool.gpu is None else None,
+            cpuMemoryBandwidthGbps=self.pool.cpu_bandwidth_gbps if self.pool.gpu is None else None,
+            predicted=Predicted(**self._predicted()),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.id,
+            "quantization": self.quant.id,
+            "runtime": self.runtime,
+            "engine": self.engine,
+            "kernel": self.kernel,
+            "hardware": self.hardware,
+            "gpuProduct": self.pool.gpu.product if self.pool.gpu else None,
+            "gpusPerReplica": self.gpus_per_replica,
+            "kvCacheDtype": self.kv_cache_dtype,
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+            # a format the hardware cannot run is not estimated
+            "predicted": self._predicted() if self.estimate is not None else None,
+        }
+
+    def _predicted(self) -> dict:
+        """The estimate as status and the CLI show it."""
+        e = self.estimate
+        assert e is not None
+        return {
+            "memoryBytes": e.total_bytes,
+            "perGpuBytes": e.per_gpu_bytes if self.pool.gpu else None,
+            "ttftSeconds": round(e.ttft_seconds, 6),
+            "tpotSeconds": round(e.tpot_seconds, 6),
+        }
