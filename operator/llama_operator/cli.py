@@ -627,7 +627,7 @@ def cmd_run(args) -> int:
     import asyncio
     from datetime import timedelta
 
-    from .handlers import Settings
+    from .state import Settings
     from .kube import ConfigError
     from .runner import RunOptions, configure_logging, run_async, tune_gc
 

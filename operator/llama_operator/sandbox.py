@@ -22,7 +22,7 @@ import yaml
 
 from .api import API_VERSION, KIND
 from .crd import crd_manifest
-from .handlers import Settings
+from .state import Settings
 from .inventory import GPU_RESOURCES
 from .ownership import LABEL_DEPLOYMENT, MANAGED_BY
 from .runner import RunOptions, run_async

@@ -82,7 +82,7 @@ def kubectl(kubeconfig: Path, tmp_path: Path) -> Kubectl:
 
 from llama_operator.crd import crd_manifest  # noqa: E402
 from llama_operator.emulator import declare_crd  # noqa: E402
-from llama_operator.handlers import Settings  # noqa: E402
+from llama_operator.state import Settings  # noqa: E402
 from llama_operator.sandbox import SandboxOperator, SimulatedKubelet  # noqa: E402
 from operator_kit import Cluster  # noqa: E402
 

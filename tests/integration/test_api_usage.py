@@ -22,10 +22,11 @@ import yaml
 from llama_operator.api import ChosenPlan, parse_spec
 from llama_operator.crd import crd_manifest
 from llama_operator.emulator import EmulatorThread, declare_crd
-from llama_operator.handlers import FINALIZER, Settings
 from llama_operator.kube import Writer, load_client_configuration
+from llama_operator.ownership import FINALIZER
 from llama_operator.render import Owner, render
 from llama_operator.sandbox import SandboxOperator, SimulatedKubelet, _client, load_docs, wait_for
+from llama_operator.state import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 USAGE_FILE = ROOT / "tests" / "chart" / "operator-api-usage.json"

@@ -49,7 +49,7 @@ import yaml
 from llama_operator.api import API_VERSION, KIND
 from llama_operator.crd import crd_manifest
 from llama_operator.emulator import WATCH_CONTENT_TYPE, ClusterEmulator, declare_crd, kubeconfig
-from llama_operator.handlers import Settings
+from llama_operator.state import Settings
 from llama_operator.kube import SERVICE_ASSIGNED
 from llama_operator.ownership import LABEL_DEPLOYMENT, MANAGED_BY
 from llama_operator.runner import RunOptions, run_async
