@@ -193,13 +193,11 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
     status.replicas = rollout.desired
     status.readyReplicas = rollout.ready
     status.ready = f"{rollout.ready}/{rollout.desired}"
-    phase, message = _phase(prev, plan, new, apply, pending, rollout)
-    status.phase = phase
-    status.message = message
-    failing = rollout.failure if phase == "Degraded" else None
-    wanted = _wanted_conditions(spec, plan, new, apply, pending, status.fallback, rollout, phase, message, failing)
-    status.conditions = _conditions(prev.conditions, wanted, obs.now, obs.generation)
-    events += _phase_events(prev, phase, message, failing)
+    status.phase, status.message = _phase(prev, plan, apply, pending, rollout)
+    failing = rollout.failure if status.phase == "Degraded" else None
+    status.conditions = _conditions(prev.conditions, _wanted_conditions(status, spec, plan, apply, failing),
+                                    obs.now, obs.generation)
+    events += _phase_events(prev, status.phase, status.message, failing)
     return Decision(apply=apply, status=status, events=events, outcome=outcome)
 
 
@@ -311,10 +309,10 @@ def _read_rollout(obs: Observed, desired: int, apply: ChosenPlan | None) -> _Rol
     )
 
 
-def _phase(prev: LlamaDeploymentStatus, plan: Plan, new: ChosenPlan | None, apply: ChosenPlan | None,
-           pending: PendingChange | None, r: _Rollout) -> tuple[str, str]:
+def _phase(prev: LlamaDeploymentStatus, plan: Plan, apply: ChosenPlan | None, pending: PendingChange | None,
+           r: _Rollout) -> tuple[str, str]:
     """The phase and its message; a pending upgrade is said beside Ready."""
-    if new is None:
+    if plan.chosen is None:
         phase = "Unschedulable"
         message = f"No feasible plan: {plan.fallback_reason}"
         if r.ready:
@@ -338,20 +336,20 @@ def _phase(prev: LlamaDeploymentStatus, plan: Plan, new: ChosenPlan | None, appl
     return phase, message
 
 
-def _wanted_conditions(spec: LlamaDeploymentSpec, plan: Plan, new: ChosenPlan | None, apply: ChosenPlan | None,
-                       pending: PendingChange | None, fb: FallbackStatus | None, r: _Rollout, phase: str,
-                       message: str, failing: str | None) -> list[tuple[str, str, str, str]]:
-    """(type, status, reason, message) of each condition. `failing`: why the Deployment cannot create pods,
-    when that makes the phase Degraded."""
-    ready, desired = r.ready, r.desired
+def _wanted_conditions(status: LlamaDeploymentStatus, spec: LlamaDeploymentSpec, plan: Plan,
+                       apply: ChosenPlan | None, failing: str | None) -> list[tuple[str, str, str, str]]:
+    """(type, status, reason, message) of each condition, from the status decided so far. `failing`: why the
+    Deployment cannot create pods, when that makes the phase Degraded."""
+    phase, message, pending, fb = status.phase, status.message, status.pendingChange, status.fallback
+    ready, desired = status.readyReplicas, status.replicas
+    feasible = plan.chosen is not None
     rolling = phase in ("Deploying", "Pending")
     return [
         ("Ready", "True" if phase == "Ready" or (ready >= desired and desired > 0) else "False",
          "ReplicasReady" if ready >= desired else REPLICA_FAILURE if failing is not None else "ReplicasNotReady",
          f"{ready}/{desired} replicas ready" + (f": {failing}" if failing is not None and ready < desired else "")),
-        ("PlanFeasible", "True" if new is not None else "False",
-         "Planned" if new is not None else "NoFeasiblePlan",
-         plan.chosen.describe() if plan.chosen is not None else plan.fallback_reason),
+        ("PlanFeasible", "True" if feasible else "False", "Planned" if feasible else "NoFeasiblePlan",
+         plan.chosen.describe() if feasible else plan.fallback_reason),
         ("FallbackApplied", "True" if fb and fb.inForce else "False",
          (fallback_kind(spec, apply) or "RequestedVariant") if apply is not None else "NoPlan",
          fb.reason if fb and fb.inForce else "Serving the requested model at its best precision"),
