@@ -114,7 +114,7 @@ class OperatorState:
         #: The last state seen of each Node, of each Pod's use of a node, and of each owned object's
         #: status ((kind, namespace, name) -> status): a watch event that repeats it wakes nobody.
         self.seen_nodes: dict[str, Node] = {}
-        self.seen_pods: dict[Key, PodUse | None] = {}
+        self.seen_pods: dict[Key, PodUse] = {}
         self.seen_status: dict[tuple[str, str, str], dict] = {}
         #: The content fingerprint (kube.content_fingerprint) the operator last rendered for each owned
         #: object, recorded before it writes.
@@ -148,18 +148,12 @@ class OperatorState:
 
     def node_seen(self, name: str, node: Node | None) -> None:
         """A Node as its watch shows it now (None: deleted); the cluster changed when it differs."""
-        before = self.seen_nodes.pop(name, None)
-        if node is not None:
-            self.seen_nodes[name] = node
-        if before != node:
+        if _replace_seen(self.seen_nodes, name, node):
             self.invalidate()
 
     def pod_seen(self, key: Key, use: PodUse | None) -> None:
         """What a Pod takes from its node now and its owning deployment (None: nothing, or deleted)."""
-        before = self.seen_pods.pop(key, None)
-        if use is not None:
-            self.seen_pods[key] = use
-        if before != use:
+        if _replace_seen(self.seen_pods, key, use):
             self.invalidate()
 
     def owned_seen(self, namespace: str, owner: str, live: Live, deleted: bool = False) -> None:
@@ -277,6 +271,14 @@ class OperatorState:
         if self.drop_promise(key):
             self.wake_all()  # its capacity is free again
         self.metrics.forget_deployment(*key)
+
+
+def _replace_seen(seen: dict, key: Any, value: Any) -> bool:
+    """Record `value` as the last seen under `key` (None: gone); whether it differs from the one before."""
+    before = seen.pop(key, None)
+    if value is not None:
+        seen[key] = value
+    return before != value
 
 
 def pod_use(body: Mapping[str, Any], labels: Mapping[str, str]) -> PodUse | None:
