@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cprofile", help="write cProfile stats of the main thread here on exit")
     args = ap.parse_args(argv)
 
-    from llama_operator.handlers import Settings
+    from llama_operator.state import Settings
     from llama_operator.runner import RunOptions, configure_logging, run_async, tune_gc
 
     configure_logging()

@@ -296,8 +296,8 @@ def cmd_run(args) -> int:
     import asyncio
     from datetime import timedelta
 
-    from .handlers import Settings
     from .kubeclient import ConfigError
+    from .state import Settings
     from .runner import RunOptions, configure_logging, run_async, tune_gc
 
     if args.metrics_port == args.health_port:

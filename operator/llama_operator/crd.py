@@ -183,6 +183,27 @@ def openapi_schema() -> dict:
     }
 
 
+def enum_problems(raw_spec: Any) -> list[str]:
+    """Values of a LlamaDeployment's spec outside the enums the CRD declares (the API server would refuse
+    them), field by field."""
+    problems: list[str] = []
+
+    def walk(schema: dict, value: Any, path: str) -> None:
+        if "enum" in schema and isinstance(value, (str, int, float, bool)) and value not in schema["enum"]:
+            problems.append(f"{path}: {value!r} is not one of {schema['enum']}")
+        if isinstance(value, dict):
+            for k, sub in (schema.get("properties") or {}).items():
+                if k in value:
+                    walk(sub, value[k], f"{path}.{k}")
+        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+            for i, item in enumerate(value):
+                walk(schema["items"], item, f"{path}[{i}]")
+
+    if isinstance(raw_spec, dict):
+        walk(openapi_schema()["properties"]["spec"], raw_spec, "spec")
+    return problems
+
+
 def crd_manifest() -> dict:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -1,7 +1,7 @@
 """The reconcile decision: from what the operator sees, what to run, what status to write, what to say.
 
-Pure: the kopf handlers gather the inputs (the object, a fresh plan, whether the plan in force still
-fits, the owned Deployment's status, the time) and carry out the Decision. Rules:
+Pure: a pass (passes.py) gathers the inputs (the object, a fresh plan, whether the plan in force still
+fits, the owned Deployment's status, the time) and carries out the Decision. Rules:
 
 * A spec change re-plans at once. A cluster change re-plans at once only when the plan in force has
   lost its hardware; a better plan (a bigger GPU joined) waits until it has been proposed continuously
@@ -53,8 +53,8 @@ class Observed:
     deployment_status: dict | None  # the owned Deployment's .status, None when it does not exist
     now: datetime
     upgrade_delay: timedelta = timedelta(minutes=2)
-    #: Whether the Deployment's observed spec is the render of the plan to apply (the handler compares
-    #: hashes); None: assume it is unless the plan changes in this decision.
+    #: Whether the Deployment's observed spec is the render of the plan to apply (the pass compares it with
+    #: the render); None: assume it is unless the plan changes in this decision.
     deployment_runs_plan: bool | None = None
 
 
@@ -181,57 +181,83 @@ def decide_objects(obs: Observed, decision: Decision, issues: list[ObjectIssue])
 
 
 def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problems: list[str] | None) -> Decision:
-    """`current_problems`: why the plan in force no longer fits (empty: it still fits; None: none in force)."""
+    """What to run, what status to write and what to say, from a fresh plan and the Deployment's status.
+
+    `current_problems`: why the plan in force no longer fits (empty: it still fits; None: none in force)."""
     prev = obs.status
-    status = prev.model_copy(deep=True)
-    current = prev.plan
     new = plan.chosen.to_chosen_plan() if plan.chosen is not None else None
+    apply, pending, events, outcome = _choose_plan(obs, spec, plan, new, current_problems)
+    status = prev.model_copy(deep=True)
+    _record_plan(status, obs, spec, plan, new, apply, pending)
+    rollout = _read_rollout(obs, spec.replicas, apply)
+    status.replicas = rollout.desired
+    status.readyReplicas = rollout.ready
+    status.ready = f"{rollout.ready}/{rollout.desired}"
+    status.phase, status.message = _phase(prev, plan, apply, pending, rollout)
+    failing = rollout.failure if status.phase == "Degraded" else None
+    status.conditions = _conditions(prev.conditions, _wanted_conditions(status, spec, plan, apply, failing),
+                                    obs.now, obs.generation)
+    events += _phase_events(prev, status.phase, status.message, failing)
+    return Decision(apply=apply, status=status, events=events, outcome=outcome)
+
+
+def _choose_plan(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, new: ChosenPlan | None,
+                 current_problems: list[str] | None
+                 ) -> tuple[ChosenPlan | None, PendingChange | None, list[tuple[str, str, str]], str]:
+    """The plan to apply (None: leave the workload as it is), the upgrade waiting for the upgrade delay, the
+    Events that say so, and the outcome for the metrics."""
+    prev = obs.status
+    current = prev.plan
     spec_changed = prev.observedGeneration != obs.generation
-    events: list[tuple[str, str, str]] = []
-    apply: ChosenPlan | None = current
-    pending: PendingChange | None = None
+    if new is None:  # no feasible plan: whatever runs keeps running
+        said = prev.phase == "Unschedulable" and not spec_changed
+        events = [] if said else [(WARNING, "Unschedulable", f"No feasible plan: {plan.fallback_reason}")]
+        return current, None, events, "infeasible"
+    outcome = "fallback" if plan.fallback else "requested"
+    if current is None or spec_changed or current_problems:
+        return new, None, _replan_events(plan, new, current, current_problems), outcome
+    if new.same_choice(current):
+        return new, None, [], outcome  # same choice; refresh the predictions
+    apply, pending, events = _upgrade_after_delay(obs, spec, plan, new, current)
+    return apply, pending, events, outcome
 
-    if new is None:
-        outcome = "infeasible"
-        if prev.phase != "Unschedulable" or spec_changed:
-            events.append((WARNING, "Unschedulable", f"No feasible plan: {plan.fallback_reason}"))
-    else:
-        outcome = "fallback" if plan.fallback else "requested"
-        if current is None or spec_changed or current_problems:
-            if not new.same_choice(current):
-                apply = new
-                if current is None:
-                    events.append((NORMAL, "Planned", f"Serving {_choice(plan)}"))
-                elif current_problems:
-                    events.append((WARNING, "Replanned", f"{current.variant} no longer fits "
-                                   f"({'; '.join(current_problems)}); moving to {_choice(plan)}"))
-                else:
-                    events.append((NORMAL, "Replanned", f"Spec changed: moving from {current.variant} to "
-                                   f"{_choice(plan)}"))
-            else:
-                apply = new
-        elif new.same_choice(current):
-            apply = new  # same choice; refresh the predictions
-        else:
-            # A different plan while the one in force still works: a better one after a cluster change.
-            better = rank(spec, new) < rank(spec, current)
-            old_pending = prev.pendingChange
-            # Status keeps whole seconds: round up, so the wait is never shorter than the delay.
-            since = obs.now.replace(microsecond=0) + (timedelta(seconds=1) if obs.now.microsecond else timedelta())
-            if old_pending is not None and old_pending.plan.same_choice(new):
-                since = parse_time(old_pending.since)
-            if obs.now - since >= obs.upgrade_delay:
-                apply = new
-                verb = "Upgraded" if better else "Replanned"
-                events.append((NORMAL, verb, f"Capacity stable for {int(obs.upgrade_delay.total_seconds())}s: moving "
-                               f"from {current.variant} to {_choice(plan)}"))
-            else:
-                pending = PendingChange(plan=new, since=format_time(since), reason=(
-                    f"{plan.chosen.describe()} became possible; moving once the capacity has been stable until "
-                    f"{format_time(since + obs.upgrade_delay)}"))
-                if old_pending is None or not old_pending.plan.same_choice(new):
-                    events.append((NORMAL, "UpgradePending", pending.reason))
 
+def _replan_events(plan: Plan, new: ChosenPlan, current: ChosenPlan | None,
+                   current_problems: list[str] | None) -> list[tuple[str, str, str]]:
+    """What a plan applied at once says: a first plan, a plan in force that lost its hardware, a spec change."""
+    if new.same_choice(current):
+        return []
+    if current is None:
+        return [(NORMAL, "Planned", f"Serving {_choice(plan)}")]
+    if current_problems:
+        return [(WARNING, "Replanned", f"{current.variant} no longer fits ({'; '.join(current_problems)}); "
+                 f"moving to {_choice(plan)}")]
+    return [(NORMAL, "Replanned", f"Spec changed: moving from {current.variant} to {_choice(plan)}")]
+
+
+def _upgrade_after_delay(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, new: ChosenPlan, current: ChosenPlan
+                         ) -> tuple[ChosenPlan, PendingChange | None, list[tuple[str, str, str]]]:
+    """A different plan while the one in force still works (a better one after a cluster change) applies
+    once it has been proposed continuously for the upgrade delay; until then it is pending."""
+    old_pending = obs.status.pendingChange
+    # Status keeps whole seconds: round up, so the wait is never shorter than the delay.
+    since = obs.now.replace(microsecond=0) + (timedelta(seconds=1) if obs.now.microsecond else timedelta())
+    if old_pending is not None and old_pending.plan.same_choice(new):
+        since = parse_time(old_pending.since)
+    if obs.now - since >= obs.upgrade_delay:
+        verb = "Upgraded" if rank(spec, new) < rank(spec, current) else "Replanned"
+        return new, None, [(NORMAL, verb, f"Capacity stable for {int(obs.upgrade_delay.total_seconds())}s: moving "
+                            f"from {current.variant} to {_choice(plan)}")]
+    pending = PendingChange(plan=new, since=format_time(since), reason=(
+        f"{plan.chosen.describe()} became possible; moving once the capacity has been stable until "
+        f"{format_time(since + obs.upgrade_delay)}"))
+    said = old_pending is not None and old_pending.plan.same_choice(new)
+    return current, pending, [] if said else [(NORMAL, "UpgradePending", pending.reason)]
+
+
+def _record_plan(status: LlamaDeploymentStatus, obs: Observed, spec: LlamaDeploymentSpec, plan: Plan,
+                 new: ChosenPlan | None, apply: ChosenPlan | None, pending: PendingChange | None) -> None:
+    """Write the plan in force, the pending upgrade and what the planner said into `status`."""
     status.pendingChange = pending
     status.observedGeneration = obs.generation
     if apply is not None:
@@ -246,77 +272,107 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
     status.rejected = _rejected(plan)
     status.notes = list(plan.notes)
 
-    # Replicas and phase, from the owned Deployment. None (not made yet) reads as the empty status it will
-    # have once this pass has made it, so the next pass has nothing new to write.
-    desired = spec.replicas
+
+@dataclass(frozen=True)
+class _Rollout:
+    """The owned Deployment's replicas and conditions, as the phase reads them."""
+
+    desired: int
+    ready: int
+    updated: int
+    total: int  # old and new pods: more than desired while a rollout is on
+    rolling_to_new: bool
+    stalled: bool
+    #: The controller could not create pods (admission refused them, a quota is full): it says so in
+    #: ReplicaFailure, and waiting will not help.
+    failure: str | None
+
+
+def _read_rollout(obs: Observed, desired: int, apply: ChosenPlan | None) -> _Rollout:
+    """A Deployment not made yet (None) reads as the empty status it will have once this pass has made it,
+    so the next pass has nothing new to write."""
     ds = obs.deployment_status or {}
-    ready = int(ds.get("readyReplicas") or 0)
-    updated = int(ds.get("updatedReplicas") or 0)
-    total = int(ds.get("replicas") or 0)  # old and new pods: more than desired while a rollout is on
+    conditions = ds.get("conditions") or []
     if obs.deployment_runs_plan is None:
-        rolling_to_new = apply is not None and not apply.same_choice(current)
+        rolling_to_new = apply is not None and not apply.same_choice(obs.status.plan)
     else:
         rolling_to_new = not obs.deployment_runs_plan
-    status.replicas = desired
-    status.readyReplicas = ready
-    status.ready = f"{ready}/{desired}"
-    stalled = any(c.get("type") == "Progressing" and c.get("status") == "False"
-                  for c in ds.get("conditions") or [])
-    # The Deployment's controller could not create pods (admission refused them, a quota is full): it
-    # says so in ReplicaFailure, and waiting will not help.
-    failure = next((str(c.get("message") or c.get("reason") or "pods cannot be created")
-                    for c in ds.get("conditions") or []
-                    if c.get("type") == "ReplicaFailure" and c.get("status") == "True"), None)
+    return _Rollout(
+        desired=desired,
+        ready=int(ds.get("readyReplicas") or 0),
+        updated=int(ds.get("updatedReplicas") or 0),
+        total=int(ds.get("replicas") or 0),
+        rolling_to_new=rolling_to_new,
+        stalled=any(c.get("type") == "Progressing" and c.get("status") == "False" for c in conditions),
+        failure=next((str(c.get("message") or c.get("reason") or "pods cannot be created") for c in conditions
+                      if c.get("type") == "ReplicaFailure" and c.get("status") == "True"), None),
+    )
 
-    if new is None:
+
+def _phase(prev: LlamaDeploymentStatus, plan: Plan, apply: ChosenPlan | None, pending: PendingChange | None,
+           r: _Rollout) -> tuple[str, str]:
+    """The phase and its message; a pending upgrade is said beside Ready."""
+    if plan.chosen is None:
         phase = "Unschedulable"
         message = f"No feasible plan: {plan.fallback_reason}"
-        if ready:
-            message = f"Still serving {current.variant if current else 'the previous plan'} on {ready} replica(s). " \
-                      + message
-    elif ready >= desired and updated >= desired and total <= desired and not rolling_to_new:
+        if r.ready:
+            message = f"Still serving {prev.plan.variant if prev.plan else 'the previous plan'} on {r.ready} " \
+                      f"replica(s). " + message
+    elif r.ready >= r.desired and r.updated >= r.desired and r.total <= r.desired and not r.rolling_to_new:
         phase, message = "Ready", f"Serving {apply.variant} on {apply.runtime}"
-    elif failure is not None:
-        phase, message = "Degraded", f"{ready}/{desired} replicas ready; the Deployment cannot create pods: {failure}"
-    elif stalled:
-        phase, message = "Degraded", f"{ready}/{desired} replicas ready; the rollout is not progressing"
-    elif prev.phase in ("Ready", "Degraded") and not rolling_to_new and updated >= desired:
-        phase, message = "Degraded", f"{ready}/{desired} replicas ready"
-    elif updated == 0 and ready == 0:
+    elif r.failure is not None:
+        phase, message = "Degraded", f"{r.ready}/{r.desired} replicas ready; the Deployment cannot create pods: " \
+                                     f"{r.failure}"
+    elif r.stalled:
+        phase, message = "Degraded", f"{r.ready}/{r.desired} replicas ready; the rollout is not progressing"
+    elif prev.phase in ("Ready", "Degraded") and not r.rolling_to_new and r.updated >= r.desired:
+        phase, message = "Degraded", f"{r.ready}/{r.desired} replicas ready"
+    elif r.updated == 0 and r.ready == 0:
         phase, message = "Pending", "Waiting for the first replica to be scheduled"
     else:
-        phase, message = "Deploying", f"Rolling out {apply.variant}: {ready}/{desired} replicas ready"
+        phase, message = "Deploying", f"Rolling out {apply.variant}: {r.ready}/{r.desired} replicas ready"
     if pending is not None and phase == "Ready":
         message += f"; {pending.reason}"
-    status.phase = phase
-    status.message = message
+    return phase, message
 
-    fb = status.fallback
-    failing = failure is not None and phase == "Degraded"
-    wanted = [
-        ("Ready", "True" if phase in ("Ready",) or (ready >= desired and desired > 0) else "False",
-         "ReplicasReady" if ready >= desired else REPLICA_FAILURE if failing else "ReplicasNotReady",
-         f"{ready}/{desired} replicas ready" + (f": {failure}" if failing and ready < desired else "")),
-        ("PlanFeasible", "True" if new is not None else "False",
-         "Planned" if new is not None else "NoFeasiblePlan",
-         plan.chosen.describe() if plan.chosen is not None else plan.fallback_reason),
+
+def _wanted_conditions(status: LlamaDeploymentStatus, spec: LlamaDeploymentSpec, plan: Plan,
+                       apply: ChosenPlan | None, failing: str | None) -> list[tuple[str, str, str, str]]:
+    """(type, status, reason, message) of each condition, from the status decided so far. `failing`: why the
+    Deployment cannot create pods, when that makes the phase Degraded."""
+    phase, message, pending, fb = status.phase, status.message, status.pendingChange, status.fallback
+    ready, desired = status.readyReplicas, status.replicas
+    feasible = plan.chosen is not None
+    rolling = phase in ("Deploying", "Pending")
+    return [
+        ("Ready", "True" if phase == "Ready" or (ready >= desired and desired > 0) else "False",
+         "ReplicasReady" if ready >= desired else REPLICA_FAILURE if failing is not None else "ReplicasNotReady",
+         f"{ready}/{desired} replicas ready" + (f": {failing}" if failing is not None and ready < desired else "")),
+        ("PlanFeasible", "True" if feasible else "False", "Planned" if feasible else "NoFeasiblePlan",
+         plan.chosen.describe() if feasible else plan.fallback_reason),
         ("FallbackApplied", "True" if fb and fb.inForce else "False",
          (fallback_kind(spec, apply) or "RequestedVariant") if apply is not None else "NoPlan",
          fb.reason if fb and fb.inForce else "Serving the requested model at its best precision"),
         ("Progressing",
-         "True" if pending is not None or phase in ("Deploying", "Pending") else "False",
-         "UpgradePending" if pending is not None else REPLICA_FAILURE if failing else
-         ("RollingOut" if phase in ("Deploying", "Pending") else "Stable"),
-         pending.reason if pending is not None else failure if failing else message),
+         "True" if pending is not None or rolling else "False",
+         "UpgradePending" if pending is not None else REPLICA_FAILURE if failing is not None else
+         ("RollingOut" if rolling else "Stable"),
+         pending.reason if pending is not None else failing if failing is not None else message),
     ]
-    status.conditions = _conditions(prev.conditions, wanted, obs.now, obs.generation)
+
+
+def _phase_events(prev: LlamaDeploymentStatus, phase: str, message: str, failing: str | None
+                  ) -> list[tuple[str, str, str]]:
+    """Events of a phase transition: Ready reached, a Deployment that cannot create pods (one Warning per
+    failure the controller reports, not one per pass), Ready lost."""
+    events = []
     if prev.phase != phase and phase == "Ready":
         events.append((NORMAL, "Ready", message))
-    if failing:
-        said = any(c.type == "Progressing" and c.reason == REPLICA_FAILURE and c.message == failure
+    if failing is not None:
+        said = any(c.type == "Progressing" and c.reason == REPLICA_FAILURE and c.message == failing
                    for c in prev.conditions)
-        if not said:  # one Warning per failure the controller reports, not one per pass
-            events.append((WARNING, REPLICA_FAILURE, f"The Deployment cannot create pods: {failure}"))
+        if not said:
+            events.append((WARNING, REPLICA_FAILURE, f"The Deployment cannot create pods: {failing}"))
     elif prev.phase == "Ready" and phase == "Degraded":
         events.append((WARNING, "Degraded", message))
-    return Decision(apply=apply, status=status, events=events, outcome=outcome)
+    return events

@@ -18,12 +18,12 @@ from typing import Any
 import kopf
 import kubernetes
 
-from .handlers import OperatorState, Settings, _pod_use, register
-from .inventory import PodUsage
+from .handlers import register
 from .kube import Writer
 from .kubeclient import load_client_configuration
 from .metrics import OperatorMetrics
 from .peering import PeeringGate, own_identity, own_priority
+from .state import Key, OperatorState, PodUse, Settings, pod_use
 
 log = logging.getLogger("llama_operator")
 
@@ -47,9 +47,8 @@ def tune_gc() -> None:
     """Collect garbage less often in the operator process. A burst of passes allocates many short-lived
     objects while the process holds a large, long-lived view of the cluster (every Node, Pod and owned
     object); with CPython's defaults a young collection runs every 700 allocations and full collections
-    walk that whole view. On the benchmark (500 nodes, 200 new LlamaDeployments) collection took 0.19 s
-    of 1.3 s of CPU; with these thresholds 0.05 s, for about 2 MiB more peak memory. Process-wide, so
-    the process's entry point calls it (`llama-operator run`), not the library."""
+    walk that whole view (docs/benchmarks.md has the numbers). Process-wide, so the process's entry point
+    calls it (`llama-operator run`), not the library."""
     gc.set_threshold(*GC_THRESHOLDS)
 
 
@@ -76,12 +75,13 @@ def build(options: RunOptions) -> tuple[kopf.OperatorRegistry, OperatorState]:
     cfg = load_client_configuration(options.kubeconfig)
     registry = kopf.OperatorRegistry()
     register(registry)
-    state = OperatorState(Writer(cfg), options.settings, OperatorMetrics(), client_config=cfg)
+    state = OperatorState(Writer(cfg), options.settings, OperatorMetrics(), client_config=cfg,
+                          peering_priority=own_priority(options.settings.peering_priority))
     if options.namespaces and options.pods_all_namespaces:
         _register_cluster_pods(registry, ClusterPods(cfg, state, options.watch_timeout))
     if options.peering is not None:
-        state.peering = PeeringGate(_peering_reader(state.writer, options), own_identity(),
-                                    own_priority(options.settings.peering_priority), on_resume=state.wake_all)
+        state.peering = PeeringGate(_peering_reader(state.writer, options), own_identity(), state.peering_priority,
+                                    on_resume=state.wake_all)
     return registry, state
 
 
@@ -135,8 +135,6 @@ def _url_host(host: str) -> str:
 
 # --- Pods of every namespace, for a namespaced operator ---------------------------------------------------
 
-PodKey = tuple[str, str]
-PodUse = tuple[PodUsage, "str | None"]
 #: Pods per page of the initial listing.
 LIST_PAGE = 500
 
@@ -150,14 +148,14 @@ class ClusterPods:
     official client in a thread of its own; every change goes through OperatorState.pod_seen on the
     operator's loop, as kopf's pod events do. It reads like kopf's pod index
     ({(namespace, pod): [(PodUsage, owning LlamaDeployment)]}), which it replaces in state.indexes.
-    Only pods that take something from their node are kept (handlers._pod_use).
+    Only pods that take something from their node are kept (state.pod_use).
     """
 
     def __init__(self, cfg: kubernetes.client.Configuration, state: OperatorState, watch_timeout: int = 300):
         self.cfg = cfg
         self.state = state
         self.watch_timeout = max(10, int(watch_timeout))
-        self._index: dict[PodKey, list[PodUse]] = {}
+        self._index: dict[Key, list[PodUse]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -177,7 +175,7 @@ class ClusterPods:
             self._api.user_agent = "llama-operator"
         return kubernetes.client.CoreV1Api(self._api)
 
-    def _list(self) -> tuple[dict[PodKey, list[PodUse]], str]:
+    def _list(self) -> tuple[dict[Key, list[PodUse]], str]:
         """Every Pod that takes something from its node, and the list's resourceVersion (blocking)."""
         core, index, token = self._core(), {}, None
         while True:
@@ -220,14 +218,14 @@ class ClusterPods:
 
     # --- on the loop ---
 
-    def _set(self, key: PodKey, use: PodUse | None) -> None:
+    def _set(self, key: Key, use: PodUse | None) -> None:
         if use is None:
             self._index.pop(key, None)
         else:
             self._index[key] = [use]
         self.state.pod_seen(key, use)
 
-    def _replace(self, index: dict[PodKey, list[PodUse]]) -> None:
+    def _replace(self, index: dict[Key, list[PodUse]]) -> None:
         for key in [k for k in self._index if k not in index]:
             self._set(key, None)
         for key, (use,) in index.items():
@@ -290,9 +288,9 @@ class ClusterPods:
         return version
 
 
-def _pod_entry(pod: dict) -> tuple[PodKey, PodUse | None]:
+def _pod_entry(pod: dict) -> tuple[Key, PodUse | None]:
     meta = pod.get("metadata") or {}
-    return (meta.get("namespace", ""), meta.get("name", "")), _pod_use(pod, meta.get("labels") or {})
+    return (meta.get("namespace", ""), meta.get("name", "")), pod_use(pod, meta.get("labels") or {})
 
 
 def _register_cluster_pods(registry: kopf.OperatorRegistry, pods: ClusterPods) -> None:

@@ -81,10 +81,10 @@ def kubectl(kubeconfig: Path, tmp_path: Path) -> Kubectl:
 # - ``kubelet``: a started ``sandbox.kubelet.SimulatedKubelet`` that binds pods and reports Deployment status.
 
 from llama_operator.crd import crd_manifest  # noqa: E402
-from llama_operator.handlers import Settings  # noqa: E402
 from llama_operator.sandbox.demo import SandboxOperator  # noqa: E402
 from llama_operator.sandbox.emulator import declare_crd  # noqa: E402
 from llama_operator.sandbox.kubelet import SimulatedKubelet  # noqa: E402
+from llama_operator.state import Settings  # noqa: E402
 from operator_kit import Cluster  # noqa: E402
 
 

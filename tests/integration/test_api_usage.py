@@ -21,14 +21,15 @@ import yaml
 
 from llama_operator.api import parse_spec
 from llama_operator.crd import crd_manifest
-from llama_operator.handlers import FINALIZER, Settings
 from llama_operator.kube import Writer
 from llama_operator.kubeclient import load_client_configuration
+from llama_operator.ownership import FINALIZER
 from llama_operator.render import Owner, render
 from llama_operator.sandbox.demo import SandboxOperator, load_docs, wait_for
 from llama_operator.sandbox.emulator import declare_crd
 from llama_operator.sandbox.kubelet import SimulatedKubelet, dynamic_client
 from llama_operator.sandbox.server import EmulatorThread
+from llama_operator.state import Settings
 from llama_operator.status import ChosenPlan
 
 ROOT = Path(__file__).resolve().parents[2]

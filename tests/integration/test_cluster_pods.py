@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_operator.handlers import Settings
 from llama_operator.sandbox.demo import SandboxOperator
+from llama_operator.state import Settings
 from operator_kit import Cluster, gpu_node
 
 pytestmark = pytest.mark.looptime(False)
@@ -87,8 +87,8 @@ async def test_without_cluster_wide_permission_it_keeps_to_the_watched_namespace
     # RBAC is not emulated: a 403 on the cluster-wide listing, as a Role-only install would get it.
     import kubernetes
 
-    from llama_operator.handlers import Indexes
     from llama_operator.runner import ClusterPods
+    from llama_operator.state import Indexes
 
     class State:
         indexes = Indexes(nodes={}, pods={"kopf's": "index"}, deployments={}, services={})

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 
-from llama_operator.handlers import Settings
+from llama_operator.state import Settings
 from operator_kit import CLUSTERS, CRD_FILE, EXAMPLES, wait_until
 
 pytestmark = pytest.mark.looptime(False)

@@ -15,13 +15,13 @@ import pytest
 
 from llama_operator import planner
 from llama_operator.api import API_VERSION, KIND, parse_spec
-from llama_operator.handlers import Settings
 from llama_operator.inventory import Inventory
 from llama_operator.catalog import load_catalog
 from llama_operator.engines import release_for
 from llama_operator.ownership import HASH_ANNOTATION
 from llama_operator.render import Owner, render
 from llama_operator.sandbox.demo import load_docs
+from llama_operator.state import Settings
 from operator_kit import CLUSTERS, arg, container, example, gpu_node, gpu_product_affinity, holds_for, wait_until
 
 # Real threads and sockets: never fast-forward time here.

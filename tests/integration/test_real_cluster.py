@@ -35,7 +35,7 @@ import pytest
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from llama_operator.api import API_VERSION, GROUP, KIND, PLURAL
-from llama_operator.handlers import Settings
+from llama_operator.state import Settings
 from llama_operator.engines import releases
 from llama_operator.sandbox.demo import SandboxOperator
 from operator_kit import Cluster, crd_manifest_from_file, wait_until

@@ -11,7 +11,7 @@ import logging
 import threading
 from datetime import timedelta
 
-from llama_operator.handlers import Settings
+from llama_operator.state import Settings
 from llama_operator.runner import RunOptions, run_async, tune_gc
 
 

@@ -48,8 +48,8 @@ import yaml
 
 from llama_operator.api import API_VERSION, KIND
 from llama_operator.crd import crd_manifest
-from llama_operator.handlers import Settings
 from llama_operator.live import SERVICE_ASSIGNED
+from llama_operator.state import Settings
 from llama_operator.ownership import LABEL_DEPLOYMENT, MANAGED_BY
 from llama_operator.runner import RunOptions, run_async
 from llama_operator.sandbox.emulator import ClusterEmulator, declare_crd

@@ -31,7 +31,7 @@ from crdkit import apply_defaults, cel_refusals, openapi_validator
 from llama_operator.api import API_VERSION, KIND, SpecError, parse_object
 from llama_operator.loading import _load_documents
 from llama_operator.crd import crd_manifest
-from llama_operator.handlers import _parse_spec
+from llama_operator.passes import _parse_spec
 from reliability_cases import CAUGHT_BY, CLI_INPUTS, SCENARIOS, BadInput, bad_input_answer, bad_inputs
 from reliability_harness import chat_doc, wait_until, writes_by_port
 

@@ -20,7 +20,7 @@ import yaml
 
 from ..api import API_VERSION, KIND
 from ..crd import crd_manifest
-from ..handlers import Settings
+from ..state import Settings
 from ..catalog import GPU_RESOURCES
 from ..runner import RunOptions, run_async
 from .kubelet import SimulatedKubelet, dynamic_client
