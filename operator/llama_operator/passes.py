@@ -3,7 +3,7 @@ reconcile.decide, render), write. A pass that changes nothing sends no request.
 
 Objects it does not own are never written: a Deployment, Service or claim of the same name that this
 LlamaDeployment does not control is a conflict (status Degraded, one Warning Event), and stays as it is.
-Owned objects are compared with their render by content (kube.is_current), so a hand edit is written
+Owned objects are compared with their render by content (live.is_current), so a hand edit is written
 back. An object the API server refuses (an invalid toleration, a storage class name...) makes the
 status Invalid with the server's message, once; the same render is not sent again before the spec (or
 the plan) changes or the resync period has passed.
@@ -230,7 +230,7 @@ def _promise(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec, deci
 
 
 def _runs(deployment: Live, objects: list[dict], accepted: Mapping[tuple[str, str], tuple[str, str]]) -> bool:
-    """Whether the Deployment's status is about the rendered spec: it holds the render (kube.is_current:
+    """Whether the Deployment's status is about the rendered spec: it holds the render (live.is_current:
     the content, not only the hash annotation), and its controller has observed that generation.
     Otherwise a rollout is starting (or the watch has not shown this operator's patch yet, or someone
     changed it by hand), and the replicas it counts are not the rendered ones."""

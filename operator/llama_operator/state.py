@@ -118,7 +118,7 @@ class OperatorState:
         self.seen_nodes: dict[str, Node] = {}
         self.seen_pods: dict[Key, PodUse] = {}
         self.seen_status: dict[tuple[str, str, str], dict] = {}
-        #: The content fingerprint (kube.content_fingerprint) the operator last rendered for each owned
+        #: The content fingerprint (live.content_fingerprint) the operator last rendered for each owned
         #: object, recorded before it writes.
         self.rendered: dict[tuple[str, str, str], str] = {}
         #: Per deployment, per owned object (kind, name): the (content hash, fingerprint) the API server
