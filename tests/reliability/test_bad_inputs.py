@@ -26,7 +26,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from crdkit import apply_defaults, cel_refusals, openapi_validator
 
 from llama_operator.api import API_VERSION, KIND, SpecError, parse_object
 from llama_operator.cli import _load_documents
