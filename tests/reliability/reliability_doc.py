@@ -14,13 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import reliability_cases as cases
 
-import reliability_cases as cases  # noqa: E402
-
-ROOT = HERE.parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reliability.md"
 LAST_RESULTS = ROOT / ".pytest_cache" / "reliability-results.json"
 
