@@ -59,9 +59,7 @@ def node_manifest(
         if gpu_taint:
             node_taints.append(dict(NVIDIA_GPU_TAINT))
     node_labels.update(labels or {})
-    spec: dict = {}
-    if node_taints:
-        spec["taints"] = node_taints
+    spec: dict = {"taints": node_taints} if node_taints else {}
     if unschedulable:
         spec["unschedulable"] = True
     return {
