@@ -9,14 +9,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from calibration import compare as calibration  # noqa: E402
-from llama_operator import estimate as est  # noqa: E402
+from calibration import compare as calibration
+from llama_operator import estimate as est
 
 PARAMETERS = {
     "DECODE_BANDWIDTH_EFFICIENCY_16BIT": [0.70, 0.75, 0.80, 0.86, 0.92],

@@ -36,9 +36,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "operator"))
 
-from reliability_harness import (ANY, OWNED_KINDS, Cluster, Fault, chat_doc, orphans)  # noqa: E402
+from reliability_harness import (ANY, OWNED_KINDS, Fault, FaultyCluster, chat_doc, orphans)  # noqa: E402
 
 from llama_operator.api import API_VERSION, KIND  # noqa: E402
 from llama_operator.ownership import LABEL_DEPLOYMENT  # noqa: E402
@@ -77,7 +78,7 @@ def random_fault(rng: random.Random, port: int) -> Fault:
                  retry_after=1 if status == 429 else None, times=rng.randint(1, 3))
 
 
-def audit(cluster: Cluster, deleted: set[tuple[str, str]]) -> dict:
+def audit(cluster: FaultyCluster, deleted: set[tuple[str, str]]) -> dict:
     problems: list[str] = []
     lds = cluster.list(API_VERSION, KIND)
     by_key = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in lds}
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     rng = random.Random(args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="llama-soak-"))
-    cluster = Cluster(workdir, copies=args.pools)
+    cluster = FaultyCluster(workdir, copies=args.pools)
     cluster.kubelet.interval = 0.5
     operator = cluster.operator_process(error_backoff=1.0, watch_timeout=30, resync=60)
     started = time.monotonic()
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                     key = rng.choice(sorted(live))
                     change = rng.choice([{"replicas": rng.randint(1, 2)}, {"contextLength": rng.choice([4096, 8192])},
                                          {"model": rng.choice(MODELS)}, {"replicas": 0}])  # replicas 0: invalid
-                    cluster.patch_spec(key[1], key[0], change)
+                    cluster.patch_spec(key[1], change, key[0])
                     actions["update" if change != {"replicas": 0} else "invalid-update"] += 1
                 elif live:
                     key = rng.choice(sorted(live))

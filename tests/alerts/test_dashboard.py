@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from llama_operator.metrics import METRIC_NAMES as OPERATOR_METRICS
-from toolcheck import PROJECT_ROOT, require_tool
+from kit.paths import ROOT
+from kit.tools import require_tool
 
-DASHBOARD = PROJECT_ROOT / "charts" / "llama-operator" / "files" / "dashboard.json"
-RULE_FILE = PROJECT_ROOT / "charts" / "llama-operator" / "files" / "prometheus-rules.yaml"
+DASHBOARD = ROOT / "charts" / "llama-operator" / "files" / "dashboard.json"
+RULE_FILE = ROOT / "charts" / "llama-operator" / "files" / "prometheus-rules.yaml"
 
 
 def _histogram(name: str) -> set[str]:

@@ -26,9 +26,10 @@ import pytest
 import yaml
 
 from llama_operator.metrics import VLLM_TPOT_BUCKETS, VLLM_TTFT_BUCKETS, OperatorMetrics, format_le
-from toolcheck import PROJECT_ROOT, require_tool
+from kit.paths import ROOT
+from kit.tools import require_tool
 
-RULE_FILE = PROJECT_ROOT / "charts" / "llama-operator" / "files" / "prometheus-rules.yaml"
+RULE_FILE = ROOT / "charts" / "llama-operator" / "files" / "prometheus-rules.yaml"
 TOTAL_BUDGET_S = 60.0
 ALERT = "LlamaDeploymentTTFTAboveTarget"
 

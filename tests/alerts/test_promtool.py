@@ -14,17 +14,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toolcheck import PROJECT_ROOT, require_tool
+from kit.paths import ROOT
+from kit.tools import require_tool
 
-RULE_FILE = PROJECT_ROOT / "charts" / "llama-operator" / "files" / "prometheus-rules.yaml"
+RULE_FILE = ROOT / "charts" / "llama-operator" / "files" / "prometheus-rules.yaml"
 TEST_DIR = Path(__file__).resolve().parent
 TEST_FILES = sorted(TEST_DIR.glob("*.test.yaml"))
-ALERTS_DOC = PROJECT_ROOT / "docs" / "alerts.md"
+ALERTS_DOC = ROOT / "docs" / "alerts.md"
 SEVERITIES = {"critical", "warning", "info"}
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     # Always visible with -s, and in the failure report otherwise.
     print(f"$ {' '.join(cmd)}\n{result.stdout}{result.stderr}")
     return result

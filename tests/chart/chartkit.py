@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toolcheck import PROJECT_ROOT, require_tool
+from kit.paths import ROOT
+from kit.tools import require_tool
 
-CHART = PROJECT_ROOT / "charts" / "llama-operator"
+CHART = ROOT / "charts" / "llama-operator"
 RELEASE = "llm"
 NAMESPACE = "llama-system"
 FULLNAME = f"{RELEASE}-llama-operator"
@@ -56,7 +57,7 @@ def helm(tmp_path_factory: pytest.TempPathFactory):
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [binary, *args], env=env, capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT
+            [binary, *args], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
         )
         if check and proc.returncode != 0:
             pytest.fail(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

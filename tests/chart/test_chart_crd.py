@@ -10,16 +10,16 @@ import pytest
 import yaml
 
 from chartkit import CHART
-from toolcheck import PROJECT_ROOT
+from kit.paths import ROOT
 
-GENERATED = PROJECT_ROOT / "crds" / "llamadeployments.yaml"
+GENERATED = ROOT / "crds" / "llamadeployments.yaml"
 CHART_COPY = CHART / "crds" / "llamadeployments.yaml"
-REFRESH = f"cp {GENERATED.relative_to(PROJECT_ROOT)} {CHART_COPY.relative_to(PROJECT_ROOT)}"
+REFRESH = f"cp {GENERATED.relative_to(ROOT)} {CHART_COPY.relative_to(ROOT)}"
 
 
 def test_chart_crd_equals_the_generated_one():
     if not GENERATED.exists():
-        pytest.skip(f"{GENERATED.relative_to(PROJECT_ROOT)} is not generated yet (llama-operator crd)")
+        pytest.skip(f"{GENERATED.relative_to(ROOT)} is not generated yet (llama-operator crd)")
     assert CHART_COPY.exists(), f"the chart lacks the LlamaDeployment CRD: {REFRESH}"
     assert CHART_COPY.read_bytes() == GENERATED.read_bytes(), f"the chart's CRD is stale: {REFRESH}"
 

@@ -8,10 +8,10 @@ import re
 import shlex
 
 from chartkit import CHART, read_yaml
-from toolcheck import PROJECT_ROOT
+from kit.paths import ROOT
 
-DOCKERFILE = PROJECT_ROOT / "operator" / "Dockerfile"
-DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
+DOCKERFILE = ROOT / "operator" / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
 
 
 def instructions() -> list[tuple[str, str]]:

@@ -3,7 +3,7 @@
 * engine: the llama-server binary scripts/build_llama_server.sh built and cached outside the clone, and the
   Llama 3 vocab beside it. Found by asking that script (`--print-path`, which only looks), so the cache key
   lives in one place; LLAMA_SERVER_BIN (and LLAMA_VOCAB_GGUF) override. Missing: a failure under CI=true
-  (the rule tests/toolcheck.py applies to promtool and helm), a skip naming the build command elsewhere.
+  (kit.tools.missing, the rule for promtool and helm too), a skip naming the build command elsewhere.
 * tiny_gguf: a 2-layer random-weight Llama GGUF with Llama 3's tokenizer (tiny_gguf.py), cached.
 * servers.get(kind): one llama-server per distinct rendered command line (rendered_cases.SPECS), started
   on first use and kept for the session; stopped at its end, whatever happens.
@@ -19,24 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from toolcheck import PROJECT_ROOT
+from kit.paths import ROOT
+from kit.tools import missing
 
 from llama_server import LlamaServer, free_port, local_args
 from rendered_cases import render_kind
 from tiny_gguf import tiny_llama_gguf
 
-BUILD_SCRIPT = PROJECT_ROOT / "scripts" / "build_llama_server.sh"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}  # the rule of tests/toolcheck.py
-
-
-def _missing(message: str):
-    """A failure under CI (a green run must not hide a missing build step), a skip elsewhere."""
-    if _in_ci():
-        pytest.fail(message)
-    pytest.skip(message)
+BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
 
 
 @dataclass(frozen=True)
@@ -54,13 +44,13 @@ def engine() -> Engine:
         found = subprocess.run(["bash", str(BUILD_SCRIPT), "--print-path"], capture_output=True, text=True,
                                timeout=30)
         if found.returncode != 0:
-            _missing(f"llama-server is not built: {hint}")
+            missing(f"llama-server is not built: {hint}")
         binary = Path(found.stdout.strip().splitlines()[-1])
     if not (binary.is_file() and os.access(binary, os.X_OK)):
-        _missing(f"llama-server {binary} is not an executable file: {hint}")
+        missing(f"llama-server {binary} is not an executable file: {hint}")
     vocab = Path(os.environ.get("LLAMA_VOCAB_GGUF") or binary.parent.parent / "ggml-vocab-llama-bpe.gguf")
     if not vocab.is_file():
-        _missing(f"the Llama 3 vocab {vocab} is missing (set LLAMA_VOCAB_GGUF): {hint}")
+        missing(f"the Llama 3 vocab {vocab} is missing (set LLAMA_VOCAB_GGUF): {hint}")
     return Engine(binary, vocab)
 
 

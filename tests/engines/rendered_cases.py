@@ -3,16 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import yaml
-
 from llama_operator import planner
 from llama_operator.api import LlamaDeploymentSpec, parse_spec
 from llama_operator.status import ChosenPlan
 from llama_operator.inventory import Inventory
 from llama_operator.render import Owner, render
-from toolcheck import PROJECT_ROOT
 
-CPU_CLUSTER = PROJECT_ROOT / "examples" / "clusters" / "cpu-only.yaml"
+from kit.examples import cluster_nodes
+
 OWNER = Owner(name="tiny", namespace="default", uid="0b7e6e2c-0000-4000-8000-000000000001")
 ALIAS = OWNER.name  # the renderer serves the model under the LlamaDeployment's name (--alias)
 
@@ -51,7 +49,7 @@ class Rendered:
 def render_kind(kind: str) -> Rendered:
     """Plan SPECS[kind] on the CPU-only example cluster and render it, as the operator does."""
     spec = parse_spec(SPECS[kind])
-    nodes = yaml.safe_load(CPU_CLUSTER.read_text())["items"]
+    nodes = cluster_nodes("cpu-only.yaml")
     result = planner.plan(spec, Inventory.from_manifests(nodes, []))
     assert result.chosen is not None, result.fallback_reason
     plan = result.chosen.to_chosen_plan()

@@ -14,13 +14,13 @@ import pytest
 from llama_operator import planner
 from llama_operator.catalog import load_catalog
 from llama_operator.engines import release
-from toolcheck import PROJECT_ROOT
+from kit.paths import ROOT
 
 from rendered_cases import ALIAS, SPECS, render_kind
 from llama_server import LlamaServer, ServerFailed, free_port, local_args
 
 KINDS = sorted(SPECS)  # every KV-cache setting the planner emits for llama.cpp: auto, q8_0
-CHART_FILES = PROJECT_ROOT / "charts" / "llama-operator" / "files"
+CHART_FILES = ROOT / "charts" / "llama-operator" / "files"
 
 
 def chat(server, content: str = "Say hello.") -> dict:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-from toolcheck import require_tool
 
 from llama_operator.sandbox.server import EmulatorThread, RunningEmulator, serve_emulator
+
+from kit.tools import require_tool
 
 
 @pytest.fixture
@@ -74,18 +75,19 @@ def kubectl(kubeconfig: Path, tmp_path: Path) -> Kubectl:
 
 # --- The operator against the emulator (test_operator.py, test_kubectl.py) ----------------------------
 # Added fixtures, built on the ones above:
-# - ``llama_cluster``: an ``operator_kit.Cluster`` on ``emulator_thread`` with the LlamaDeployment CRD
+# - ``llama_cluster``: a ``kit.cluster.Cluster`` on ``emulator_thread`` with the LlamaDeployment CRD
 #   declared (as if applied).
-# - ``run_operator``: starts ``sandbox.demo.SandboxOperator`` threads against ``kubeconfig`` (call it with a
+# - ``run_operator``: starts ``kit.operator.OperatorThread`` threads against ``kubeconfig`` (call it with a
 #   ``Settings``; call ``.stop()`` to stop one early, e.g. to restart); all are stopped at teardown.
 # - ``kubelet``: a started ``sandbox.kubelet.SimulatedKubelet`` that binds pods and reports Deployment status.
 
 from llama_operator.crd import crd_manifest  # noqa: E402
-from llama_operator.sandbox.demo import SandboxOperator  # noqa: E402
 from llama_operator.sandbox.emulator import declare_crd  # noqa: E402
 from llama_operator.sandbox.kubelet import SimulatedKubelet  # noqa: E402
 from llama_operator.state import Settings  # noqa: E402
-from operator_kit import Cluster  # noqa: E402
+
+from kit.cluster import Cluster  # noqa: E402
+from kit.operator import OperatorThread  # noqa: E402
 
 
 @pytest.fixture
@@ -100,10 +102,10 @@ def llama_cluster(emulator_thread: EmulatorThread, kubeconfig: Path) -> Iterator
 
 @pytest.fixture
 def run_operator(kubeconfig: Path) -> Iterator:
-    started: list[SandboxOperator] = []
+    started: list[OperatorThread] = []
 
-    def start(settings: Settings, timeout: float = 20) -> SandboxOperator:
-        op = SandboxOperator(str(kubeconfig), settings)
+    def start(settings: Settings, timeout: float = 20) -> OperatorThread:
+        op = OperatorThread(kubeconfig, settings=settings, watch_timeout=60)
         started.append(op)
         return op.start(timeout=timeout)
 

@@ -7,15 +7,16 @@ every namespace all the same (runner.ClusterPods): listed before the first pass,
 """
 from __future__ import annotations
 
-import dataclasses
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from llama_operator.sandbox.demo import SandboxOperator
 from llama_operator.state import Settings
-from operator_kit import Cluster, gpu_node
+
+from kit.cluster import Cluster
+from kit.nodes import node_manifest
+from kit.operator import OperatorThread
 
 pytestmark = pytest.mark.looptime(False)
 
@@ -38,16 +39,17 @@ def _gpu_pod(namespace: str) -> dict:
             "status": {"phase": "Running"}}
 
 
-def _start(kubeconfig: Path, *, all_pods: bool) -> SandboxOperator:
-    op = SandboxOperator(str(kubeconfig), Settings(upgrade_delay=timedelta(seconds=1), resync_seconds=30))
-    op.options = dataclasses.replace(op.options, namespaces=[TEAM], pods_all_namespaces=all_pods)
+def _start(kubeconfig: Path, *, all_pods: bool) -> OperatorThread:
+    op = OperatorThread(kubeconfig, settings=Settings(upgrade_delay=timedelta(seconds=1), resync_seconds=30),
+                        watch_timeout=60, namespaces=[TEAM], pods_all_namespaces=all_pods)
     return op.start(timeout=20)
 
 
 @pytest.fixture
 def cluster(llama_cluster: Cluster) -> Cluster:
     team = Cluster(llama_cluster.kubeconfig, namespace=TEAM)
-    team.add_nodes([gpu_node("l4", "NVIDIA-L4", 1, memory_mib=23034, compute="8.9")])
+    team.add_nodes([node_manifest("l4", "NVIDIA-L4", 1, memory_mib=23034, compute="8.9", cpu="16",
+                                  memory="64Gi")])
     team.pods.create(body=_gpu_pod("batch"), namespace="batch")  # another namespace holds the only L4
     yield team
     team.close()

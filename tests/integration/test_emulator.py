@@ -20,6 +20,8 @@ import pytest
 from llama_operator.sandbox.emulator import ClusterEmulator, declare_custom_resource
 from llama_operator.sandbox.server import EmulatorThread, RunningEmulator, serve_emulator
 
+from kit.poll import wait_until
+
 # Real sockets and real timeouts (the server's timeoutSeconds) even if run with --looptime.
 pytestmark = pytest.mark.looptime(False)
 
@@ -50,15 +52,6 @@ def _declare_llamas(request):
     if 'emulator_thread' in request.fixturenames:
         declare_custom_resource(request.getfixturevalue('emulator_thread').emulator,
                                 GROUP, VERSION, PLURAL, KIND, shortnames=['llama'])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10, what: str = 'condition') -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout}s waiting for {what}')
-        time.sleep(0.05)
-    return result
 
 
 def saw_watch(thread: EmulatorThread, **params: str) -> bool:

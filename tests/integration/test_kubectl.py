@@ -12,7 +12,9 @@ from datetime import timedelta
 import pytest
 
 from llama_operator.state import Settings
-from operator_kit import CLUSTERS, CRD_FILE, EXAMPLES, wait_until
+
+from kit.paths import CLUSTERS, CRD_FILE, EXAMPLES
+from kit.poll import wait_until
 
 pytestmark = pytest.mark.looptime(False)
 

@@ -1,4 +1,4 @@
-"""The operator end to end against the API emulator: kopf in a thread (sandbox.SandboxOperator), a
+"""The operator end to end against the API emulator: kopf in a thread (kit.operator.OperatorThread), a
 simulated scheduler/kubelet that binds pods and reports Deployment status, Nodes from examples/clusters.
 
 What a user of the operator sees: the Deployment and Service it renders for each runtime, the
@@ -20,9 +20,11 @@ from llama_operator.catalog import load_catalog
 from llama_operator.engines import release_for
 from llama_operator.ownership import HASH_ANNOTATION
 from llama_operator.render import Owner, render
-from llama_operator.sandbox.demo import load_docs
 from llama_operator.state import Settings
-from operator_kit import CLUSTERS, arg, container, example, gpu_node, gpu_product_affinity, holds_for, wait_until
+
+from kit.examples import cluster_nodes, example
+from kit.nodes import node_manifest
+from kit.poll import holds_for, wait_until
 
 # Real threads and sockets: never fast-forward time here.
 pytestmark = pytest.mark.looptime(False)
@@ -40,6 +42,22 @@ def owned_by(obj: dict, ld: dict) -> bool:
     return obj["metadata"].get("ownerReferences") == [{
         "apiVersion": API_VERSION, "kind": KIND, "name": ld["metadata"]["name"], "uid": ld["metadata"]["uid"],
         "controller": True, "blockOwnerDeletion": True}]
+
+
+def container(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def arg(deployment: dict, flag: str) -> str:
+    args = container(deployment)["args"]
+    return args[args.index(flag) + 1]
+
+
+def gpu_product_affinity(deployment: dict) -> list[str]:
+    terms = deployment["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    return [v for t in terms for e in t["matchExpressions"] if e["key"] == "nvidia.com/gpu.product"
+            for v in e.get("values", [])]
 
 
 # --- create: the right workload for each runtime -------------------------------------------------------
@@ -335,7 +353,7 @@ def test_restart_in_the_middle_of_a_reconcile(llama_cluster, run_operator, kubel
     ld = llama_cluster.create(manifest)
     # What the first operator had written: the rendered plan, no status.
     spec = parse_spec(manifest["spec"])
-    inventory = Inventory.from_manifests(load_docs(CLUSTERS / "mixed.yaml"), [])
+    inventory = Inventory.from_manifests(cluster_nodes("mixed.yaml"), [])
     assert len(nodes) == len(inventory.nodes)
     plan = planner.plan(spec, inventory).chosen.to_chosen_plan()
     for obj in render(Owner(name="chat", namespace="default", uid=ld["metadata"]["uid"]), spec, plan):
@@ -401,8 +419,8 @@ def test_a_new_deployment_costs_one_write_of_each_and_no_reads(llama_cluster, ru
 
 # --- competing deployments ---------------------------------------------------------------------------------
 
-L40S = dict(product="NVIDIA-L40S", gpus=1, memory_mib=46068, compute="8.9")
-L4 = dict(product="NVIDIA-L4", gpus=1, memory_mib=23034, compute="8.9")
+L40S = dict(product="NVIDIA-L40S", gpus=1, memory_mib=46068, compute="8.9", cpu="16", memory="64Gi")
+L4 = dict(product="NVIDIA-L4", gpus=1, memory_mib=23034, compute="8.9", cpu="16", memory="64Gi")
 
 
 def _assert_apart(llama_cluster, names: tuple[str, str]) -> dict[str, dict]:
@@ -423,7 +441,7 @@ def _wait_both_planned(llama_cluster) -> None:
 
 def test_two_deployments_are_not_planned_onto_the_same_gpu(llama_cluster, run_operator):
     """No kubelet: no pod ever holds the GPU, so only the operator's promises keep the two apart."""
-    llama_cluster.add_nodes([gpu_node("l40s-1", **L40S), gpu_node("l4-1", **L4)])
+    llama_cluster.add_nodes([node_manifest("l40s-1", **L40S), node_manifest("l4-1", **L4)])
     run_operator(FAST)
     manifest = example("chat.yaml")  # prefers the L40S (bf16); on an L4 only FP8 fits
     llama_cluster.create(manifest, name="first")
@@ -443,7 +461,7 @@ def test_two_deployments_are_not_planned_onto_the_same_gpu(llama_cluster, run_op
 
 
 def test_two_deployments_planned_at_the_same_time_settle_apart(llama_cluster, run_operator):
-    llama_cluster.add_nodes([gpu_node("l40s-1", **L40S), gpu_node("l4-1", **L4)])
+    llama_cluster.add_nodes([node_manifest("l40s-1", **L40S), node_manifest("l4-1", **L4)])
     manifest = example("chat.yaml")
     llama_cluster.create(manifest, name="first")
     llama_cluster.create(manifest, name="second")
@@ -467,9 +485,9 @@ def test_a_toleration_of_everything_does_not_reach_control_plane_nodes(llama_clu
     # The only L40S sits on a control-plane node; the spec tolerates every taint. The operator does not let
     # LlamaDeployments tolerate control-plane taints: it plans on the worker's L4, and the pods it renders
     # spell the key-less toleration out over the other taints only.
-    control = gpu_node("cp", "NVIDIA-L40S", 1, memory_mib=46068, compute="8.9")
+    control = node_manifest("cp", **L40S)
     control["spec"]["taints"].append({"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"})
-    llama_cluster.add_nodes([control, gpu_node("worker", "NVIDIA-L4", 1, memory_mib=23034, compute="8.9")])
+    llama_cluster.add_nodes([control, node_manifest("worker", **L4)])
     run_operator(FAST)
     manifest = example("chat.yaml")
     llama_cluster.create(manifest, placement={"tolerations": [{"operator": "Exists"}]},

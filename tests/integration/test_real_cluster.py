@@ -10,7 +10,7 @@ What it does, in the kubeconfig's current context:
 1. applies crds/llamadeployments.yaml if the CRD is not there yet (and removes it afterwards only if
    this test created it: an existing CRD, and the LlamaDeployments of others, are never touched);
 2. creates a dedicated namespace ``llama-operator-test-<random>``;
-3. runs the operator in a thread (``sandbox.SandboxOperator``) against that kubeconfig, watching only
+3. runs the operator in a thread (``kit.operator.OperatorThread``) against that kubeconfig, watching only
    that namespace;
 4. creates a small LlamaDeployment (Llama 3.2 1B, loose SLO, CPU allowed, so most clusters have room),
    checks that the operator plans it and renders a Deployment and Service for the planned runtime,
@@ -32,13 +32,17 @@ from pathlib import Path
 
 import kubernetes
 import pytest
+import yaml
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from llama_operator.api import API_VERSION, GROUP, KIND, PLURAL
 from llama_operator.state import Settings
 from llama_operator.engines import releases
-from llama_operator.sandbox.demo import SandboxOperator
-from operator_kit import Cluster, crd_manifest_from_file, wait_until
+
+from kit.cluster import Cluster
+from kit.operator import OperatorThread
+from kit.paths import CRD_FILE
+from kit.poll import wait_until
 
 ENV = "LLAMA_OPERATOR_TEST_KUBECONFIG"
 KUBECONFIG = os.environ.get(ENV)
@@ -77,7 +81,7 @@ def crd(real_kubeconfig: str) -> Iterator[None]:
     ext = kubernetes.client.ApiextensionsV1Api(client)
     created = False
     try:
-        ext.create_custom_resource_definition(crd_manifest_from_file())
+        ext.create_custom_resource_definition(yaml.safe_load(CRD_FILE.read_text()))
         created = True
     except kubernetes.client.ApiException as e:
         if e.status != 409:
@@ -129,9 +133,9 @@ def cluster(real_kubeconfig: str, namespace: str) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def operator(real_kubeconfig: str, namespace: str) -> Iterator[SandboxOperator]:
-    op = SandboxOperator(real_kubeconfig, Settings(upgrade_delay=timedelta(seconds=2), resync_seconds=30))
-    op.options.namespaces = [namespace]  # only this test's namespace
+def operator(real_kubeconfig: str, namespace: str) -> Iterator[OperatorThread]:
+    op = OperatorThread(real_kubeconfig, settings=Settings(upgrade_delay=timedelta(seconds=2), resync_seconds=30),
+                        watch_timeout=60, namespaces=[namespace])  # only this test's namespace
     op.start(timeout=60)
     try:
         yield op
@@ -139,7 +143,7 @@ def operator(real_kubeconfig: str, namespace: str) -> Iterator[SandboxOperator]:
         op.stop()
 
 
-def test_create_renders_the_planned_workload_and_delete_cleans_up(cluster: Cluster, operator: SandboxOperator):
+def test_create_renders_the_planned_workload_and_delete_cleans_up(cluster: Cluster, operator: OperatorThread):
     ld = cluster.create(SMALL)
     st = cluster.wait_status("smoke", lambda s: s.get("phase"), 60, "the operator to write status")
     if st["phase"] == "Unschedulable":

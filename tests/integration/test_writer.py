@@ -11,7 +11,6 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-import yaml
 
 from llama_operator import planner
 from llama_operator.api import parse_spec
@@ -22,21 +21,21 @@ from llama_operator.kubeclient import load_client_configuration
 from llama_operator.live import Live, content_fingerprint, is_current, rendered_fingerprint
 from llama_operator.render import Owner, render
 from llama_operator.sandbox.admission import CLAIMS, DEPLOYMENTS
-from llama_operator.sandbox.demo import load_docs
 from llama_operator.sandbox.server import EmulatorThread
 
+from kit.examples import cluster_nodes, example
+
 pytestmark = pytest.mark.looptime(False)
-ROOT = Path(__file__).resolve().parents[2]
 UID = "0b7c3c1e-0000-4000-8000-000000000001"
 _VERSIONS = itertools.count(4711)
 
 
 def rendered(cache: dict | None = None, name: str = "chat", uid: str = UID) -> list[dict]:
-    doc = yaml.safe_load((ROOT / "examples" / "chat.yaml").read_text())
+    doc = example("chat.yaml")
     if cache is not None:
         doc["spec"]["source"]["cache"] = cache
     spec = parse_spec(doc["spec"])
-    inventory = Inventory.from_manifests(load_docs(ROOT / "examples" / "clusters" / "mixed.yaml"), [])
+    inventory = Inventory.from_manifests(cluster_nodes("mixed.yaml"), [])
     plan = planner.plan(spec, inventory).chosen.to_chosen_plan()
     return render(Owner(name=name, namespace="default", uid=uid), spec, plan)
 

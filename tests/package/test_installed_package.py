@@ -8,7 +8,7 @@ README.md, operator/: the .dockerignore allow-list), so nothing outside it can l
 
 Building needs setuptools and installing needs the runtime dependencies: pip fetches them from PyPI
 (through pip's cache). Without network access the tests skip on a developer's machine; under CI
-(``CI=true``) they fail instead, like every missing tool (tests/toolcheck.py).
+(``CI=true``) they fail instead, like every missing tool (tests/kit/tools.py).
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toolcheck import PROJECT_ROOT
+from kit.paths import ROOT
+from kit.tools import in_ci
 
-PACKAGE_EXAMPLES = PROJECT_ROOT / "operator" / "llama_operator" / "examples"
-TOP_EXAMPLES = PROJECT_ROOT / "examples"
+PACKAGE_EXAMPLES = ROOT / "operator" / "llama_operator" / "examples"
+TOP_EXAMPLES = ROOT / "examples"
 #: What `pip install .` needs (operator/Dockerfile's build context, .dockerignore).
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "operator")
 #: pip's answers when it cannot reach the package index (the only reason to skip, and never under CI).
@@ -37,16 +38,12 @@ INSTALL_TIMEOUT = 900
 RUN_TIMEOUT = 240
 
 
-def _ci() -> bool:
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
 def _clean_env(venv: Path | None = None) -> dict[str, str]:
     """The environment of a shell where only `venv` is active: nothing of the clone's virtualenv."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONSAFEPATH")}
     path = [p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep)
-            if p and not Path(p).resolve().is_relative_to(PROJECT_ROOT.resolve())]
+            if p and not Path(p).resolve().is_relative_to(ROOT.resolve())]
     if venv is not None:
         env["VIRTUAL_ENV"] = str(venv)
         path.insert(0, str(venv / "bin"))
@@ -61,7 +58,7 @@ def _pip(what: str, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
     if proc.returncode == 0:
         return
     output = f"{what} failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    if not _ci() and any(marker in proc.stdout + proc.stderr for marker in OFFLINE):
+    if not in_ci() and any(marker in proc.stdout + proc.stderr for marker in OFFLINE):
         pytest.skip(f"no package index to install from (CI=true makes this a failure):\n{output}")
     pytest.fail(output)
 
@@ -84,7 +81,7 @@ class Installed:
         src.mkdir()
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
         for name in SOURCES:
-            path = PROJECT_ROOT / name
+            path = ROOT / name
             if path.is_dir():
                 shutil.copytree(path, src / name, ignore=ignore)  # files behind symlinks are copied as files
             elif path.is_file():
@@ -120,7 +117,7 @@ class Installed:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     root = tmp_path_factory.mktemp("installed-package")
-    assert not root.resolve().is_relative_to(PROJECT_ROOT.resolve()), "the virtualenv must live outside the clone"
+    assert not root.resolve().is_relative_to(ROOT.resolve()), "the virtualenv must live outside the clone"
     return Installed(root)
 
 

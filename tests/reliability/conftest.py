@@ -1,7 +1,7 @@
 """Fixtures of the reliability suite (see reliability_harness.py for the machinery).
 
-* ``cluster``: a fresh Cluster (emulator with fault injection on two ports, CRDs, the L4 pool's nodes,
-  a simulated kubelet), no operator yet; closed after the test.
+* ``cluster``: a fresh FaultyCluster (emulator with fault injection on two ports, CRDs, the L4 pool's
+  nodes, a simulated kubelet), no operator yet; closed after the test.
 * ``operator_logs``: every log record of the process while the test runs (llama_operator, kopf, ...).
 * ``results``: records a row of docs/reliability.md (``results.add(table, key, **cells)``).
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import reliability_doc
-from reliability_harness import Cluster
+from reliability_harness import FaultyCluster
 
 _ROWS_KEY = pytest.StashKey[dict]()
 
@@ -55,8 +55,8 @@ def module_results(request) -> Results:
 
 
 @pytest.fixture
-def cluster(tmp_path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
+def cluster(tmp_path) -> Iterator[FaultyCluster]:
+    c = FaultyCluster(tmp_path)
     try:
         yield c
     finally:

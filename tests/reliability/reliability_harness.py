@@ -1,8 +1,9 @@
-"""The reliability suite's machinery: an API emulator with fault injection that can be taken off the
-network and brought back on the same port, the operator in a thread or in a process of its own, a
-simulated kubelet, and a fingerprint of everything the operator wrote.
+"""The reliability suite's machinery, built on the test kit (tests/kit): an API emulator with fault
+injection that can be taken off the network and brought back on the same port, a kit Cluster on it
+(FaultyCluster) with the operator in a thread (kit.operator) or in a process of its own, a simulated
+kubelet, and a fingerprint of everything the operator wrote.
 
-Used by tests/reliability/ and by benchmarks/soak.py (which puts this folder on sys.path).
+Used by tests/reliability/ and by benchmarks/soak.py (which puts this folder and tests/ on sys.path).
 
 Faults (`Fault`) are matched against each request before the emulator stores anything:
 
@@ -27,7 +28,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -37,7 +37,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +48,19 @@ import yaml
 from llama_operator.api import API_VERSION, KIND
 from llama_operator.crd import crd_manifest
 from llama_operator.live import SERVICE_ASSIGNED
-from llama_operator.state import Settings
 from llama_operator.ownership import LABEL_DEPLOYMENT, MANAGED_BY
-from llama_operator.runner import RunOptions, run_async
 from llama_operator.sandbox.emulator import ClusterEmulator, declare_crd
 from llama_operator.sandbox.kubelet import SimulatedKubelet
 from llama_operator.sandbox.reads import WATCH_CONTENT_TYPE
+from llama_operator.sandbox.demo import load_docs
 from llama_operator.sandbox.server import kubeconfig
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-PEERING_CRDS = ROOT / "charts" / "llama-operator" / "crds" / "kopf-peerings.yaml"
-BAD_INPUTS = Path(__file__).resolve().parent / "bad_inputs"
+from kit.cluster import Cluster
+from kit.examples import cluster_nodes, example
+from kit.operator import OperatorThread
+from kit.paths import PEERING_CRDS, ROOT
+from kit.poll import wait_until
+
 OPERATOR_MAIN = Path(__file__).resolve().parent / "operator_main.py"
 
 ANY = "*"
@@ -225,12 +225,6 @@ class FaultyEmulator(ClusterEmulator):
 # --- the API server, on ports that can be taken down and brought back ---------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ApiServer:
     """A FaultyEmulator served from a background thread on one or more 127.0.0.1 ports.
 
@@ -318,53 +312,6 @@ class ApiServer:
 # --- the operator -------------------------------------------------------------------------------------
 
 
-def fast_settings(**overrides: Any) -> Settings:
-    """Operator settings for tests: quick retries, a resync that does not get in the way."""
-    base = dict(error_backoff_seconds=0.5, max_error_backoff_seconds=4.0, resync_seconds=60.0,
-                upgrade_delay=timedelta(seconds=60))
-    base.update(overrides)
-    return Settings(**base)
-
-
-class OperatorThread:
-    """The operator (runner.run_async) in a thread of its own with its own event loop."""
-
-    def __init__(self, kubeconfig_path: Path, *, peering: str | None = None, settings: Settings | None = None,
-                 watch_timeout: int = 10, name: str = "operator") -> None:
-        self.options = RunOptions(kubeconfig=str(kubeconfig_path), metrics_port=None, health_port=None,
-                                  peering=peering, settings=settings or fast_settings(), watch_timeout=watch_timeout)
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self.state_holder: list = []
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(run_async(self.options, stop_flag=self._stop, ready_flag=self._ready,
-                                  state_holder=self.state_holder))
-        except BaseException as e:  # noqa: BLE001 - reported by alive()/stop()
-            self.error = e
-
-    def start(self, timeout: float = 20) -> "OperatorThread":
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.1):
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the operator did not become ready: {self.error!r}")
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self, timeout: float = 30) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError("the operator thread did not stop")
-
-
 class OperatorProcess:
     """The operator in a process of its own (tests/reliability/operator_main.py): killable with SIGKILL,
     and its memory measurable on its own."""
@@ -423,39 +370,17 @@ class OperatorProcess:
 # --- the cluster, as the tests see it ------------------------------------------------------------------
 
 
-def load_docs(path: Path) -> list[dict]:
-    out = []
-    for d in yaml.safe_load_all(path.read_text()):
-        if d:
-            out.extend(d["items"] if d.get("kind", "").endswith("List") else [d])
-    return out
+class FaultyCluster(Cluster):
+    """A kit Cluster on an ApiServer of its own: the CRDs declared, the nodes loaded, a port for the tests
+    and the kubelet, and one for the operator (which can be taken down); faults injected on request, and
+    the operators started here (threads or processes) stopped at close. Each test names its namespace.
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except Exception as e:  # noqa: BLE001 - a read during a fault; try again
-            last_error = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}" +
-                         (f" (last error: {last_error!r})" if last_error else ""))
-
-
-class Cluster:
-    """An ApiServer with the CRDs declared, nodes loaded, a port for the tests and the kubelet, and one
-    for the operator (which can be taken down).
-
-    The nodes are `copies` copies of the pool in `nodes` (default: two L4 pools, 8 GPUs), so that a
+    The nodes are `copies` copies of examples/clusters/<pool> (default: two L4 pools, 8 GPUs), so that a
     rollout's surge pod or a deleted deployment's last pods never leave a test short of capacity (the
     simulated kubelet does not reschedule a pod it once left Pending)."""
 
-    def __init__(self, workdir: Path, nodes: Path = EXAMPLES / "clusters" / "l4-pool.yaml", *, copies: int = 2,
-                 kubelet: bool = True, **emulator_kwargs: Any) -> None:
+    def __init__(self, workdir: Path, pool: str = "l4-pool.yaml", *, copies: int = 2, kubelet: bool = True,
+                 **emulator_kwargs: Any) -> None:
         self.workdir = workdir
         self.server = ApiServer(**emulator_kwargs).start()
         self.emulator = self.server.emulator
@@ -464,25 +389,19 @@ class Cluster:
             declare_crd(self.emulator, crd)
         self.test_port = self.server.serve()
         self.operator_port = self.server.serve()
-        self.kubeconfig = self.server.write_kubeconfig(self.test_port, workdir / "kubeconfig-tests")
         self.operator_kubeconfig = self.server.write_kubeconfig(self.operator_port, workdir / "kubeconfig-operator")
-        from kubernetes import config, dynamic
-        self._api_client = config.new_client_from_config(config_file=str(self.kubeconfig))
-        self.api = dynamic.DynamicClient(self._api_client)
-        self.ld = self.api.resources.get(api_version=API_VERSION, kind=KIND)
-        self.nodes = []
+        super().__init__(self.server.write_kubeconfig(self.test_port, workdir / "kubeconfig-tests"), namespace=None,
+                         retry_errors=True)
+        self.node_manifests = []
         for i in range(copies):
-            for n in load_docs(nodes):
+            for n in cluster_nodes(pool):
                 n = copy.deepcopy(n)
                 if i:
                     n["metadata"]["name"] += f"-{i}"
                     n["metadata"].setdefault("labels", {})["kubernetes.io/hostname"] = n["metadata"]["name"]
-                self.nodes.append(n)
-        node_res = self.api.resources.get(api_version="v1", kind="Node")
-        for n in self.nodes:
-            node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
-                "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
-        self.kubelet = SimulatedKubelet(str(self.kubeconfig), interval=0.2).start() if kubelet else None
+                self.node_manifests.append(n)
+        self.add_nodes(self.node_manifests)
+        self.kubelet = SimulatedKubelet(self.kubeconfig, interval=0.2).start() if kubelet else None
         self.operators: list[Any] = []
 
     def close(self) -> None:
@@ -493,7 +412,7 @@ class Cluster:
             self.kubelet.stop()
         self.emulator.clear_faults()
         with contextlib.suppress(Exception):
-            self._api_client.close()
+            super().close()
         self.server.stop()
 
     # --- operators ---
@@ -524,51 +443,7 @@ class Cluster:
             self.emulator._closed = False
         self.server.call(_end)
 
-    # --- objects ---
-
-    def create(self, doc: dict, namespace: str = "default") -> dict:
-        body = copy.deepcopy(doc)
-        body.setdefault("metadata", {}).pop("namespace", None)
-        return self.ld.create(body=body, namespace=namespace).to_dict()
-
-    def patch_spec(self, name: str, namespace: str, spec_patch: dict) -> dict:
-        return self.ld.patch(body={"spec": spec_patch}, name=name, namespace=namespace,
-                             content_type="application/merge-patch+json").to_dict()
-
-    def delete(self, name: str, namespace: str) -> None:
-        self.ld.delete(name=name, namespace=namespace)
-
-    def get(self, name: str, namespace: str = "default") -> dict | None:
-        from kubernetes.dynamic.exceptions import NotFoundError
-        try:
-            return self.ld.get(name=name, namespace=namespace).to_dict()
-        except NotFoundError:
-            return None
-
-    def status(self, name: str, namespace: str = "default") -> dict:
-        obj = self.get(name, namespace)
-        return (obj or {}).get("status") or {}
-
-    def list(self, api_version: str, kind: str, namespace: str | None = None) -> list[dict]:
-        res = self.api.resources.get(api_version=api_version, kind=kind)
-        return res.get(namespace=namespace).to_dict()["items"] if namespace else res.get().to_dict()["items"]
-
-    def events(self, namespace: str | None = None) -> list[dict]:
-        return self.list("v1", "Event", namespace)
-
-    def wait_phase(self, name: str, namespace: str, phases: Iterable[str], timeout: float = 30,
-                   generation: bool = True) -> dict:
-        phases = set(phases)
-
-        def ok() -> dict | None:
-            obj = self.get(name, namespace)
-            st = (obj or {}).get("status") or {}
-            if st.get("phase") not in phases:
-                return None
-            if generation and st.get("observedGeneration") != obj["metadata"].get("generation"):
-                return None
-            return obj
-        return wait_until(ok, timeout, f"{namespace}/{name} to reach {sorted(phases)}")
+    # --- convergence ---
 
     def wait_converged(self, namespace: str, names: Iterable[str], timeout: float = 40) -> None:
         """Every named LlamaDeployment Ready for its generation, and the owned objects exactly as the
@@ -583,7 +458,7 @@ class Cluster:
                     return False
             fp = fingerprint(self, namespace)
             return sorted(fp["deployments"]) == names and sorted(fp["services"]) == names
-        wait_until(ok, timeout, f"{namespace}: {names} converged")
+        wait_until(ok, timeout, f"{namespace}: {names} converged", retry_errors=True)
 
 
 # --- what the operator wrote, comparable across runs ---------------------------------------------------
@@ -596,7 +471,7 @@ def _digest(obj: Any) -> str:
 OPERATOR_EVENT_SOURCE = "llama-operator"
 
 
-def fingerprint(cluster: Cluster, namespace: str) -> dict:
+def fingerprint(cluster: FaultyCluster, namespace: str) -> dict:
     """Everything the operator wrote in `namespace`, without what differs from run to run (uids,
     resourceVersions, timestamps, event names, a Service's allocated addresses): the owned objects' specs
     and labels, the status' phase/variant/runtime/ready, and the operator's events as a multiset of
@@ -617,12 +492,13 @@ def fingerprint(cluster: Cluster, namespace: str) -> dict:
     for o in cluster.list(API_VERSION, KIND, namespace):
         st = o.get("status") or {}
         out["status"][o["metadata"]["name"]] = {k: st.get(k) for k in ("phase", "variant", "runtime", "ready")}
-    events = [e for e in cluster.events(namespace) if (e.get("source") or {}).get("component") == OPERATOR_EVENT_SOURCE]
+    events = [e for e in cluster.events(namespace=namespace)
+              if (e.get("source") or {}).get("component") == OPERATOR_EVENT_SOURCE]
     out["events"] = sorted(Counter((e["involvedObject"]["name"], e["type"], e["reason"]) for e in events).items())
     return out
 
 
-def orphans(cluster: Cluster) -> list[str]:
+def orphans(cluster: FaultyCluster) -> list[str]:
     """Owned-kind objects whose owner LlamaDeployment does not exist (by uid), and objects of ours that
     have no owner at all."""
     lds = {o["metadata"]["uid"] for o in cluster.list(API_VERSION, KIND)}
@@ -638,27 +514,10 @@ def orphans(cluster: Cluster) -> list[str]:
     return bad
 
 
-def writes_by_port(cluster: Cluster, port: int, since: int = 0) -> list[str]:
+def writes_by_port(cluster: FaultyCluster, port: int, since: int = 0) -> list[str]:
     """The write requests (POST/PATCH/PUT/DELETE) that came in on `port`, as 'METHOD path'."""
     return [f"{r.method} {r.path}" for r in cluster.server.requests()[since:]
             if r.port == port and r.method in ("POST", "PATCH", "PUT", "DELETE")]
-
-
-# --- results that docs/reliability.md is rendered from -------------------------------------------------
-
-
-RESULTS_DIR = ROOT / ".reliability-results"
-
-
-def record(table: str, row: dict) -> None:
-    """Append one row to a results table (JSON lines, one file per pytest worker/process)."""
-    RESULTS_DIR.mkdir(exist_ok=True)
-    with open(RESULTS_DIR / f"{table}.jsonl", "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-def silence_noisy_loggers() -> None:
-    logging.getLogger("aiohttp.access").setLevel(logging.ERROR)
 
 
 # --- the lifecycle every fault case runs ---------------------------------------------------------------
@@ -668,21 +527,21 @@ UPDATE = {"model": "llama-3.2-3b-instruct", "replicas": 2}
 
 def chat_doc(name: str = "chat") -> dict:
     """examples/chat.yaml (Llama 3.1 8B, an HF token Secret reference) with a model-cache claim."""
-    doc = yaml.safe_load((EXAMPLES / "chat.yaml").read_text())
+    doc = example("chat.yaml")
     doc["metadata"] = {"name": name}
     doc["spec"]["source"]["cache"] = {"size": "100Gi"}
     return doc
 
 
-def create_and_update(cluster: Cluster, namespace: str, name: str = "chat", timeout: float = 40) -> None:
+def create_and_update(cluster: FaultyCluster, namespace: str, name: str = "chat", timeout: float = 40) -> None:
     """Create the chat deployment, wait until it is Ready, change model and replicas, wait again."""
     cluster.create(chat_doc(name), namespace)
     cluster.wait_converged(namespace, [name], timeout)
-    cluster.patch_spec(name, namespace, UPDATE)
+    cluster.patch_spec(name, UPDATE, namespace)
     cluster.wait_converged(namespace, [name], timeout)
 
 
-def settle(cluster: Cluster, namespace: str, expected: dict, timeout: float = 15, quiet: float = 0.6) -> dict:
+def settle(cluster: FaultyCluster, namespace: str, expected: dict, timeout: float = 15, quiet: float = 0.6) -> dict:
     """Wait until the namespace's fingerprint equals `expected` and stays so for `quiet` seconds.
     Returns the last fingerprint (compare it with `expected` to assert)."""
     deadline = time.monotonic() + timeout
@@ -702,7 +561,7 @@ def settle(cluster: Cluster, namespace: str, expected: dict, timeout: float = 15
     return fp
 
 
-def delete_and_wait_gone(cluster: Cluster, namespace: str, name: str = "chat", timeout: float = 20) -> list[str]:
+def delete_and_wait_gone(cluster: FaultyCluster, namespace: str, name: str = "chat", timeout: float = 20) -> list[str]:
     """Delete the LlamaDeployment; returns what is left of it after `timeout` (empty: all gone)."""
     cluster.delete(name, namespace)
 
@@ -714,7 +573,7 @@ def delete_and_wait_gone(cluster: Cluster, namespace: str, name: str = "chat", t
                     if (o["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT) == name]
         return out
     try:
-        wait_until(lambda: not left(), timeout, f"{namespace}/{name} and its objects to be gone")
+        wait_until(lambda: not left(), timeout, f"{namespace}/{name} and its objects to be gone", retry_errors=True)
     except AssertionError:
         return left()
     return []

@@ -14,13 +14,14 @@ from __future__ import annotations
 import pytest
 
 from reliability_cases import CONVERGED, FAULT_CASES, WATCH_CASES, FaultCase, WatchCase
-from reliability_harness import Cluster, create_and_update, describe_difference, delete_and_wait_gone, fingerprint, orphans, settle
+from reliability_harness import (FaultyCluster, create_and_update, describe_difference, delete_and_wait_gone,
+                                 fingerprint, orphans, settle)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A cluster, one operator, and the baseline: what the lifecycle leaves without any fault."""
-    cluster = Cluster(tmp_path_factory.mktemp("api-faults"))
+    cluster = FaultyCluster(tmp_path_factory.mktemp("api-faults"))
     try:
         operator = cluster.operator()
         create_and_update(cluster, "baseline")
@@ -34,7 +35,7 @@ def env(tmp_path_factory):
         cluster.close()
 
 
-def _run_case(cluster: Cluster, operator, baseline: dict, namespace: str, faults) -> list[str]:
+def _run_case(cluster: FaultyCluster, operator, baseline: dict, namespace: str, faults) -> list[str]:
     """The lifecycle under `faults`; returns the problems found (empty: converged)."""
     problems: list[str] = []
     try:

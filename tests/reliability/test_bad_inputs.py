@@ -26,14 +26,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from crdkit import apply_defaults, cel_refusals, openapi_validator
 
 from llama_operator.api import API_VERSION, KIND, SpecError, parse_object
 from llama_operator.loading import _load_documents
 from llama_operator.crd import crd_manifest
 from llama_operator.passes import _parse_spec
+
+from kit.crd import apply_defaults, cel_refusals, openapi_validator
+from kit.paths import CLUSTERS, EXAMPLES
+from kit.poll import wait_until
 from reliability_cases import CAUGHT_BY, CLI_INPUTS, SCENARIOS, BadInput, bad_input_answer, bad_inputs
-from reliability_harness import chat_doc, wait_until, writes_by_port
+from reliability_harness import chat_doc, writes_by_port
 
 CORPUS = bad_inputs()
 IDS = [b.key for b in CORPUS]
@@ -130,13 +133,13 @@ def test_the_operator_refuses_each_once_and_keeps_serving(cluster, operator_logs
             if st.get("phase") != b.expected_phase:
                 return False
         return (items["good"].get("status") or {}).get("phase") == "Ready"
-    wait_until(settled, 60, "every bad input Invalid or Unschedulable, and the good one Ready")
+    wait_until(settled, 60, "every bad input Invalid or Unschedulable, and the good one Ready", retry_errors=True)
     # The Events of the last status writes may still be on their way.
-    wait_until(lambda: len([e for e in cluster.events(ns) if e["type"] == "Warning"]) >= len(CORPUS), 10,
-               "a Warning Event per bad input")
+    wait_until(lambda: len([e for e in cluster.events(namespace=ns) if e["type"] == "Warning"]) >= len(CORPUS), 10,
+               "a Warning Event per bad input", retry_errors=True)
 
     items = {o["metadata"]["name"]: o for o in cluster.list(API_VERSION, KIND, ns)}
-    events = cluster.events(ns)
+    events = cluster.events(namespace=ns)
     problems: dict[str, list[str]] = {b.key: [] for b in CORPUS}
     for b in CORPUS:
         st = items[b.name]["status"]
@@ -184,9 +187,8 @@ def test_the_operator_refuses_each_once_and_keeps_serving(cluster, operator_logs
 
 # --- plan / render input files ---------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[2]
-CHAT = ROOT / "examples" / "chat.yaml"
-A100 = ROOT / "examples" / "clusters" / "a100.yaml"
+CHAT = EXAMPLES / "chat.yaml"
+A100 = CLUSTERS / "a100.yaml"
 # The CLI as its own process, reporting its peak resident memory (KiB) to a file (VmHWM: ru_maxrss would carry
 # the test process's own peak across fork and exec).
 _RUN = """import os, re, sys

@@ -29,8 +29,11 @@ from llama_operator.api import KIND
 from llama_operator.ownership import LABEL_DEPLOYMENT, MANAGED_BY
 from llama_operator.sandbox.admission import CLAIMS, DEPLOYMENTS
 from llama_operator.sandbox.kubelet import SimulatedKubelet
+
+from kit.operator import fast_settings
+from kit.poll import wait_until
 from reliability_cases import GUARD_CASES
-from reliability_harness import Cluster, chat_doc, fast_settings, wait_until, writes_by_port
+from reliability_harness import FaultyCluster, chat_doc, writes_by_port
 
 RESYNC = 1.5
 CASES = {c.key: c for c in GUARD_CASES}
@@ -120,7 +123,7 @@ class AdmissionKubelet(SimulatedKubelet):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("guards"), kubelet=False)
+    cluster = FaultyCluster(tmp_path_factory.mktemp("guards"), kubelet=False)
     try:
         cluster.kubelet = AdmissionKubelet(str(cluster.kubeconfig), {PSA_NAMESPACE}).start()
         operator = cluster.operator(settings=fast_settings(resync_seconds=RESYNC))
@@ -129,7 +132,7 @@ def env(tmp_path_factory):
         cluster.close()
 
 
-def run_case(env, results, key: str, body: Callable[[Cluster, list[str]], None]) -> None:
+def run_case(env, results, key: str, body: Callable[[FaultyCluster, list[str]], None]) -> None:
     cluster, operator = env
     problems: list[str] = []
     try:
@@ -147,11 +150,11 @@ def run_case(env, results, key: str, body: Callable[[Cluster, list[str]], None])
 # --- helpers ----------------------------------------------------------------------------------------------
 
 
-def res(cluster: Cluster, api_version: str, kind: str):
+def res(cluster: FaultyCluster, api_version: str, kind: str):
     return cluster.api.resources.get(api_version=api_version, kind=kind)
 
 
-def read(cluster: Cluster, api_version: str, kind: str, ns: str, name: str) -> dict | None:
+def read(cluster: FaultyCluster, api_version: str, kind: str, ns: str, name: str) -> dict | None:
     try:
         return res(cluster, api_version, kind).get(name=name, namespace=ns).to_dict()
     except NotFoundError:
@@ -167,8 +170,9 @@ def ld(name: str = "chat", *, cache: dict | None = None) -> dict:
     return doc
 
 
-def warnings(cluster: Cluster, ns: str, reason: str | None = None, name: str = "chat") -> list[dict]:
-    return [e for e in cluster.events(ns) if e.get("type") == "Warning" and e["involvedObject"]["name"] == name
+def warnings(cluster: FaultyCluster, ns: str, reason: str | None = None, name: str = "chat") -> list[dict]:
+    return [e for e in cluster.events(namespace=ns)
+            if e.get("type") == "Warning" and e["involvedObject"]["name"] == name
             and e["involvedObject"]["kind"] == KIND and (reason is None or e["reason"] == reason)]
 
 
@@ -181,10 +185,10 @@ def check(problems: list[str], ok: bool, what: str) -> None:
         problems.append(what)
 
 
-def wake_everyone(cluster: Cluster, seconds: float, every: float = 0.25) -> None:
+def wake_everyone(cluster: FaultyCluster, seconds: float, every: float = 0.25) -> None:
     """Change a Node's labels every `every` seconds: each change wakes every LlamaDeployment (a pass each)."""
     nodes = res(cluster, "v1", "Node")
-    name = cluster.nodes[0]["metadata"]["name"]
+    name = cluster.node_manifests[0]["metadata"]["name"]
     deadline, i = time.monotonic() + seconds, 0
     while time.monotonic() < deadline:
         i += 1
@@ -193,10 +197,10 @@ def wake_everyone(cluster: Cluster, seconds: float, every: float = 0.25) -> None
         time.sleep(every)
 
 
-def delete_all(cluster: Cluster, ns: str, name: str = "chat") -> None:
+def delete_all(cluster: FaultyCluster, ns: str, name: str = "chat") -> None:
     if cluster.get(name, ns) is not None:
         cluster.delete(name, ns)
-    wait_until(lambda: cluster.get(name, ns) is None, 10, f"{ns}/{name} to be deleted")
+    wait_until(lambda: cluster.get(name, ns) is None, 10, f"{ns}/{name} to be deleted", retry_errors=True)
 
 
 def owned_by(obj: dict, owner: dict) -> bool:
@@ -204,14 +208,14 @@ def owned_by(obj: dict, owner: dict) -> bool:
                for r in obj["metadata"].get("ownerReferences") or [])
 
 
-def operator_writes(cluster: Cluster, since: int, what: str) -> list[str]:
+def operator_writes(cluster: FaultyCluster, since: int, what: str) -> list[str]:
     return [w for w in writes_by_port(cluster, cluster.operator_port, since) if what in w]
 
 
 # --- objects of the same name ------------------------------------------------------------------------------
 
 
-def _conflict(cluster: Cluster, problems: list[str], ns: str, api_version: str, kind: str, foreign: dict,
+def _conflict(cluster: FaultyCluster, problems: list[str], ns: str, api_version: str, kind: str, foreign: dict,
               doc: dict, then_remove: bool) -> None:
     """Create `foreign` (of `kind`), then the LlamaDeployment `doc`: a conflict is reported once and the
     object never changes; with `then_remove`, removing it lets the operator converge."""
@@ -219,8 +223,7 @@ def _conflict(cluster: Cluster, problems: list[str], ns: str, api_version: str, 
     name = made["metadata"]["name"]
     mark = len(cluster.server.requests())
     owner = cluster.create(doc, ns)
-    obj = cluster.wait_phase("chat", ns, ["Degraded"])
-    st = obj["status"]
+    st = cluster.wait_phase("chat", "Degraded", 30, namespace=ns, generation=True)
     check(problems, f"{kind} {ns}/{name}" in st.get("message", "") and
           f"Rename the LlamaDeployment or remove the {kind}" in st.get("message", ""),
           f"the message does not name the {kind} and the fix: {st.get('message')!r}")
@@ -249,7 +252,7 @@ def _conflict(cluster: Cluster, problems: list[str], ns: str, api_version: str, 
           f"after the LlamaDeployment was deleted, the {kind} is {'gone' if after is None else 'changed'}")
     if then_remove:  # the fix the message gives: remove the object; the operator then makes its own
         owner = cluster.create(doc, ns)
-        cluster.wait_phase("chat", ns, ["Degraded"])
+        cluster.wait_phase("chat", "Degraded", 30, namespace=ns, generation=True)
         res(cluster, api_version, kind).delete(name=name, namespace=ns)
         cluster.wait_converged(ns, ["chat"], timeout=30)
         mine = read(cluster, api_version, kind, ns, name)
@@ -365,8 +368,9 @@ def test_a_hand_edit_is_written_back(env, edited, module_results, key):
                                                         content_type=content_type).to_dict()
         assert changed["spec"] != edited[kind]["spec"], "the edit changed nothing"
         wait_until(lambda: read(cluster, api_version, kind, EDITS_NS, "chat")["spec"] == edited[kind]["spec"], 10,
-                   f"the {kind}'s spec to be written back")
-        wait_until(lambda: len(warnings(cluster, EDITS_NS, "DriftCorrected")) > before, 10, "a DriftCorrected Event")
+                   f"the {kind}'s spec to be written back", retry_errors=True)
+        wait_until(lambda: len(warnings(cluster, EDITS_NS, "DriftCorrected")) > before, 10, "a DriftCorrected Event",
+                   retry_errors=True)
         cluster.wait_converged(EDITS_NS, ["chat"], timeout=30)
         drift = warnings(cluster, EDITS_NS, "DriftCorrected")
         check(problems, len(drift) == before + 1, f"{len(drift) - before} DriftCorrected Events")
@@ -395,7 +399,7 @@ QUOTA = ('persistentvolumeclaims "chat-model-cache" is forbidden: exceeded quota
          'requests.storage=100Gi, used: requests.storage=0, limited: requests.storage=50Gi')
 
 
-def _refused(cluster: Cluster, problems: list[str], logs, ns: str, doc: dict, resource, code: int,
+def _refused(cluster: FaultyCluster, problems: list[str], logs, ns: str, doc: dict, resource, code: int,
              message: str, plural: str) -> None:
     """An admission check refuses `resource` in `ns`: the LlamaDeployment is Invalid with the message, once;
     wakes do not resend the write; once the check is gone, it converges (at the next resync)."""
@@ -405,10 +409,10 @@ def _refused(cluster: Cluster, problems: list[str], logs, ns: str, doc: dict, re
     try:
         first = len(logs.records)
         cluster.create(doc, ns)
-        st = cluster.wait_phase("chat", ns, ["Invalid"])["status"]
+        st = cluster.wait_phase("chat", "Invalid", 30, namespace=ns, generation=True)
         check(problems, message in st.get("message", ""), f"the message lacks the server's: {st.get('message')!r}")
         check(problems, condition(st, "Ready").get("reason") == "ObjectRefused", f"Ready: {condition(st, 'Ready')}")
-        wait_until(lambda: warnings(cluster, ns, "ObjectRefused"), 10, "the ObjectRefused Event")
+        wait_until(lambda: warnings(cluster, ns, "ObjectRefused"), 10, "the ObjectRefused Event", retry_errors=True)
         if resource == CLAIMS:
             check(problems, read(cluster, "apps/v1", "Deployment", ns, "chat") is None,
                   "a Deployment mounting the refused claim was created")
@@ -451,9 +455,9 @@ def test_a_name_no_service_can_have(env, module_results, key, name):
     def body(cluster, problems):
         ns = key
         cluster.create(ld(name), ns)
-        st = cluster.wait_phase(name, ns, ["Invalid"])["status"]
+        st = cluster.wait_phase(name, "Invalid", 30, namespace=ns, generation=True)
         check(problems, "metadata.name" in st.get("message", ""), f"the message: {st.get('message')!r}")
-        wait_until(lambda: warnings(cluster, ns, name=name), 10, "a Warning Event")
+        wait_until(lambda: warnings(cluster, ns, name=name), 10, "a Warning Event", retry_errors=True)
         time.sleep(RESYNC)
         events = [(e["reason"], e["message"]) for e in warnings(cluster, ns, name=name)]
         check(problems, len(events) == 1 and events[0][0] == "InvalidSpec" and "metadata.name" in events[0][1],
@@ -477,17 +481,18 @@ def test_pods_refused_by_pod_security_admission(env, module_results):
         doc = ld()
         doc["spec"]["model"] = ROOT_MODEL
         cluster.create(doc, ns)
-        dep = wait_until(lambda: read(cluster, "apps/v1", "Deployment", ns, "chat"), 20, "the Deployment")
+        dep = wait_until(lambda: read(cluster, "apps/v1", "Deployment", ns, "chat"), 20, "the Deployment",
+                         retry_errors=True)
         assert restricted_violations(dep["spec"]["template"]["spec"]), \
             f"the premise no longer holds: the pods of {ROOT_MODEL} now comply with Pod Security restricted"
-        st = cluster.wait_phase("chat", ns, ["Degraded"])["status"]
+        st = cluster.wait_phase("chat", "Degraded", 30, namespace=ns, generation=True)
         check(problems, 'violates PodSecurity "restricted:latest"' in st.get("message", ""),
               f"the message: {st.get('message')!r}")
         for ctype in ("Ready", "Progressing"):
             c = condition(st, ctype)
             check(problems, c.get("status") == "False" and c.get("reason") == "ReplicaFailure" and
                   "violates PodSecurity" in c.get("message", ""), f"{ctype} condition: {c}")
-        wait_until(lambda: warnings(cluster, ns, "ReplicaFailure"), 10, "the ReplicaFailure Event")
+        wait_until(lambda: warnings(cluster, ns, "ReplicaFailure"), 10, "the ReplicaFailure Event", retry_errors=True)
         wake_everyone(cluster, 2.0)
         events = [(e["reason"], e["message"][:80]) for e in warnings(cluster, ns)]
         check(problems, [r for r, _ in events] == ["ReplicaFailure"], f"Warning Events: {events}")

@@ -10,15 +10,17 @@ from __future__ import annotations
 import time
 
 from llama_operator.api import API_VERSION, KIND
+
+from kit.operator import fast_settings
+from kit.poll import wait_until
 from reliability_cases import SCENARIOS
-from reliability_harness import (OWNED_KINDS, UPDATE, Cluster, chat_doc, create_and_update, delete_and_wait_gone,
-                                 describe_difference, fingerprint, orphans, settle, fast_settings, wait_until,
-                                 writes_by_port)
+from reliability_harness import (OWNED_KINDS, UPDATE, FaultyCluster, chat_doc, create_and_update, delete_and_wait_gone,
+                                 describe_difference, fingerprint, orphans, settle, writes_by_port)
 
 OUTAGE_SECONDS = 30
 
 
-def _reference(cluster: Cluster, namespace: str, names: dict[str, bool]) -> dict:
+def _reference(cluster: FaultyCluster, namespace: str, names: dict[str, bool]) -> dict:
     """Run the fault-free lifecycle of each name (True: create and update; False: create only) in
     `namespace`, fingerprint it, delete it all again, and return the fingerprint."""
     for name, update in names.items():
@@ -26,7 +28,7 @@ def _reference(cluster: Cluster, namespace: str, names: dict[str, bool]) -> dict
     cluster.wait_converged(namespace, list(names))
     for name, update in names.items():
         if update:
-            cluster.patch_spec(name, namespace, UPDATE)
+            cluster.patch_spec(name, UPDATE, namespace)
     cluster.wait_converged(namespace, list(names))
     fp = settle(cluster, namespace, fingerprint(cluster, namespace), quiet=1.0)
     for name in names:
@@ -52,7 +54,7 @@ def test_api_unreachable_for_30_seconds(cluster, results):
     down_at = time.monotonic()
     # While the operator cannot reach the API server, the cluster moves on without it.
     cluster.create(chat_doc("fresh"), ns)
-    cluster.patch_spec("keep", ns, UPDATE)
+    cluster.patch_spec("keep", UPDATE, ns)
     cluster.delete("gone", ns)  # no finalizer: it goes at once, and the garbage collector takes its workload
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
     problems = []
@@ -72,7 +74,7 @@ def test_api_unreachable_for_30_seconds(cluster, results):
     try:
         wait_until(lambda: not [o for o in cluster.list(API_VERSION, KIND, ns) if o["metadata"]["name"] == "gone"]
                    and not [o for o in cluster.list("apps/v1", "Deployment", ns) if o["metadata"]["name"] == "gone"],
-                   20, "the deleted LlamaDeployment and its workload to be gone")
+                   20, "the deleted LlamaDeployment and its workload to be gone", retry_errors=True)
         left = []
     except AssertionError:
         pass
@@ -106,7 +108,7 @@ def test_operator_killed_while_its_service_create_hangs(cluster, results):
     victim = cluster.operator_process()
     cluster.create(chat_doc(), ns)
     wait_until(lambda: hang.hits and cluster.list("apps/v1", "Deployment", ns), 30,
-               "the Deployment created and the Service create hanging")
+               "the Deployment created and the Service create hanging", retry_errors=True)
     victim.kill()
     hang.times = 0
     hang.release()
@@ -128,7 +130,7 @@ def _new_operator_finishes_the_job(cluster, ns: str, ref: dict) -> list[str]:
     cluster.operator()
     try:
         cluster.wait_converged(ns, ["chat"])
-        cluster.patch_spec("chat", ns, UPDATE)
+        cluster.patch_spec("chat", UPDATE, ns)
         cluster.wait_converged(ns, ["chat"])
     except AssertionError as e:
         problems.append(str(e))
@@ -154,8 +156,8 @@ def test_operator_stopped_while_its_status_patch_hangs(cluster, results):
                           kind="hang", times=None, hang_limit=60)
     first = cluster.operator()
     cluster.create(chat_doc(), ns)
-    wait_until(lambda: hang.hits, 30, "the status patch hanging")
-    events_at_stop = sorted(e["reason"] for e in cluster.events(ns))
+    wait_until(lambda: hang.hits, 30, "the status patch hanging", retry_errors=True)
+    events_at_stop = sorted(e["reason"] for e in cluster.events(namespace=ns))
     # Refuse the dying operator's retries for good (403 is not retried), then let the hung request go.
     block = cluster.inject(action="update", plural="llamadeployments", subresource="status", namespace=ns,
                            status=403, times=None)
@@ -198,11 +200,11 @@ def test_two_replicas_with_peering_only_one_acts(cluster, results):
     port_b = cluster.server.serve()
     seen = len(cluster.server.requests())
     a = cluster.operator(peering=peering, settings=fast_settings(peering_priority=200), name="operator-a")
-    wait_until(lambda: priorities() == [200], 10, "replica a's record in the peering object")
+    wait_until(lambda: priorities() == [200], 10, "replica a's record in the peering object", retry_errors=True)
     # b resyncs every 2 s, so that once it is active its timers would start passes if a pause let them.
     b = cluster.operator(port=port_b, peering=peering, settings=fast_settings(peering_priority=100, resync_seconds=2),
                          name="operator-b")
-    wait_until(lambda: priorities() == [100, 200], 10, "replica b's record in the peering object")
+    wait_until(lambda: priorities() == [100, 200], 10, "replica b's record in the peering object", retry_errors=True)
     ns = "peer"
     problems = []
     try:
@@ -237,9 +239,10 @@ def test_two_replicas_with_peering_only_one_acts(cluster, results):
     c = cluster.operator(port=port_c, peering=peering, settings=fast_settings(peering_priority=300),
                          name="operator-c")
     try:
-        wait_until(lambda: 300 in priorities(), 10, "replica c's record in the peering object")
+        wait_until(lambda: 300 in priorities(), 10, "replica c's record in the peering object", retry_errors=True)
         state_b = b.state_holder[0]
-        wait_until(lambda: state_b.peering is not None and not state_b.peering.is_open, 10, "replica b to pause")
+        wait_until(lambda: state_b.peering is not None and not state_b.peering.is_open, 10, "replica b to pause",
+                   retry_errors=True)
         passes_before = _passes(state_b)
         seen = len(cluster.server.requests())
         cluster.create(chat_doc("three"), ns)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import base64
 import json
 
+from kit.poll import wait_until
 from reliability_cases import SECRET_ABSENT, SECRETS
-from reliability_harness import UPDATE, chat_doc, delete_and_wait_gone, wait_until
+from reliability_harness import UPDATE, chat_doc, delete_and_wait_gone
 
 TOKEN = "hf_RELIABILITYtestTOKEN0123456789abcdefXYZ"
 
@@ -26,7 +27,7 @@ def test_the_token_appears_nowhere(cluster, operator_logs, results):
     assert doc["spec"]["source"]["hfTokenSecretRef"]["name"] == "hf-token"
     cluster.create(doc, ns)
     cluster.wait_converged(ns, ["chat"])
-    cluster.patch_spec("chat", ns, UPDATE)
+    cluster.patch_spec("chat", UPDATE, ns)
     cluster.wait_converged(ns, ["chat"])
 
     # The Deployment does use the Secret: by reference.
@@ -35,11 +36,12 @@ def test_the_token_appears_nowhere(cluster, operator_logs, results):
             for e in c.get("env") or [] if (e.get("valueFrom") or {}).get("secretKeyRef")]
     assert refs == [{"name": "hf-token", "key": "HF_TOKEN"}], refs
 
-    cluster.patch_spec("chat", ns, {"replicas": 0})  # invalid: the operator writes an Invalid status
-    cluster.wait_phase("chat", ns, ["Invalid"])
+    cluster.patch_spec("chat", {"replicas": 0}, ns)  # invalid: the operator writes an Invalid status
+    cluster.wait_phase("chat", "Invalid", 30, namespace=ns, generation=True)
     status = cluster.status("chat", ns)
-    wait_until(lambda: any(e["reason"] == "InvalidSpec" for e in cluster.events(ns)), 10, "the InvalidSpec Event")
-    events = cluster.events(ns)
+    wait_until(lambda: any(e["reason"] == "InvalidSpec" for e in cluster.events(namespace=ns)), 10,
+               "the InvalidSpec Event", retry_errors=True)
+    events = cluster.events(namespace=ns)
     everything = [o for o in cluster.server.live_objects()
                   if not (o.get("kind") == "Secret" and o["metadata"].get("name") == "hf-token")]
     assert not delete_and_wait_gone(cluster, ns)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +10,8 @@ import yaml
 from llama_operator import api, fields
 from llama_operator.api import SpecError, parse_object, parse_spec
 from llama_operator.units import parse_duration, parse_quantity
+
+from kit.paths import ROOT
 
 
 def problems_of(spec: dict) -> list[str]:
@@ -250,7 +251,7 @@ def test_parse_object_reports_spec_errors_with_paths(spec_dict):
         parse_object({"apiVersion": api.API_VERSION, "kind": api.KIND})
 
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -14,9 +14,7 @@ import yaml
 from llama_operator.cli import main
 from llama_operator.crd import render_crd
 
-ROOT = Path(__file__).resolve().parents[2]
-EX = ROOT / "examples"
-CL = EX / "clusters"
+from kit.paths import CLUSTERS as CL, EXAMPLES as EX
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -2,12 +2,9 @@
 CEL rules the API server runs agree with the operator's own checks (api.parse_spec)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import celpy
 import jsonschema
 import pytest
-from crdkit import apply_defaults, openapi_validator
 import yaml
 
 from llama_operator import api, fields
@@ -15,8 +12,9 @@ from llama_operator.api import SpecError, parse_spec
 from llama_operator.catalog import model_ids
 from llama_operator.crd import render_crd
 
-ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = ROOT / "crds" / "llamadeployments.yaml"
+from kit.crd import apply_defaults, openapi_validator
+from kit.paths import CRD_FILE, ROOT
+
 CHART_CRD_FILE = ROOT / "charts" / "llama-operator" / "crds" / "llamadeployments.yaml"
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
@@ -316,7 +314,7 @@ def test_defaulted_prompt_tokens_is_checked_by_both(programs, rules, spec_schema
 
 # --- Bounds and Kubernetes syntax -----------------------------------------------------------------------
 
-from crdkit import cel_refusals  # noqa: E402
+from kit.crd import cel_refusals  # noqa: E402
 
 
 def _whole(spec: dict, name: str = "chat") -> dict:

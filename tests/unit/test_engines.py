@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -19,6 +18,8 @@ from llama_operator.catalog import CATALOG_DIR, load_catalog
 from llama_operator.engines import catalog_problems, rejected_arguments, release, release_for, releases, \
     support_problem
 from llama_operator.render import Owner, render
+
+from kit.paths import ROOT
 
 OWNER = Owner(name="chat", namespace="default", uid="0b9f7c7e-3c1e-4f43-9d38-0d7f3f1e2a11")
 #: The GPUs the issue names, one per generation and vendor, and a CPU node.
@@ -29,21 +30,7 @@ REPRESENTATIVE = ["Tesla-T4", "Tesla-V100-SXM2-32GB", "NVIDIA-A10G", "NVIDIA-L4"
 def _node(make_node, product):
     if product is None:
         return make_node("cpu", cpu="192", memory="2048Gi")
-    if product.startswith("AMD"):
-        return _amd_node(product)
     return make_node("gpu", product, 8, cpu="192", memory="2048Gi")
-
-
-def _amd_node(product):
-    """A node as the AMD GPU operator's labeller and device plugin show it (amd.com/gpu.product-name)."""
-    gpu = load_catalog().find_gpu(product)
-    return {
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "gpu", "labels": {"kubernetes.io/hostname": "gpu", gpu.label_key: product}},
-        "spec": {"taints": [{"key": "amd.com/gpu", "effect": "NoSchedule"}]},
-        "status": {"allocatable": {"cpu": "192", "memory": "2048Gi", "pods": "110", "amd.com/gpu": "8"},
-                   "conditions": [{"type": "Ready", "status": "True"}]},
-    }
 
 
 def _variants():
@@ -134,7 +121,7 @@ def test_every_fact_cites_the_file_it_was_read_from():
 
 
 def _names_used(prefix: str) -> set[str]:
-    root = Path(__file__).resolve().parents[2] / "charts" / "llama-operator" / "files"
+    root = ROOT / "charts" / "llama-operator" / "files"
     text = (root / "prometheus-rules.yaml").read_text() + (root / "dashboard.json").read_text()
     return {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(prefix + r":[a-z_]+", text)}
 

@@ -1,4 +1,4 @@
-"""The estimator against published measurements (tests/calibration/llama-facts-used.json).
+"""The estimator against published measurements (benchmarks/calibration/llama-facts-used.json).
 
 Prints the error tables (pytest -s shows them; they are also in the failure message) and fails when the
 median absolute error of weight sizes exceeds 5% or of decode speed exceeds 25%.
@@ -9,6 +9,8 @@ from calibration import compare as calibration
 
 from llama_operator import estimate as est
 from llama_operator.catalog import load_catalog
+
+from kit.paths import ROOT
 
 
 def test_weight_sizes_match_published_files_and_vllm_logs():
@@ -67,7 +69,7 @@ def test_vllm_memory_profile_of_llama3_8b_on_h100():
 
 def test_docs_show_the_current_calibration_tables():
     """docs/estimator.md carries the error tables of the committed estimator (`make docs` refreshes them)."""
-    doc = (calibration.HERE.parent.parent / "docs" / "estimator.md").read_text()
+    doc = (ROOT / "docs" / "estimator.md").read_text()
     start = doc.index(calibration.GENERATED_BEGIN)
     end = doc.index(calibration.GENERATED_END) + len(calibration.GENERATED_END)
     assert doc[start:end] == calibration.generated_section(), "docs/estimator.md is stale: run `make docs`"
@@ -77,7 +79,7 @@ def test_docs_show_the_current_field_reference():
     """docs/operator.md carries the field reference of the committed CRD schema (`make docs`)."""
     from llama_operator import reference
 
-    doc = (calibration.HERE.parent.parent / "docs" / "operator.md").read_text()
+    doc = (ROOT / "docs" / "operator.md").read_text()
     start = doc.index(reference.BEGIN)
     end = doc.index(reference.END) + len(reference.END)
     assert doc[start:end] == reference.field_reference(), "docs/operator.md is stale: run `make docs`"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from kit.paths import ROOT
+
 CATALOG = ROOT / "operator" / "llama_operator" / "catalog" / "hardware.yaml"
 CLUSTERS = sorted((ROOT / "examples" / "clusters").glob("*.yaml"))
 

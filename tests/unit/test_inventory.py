@@ -1,21 +1,15 @@
 """The inventory: what nodes offer, what bound pods take, and Inventory.reserve."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 
 from dataclasses import replace
 
 from llama_operator.catalog import load_catalog
 from llama_operator.inventory import _node_gpu, _unknown_gpu, node_from_manifest, pod_usage
 
-CLUSTERS = Path(__file__).resolve().parents[2] / "examples" / "clusters"
-
-
-def load_cluster(name: str) -> list[dict]:
-    return yaml.safe_load((CLUSTERS / name).read_text())["items"]
+from kit.examples import cluster_nodes
+from kit.paths import CLUSTERS
 
 
 # --- Nodes ---------------------------------------------------------------------------------------------
@@ -255,9 +249,9 @@ def test_groups_leave_out_not_ready_and_cordoned_nodes(make_node, make_inventory
 
 def test_example_clusters_load(make_inventory):
     for path in sorted(CLUSTERS.glob("*.yaml")):
-        inv = make_inventory(*load_cluster(path.name))
+        inv = make_inventory(*cluster_nodes(path.name))
         assert inv.nodes and inv.groups(), path.name
-    mixed = make_inventory(*load_cluster("mixed.yaml"))
+    mixed = make_inventory(*cluster_nodes("mixed.yaml"))
     products = {g.shape.gpu.product if g.shape.gpu else None for g in mixed.groups()}
     assert products == {"NVIDIA-L4", "NVIDIA-A10G", "Tesla-T4", "NVIDIA-L40S", None}
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
-import yaml
 
 from llama_operator.api import parse_object
 from llama_operator.catalog import load_catalog
@@ -21,18 +19,18 @@ from llama_operator.placement import (
 )
 from llama_operator.planner import check_choice, ladder_models, plan
 
-ROOT = Path(__file__).resolve().parents[2]
+from kit import examples
+
 GiB = 2**30
 LOOSE = {"ttftP95": "30s", "tpotP95": "2s"}
 
 
 def example_spec(name: str):
-    (doc,) = [d for d in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if d]
-    return parse_object(doc)
+    return parse_object(examples.example(name))
 
 
 def example_cluster(name: str) -> Inventory:
-    docs = yaml.safe_load((ROOT / "examples" / "clusters" / name).read_text())["items"]
+    docs = examples.cluster_nodes(name)
     return Inventory.from_manifests([d for d in docs if d.get("kind") == "Node"])
 
 
@@ -849,7 +847,7 @@ def test_same_input_same_plan(example, cluster):
 
 def test_node_order_does_not_change_the_plan():
     spec = example_spec("70b-tight-tpot.yaml")
-    docs = yaml.safe_load((ROOT / "examples" / "clusters" / "mixed.yaml").read_text())["items"]
+    docs = examples.cluster_nodes("mixed.yaml")
     expected = plan(spec, Inventory.from_manifests(docs)).to_dict()
     for seed in range(3):
         shuffled = list(docs)

@@ -8,7 +8,7 @@ only changes when the plan does; and that every manifest passes `kubernetes-vali
 Kubernetes 1.29 and 1.34 (the Python API for each manifest, and the CLI once over all of them).
 
 Hardening (docs/security.md): every pod against the Pod Security Standard "restricted", rule by rule,
-with the checker tests/chart/test_chart_pod_security.py applies to the operator's own pod: the pods of
+with the checker (kit/pod_security.py) the chart tests apply to the operator's own pod: the pods of
 releases whose image runs as non-root break no rule, those that need root break only the non-root one.
 The user, the read-only root and the API key's variable come from catalog/engines.yaml, each fact cited.
 """
@@ -34,9 +34,7 @@ from llama_operator.status import ChosenPlan
 from llama_operator.ownership import HASH_ANNOTATION, LABEL_DEPLOYMENT, LABEL_RUNTIME, content_hash, endpoint
 from llama_operator.render import MODEL_SERVER_UID, Images, Owner, render
 
-# The Pod Security Standard checker of the chart tests (one rule per check), reused for the model pods.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chart"))
-from test_chart_pod_security import violations as restricted_violations  # noqa: E402
+from kit.pod_security import violations as restricted_violations
 
 K8S_VERSIONS = ("1.29", "1.34")
 OWNER = Owner(name="chat", namespace="team-a", uid="6f1c2a9e-0b3d-4e21-9c1a-2f5d8e7b1a00")

@@ -1,7 +1,8 @@
 """The estimator against published measurements: the rows in llama-facts-used.json, predicted.
 
-Shared by tests/unit/test_estimator_calibration.py (which asserts the error bounds) and
-benchmarks/calibrate_estimator.py (which fits the decode constants and prints the table).
+Shared by benchmarks/calibrate_estimator.py (which fits the decode constants and prints the table),
+tests/unit/test_estimator_calibration.py (which asserts the error bounds) and scripts/update_docs.py (which
+writes the tables into docs/estimator.md).
 """
 from __future__ import annotations
 

@@ -10,11 +10,24 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_SEARCH_DIRS = [PROJECT_ROOT / ".tools" / "bin", Path(sys.executable).parent]
+from kit.paths import ROOT
+
+_SEARCH_DIRS = [ROOT / ".tools" / "bin", Path(sys.executable).parent]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def missing(message: str) -> NoReturn:
+    """Something a test needs is not installed or built: a failure under CI, a skip elsewhere."""
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def require_tool(name: str) -> str:
@@ -26,7 +39,4 @@ def require_tool(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    message = f"{name!r} is not installed: run scripts/setup.sh test (or `make test`) to install it"
-    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-        pytest.fail(message)
-    pytest.skip(message)
+    missing(f"{name!r} is not installed: run scripts/setup.sh test (or `make test`) to install it")
