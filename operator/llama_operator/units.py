@@ -37,6 +37,14 @@ def shown(value: Any) -> str:
     return text
 
 
+def _within(text: str, limit: int, what: str, hint: str) -> str:
+    """`text`, when it is no longer than its field allows; a longer one is refused before it reaches a parse
+    cache."""
+    if len(text) > limit:
+        raise ValueError(f"{shown(text)} is too long for a {what} (at most {limit} characters){hint}")
+    return text
+
+
 # --- Durations -----------------------------------------------------------------------------------------
 
 #: The longest duration written as a string ("1m30s500ms" is far shorter).
@@ -50,10 +58,7 @@ def parse_duration(text: str) -> float:
     """'500ms' -> 0.5, '1.5s' -> 1.5, '1m30s' -> 90.0 (Go-style, the units ms, s and m)."""
     if not isinstance(text, str) or not re.fullmatch(DURATION_PATTERN, text[:MAX_DURATION_LENGTH + 1]):
         raise ValueError(f"{shown(text)} is not a duration: write a number with a unit, e.g. 500ms, 1.5s or 2m")
-    if len(text) > MAX_DURATION_LENGTH:
-        raise ValueError(f"{shown(text)} is too long for a duration (at most {MAX_DURATION_LENGTH} characters), "
-                         "e.g. 500ms, 1.5s or 2m")
-    return _parse_duration(text)
+    return _parse_duration(_within(text, MAX_DURATION_LENGTH, "duration", ", e.g. 500ms, 1.5s or 2m"))
 
 
 # The planner asks for a spec's SLO once per candidate. Only bounded strings reach the cache (at most
@@ -86,10 +91,8 @@ def parse_quantity(value: str | int) -> int:
         return value
     if not isinstance(value, str):
         raise ValueError(f"{shown(value)} is not a quantity: write bytes with a suffix, e.g. 48Gi or 80G")
-    if len(value) > MAX_QUANTITY_LENGTH:
-        raise ValueError(f"{shown(value)} is too long for a quantity (at most {MAX_QUANTITY_LENGTH} characters): "
-                         "write bytes with a suffix, e.g. 48Gi or 80G")
-    return _parse_quantity(value)
+    return _parse_quantity(_within(value, MAX_QUANTITY_LENGTH, "quantity",
+                                   ": write bytes with a suffix, e.g. 48Gi or 80G"))
 
 
 # The planner asks for a spec's memory budget once per candidate. Only strings of at most
