@@ -125,11 +125,34 @@ def quantity(value: Any) -> Decimal | None:
     return _quantity_text(text) if len(text) <= 64 else None
 
 
-def _server_quantity(value: Any) -> Decimal:
-    q = quantity(value)
+def quantity_bytes(value: Any) -> int:
+    """A memory or device quantity as a whole number ('16Gi', '1e9', '2'). A Node or Pod the API server wrote
+    always holds quantities; a hand-written cluster file may not, and its reader names the object."""
+    return _server_quantity(value, 1)
+
+
+def quantity_millis(value: Any) -> int:
+    """A CPU quantity in millicores ('32' -> 32000, '7910m' -> 7910, 0.5 -> 500)."""
+    return _server_quantity(value, 1000)
+
+
+def _server_quantity(value: Any, scale: int) -> int:
+    if isinstance(value, str) and len(value) <= 64:  # every Node and Pod of a pass: cached whole
+        return _server_quantity_text(value, scale)
+    if type(value) is int:  # the readers' default for an absent resource
+        return max(value, 0) * scale
+    return _whole(quantity(value), value, scale)
+
+
+@functools.lru_cache(maxsize=4096)
+def _server_quantity_text(text: str, scale: int) -> int:
+    return _whole(quantity(text), text, scale)
+
+
+def _whole(q: Decimal | None, value: Any, scale: int) -> int:
     if q is None:
         raise ValueError(f"{shown(value)} is not a Kubernetes quantity (e.g. 16Gi, 7910m or 1e9)")
-    return max(q, Decimal(0))
+    return int(max(q, Decimal(0)) * scale)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -151,17 +174,6 @@ def _quantity_text(text: str) -> Decimal | None:
             return None
         return number.scaleb(int(exponent))
     return number
-
-
-def quantity_bytes(value: Any) -> int:
-    """A memory or device quantity as a whole number ('16Gi', '1e9', '2'). A Node or Pod the API server wrote
-    always holds quantities; a hand-written cluster file may not, and its reader names the object."""
-    return int(_server_quantity(value))
-
-
-def quantity_millis(value: Any) -> int:
-    """A CPU quantity in millicores ('32' -> 32000, '7910m' -> 7910, 0.5 -> 500)."""
-    return int(_server_quantity(value) * 1000)
 
 
 def quantity_exact(value: Any) -> Any:
