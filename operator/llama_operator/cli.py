@@ -162,6 +162,7 @@ def cmd_render(args) -> int:
 
 
 def cmd_estimate(args) -> int:
+    from .engines import release_for
     from .estimate import Hardware, Workload, estimate
 
     catalog = load_catalog()
@@ -173,9 +174,14 @@ def cmd_estimate(args) -> int:
     quant = catalog.quantizations[args.quantization]
     if quant.runtime != args.runtime:
         raise UserError(f"--runtime: {args.quantization} is served by {quant.runtime}, not {args.runtime}")
+    note = None
     if args.quantization not in model.variants():
-        raise UserError(f"--quantization: {args.model} is not published as {args.quantization}; "
-                        f"it is published as {', '.join(model.variants())}")
+        if release_for(model, args.runtime) is None:
+            raise UserError(f"--quantization: {args.model} is not published as {args.quantization}, and no pinned "
+                            f"{args.runtime} release serves its architecture ({model.architecture}); it is "
+                            f"published as {', '.join(model.variants())}")
+        note = (f"{args.model} is not published as {args.quantization}: estimated from the architecture and the "
+                f"format; `plan` considers only published variants ({', '.join(model.variants())})")
     if args.gpu == "cpu":
         if args.cpu_cores < 1:
             raise UserError(f"--cpu-cores: must be at least 1, got {args.cpu_cores}")
@@ -206,6 +212,8 @@ def cmd_estimate(args) -> int:
                         prompt_tokens=min(args.prompt_tokens, args.context), kv_cache_dtype=kv)
     e = estimate(model, quant, hw, workload)
     data = e.to_dict()
+    if note:
+        data["note"] = note
     if args.output == "json":
         print(json.dumps(data, indent=2))
     elif args.output == "yaml":
@@ -219,6 +227,8 @@ def cmd_estimate(args) -> int:
         print(f"  total     {format_bytes(e.total_bytes)} ({where})")
         print(f"  TTFT      {format_seconds(e.ttft_seconds)} for {workload.prompt_tokens} prompt tokens")
         print(f"  TPOT      {format_seconds(e.tpot_seconds)} ({e.decode_tokens_per_second:.1f} tokens/s per sequence)")
+        if note:
+            print(f"  note      {note}")
     return EXIT_OK
 
 

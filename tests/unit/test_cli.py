@@ -506,6 +506,20 @@ def test_estimate_on_cpu(capsys):
     assert d["perGpuBytes"] == d["totalBytes"]
 
 
+def test_estimate_a_variant_nobody_publishes_with_a_note(capsys):
+    """70B at f16 in GGUF has no published file, but llama.cpp runs it: estimated, and said so."""
+    d = estimate_json(capsys, "--gpus", 2, model="llama-3.1-70b-instruct", quant="f16", runtime="llamacpp",
+                      gpu="H100")
+    assert "not published as f16" in d["note"] and "q4_k_m" in d["note"]
+    assert d["weightsBytes"] == pytest.approx(2 * 70.6e9, rel=0.02)  # 16-bit weights
+    published = estimate_json(capsys, "--gpus", 2, model="llama-3.1-70b-instruct", quant="q8_0",
+                              runtime="llamacpp", gpu="H100")
+    assert "note" not in published
+    code, out, _ = run(capsys, "estimate", "--model", "llama-3.1-70b-instruct", "--quantization", "f16",
+                       "--runtime", "llamacpp", "--gpu", "H100", "--gpus", "2")
+    assert code == 0 and "note      llama-3.1-70b-instruct is not published as f16" in out
+
+
 def test_estimate_table_and_yaml(capsys):
     args = ["estimate", "--model", "llama-3.1-8b-instruct", "--quantization", "q4_k_m", "--runtime", "llamacpp",
             "--gpu", "L4"]
