@@ -19,11 +19,13 @@ from typing import Callable
 import yaml
 
 from ..api import API_VERSION, KIND
-from ..crd import crd_manifest
-from ..state import Settings
 from ..catalog import GPU_RESOURCES
+from ..crd import crd_manifest
 from ..runner import RunOptions, run_async
+from ..state import Settings
+from .emulator import declare_crd
 from .kubelet import SimulatedKubelet, dynamic_client
+from .server import EmulatorThread
 
 #: The example LlamaDeployments and clusters the sandbox uses by default: package data, so an installed
 #: package has them too (the repository's top-level examples/ links to these files).
@@ -166,9 +168,6 @@ def _scenario(api, join: Path, items: Callable[[], list[dict]], upgrade_delay: f
 
 def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconfig_path: Path | None,
                 upgrade_delay: float, timeout: float, join: Path | None = None) -> int:
-    from .emulator import declare_crd
-    from .server import EmulatorThread
-
     logging.getLogger("kopf").setLevel(logging.ERROR)  # the sandbox prints its own story
     with EmulatorThread() as emu:
         declare_crd(emu.emulator, crd_manifest())
