@@ -230,6 +230,9 @@ def weights_bytes(model: Model, quant: Quantization) -> int:
         # stay 16-bit in every published Llama AWQ/GPTQ/FP8 checkpoint.
         assert quant.linear_bits is not None
         unquantized = p.embedding + p.output + p.norms + p.vision
+        unconverted = model.vllm_unconverted.get(quant.id)
+        if unconverted is not None:
+            return int(_linear_bytes_with_unconverted(model.arch, quant, unconverted) + unquantized * 2)
         return int(p.linear * quant.linear_bits / 8 + unquantized * 2)
     bits = load_catalog().ggml_type_bits
     share = quant.more_bits_share
@@ -249,6 +252,30 @@ def weights_bytes(model: Model, quant: Quantization) -> int:
     else:
         total_bits += p.embedding * bits[quant.embedding] + p.output * bits[quant.output]
     return int(total_bits / 8 + load_catalog().gguf_metadata_bytes)
+
+
+#: A checkpoint that leaves modules unconverted (Meta's fbgemm_fp8 405B) stores one fp32 scale per output row
+#: of each converted weight (fbgemm's per-channel FP8 scales): 4 bytes a row.
+PER_ROW_SCALE_BYTES = 4
+
+
+def _linear_bytes_with_unconverted(arch: ModelArch, quant: Quantization, unconverted) -> float:
+    """Decoder linear bytes, module by module, of a checkpoint that keeps some modules in 16 bits
+    (models.yaml `unconverted`): whole layers by index, and/or every layer's self-attention. Converted
+    weights cost the format's bits plus one fp32 scale per output row."""
+    h = arch.hidden_size
+    attn_params = h * arch.heads * arch.head_dim + 2 * h * arch.kv_heads * arch.head_dim + arch.heads * arch.head_dim * h
+    attn_rows = arch.heads * arch.head_dim + 2 * arch.kv_heads * arch.head_dim + h  # q, k, v, o output rows
+    mlp_params = 3 * h * arch.intermediate_size
+    mlp_rows = 2 * arch.intermediate_size + h  # gate and up: I rows each; down: h rows
+    converted = quant.linear_bits / 8
+    total = 0.0
+    for layer in range(arch.layers):
+        whole = layer in unconverted.layers
+        for params, rows, keep in ((attn_params, attn_rows, whole or unconverted.self_attention),
+                                   (mlp_params, mlp_rows, whole)):
+            total += params * 2 if keep else params * converted + rows * PER_ROW_SCALE_BYTES
+    return total
 
 
 def kv_bytes_per_element(dtype: KvCacheDtype) -> float:
