@@ -165,7 +165,7 @@ def test_total_is_weights_plus_kv_plus_overhead(mid, qid, hw):
     assert e.total_bytes == e.weights_bytes + e.kv_cache_bytes + e.overhead_bytes
     assert e.weights_bytes > 0 and e.kv_cache_bytes > 0 and e.overhead_bytes > 0
     assert e.decode_tokens_per_second == pytest.approx(1 / e.tpot_seconds)
-    assert e.ttft_seconds > e.tpot_seconds > 0  # the first token waits for prefill plus one step
+    assert e.ttft_seconds > e.tpot_seconds > 0  # a prompt's prefill outlasts one decode step
     if hw.is_cpu:
         assert e.per_gpu_bytes == e.total_bytes
     else:

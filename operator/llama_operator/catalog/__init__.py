@@ -151,6 +151,7 @@ class GPU:
     compute_capability: str | None
     interconnect: str
     label_key: str = GPU_PRODUCT_LABEL["nvidia"]  # hardware.yaml `labelKey`, on AMD entries
+    fp16_acc_tflops: float | None = None  # FP16 tensor with FP16 accumulate, where it differs (GeForce)
     arch: str | None = None
     known: bool = True  # False for a product missing from the catalog, built from its node labels
 
