@@ -1,7 +1,7 @@
 """The estimator against published measurements: the rows in llama-facts-used.json (weights, decode),
 prefill-rows.json (llama.cpp prefill) and vllm-ttft-rows.json (vLLM TTFT), predicted.
 
-Shared by benchmarks/calibrate_estimator.py (which fits the decode constants and prints the table),
+Shared by benchmarks/calibrate_estimator.py (which fits the decode and prefill constants and prints them),
 tests/unit/test_estimator_calibration.py (which asserts the error bounds) and scripts/update_docs.py (which
 writes the tables into docs/estimator.md).
 """

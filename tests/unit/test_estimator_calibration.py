@@ -58,7 +58,7 @@ def test_vllm_ttft_matches_lambdalabs_measurements():
 
 
 def test_committed_prefill_constants_are_the_fitted_ones():
-    """The constants in estimate.py are what benchmarks/calibrate_estimator.py fits on the committed rows."""
+    """The constants in prefill.py are what benchmarks/calibrate_estimator.py fits on the committed rows."""
     a16, aq, weight_passes, kq_passes = calibration.fit_llamacpp_prefill(calibration.PREFILL)
     assert abs(1 / a16 - prefill.LLAMACPP_PREFILL_EFFICIENCY_16BIT) < 0.005
     assert abs(1 / aq - prefill.LLAMACPP_PREFILL_EFFICIENCY_QUANTIZED) < 0.005
