@@ -28,33 +28,27 @@ def test_weight_sizes_match_published_files_and_vllm_logs():
     assert abs(worst.error) <= 0.03, f"{worst.model} {worst.variant}: {worst.error:+.1%}\n{table}"
 
 
-def test_decode_speed_matches_llama_bench_measurements():
-    rows = calibration.decode_comparisons()
+def _assert_median_error(rows, what: str, at_least: int, limit: float) -> None:
+    """Print the table (pytest -s), then hold the median |error| of `rows` (at least `at_least` of them)."""
     table = calibration.table(rows)
     print("\n" + table)
-    assert len(rows) >= 15
+    assert len(rows) >= at_least, f"the calibration set lost its {what} rows"
     median = calibration.median_abs_error(rows)
-    assert median <= 0.25, f"median |error| of decode speed {median:.1%} > 25%\n{table}"
+    assert median <= limit, f"median |error| of {what} {median:.1%} > {limit:.0%}\n{table}"
+
+
+def test_decode_speed_matches_llama_bench_measurements():
+    _assert_median_error(calibration.decode_comparisons(), "decode speed", 15, 0.25)
 
 
 def test_llamacpp_prefill_speed_matches_llama_bench_measurements():
     """benchmarks/calibration/prefill-rows.json: llama-bench pp512..pp8192 of Llama 3 8B on 7 GPUs."""
-    rows = calibration.prefill_comparisons()
-    table = calibration.table(rows)
-    print("\n" + table)
-    assert len(rows) >= 40, "the calibration set lost its llama.cpp prefill rows"
-    median = calibration.median_abs_error(rows)
-    assert median <= 0.30, f"median |error| of llama.cpp prefill speed {median:.1%} > 30%\n{table}"
+    _assert_median_error(calibration.prefill_comparisons(), "llama.cpp prefill speed", 40, 0.30)
 
 
 def test_vllm_ttft_matches_lambdalabs_measurements():
     """benchmarks/calibration/vllm-ttft-rows.json: bursts of 10 prompts on 1-2 H100 SXM / A100 SXM."""
-    rows = calibration.vllm_ttft_comparisons()
-    table = calibration.table(rows)
-    print("\n" + table)
-    assert len(rows) >= 9, "the calibration set lost its vLLM TTFT rows"
-    median = calibration.median_abs_error(rows)
-    assert median <= 0.20, f"median |error| of vLLM TTFT {median:.1%} > 20%\n{table}"
+    _assert_median_error(calibration.vllm_ttft_comparisons(), "vLLM TTFT", 9, 0.20)
 
 
 def test_committed_prefill_constants_are_the_fitted_ones():
