@@ -1,6 +1,7 @@
-"""The estimator against published measurements: the rows in llama-facts-used.json, predicted.
+"""The estimator against published measurements: the rows in llama-facts-used.json (weights, decode),
+prefill-rows.json (llama.cpp prefill) and vllm-ttft-rows.json (vLLM TTFT), predicted.
 
-Shared by benchmarks/calibrate_estimator.py (which fits the decode constants and prints the table),
+Shared by benchmarks/calibrate_estimator.py (which fits the decode and prefill constants and prints them),
 tests/unit/test_estimator_calibration.py (which asserts the error bounds) and scripts/update_docs.py (which
 writes the tables into docs/estimator.md).
 """
@@ -13,11 +14,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llama_operator import estimate as est
+from llama_operator import prefill
 from llama_operator.catalog import GPU, load_catalog
 
 HERE = Path(__file__).resolve().parent
 FACTS = json.loads((HERE / "llama-facts-used.json").read_text())["rows"]
 EXTRA = json.loads((HERE / "extra-gpus.json").read_text())
+PREFILL = json.loads((HERE / "prefill-rows.json").read_text())["rows"]
+VLLM_TTFT = json.loads((HERE / "vllm-ttft-rows.json").read_text())
 
 MODEL_IDS = {
     "1B": "llama-3.2-1b-instruct",
@@ -148,19 +152,189 @@ def decode_comparisons() -> list[Comparison]:
     return out
 
 
-def prefill_comparisons() -> list[Comparison]:
+def _prompt(row) -> int:
+    return int(re.search(r"pp(\d+)", row["metric"]).group(1))
+
+
+def _gpu(product: str) -> GPU:
+    gpu = load_catalog().find_gpu(product)
+    assert gpu is not None, product
+    return gpu
+
+
+def prefill_comparisons(rows=None) -> list[Comparison]:
+    """llama.cpp prompt processing (llama-bench ppN from an empty cache) through estimate()."""
     catalog = load_catalog()
     out = []
-    for row in FACTS:
-        if row["section"] == "C" and "prefill" in row["metric"]:
-            model = catalog.model(model_id(row["model"]))
-            quant = catalog.quantizations[quant_id(row["variant"])]
-            gpu = gpu_for(row["hardware"])
-            workload = est.Workload(context_length=1024, concurrency=1, prompt_tokens=512)
-            e = est.estimate(model, quant, est.Hardware(gpu=gpu), workload)
-            out.append(Comparison("prefill tokens/s", model.id, quant.id, row["hardware"], float(row["value"]),
-                                  e.prefill_tokens_per_second, row["source"]))
+    for row in PREFILL if rows is None else rows:
+        model = catalog.model(model_id(row["model"]))
+        quant = catalog.quantizations[quant_id(row["variant"])]
+        n = _prompt(row)
+        workload = est.Workload(context_length=n + 1, concurrency=1, prompt_tokens=n)
+        e = est.estimate(model, quant, est.Hardware(gpu=_gpu(row["hardware"])), workload)
+        out.append(Comparison(f"prefill pp{n}", model.id, quant.id, row["hardware"], float(row["value"]),
+                              e.prefill_tokens_per_second, row["source"]))
     return out
+
+
+# --- Fitting (benchmarks/calibrate_estimator.py prints it; the docs show leave-one-GPU-out) -------------------
+
+
+def _lstsq_relative(xs: list[list[float]], ys: list[float]) -> list[float]:
+    """Minimise sum(((x.c - y) / y)^2) by the normal equations (Gaussian elimination, partial pivoting)."""
+    k = len(xs[0])
+    a = [[0.0] * k for _ in range(k)]
+    b = [0.0] * k
+    for x, y in zip(xs, ys):
+        w = 1.0 / (y * y)
+        for i in range(k):
+            b[i] += w * x[i] * y
+            for j in range(k):
+                a[i][j] += w * x[i] * x[j]
+    for c in range(k):
+        p = max(range(c, k), key=lambda r: abs(a[r][c]))
+        a[c], a[p], b[c], b[p] = a[p], a[c], b[p], b[c]
+        for r in range(k):
+            if r != c:
+                f = a[r][c] / a[c][c]
+                for j in range(c, k):
+                    a[r][j] -= f * a[c][j]
+                b[r] -= f * b[c]
+    return [b[i] / a[i][i] for i in range(k)]
+
+
+def nonnegative_fit(xs: list[list[float]], ys: list[float]) -> list[float]:
+    """Relative least squares, dropping any coefficient that comes out negative (no physical meaning) and
+    any whose column is all zero (nothing to fit it on: returned as None)."""
+    active = [i for i in range(len(xs[0])) if any(x[i] for x in xs)]
+    while True:
+        coef = _lstsq_relative([[x[i] for i in active] for x in xs], ys)
+        if all(c >= 0 for c in coef):
+            out: list = [None] * len(xs[0])
+            for i, c in zip(active, coef):
+                out[i] = c
+            for i in range(len(out)):
+                if out[i] is None and any(x[i] for x in xs):
+                    out[i] = 0.0
+            return out
+        active.pop(min(range(len(coef)), key=lambda i: coef[i]))
+
+
+#: llama.cpp prefill, seconds = x . c with c = (1/eff 16-bit, 1/eff quantized, weight passes, KQ passes)
+LLAMACPP_PREFILL_FIT_ROWS = (512, 4096)  # fitted prompt lengths; pp1024 and pp8192 are held out
+
+
+def _llamacpp_features(row) -> list[float]:
+    catalog = load_catalog()
+    model = catalog.model(model_id(row["model"]))
+    quant = catalog.quantizations[quant_id(row["variant"])]
+    p = est.parameter_counts(model.arch)
+    t = prefill.llamacpp_prefill_terms(model.arch, _prompt(row), est.weights_bytes(model, quant), p.active_per_token,
+                                   _gpu(row["hardware"]))
+    sixteen = quant.bits >= 16
+    return [t.matmul_at_peak if sixteen else 0.0, 0.0 if sixteen else t.matmul_at_peak, t.weight_pass, t.kq_pass]
+
+
+def fit_llamacpp_prefill(rows) -> list[float]:
+    """(1/efficiency 16-bit, 1/efficiency quantized, weight passes, KQ passes) fitted on `rows`' fit lengths."""
+    fit = [r for r in rows if _prompt(r) in LLAMACPP_PREFILL_FIT_ROWS]
+    return nonnegative_fit([_llamacpp_features(r) for r in fit], [_prompt(r) / float(r["value"]) for r in fit])
+
+
+def _llamacpp_predict(coef, row) -> float:
+    x = _llamacpp_features(row)
+    # a kernel absent from the fit (no 16-bit row) falls back to the other's efficiency
+    c = [coef[0] if coef[0] is not None else coef[1], coef[1] if coef[1] is not None else coef[0], *coef[2:]]
+    return _prompt(row) / sum(a * b for a, b in zip(c, x))
+
+
+def prefill_leave_one_gpu_out() -> list[Comparison]:
+    """Each GPU predicted by the constants refitted on the other GPUs' pp512 + pp4096 rows (all its rows)."""
+    out = []
+    for gpu in sorted({r["hardware"] for r in PREFILL}):
+        coef = fit_llamacpp_prefill([r for r in PREFILL if r["hardware"] != gpu])
+        for row in PREFILL:
+            if row["hardware"] == gpu:
+                out.append(Comparison(f"prefill pp{_prompt(row)} LOGO", model_id(row["model"]),
+                                      quant_id(row["variant"]), gpu, float(row["value"]), _llamacpp_predict(coef, row),
+                                      row["source"]))
+    return out
+
+
+# --- vLLM TTFT ------------------------------------------------------------------------------------------------
+
+
+def _vllm_parts(row):
+    catalog = load_catalog()
+    model = catalog.model(model_id(row["model"]))
+    quant = catalog.quantizations[row["variant"]]
+    n, _, product = row["hardware"].partition("x ")
+    return model, quant, _gpu(product), int(n)
+
+
+def vllm_ttft_comparisons(rows=None) -> list[Comparison]:
+    """LambdaLabs bursts of 10 prompts (1369 tokens) through estimate(): the concurrency-10 batch at the mean
+    prompt (137 tokens; the attention term then differs from the measured mix by a negligible amount)."""
+    out = []
+    lens = VLLM_TTFT["inputLens"]
+    for row in VLLM_TTFT["rows"] if rows is None else rows:
+        model, quant, gpu, n = _vllm_parts(row)
+        workload = est.Workload(context_length=2048, concurrency=len(lens), prompt_tokens=round(sum(lens) / len(lens)))
+        e = est.estimate(model, quant, est.Hardware(gpu=gpu, gpu_count=n), workload)
+        out.append(Comparison("vLLM TTFT (ms)", model.id, quant.id, row["hardware"], float(row["value"]),
+                              e.ttft_seconds * 1e3, row["source"]))
+    return out
+
+
+VLLM_KERNELS = ("bf16", "fp8-w8a8", "marlin")
+
+
+def _vllm_features(row) -> tuple[list[float], float]:
+    """([1, compute at peak in the row's kernel column], fixed seconds) of the measured prompt mix."""
+    model, quant, gpu, n = _vllm_parts(row)
+    p = est.parameter_counts(model.arch)
+    allreduce = 2 * model.arch.layers * est.ALLREDUCE_LATENCY_SECONDS.get(gpu.interconnect, 25e-6) if n > 1 else 0.0
+    t = prefill.vllm_prefill_terms(model.arch, quant, VLLM_TTFT["inputLens"], est.weights_bytes(model, quant),
+                                   p.active_per_token, gpu, n, allreduce)
+    return [1.0] + [t.compute_at_peak if t.kernel == k else 0.0 for k in VLLM_KERNELS], t.fixed
+
+
+def fit_vllm_ttft(rows) -> list:
+    """(T0 seconds, 1/eff bf16, 1/eff FP8 W8A8, 1/eff Marlin); a kernel no row has is None."""
+    xs, ys = [], []
+    for row in rows:
+        x, fixed = _vllm_features(row)
+        xs.append(x)
+        ys.append(float(row["value"]) / 1e3 - fixed)
+    return nonnegative_fit(xs, ys)
+
+
+def _vllm_predict(coef, row) -> float:
+    x, fixed = _vllm_features(row)
+    c = [v if v is not None else coef[1] for v in coef]  # an unseen kernel: bf16's efficiency on its peak
+    return (sum(a * b for a, b in zip(c, x)) + fixed) * 1e3
+
+
+def vllm_leave_one_out(key) -> list[Comparison]:
+    """Each group of rows (by `key`) predicted by the constants refitted on the other rows."""
+    rows = VLLM_TTFT["rows"]
+    out = []
+    for group in sorted({key(r) for r in rows}):
+        coef = fit_vllm_ttft([r for r in rows if key(r) != group])
+        for row in rows:
+            if key(row) == group:
+                model, quant, _, _ = _vllm_parts(row)
+                out.append(Comparison("vLLM TTFT (ms) held out", model.id, quant.id, row["hardware"],
+                                      float(row["value"]), _vllm_predict(coef, row), row["source"]))
+    return out
+
+
+def vllm_leave_one_gpu_out() -> list[Comparison]:
+    return vllm_leave_one_out(lambda r: r["hardware"].partition("x ")[2])
+
+
+def vllm_leave_one_row_out() -> list[Comparison]:
+    return vllm_leave_one_out(lambda r: (r["hardware"], r["model"], r["variant"]))
 
 
 def median_abs_error(rows: list[Comparison]) -> float:
@@ -195,6 +369,11 @@ def generated_section() -> str:
     weights = weight_size_comparisons()
     decode = decode_comparisons()
     prefill = prefill_comparisons()
+    held = [r for r in prefill if int(r.what.removeprefix("prefill pp")) not in LLAMACPP_PREFILL_FIT_ROWS]
+    logo = prefill_leave_one_gpu_out()
+    vllm = vllm_ttft_comparisons()
+    vllm_loro = vllm_leave_one_row_out()
+    vllm_logo = vllm_leave_one_gpu_out()
     return "\n".join([
         GENERATED_BEGIN,
         "",
@@ -208,9 +387,35 @@ def generated_section() -> str:
         "",
         markdown_table(decode, "tokens/s"),
         "",
-        "**Prefill speed** (tokens/s, 512-token prompt):",
+        (f"**llama.cpp prefill speed** (tokens/s, llama-bench ppN, one GPU): {summary(prefill)}; "
+         f"fitted on the pp512 and pp4096 rows, pp1024 and pp8192 held out ({summary(held)})."),
         "",
         markdown_table(prefill, "tokens/s"),
         "",
+        (f"**llama.cpp prefill, leave one GPU out** (each GPU predicted by the constants refitted without it): "
+         f"{summary(logo)}."),
+        "",
+        "| GPU | rows | median | largest |",
+        "|---|---:|---:|---:|",
+        *[f"| {g} | {len(rs)} | {median_abs_error(rs):.1%} | {max(abs(r.error) for r in rs):.1%} |"
+          for g, rs in by_gpu(logo).items()],
+        "",
+        (f"**vLLM TTFT** (ms, bursts of 10 prompts, 1369 tokens, prefilled together): {summary(vllm)}; "
+         f"leave one row out: {summary(vllm_loro)}; leave one GPU out: {summary(vllm_logo)}."),
+        "",
+        markdown_table(vllm, "ms"),
+        "",
         GENERATED_END,
     ])
+
+
+def summary(rows: list[Comparison]) -> str:
+    return (f"median absolute error {median_abs_error(rows):.1%}, largest {max(abs(r.error) for r in rows):.1%} "
+            f"over {len(rows)} rows")
+
+
+def by_gpu(rows: list[Comparison]) -> dict[str, list[Comparison]]:
+    out: dict[str, list[Comparison]] = {}
+    for r in rows:
+        out.setdefault(r.hardware, []).append(r)
+    return out

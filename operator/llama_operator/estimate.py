@@ -13,9 +13,13 @@ below say where each number comes from. The shape of the model:
 * Decode (time per output token): one step reads every weight once and the KV cache of every running
   sequence; it takes the longer of that traffic at the calibrated share of peak bandwidth plus a
   fixed per-parameter kernel cost, and the step's FLOPs at the calibrated share of peak throughput.
-* Prefill (time to first token): 2 x parameters x prompt tokens plus causal attention FLOPs, at the
-  calibrated share of peak tensor throughput, never faster than one pass over the weights; plus one
-  decode step of the running batch the new request joins.
+* Prefill (time to first token): on GPUs, llama.cpp per 512-token micro-batch (matmuls at a share of the
+  FP16 tensor peak, weight passes, the f32 attention-score matrix over the filled cache), vLLM as one batch
+  of every request that arrives together (concurrency x prompt tokens) at a share of the kernel's peak plus
+  a weight pass, all-reduces and a fixed per-request time; on CPU 2 x parameters x tokens plus attention at
+  the node's throughput. The first token is sampled from the prefill's last logits, so no decode step is
+  added for it; llama.cpp adds one decode step of the running slots when other sequences run (concurrency
+  > 1: they share the server loop), vLLM's queue is the batch it prefills together.
 """
 from __future__ import annotations
 
@@ -24,6 +28,14 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from .catalog import GPU, Model, ModelArch, Quantization, load_catalog
+from .prefill import (
+    LLAMACPP_UBATCH,
+    VLLM_REQUEST_OVERHEAD_SECONDS,
+    attention_flops,
+    conservative_tflops,
+    llamacpp_gpu_prefill_seconds,
+    vllm_prefill_seconds,
+)
 
 GiB = 2**30
 
@@ -41,8 +53,6 @@ VLLM_ACTIVATION_PEAK_BYTES_AT_4096 = 1.26 * GiB
 #: device is left to the driver and fragmentation).
 VLLM_MAX_GPU_MEMORY_UTILIZATION = 0.95
 
-#: llama.cpp processes prompts in micro-batches of 512 tokens (its default --ubatch-size).
-LLAMACPP_UBATCH = 512
 #: CUDA context and cuBLAS workspace a llama.cpp server holds on each GPU it uses.
 LLAMACPP_GPU_CONTEXT_BYTES = 0.30 * GiB
 
@@ -62,9 +72,6 @@ LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED = 900.0
 #: CPU decode: share of the node's memory bandwidth llama.cpp's CPU kernels reach (assumed equal to
 #: the GPU 16-bit figure; no x86 CPU decode result is in the calibration set).
 CPU_BANDWIDTH_EFFICIENCY = 0.92
-#: Prefill: share of peak dense tensor throughput reached on a 512-token prompt. Measured: llama.cpp
-#: pp512 of Llama 3 8B Q4_K_M on an RTX 4090 = 7139 tokens/s = 0.70 of 165 TFLOPS (calibration C).
-PREFILL_COMPUTE_EFFICIENCY = 0.70
 #: Decode compute (matters at high concurrency): batched GEMMs reach less of peak than prefill.
 DECODE_COMPUTE_EFFICIENCY = 0.50
 #: Tensor parallelism: every layer all-reduces twice per step. Latency per all-reduce (assumed from
@@ -230,6 +237,9 @@ def weights_bytes(model: Model, quant: Quantization) -> int:
         # stay 16-bit in every published Llama AWQ/GPTQ/FP8 checkpoint.
         assert quant.linear_bits is not None
         unquantized = p.embedding + p.output + p.norms + p.vision
+        unconverted = model.vllm_unconverted.get(quant.id)
+        if unconverted is not None:
+            return int(_linear_bytes_with_unconverted(model.arch, quant, unconverted) + unquantized * 2)
         return int(p.linear * quant.linear_bits / 8 + unquantized * 2)
     bits = load_catalog().ggml_type_bits
     share = quant.more_bits_share
@@ -249,6 +259,30 @@ def weights_bytes(model: Model, quant: Quantization) -> int:
     else:
         total_bits += p.embedding * bits[quant.embedding] + p.output * bits[quant.output]
     return int(total_bits / 8 + load_catalog().gguf_metadata_bytes)
+
+
+#: A checkpoint that leaves modules unconverted (Meta's fbgemm_fp8 405B) stores one fp32 scale per output row
+#: of each converted weight (fbgemm's per-channel FP8 scales): 4 bytes a row.
+PER_ROW_SCALE_BYTES = 4
+
+
+def _linear_bytes_with_unconverted(arch: ModelArch, quant: Quantization, unconverted) -> float:
+    """Decoder linear bytes, module by module, of a checkpoint that keeps some modules in 16 bits
+    (models.yaml `unconverted`): whole layers by index, and/or every layer's self-attention. Converted
+    weights cost the format's bits plus one fp32 scale per output row."""
+    h = arch.hidden_size
+    attn_params = h * arch.heads * arch.head_dim + 2 * h * arch.kv_heads * arch.head_dim + arch.heads * arch.head_dim * h
+    attn_rows = arch.heads * arch.head_dim + 2 * arch.kv_heads * arch.head_dim + h  # q, k, v, o output rows
+    mlp_params = 3 * h * arch.intermediate_size
+    mlp_rows = 2 * arch.intermediate_size + h  # gate and up: I rows each; down: h rows
+    converted = quant.linear_bits / 8
+    total = 0.0
+    for layer in range(arch.layers):
+        whole = layer in unconverted.layers
+        for params, rows, keep in ((attn_params, attn_rows, whole or unconverted.self_attention),
+                                   (mlp_params, mlp_rows, whole)):
+            total += params * 2 if keep else params * converted + rows * PER_ROW_SCALE_BYTES
+    return total
 
 
 def kv_bytes_per_element(dtype: KvCacheDtype) -> float:
@@ -284,16 +318,10 @@ def kv_read_bytes_per_step(arch: ModelArch, workload: Workload) -> float:
 # --- The estimate --------------------------------------------------------------------------------------
 
 
-def _conservative_tflops() -> float:
-    """For a GPU whose tensor throughput no source gives: the slowest 16-bit figure in the catalog."""
-    known = [g.tensor_tflops_16bit for g in load_catalog().gpus.values() if g.tensor_tflops_16bit]
-    return min(known)
-
-
 def _gpu_tflops(gpu: GPU, quant: Quantization) -> float:
     if quant.id == "fp8" and gpu.fp8_tflops:
         return gpu.fp8_tflops
-    return gpu.tensor_tflops_16bit or _conservative_tflops()
+    return gpu.tensor_tflops_16bit or conservative_tflops()
 
 
 def _is_16bit(quant: Quantization, gpu: GPU | None) -> bool:
@@ -341,12 +369,12 @@ def _memory(model: Model, quant: Quantization, hw: Hardware, workload: Workload)
 
 
 class _Decode(NamedTuple):
-    """One decode step of the running batch, and the rates prefill is timed with."""
+    """One decode step of the running batch, and the rates CPU prefill is timed with."""
 
     step_seconds: float
     bandwidth: float  # bytes/s one device reads its weights at
     parallel: int  # devices sharing every token's work (vLLM's tensor parallelism), else 1
-    prefill_flops_rate: float  # FLOP/s a prompt is processed at
+    prefill_flops_rate: float  # FLOP/s a prompt is processed at (CPU)
     allreduce_seconds: float  # tensor parallelism's all-reduces in one pass over the layers (else 0)
 
 
@@ -384,16 +412,15 @@ def _gpu_decode(model: Model, quant: Quantization, hw: Hardware, step_bytes: flo
         comm = 0.0
     t_memory = step_bytes / (bandwidth * parallel) + active_parameters * per_param / parallel
     t_compute = step_flops / (peak * DECODE_COMPUTE_EFFICIENCY * parallel)
-    return _Decode(max(t_memory, t_compute) + comm, bandwidth, parallel,
-                   peak * PREFILL_COMPUTE_EFFICIENCY * parallel, comm)
+    return _Decode(max(t_memory, t_compute) + comm, bandwidth, parallel, 0.0, comm)
 
 
-def _prefill_seconds(arch: ModelArch, prompt: int, weights: int, active_parameters: float, decode: _Decode) -> float:
-    """One prompt: 2 x parameters x tokens plus causal attention FLOPs at the prefill rate, never faster
-    than one pass over the weights, plus the all-reduces of that pass."""
-    flops = 2 * active_parameters * prompt + 2 * arch.self_attention_layers * prompt**2 * arch.heads * arch.head_dim
-    return max(flops / decode.prefill_flops_rate, weights / (decode.bandwidth * decode.parallel)) \
-        + decode.allreduce_seconds
+def _cpu_prefill_seconds(arch: ModelArch, prompt: int, weights: int, active_parameters: float,
+                         decode: _Decode) -> float:
+    """llama.cpp on CPU: 2 x parameters x tokens plus causal attention FLOPs at the node's measured effective
+    rate (catalog `cpu`, which already is what llama.cpp reaches), never faster than one pass over the weights."""
+    flops = 2 * active_parameters * prompt + attention_flops(arch, prompt)
+    return max(flops / decode.prefill_flops_rate, weights / decode.bandwidth)
 
 
 def _vllm_gpu_memory_utilization(quant: Quantization, hw: Hardware, per_gpu: int) -> float | None:
@@ -420,16 +447,32 @@ def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload
     step_flops = 2 * active * workload.concurrency
     decode = _cpu_decode(hw, step_bytes, step_flops) if hw.is_cpu \
         else _gpu_decode(model, quant, hw, step_bytes, step_flops, active)
-    prefill = _prefill_seconds(model.arch, workload.prompt_tokens, memory.weights, active, decode)
+    prompt = workload.prompt_tokens
+    if hw.gpu is not None and quant.runtime == "vllm":
+        # The planned concurrency arriving together is prefilled in one batch: each waits for all of them
+        # (the queueing term). The first token comes from that pass: no decode step is added.
+        prompts = [prompt] * max(1, workload.concurrency)
+        prefill = vllm_prefill_seconds(model.arch, quant, prompts, memory.weights, active, hw.gpu, hw.gpu_count,
+                                       decode.allreduce_seconds)
+        prefilled = sum(prompts)
+        ttft = VLLM_REQUEST_OVERHEAD_SECONDS + prefill
+    else:
+        if hw.gpu is not None:
+            prefill = llamacpp_gpu_prefill_seconds(model.arch, quant, prompt, memory.weights, active, hw.gpu)
+        else:
+            prefill = _cpu_prefill_seconds(model.arch, prompt, memory.weights, active, decode)
+        prefilled = prompt
+        # llama-server decodes its other slots in the same loop: a new prompt waits one step of them.
+        ttft = prefill + (decode.step_seconds if workload.concurrency > 1 else 0.0)
     return Estimate(
         weights_bytes=memory.weights,
         kv_cache_bytes=memory.kv_cache,
         overhead_bytes=memory.overhead,
         total_bytes=memory.total,
         per_gpu_bytes=memory.per_gpu,
-        ttft_seconds=prefill + decode.step_seconds,
+        ttft_seconds=ttft,
         tpot_seconds=decode.step_seconds,
         decode_tokens_per_second=1.0 / decode.step_seconds,
-        prefill_tokens_per_second=workload.prompt_tokens / prefill,
+        prefill_tokens_per_second=prefilled / prefill if prefill > 0 else math.inf,
         gpu_memory_utilization=_vllm_gpu_memory_utilization(quant, hw, memory.per_gpu),
     )

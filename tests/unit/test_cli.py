@@ -72,7 +72,7 @@ def test_plan_table_without_fallback(capsys):
     chosen = next(line for line in out.splitlines() if line.strip().startswith("Chosen"))
     assert "llama-3.3-70b-instruct bf16 on vllm" in chosen and "NVIDIA-A100-SXM4-80GB" in chosen
     assert "[FALLBACK]" not in chosen
-    assert "(limit 30ms)" in out and "(limit 1s)" in out
+    assert "(limit 30ms)" in out and "(limit 5s)" in out  # examples/70b-tight-tpot.yaml's slo
     assert "Weights    meta-llama/Llama-3.3-70B-Instruct" in out
 
 
@@ -110,7 +110,7 @@ def test_plan_json_has_the_documented_keys(capsys):
     assert ch["model"] == "llama-3.3-70b-instruct" and ch["quantization"] not in ("bf16", "f16")
     assert isinstance(ch["gpuProduct"], str) and ch["gpusPerReplica"] >= 1
     # the prediction is within the limits of examples/70b-tight-tpot.yaml
-    assert ch["predicted"]["tpotSeconds"] <= 0.030 and ch["predicted"]["ttftSeconds"] <= 1.0
+    assert ch["predicted"]["tpotSeconds"] <= 0.030 and ch["predicted"]["ttftSeconds"] <= 5.0
     assert ch["predicted"]["memoryBytes"] <= 320 * 2**30
     assert d["candidates"]
     for c in d["candidates"]:

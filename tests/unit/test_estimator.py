@@ -52,6 +52,24 @@ def test_16bit_weights_are_two_bytes_per_parameter():
     assert 160 * GiB < w90 < 170 * GiB
 
 
+def test_405b_fp8_is_sized_from_the_modules_its_checkpoint_converts():
+    # meta-llama/Llama-3.1-405B-Instruct-FP8 (fbgemm_fp8) keeps layers 0 and 125, lm_head and every
+    # self_attn in bf16: only the MLPs of layers 1..124 are FP8 (1 byte + an fp32 scale per output row).
+    m = model("llama-3.1-405b-instruct")
+    a = m.arch
+    p = parameter_counts(a)
+    mlp_layer = 3 * a.hidden_size * a.intermediate_size
+    fp8 = mlp_layer * (a.layers - 2)
+    rows = (a.layers - 2) * (2 * a.intermediate_size + a.hidden_size)
+    expected = fp8 + 4 * rows + 2 * (p.total - fp8)
+    assert weights_bytes(m, quant("fp8")) == pytest.approx(expected, rel=1e-9)
+    assert weights_bytes(m, quant("fp8")) == pytest.approx(487.2e9, rel=0.001)
+    # Other FP8 checkpoints (RedHatAI, all linear layers FP8) keep the all-linear formula.
+    m70 = model("llama-3.1-70b-instruct")
+    p70 = parameter_counts(m70.arch)
+    assert weights_bytes(m70, quant("fp8")) == int(p70.linear + 2 * (p70.total - p70.linear))
+
+
 @pytest.mark.parametrize("mid", ["llama-3.2-1b-instruct", "llama-3.1-8b-instruct", "llama-3.3-70b-instruct"])
 def test_fewer_bits_fewer_weight_bytes(mid):
     m = model(mid)
@@ -147,7 +165,7 @@ def test_total_is_weights_plus_kv_plus_overhead(mid, qid, hw):
     assert e.total_bytes == e.weights_bytes + e.kv_cache_bytes + e.overhead_bytes
     assert e.weights_bytes > 0 and e.kv_cache_bytes > 0 and e.overhead_bytes > 0
     assert e.decode_tokens_per_second == pytest.approx(1 / e.tpot_seconds)
-    assert e.ttft_seconds > e.tpot_seconds > 0  # the first token waits for prefill plus one step
+    assert e.ttft_seconds > e.tpot_seconds > 0  # a prompt's prefill outlasts one decode step
     if hw.is_cpu:
         assert e.per_gpu_bytes == e.total_bytes
     else:

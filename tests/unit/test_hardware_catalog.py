@@ -29,7 +29,7 @@ REQUIRED = {
     "interconnect": str,
     "source": str,
 }
-OPTIONAL = {"labelKey": str, "arch": str}
+OPTIONAL = {"labelKey": str, "arch": str, "fp16AccTFLOPS": (int, float)}
 
 # Every GPU the project brief names, as GFD / AMD-labeller product values.
 MUST_HAVE = [

@@ -79,6 +79,15 @@ class GgufSource:
         return name
 
 
+@dataclass(frozen=True)
+class Unconverted:
+    """Linear modules a quantized vLLM checkpoint stores unconverted (16-bit), models.yaml `unconverted`:
+    whole decoder layers by index, and/or every layer's self-attention projections."""
+
+    layers: tuple[int, ...] = ()
+    self_attention: bool = False
+
+
 @dataclass(frozen=True, eq=False)  # one instance per catalog id: identity is equality (and hashable)
 class Model:
     id: str
@@ -92,6 +101,8 @@ class Model:
     vllm_repos: dict[str, str]  # quantization id -> HF repo
     gguf: GgufSource | None
     vllm_kernels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # quantization id -> its own kernels
+    # quantization id -> the modules its checkpoint leaves in 16 bits beyond embeddings, lm_head and norms
+    vllm_unconverted: dict[str, "Unconverted"] = field(default_factory=dict)
 
     def variants(self) -> list[str]:
         """Quantization ids published for this model, vLLM ones first."""
@@ -140,6 +151,7 @@ class GPU:
     compute_capability: str | None
     interconnect: str
     label_key: str = GPU_PRODUCT_LABEL["nvidia"]  # hardware.yaml `labelKey`, on AMD entries
+    fp16_acc_tflops: float | None = None  # FP16 tensor with FP16 accumulate, where it differs (GeForce)
     arch: str | None = None
     known: bool = True  # False for a product missing from the catalog, built from its node labels
 
@@ -224,6 +236,11 @@ def _load_models() -> dict[str, Model]:
             source=raw["source"],
             vllm_repos={q: v["repo"] for q, v in (raw.get("vllm") or {}).items()},
             vllm_kernels={q: tuple(v["kernels"]) for q, v in (raw.get("vllm") or {}).items() if "kernels" in v},
+            vllm_unconverted={
+                q: Unconverted(layers=tuple(v["unconverted"].get("layers") or ()),
+                               self_attention=bool(v["unconverted"].get("selfAttention", False)))
+                for q, v in (raw.get("vllm") or {}).items() if "unconverted" in v
+            },
             gguf=GgufSource(
                 repo=gguf["repo"],
                 file=gguf["file"],
