@@ -1,8 +1,10 @@
 """Fit the estimator's decode and prefill constants to the published measurements, and print JSON.
 
-Decode: a grid search over llama.cpp tg rows (llama-facts-used.json). Prefill: relative least squares of the
-llama.cpp prefill constants on prefill-rows.json's pp512 and pp4096 rows, with leave-one-GPU-out (the constants
-refitted without each GPU, that GPU predicted), and of the vLLM TTFT constants on vllm-ttft-rows.json, with
+Decode: a grid search of llama.cpp's bandwidth caps and fixed time per layer on decode-rows.json's single-GPU
+tg512 rows, with the held-out groups (other lengths, layer splits, llama-facts-used.json's rows of other builds)
+and leave-one-GPU-out (the constants refitted without each GPU, that GPU's rows predicted). Prefill: relative
+least squares of the llama.cpp prefill constants on prefill-rows.json's pp512 and pp4096 rows, with
+leave-one-GPU-out (the constants refitted without each GPU, that GPU predicted), and of the vLLM TTFT constants on vllm-ttft-rows.json, with
 leave-one-row-out and leave-one-GPU-out.
 
 The fitted values are copied by hand into llama_operator/estimate.py (constants are code, reviewed);
@@ -11,55 +13,46 @@ Usage: .venv/bin/python benchmarks/calibrate_estimator.py
 """
 from __future__ import annotations
 
-import itertools
 import json
-import math
 
 from calibration import compare as calibration
 from llama_operator import estimate as est
 from llama_operator import prefill
 
-PARAMETERS = {
-    "DECODE_BANDWIDTH_EFFICIENCY_16BIT": [0.70, 0.75, 0.80, 0.86, 0.92],
-    "DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED": [0.80, 0.86, 0.92, 0.98],
-    "DECODE_SECONDS_PER_PARAMETER_16BIT": [0.0, 0.05e-12, 0.10e-12, 0.20e-12],
-    "DECODE_SECONDS_PER_PARAMETER_QUANTIZED": [0.2e-12, 0.3e-12, 0.42e-12, 0.55e-12],
-    "LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_16BIT": [800.0, 900.0, 1000.0, 1100.0, 1e9],
-    "LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED": [600.0, 700.0, 800.0, 900.0, 1e9],
-}
-
-
-def loss() -> float:
-    """Sum of squared log errors: symmetric in over- and under-prediction."""
-    return sum(math.log(r.predicted / r.measured) ** 2 for r in calibration.decode_comparisons())
+DECODE_CONSTANTS = ("LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_16BIT", "LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED",
+                    "LLAMACPP_DECODE_SECONDS_PER_LAYER")
 
 
 def main() -> None:
-    original = {name: getattr(est, name) for name in PARAMETERS}
-    best = (math.inf, original)
-    for values in itertools.product(*PARAMETERS.values()):
-        for name, value in zip(PARAMETERS, values):
-            setattr(est, name, value)
-        current = loss()
-        if current < best[0]:
-            best = (current, dict(zip(PARAMETERS, values)))
-    for name, value in best[1].items():
-        setattr(est, name, value)
-    rows = calibration.decode_comparisons()
-    for name, value in original.items():
-        setattr(est, name, value)
     print(json.dumps({
-        "decode": {
-            "fitted": best[1],
-            "committed": original,
-            **errors(rows),
-            "rows": [{"model": r.model, "variant": r.variant, "hardware": r.hardware,
-                      "measured": r.measured, "predicted": round(r.predicted, 2),
-                      "error": round(r.error, 4)} for r in rows],
-        },
+        "llamacppDecode": llamacpp_decode(),
         "llamacppPrefill": llamacpp_prefill(),
         "vllmTtft": vllm_ttft(),
     }, indent=1))
+
+
+def llamacpp_decode() -> dict:
+    fitted = calibration.fit_llamacpp_decode(calibration.DECODE)
+    rows = calibration.DECODE
+    single = [r for r in rows if r.get("gpus", 1) == 1]
+    groups = {
+        "singleGpuTg512 (fit)": calibration.decode_fit_rows(),
+        "singleGpuOtherLengths (held out)": [r for r in single if r not in calibration.decode_fit_rows()],
+        "layerSplitMultiGpu (held out)": [r for r in rows if r.get("gpus", 1) > 1],
+    }
+    refits = {}
+    for gpu in sorted({r["hardware"] for r in single}):
+        c = calibration.fit_llamacpp_decode([r for r in single if r["hardware"] != gpu])
+        refits[gpu] = {"cap16bitGBps": c[0], "capQuantizedGBps": c[1], "tauMicroseconds": round(c[2] * 1e6, 1)}
+    logo = calibration.decode_leave_one_gpu_out()
+    return {
+        "fitted": dict(zip(DECODE_CONSTANTS, fitted)),
+        "committed": {name: getattr(est, name) for name in DECODE_CONSTANTS},
+        "committedGroups": {name: errors(calibration.decode_comparisons(rs)) for name, rs in groups.items()},
+        "committedOtherBuilds (llama-facts-used.json)": errors(calibration.decode_comparisons()),
+        "committedEveryDecodeRow": errors(calibration.every_decode_comparisons()),
+        "leaveOneGpuOut": {**errors(logo), "perGpu": per_gpu(logo), "refitted": refits},
+    }
 
 
 def errors(rows) -> dict:

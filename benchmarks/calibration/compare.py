@@ -1,5 +1,6 @@
 """The estimator against published measurements: the rows in llama-facts-used.json (weights, decode),
-prefill-rows.json (llama.cpp prefill) and vllm-ttft-rows.json (vLLM TTFT), predicted.
+decode-rows.json (llama.cpp decode), prefill-rows.json (llama.cpp prefill) and vllm-ttft-rows.json (vLLM TTFT),
+predicted.
 
 Shared by benchmarks/calibrate_estimator.py (which fits the decode and prefill constants and prints them),
 tests/unit/test_estimator_calibration.py (which asserts the error bounds) and scripts/update_docs.py (which
@@ -21,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 FACTS = json.loads((HERE / "llama-facts-used.json").read_text())["rows"]
 EXTRA = json.loads((HERE / "extra-gpus.json").read_text())
 PREFILL = json.loads((HERE / "prefill-rows.json").read_text())["rows"]
+DECODE = json.loads((HERE / "decode-rows.json").read_text())["rows"]
 VLLM_TTFT = json.loads((HERE / "vllm-ttft-rows.json").read_text())
 
 MODEL_IDS = {
@@ -127,28 +129,111 @@ def _decode_context(row) -> tuple[int, int]:
     return 0, int(tg.group(1)) if tg else 128
 
 
-def decode_comparisons() -> list[Comparison]:
+def _decode_workload(row) -> est.Workload:
+    """A tgN run averages over N tokens generated from an empty context (or from its depth): mean context N/2."""
+    depth, generated = _decode_context(row)
+    mean_context = depth + generated // 2
+    return est.Workload(
+        context_length=max(mean_context + 1, 1),
+        concurrency=1,
+        prompt_tokens=max(mean_context - est.REFERENCE_OUTPUT_TOKENS // 2, 0),
+    )
+
+
+def _decode_gpu(hardware: str) -> GPU:
+    return load_catalog().find_gpu(hardware) or gpu_for(hardware)
+
+
+def decode_comparisons(rows=None) -> list[Comparison]:
+    """llama.cpp batch-1 decode through estimate(): llama-facts-used.json's rows (several builds), or `rows`
+    (decode-rows.json's, whose `gpus` > 1 are layer splits)."""
     catalog = load_catalog()
     out = []
-    for row in FACTS:
-        if row["section"] != "C" or not ("decode" in row["metric"] or "single-token" in row["metric"]):
-            continue
+    if rows is None:
+        rows = [r for r in FACTS
+                if r["section"] == "C" and ("decode" in r["metric"] or "single-token" in r["metric"])]
+    for row in rows:
         model = catalog.model(model_id(row["model"]))
         quant = catalog.quantizations[quant_id(row["variant"])]
-        gpu = gpu_for(row["hardware"])
-        depth, generated = _decode_context(row)
-        # A tgN run averages over N tokens generated from an empty context: mean context N/2.
-        mean_context = depth + generated // 2
-        workload = est.Workload(
-            context_length=max(mean_context + 1, 1),
-            concurrency=1,
-            prompt_tokens=max(mean_context - est.REFERENCE_OUTPUT_TOKENS // 2, 0),
-        )
-        e = est.estimate(model, quant, est.Hardware(gpu=gpu, gpu_count=1), workload)
-        out.append(
-            Comparison("decode tokens/s", model.id, quant.id, row["hardware"], float(row["value"]),
-                       e.decode_tokens_per_second, row["source"])
-        )
+        n = row.get("gpus", 1)
+        e = est.estimate(model, quant, est.Hardware(gpu=_decode_gpu(row["hardware"]), gpu_count=n),
+                         _decode_workload(row))
+        hardware = row["hardware"] if n == 1 else f"{n}x {row['hardware']}"
+        out.append(Comparison(f"decode {_decode_test(row)}", model.id, quant.id, hardware, float(row["value"]),
+                              e.decode_tokens_per_second, row["source"]))
+    return out
+
+
+def _decode_test(row) -> str:
+    test = re.search(r"tg\d+|\d+k depth", row["metric"])
+    return test.group(0) if test else "tokens/s"
+
+
+def every_decode_comparisons() -> list[Comparison]:
+    """Every llama.cpp decode row of the calibration set: llama-facts-used.json's and decode-rows.json's."""
+    return decode_comparisons() + decode_comparisons(DECODE)
+
+
+# --- llama.cpp decode fit: t = (weights + KV) / min(eta x bandwidth, cap_k) + tau x layers ----------------------
+
+#: The decode constants are fitted on the single-GPU tg512 rows; other lengths and layer splits are held out.
+LLAMACPP_DECODE_FIT_TEST = "tg512"
+DECODE_CAP_GRID = range(900, 2101, 50)  # GB/s
+DECODE_TAU_GRID = [i * 5e-6 for i in range(0, 31)]  # seconds per layer
+
+
+def decode_fit_rows(rows=None) -> list:
+    return [r for r in (DECODE if rows is None else rows)
+            if r.get("gpus", 1) == 1 and _decode_test(r) == LLAMACPP_DECODE_FIT_TEST]
+
+
+def _decode_features(row) -> tuple[bool, float, float, int]:
+    """(16-bit, bytes one step reads, eta x peak bandwidth in GB/s, layers) of a decode row."""
+    catalog = load_catalog()
+    model = catalog.model(model_id(row["model"]))
+    quant = catalog.quantizations[quant_id(row["variant"])]
+    gpu = _decode_gpu(row["hardware"])
+    sixteen = quant.bits >= 16
+    eta = est.DECODE_BANDWIDTH_EFFICIENCY_16BIT if sixteen else est.DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED
+    step = est.weights_bytes(model, quant) + est.kv_read_bytes_per_step(model.arch, _decode_workload(row))
+    return sixteen, step, eta * gpu.memory_bandwidth_gbps, model.arch.layers
+
+
+def _decode_predict(cap_gbps: float, tau: float, features) -> float:
+    _, step, bandwidth, layers = features
+    return 1.0 / (step / (min(bandwidth, cap_gbps) * 1e9) + tau * layers)
+
+
+def fit_llamacpp_decode(rows) -> tuple[float, float, float]:
+    """(cap 16-bit GB/s, cap quantized GB/s, tau s/layer): the grid point of least squared relative error on
+    `rows`' single-GPU tg512 rows (each cap only touches its own rows, so they are searched apart per tau)."""
+    feats = [(_decode_features(r), float(r["value"])) for r in decode_fit_rows(rows)]
+    best = None
+    for tau in DECODE_TAU_GRID:
+        total, caps = 0.0, []
+        for sixteen in (True, False):
+            group = [(f, v) for f, v in feats if f[0] == sixteen]
+            score, cap = min((sum(((_decode_predict(c, tau, f) - v) / v) ** 2 for f, v in group), c)
+                             for c in DECODE_CAP_GRID)
+            total += score
+            caps.append(cap if group else None)
+        if best is None or total < best[0] - 1e-12:
+            best = (total, (caps[0], caps[1], tau))
+    return best[1]
+
+
+def decode_leave_one_gpu_out() -> list[Comparison]:
+    """Each GPU's single-GPU rows (all lengths) predicted by the constants refitted without that GPU."""
+    out = []
+    single = [r for r in DECODE if r.get("gpus", 1) == 1]
+    for gpu in sorted({r["hardware"] for r in single}):
+        cap16, capq, tau = fit_llamacpp_decode([r for r in single if r["hardware"] != gpu])
+        for row in single:
+            if row["hardware"] == gpu:
+                f = _decode_features(row)
+                out.append(Comparison(f"decode {_decode_test(row)} LOGO", model_id(row["model"]),
+                                      quant_id(row["variant"]), gpu, float(row["value"]),
+                                      _decode_predict(cap16 if f[0] else capq, tau, f), row["source"]))
     return out
 
 
@@ -368,6 +453,19 @@ def generated_section() -> str:
     """The calibration tables in docs/estimator.md, recomputed from the committed estimator."""
     weights = weight_size_comparisons()
     decode = decode_comparisons()
+    every = every_decode_comparisons()
+    single = [r for r in DECODE if r.get("gpus", 1) == 1]
+    decode_groups = {
+        "decode-rows.json, single GPU, tg512 (fit)": decode_comparisons(decode_fit_rows()),
+        "decode-rows.json, single GPU, tg1024-tg8192 (held out)":
+            decode_comparisons([r for r in single if r not in decode_fit_rows()]),
+        "decode-rows.json, single GPU, 70B": decode_comparisons([r for r in single if "70B" in r["model"]]),
+        "decode-rows.json, layer split over 2-8 GPUs (held out)":
+            decode_comparisons([r for r in DECODE if r.get("gpus", 1) > 1]),
+        "llama-facts-used.json, other builds (held out)": decode,
+        "every decode row": every,
+    }
+    decode_logo = decode_leave_one_gpu_out()
     prefill = prefill_comparisons()
     held = [r for r in prefill if int(r.what.removeprefix("prefill pp")) not in LLAMACPP_PREFILL_FIT_ROWS]
     logo = prefill_leave_one_gpu_out()
@@ -382,8 +480,27 @@ def generated_section() -> str:
         "",
         markdown_table(weights, "GB"),
         "",
-        f"**Decode speed** (tokens/s, batch 1): median absolute error {median_abs_error(decode):.1%}, "
-        f"largest {max(abs(r.error) for r in decode):.1%} over {len(decode)} llama.cpp measurements.",
+        (f"**llama.cpp decode speed** (tokens/s, batch 1), every decode row: {summary(every)}. Fitted on the "
+         f"single-GPU tg512 rows of decode-rows.json; the other rows are held out."),
+        "",
+        "| rows | n | median | largest |",
+        "|---|---:|---:|---:|",
+        *[f"| {name} | {len(rs)} | {median_abs_error(rs):.1%} | {max(abs(r.error) for r in rs):.1%} |"
+          for name, rs in decode_groups.items()],
+        "",
+        (f"**llama.cpp decode, leave one GPU out** (each GPU's single-GPU rows predicted by the constants "
+         f"refitted without it): {summary(decode_logo)}."),
+        "",
+        "| GPU | rows | median | largest |",
+        "|---|---:|---:|---:|",
+        *[f"| {g} | {len(rs)} | {median_abs_error(rs):.1%} | {max(abs(r.error) for r in rs):.1%} |"
+          for g, rs in by_gpu(decode_logo).items()],
+        "",
+        "Single-GPU tg512 rows (the fit):",
+        "",
+        markdown_table(decode_comparisons(decode_fit_rows()), "tokens/s"),
+        "",
+        "llama-facts-used.json's decode rows (other builds and sources, held out):",
         "",
         markdown_table(decode, "tokens/s"),
         "",

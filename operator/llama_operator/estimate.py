@@ -56,19 +56,26 @@ VLLM_MAX_GPU_MEMORY_UTILIZATION = 0.95
 #: CUDA context and cuBLAS workspace a llama.cpp server holds on each GPU it uses.
 LLAMACPP_GPU_CONTEXT_BYTES = 0.30 * GiB
 
-#: Decode: share of peak memory bandwidth the weight-streaming kernels reach, and the per-parameter
-#: fixed cost (dequantisation, kernel launches) per token. Fitted to llama.cpp's llama-bench tg512
-#: results for Llama 3 8B (calibration C) by benchmarks/calibrate_estimator.py; the same
-#: kernels' costs are assumed for vLLM (no vLLM batch-1 measurement is in the calibration set).
+#: Decode: share of peak memory bandwidth the weight-streaming kernels reach (GDDR cards reach about 92% of peak
+#: in llama-bench tg runs, calibration C).
 DECODE_BANDWIDTH_EFFICIENCY_16BIT = 0.92
 DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED = 0.92
+#: vLLM decode: a fixed cost per parameter per token (dequantisation, kernel launches), fitted to llama.cpp's
+#: Llama 3 8B tg512 rows before the per-layer form below; kept for vLLM, which has no batch-1 row to refit it on.
 DECODE_SECONDS_PER_PARAMETER_16BIT = 0.10e-12
 DECODE_SECONDS_PER_PARAMETER_QUANTIZED = 0.30e-12
-#: llama.cpp's batch-1 kernels stop scaling with bandwidth on HBM GPUs: in the same llama-bench run an
-#: A100 (2039 GB/s) decodes no faster than an RTX 4090 (1008 GB/s). The effective bandwidth it reaches is
-#: capped (fitted to the same calibration rows). vLLM's kernels are not capped.
-LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_16BIT = 1000.0
-LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED = 900.0
+#: llama.cpp decode: a fixed time per layer per token, beside the weight traffic. One token runs ~15-20 small
+#: kernels per layer (norms, rope, softmax, copies, the matrix-vector products' tails), each paying a launch
+#: and a ramp-up that does not shrink with bandwidth (the May-2024 build has no CUDA graphs). A cost per
+#: *parameter* grows with the model exactly like the weight traffic and double-charged 70B. Fitted with the
+#: caps below on the 33 single-GPU tg512 rows of benchmarks/calibration/decode-rows.json (XiongjieDai
+#: llama-bench, Llama 3 8B/70B F16 and Q4_K_M, 15 GPUs) by benchmarks/calibrate_estimator.py.
+LLAMACPP_DECODE_SECONDS_PER_LAYER = 80e-6
+#: llama.cpp's batch-1 kernels stop scaling with bandwidth on HBM GPUs: an A100 (2039 GB/s) reaches about
+#: 1050 GB/s on 70B Q4_K_M and a 4090 (1008 GB/s) 92% of its peak. The effective bandwidth it reaches is capped
+#: (fitted with the per-layer time on the same rows). vLLM's kernels are not capped.
+LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_16BIT = 1100.0
+LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED = 1150.0
 #: CPU decode: share of the node's memory bandwidth llama.cpp's CPU kernels reach (assumed equal to
 #: the GPU 16-bit figure; no x86 CPU decode result is in the calibration set).
 CPU_BANDWIDTH_EFFICIENCY = 0.92
@@ -391,7 +398,8 @@ def _cpu_decode(hw: Hardware, step_bytes: float, step_flops: float) -> _Decode:
 def _gpu_decode(model: Model, quant: Quantization, hw: Hardware, step_bytes: float, step_flops: float,
                 active_parameters: float) -> _Decode:
     """On GPUs: the weight-streaming kernels' share of peak bandwidth (llama.cpp's capped) plus their fixed
-    per-parameter cost, or the step's FLOPs, whichever is longer; vLLM splits both N ways and all-reduces."""
+    cost (llama.cpp: per layer; vLLM: per parameter), or the step's FLOPs, whichever is longer; vLLM splits both
+    N ways and all-reduces."""
     gpu = hw.gpu
     assert gpu is not None
     sixteen = _is_16bit(quant, gpu)
@@ -410,7 +418,11 @@ def _gpu_decode(model: Model, quant: Quantization, hw: Hardware, step_bytes: flo
     else:
         parallel = 1  # layer split: shards run one after another
         comm = 0.0
-    t_memory = step_bytes / (bandwidth * parallel) + active_parameters * per_param / parallel
+    if quant.runtime == "llamacpp":
+        fixed = model.arch.layers * LLAMACPP_DECODE_SECONDS_PER_LAYER  # every layer once per step, on some GPU
+    else:
+        fixed = active_parameters * per_param / parallel
+    t_memory = step_bytes / (bandwidth * parallel) + fixed
     t_compute = step_flops / (peak * DECODE_COMPUTE_EFFICIENCY * parallel)
     return _Decode(max(t_memory, t_compute) + comm, bandwidth, parallel, 0.0, comm)
 
