@@ -60,8 +60,8 @@ LLAMACPP_GPU_CONTEXT_BYTES = 0.30 * GiB
 #: in llama-bench tg runs, calibration C).
 DECODE_BANDWIDTH_EFFICIENCY_16BIT = 0.92
 DECODE_BANDWIDTH_EFFICIENCY_QUANTIZED = 0.92
-#: vLLM decode: a fixed cost per parameter per token (dequantisation, kernel launches), fitted to llama.cpp's
-#: Llama 3 8B tg512 rows before the per-layer form below; kept for vLLM, which has no batch-1 row to refit it on.
+#: vLLM decode: a fixed cost per parameter per token (dequantisation, kernel launches), from llama.cpp's Llama 3
+#: 8B tg512 rows (calibration C); vLLM has no batch-1 row of its own to fit a better form on.
 DECODE_SECONDS_PER_PARAMETER_16BIT = 0.10e-12
 DECODE_SECONDS_PER_PARAMETER_QUANTIZED = 0.30e-12
 #: llama.cpp decode: a fixed time per layer per token, beside the weight traffic. One token runs ~15-20 small
