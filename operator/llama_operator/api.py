@@ -66,7 +66,8 @@ class SLO(ApiModel):
     concurrency: int = Field(
         default=1, ge=1, le=1024,
         description="Requests one replica serves at the same time; the KV cache is sized for contextLength x "
-        "concurrency and time per output token is predicted at this batch size.",
+        "concurrency, time per output token is predicted at this batch size, and time to first token for this "
+        "many prompts arriving together (vLLM prefills them as one batch).",
     )
 
     @field_validator("ttftP95", "tpotP95")
