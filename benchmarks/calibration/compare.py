@@ -1,6 +1,6 @@
 """The estimator against published measurements: the rows in llama-facts-used.json (weights, decode),
 decode-rows.json (llama.cpp decode), prefill-rows.json (llama.cpp prefill) and vllm-ttft-rows.json (vLLM TTFT),
-predicted.
+predicted; and prefill-facts-used.json (other builds, CPU nodes, vLLM on an A10G), outside the fit.
 
 Shared by benchmarks/calibrate_estimator.py (which fits the decode and prefill constants and prints them),
 tests/unit/test_estimator_calibration.py (which asserts the error bounds) and scripts/update_docs.py (which
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llama_operator import estimate as est
 from llama_operator import prefill
+from llama_operator.candidate import CPU_MAX_THREADS
 from llama_operator.catalog import GPU, load_catalog
 
 HERE = Path(__file__).resolve().parent
@@ -522,6 +523,7 @@ def generated_section() -> str:
         "",
         markdown_table(vllm, "ms"),
         "",
+        *facts_section(),
         GENERATED_END,
     ])
 
@@ -536,3 +538,99 @@ def by_gpu(rows: list[Comparison]) -> dict[str, list[Comparison]]:
     for r in rows:
         out.setdefault(r.hardware, []).append(r)
     return out
+
+
+# --- Outside the fit: prefill-facts.json's rows (nothing is fitted on them) -----------------------------------
+
+FACTS_USED = json.loads((HERE / "prefill-facts-used.json").read_text())
+
+
+def _facts_threads(row) -> int:
+    found = re.search(r"(\d+) threads|-t (\d+)", row["conditions"])
+    assert found, row["conditions"]
+    return int(found.group(1) or found.group(2))
+
+
+def facts_hardware(row, planner_threads: bool = False) -> est.Hardware:
+    """A catalog or extra-gpus.json GPU, or a CPU node of the cores the run used (at most the node's, and at
+    most CPU_MAX_THREADS when `planner_threads`: what the planner would run) and the node's bandwidth."""
+    spec = FACTS_USED["hardware"][row["hardware"]]
+    if "gpu" in spec:
+        return est.Hardware(gpu=_decode_gpu(spec["gpu"]))
+    cores = min(_facts_threads(row), spec["cpuCores"])
+    if planner_threads:
+        cores = min(cores, CPU_MAX_THREADS)
+    return est.Hardware(gpu=None, cpu_cores=cores, cpu_bandwidth_gbps=spec["bandwidthGBps"])
+
+
+def _facts_label(row, hw: est.Hardware) -> str:
+    return hw.describe().replace("cpu", row["hardware"].split(" (")[0].split(",")[0], 1) if hw.is_cpu \
+        else row["hardware"]
+
+
+def _facts_llamacpp(row, planner_threads: bool) -> Comparison:
+    catalog = load_catalog()
+    model = catalog.model(model_id(row["model"]))
+    quant = catalog.quantizations[quant_id(row["variant"])]
+    hw = facts_hardware(row, planner_threads)
+    if "decode" in row["metric"]:
+        generated = re.search(r"\((\d+) tokens", row["conditions"])  # the AWS rows generate 256, not 128
+        test = f"tg{generated.group(1)}" if generated else _decode_test(row)
+        e = est.estimate(model, quant, hw, _decode_workload({**row, "metric": test}))
+        return Comparison(f"decode {test}", model.id, quant.id, _facts_label(row, hw), float(row["value"]),
+                          e.decode_tokens_per_second, row["source"])
+    n = _prompt(row)
+    e = est.estimate(model, quant, hw, est.Workload(context_length=n + 1, concurrency=1, prompt_tokens=n))
+    return Comparison(f"prefill pp{n}", model.id, quant.id, _facts_label(row, hw), float(row["value"]),
+                      e.prefill_tokens_per_second, row["source"])
+
+
+def _facts_vllm_ttft(row) -> Comparison:
+    """llmperf on localhost: ~550-token prompts (~150 out) at a fixed concurrency, as the planned burst."""
+    catalog = load_catalog()
+    model = catalog.model(model_id(row["model"]))
+    quant = catalog.quantizations["bf16"]  # fp16: the same bytes and tensor peak
+    prompt, output = (int(x) for x in re.search(r"~(\d+) input / ~(\d+) output", row["conditions"]).groups())
+    c = int(re.search(r"concurrency (\d+)", row["conditions"]).group(1))
+    hw = facts_hardware(row)
+    e = est.estimate(model, quant, hw, est.Workload(context_length=prompt + output, concurrency=c, prompt_tokens=prompt))
+    return Comparison(f"vLLM TTFT (ms) c={c}", model.id, quant.id, row["hardware"], float(row["value"]),
+                      e.ttft_seconds * 1e3, row["source"])
+
+
+def facts_groups() -> dict[str, list[Comparison]]:
+    """prefill-facts-used.json's rows by group: llama.cpp GPU prefill / decode, CPU prefill / decode (the
+    threads the run used, and as the planner would cap them), vLLM TTFT."""
+    rows = FACTS_USED["rows"]
+    gpu = [r for r in rows if "gpu" in FACTS_USED["hardware"][r["hardware"]] and r["metric"] != "TTFT"]
+    cpu = [r for r in rows if "cpuCores" in FACTS_USED["hardware"][r["hardware"]]]
+    cpu_prefill = [r for r in cpu if "decode" not in r["metric"]]
+    cpu_decode = [r for r in cpu if "decode" in r["metric"]]
+    return {
+        "(a) llama.cpp GPU prefill": [_facts_llamacpp(r, False) for r in gpu if "decode" not in r["metric"]],
+        "(b) llama.cpp GPU decode": [_facts_llamacpp(r, False) for r in gpu if "decode" in r["metric"]],
+        "(c) llama.cpp CPU prefill, threads as run": [_facts_llamacpp(r, False) for r in cpu_prefill],
+        "(c) llama.cpp CPU prefill, threads capped at 16": [_facts_llamacpp(r, True) for r in cpu_prefill],
+        "(c) llama.cpp CPU decode, threads as run": [_facts_llamacpp(r, False) for r in cpu_decode],
+        "(d) vLLM TTFT, localhost": [_facts_vllm_ttft(r) for r in rows if r["metric"] == "TTFT"],
+    }
+
+
+def facts_section() -> list[str]:
+    """docs/estimator.md's tables of prefill-facts-used.json's groups (outside the fit)."""
+    groups = facts_groups()
+    lines = [
+        (f"**Outside the fit: prefill-facts.json** ({len(FACTS_USED['rows'])} rows in "
+         f"benchmarks/calibration/prefill-facts-used.json, the others left out there with the reason; "
+         f"nothing is fitted on them)."),
+        "",
+        "| group | rows | median | largest |",
+        "|---|---:|---:|---:|",
+        *[f"| {name} | {len(rs)} | {median_abs_error(rs):.1%} | {max(abs(r.error) for r in rs):.1%} |"
+          for name, rs in groups.items()],
+        "",
+    ]
+    for name, rs in groups.items():
+        unit = "ms" if "TTFT" in name else "tokens/s"
+        lines += [f"{name}:", "", markdown_table(rs, unit), ""]
+    return lines
