@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -36,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import report  # noqa: E402
 import synthetic  # noqa: E402
 
 from llama_operator import loading  # noqa: E402
@@ -120,19 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         bomb.write_text(alias_bomb())
         bomb_run = run_cli("plan", "-f", bomb, "--cluster", ROOT / "examples" / "clusters" / "a100.yaml")
     out = {
-        "benchmark": "cli_load",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "libyaml": bool(getattr(yaml, "__with_libyaml__", False))},
+        **report.header("cli_load", libyaml=bool(getattr(yaml, "__with_libyaml__", False))),
         "nodes": len(nodes),
         "pods": len(pods),
         "cluster": cluster,
         "alias_bomb": {"bytes": len(alias_bomb()), "strings_when_expanded": 9**9, **bomb_run},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    json.dump(out, sys.stdout, indent=2)
-    print()
-    return 0
+    return report.emit(out)
 
 
 if __name__ == "__main__":

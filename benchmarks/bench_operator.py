@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -38,13 +36,13 @@ import tempfile
 import threading
 import time
 import urllib.request
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import report  # noqa: E402
 import synthetic  # noqa: E402
 
 from llama_operator.crd import crd_manifest  # noqa: E402
@@ -388,9 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 "operator_cpu_seconds": med(which, ("operator_cpu_seconds",)),
             }
     out: dict[str, Any] = {
-        "benchmark": "operator",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        **report.header("operator"),
         "nodes": args.nodes,
         "deployments": args.deployments,
         "rounds": args.rounds,
@@ -415,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "rss_peak_mib": o["rss_peak_mib"], "goal_mib": GOAL_RSS_MIB},
         }
     out["wall_seconds"] = round(time.monotonic() - started, 1)
-    json.dump(out, sys.stdout, indent=2)
-    print()
-    return 0
+    return report.emit(out)
 
 
 if __name__ == "__main__":

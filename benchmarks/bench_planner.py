@@ -36,17 +36,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import report  # noqa: E402
 import synthetic  # noqa: E402
 
 from llama_operator import api, placement, planner  # noqa: E402
@@ -198,17 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         verdicts["near_flat"] = {"pass": ratio <= FLAT_RATIO, "from_nodes": base, "to_nodes": top,
                                  "ratio": round(ratio, 2), "goal_ratio": FLAT_RATIO}
     out = {
-        "benchmark": "planner",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        **report.header("planner"),
         "repeats": args.repeats,
         "sizes": results,
         "verdicts": verdicts,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    json.dump(out, sys.stdout, indent=2)
-    print()
-    return 0
+    return report.emit(out)
 
 
 if __name__ == "__main__":
