@@ -194,8 +194,12 @@ BAD_FOR_SCHEMA = [
 
 @pytest.mark.parametrize("field, overrides", BAD_FOR_SCHEMA, ids=[f"{f}={o}" for f, o in BAD_FOR_SCHEMA])
 def test_schema_and_parse_spec_both_refuse_bad_fields(spec_schema, spec_dict, field, overrides):
-    bad = spec_dict(**overrides)
-    assert list(validator(spec_schema).iter_errors(bad)), f"the CRD schema admits {overrides}"
+    _both_refuse(spec_schema, spec_dict(**overrides), field, str(overrides))
+
+
+def _both_refuse(spec_schema, bad: dict, field: str, shown: str) -> None:
+    """The CRD schema refuses `bad`, and parse_spec refuses it naming spec.<field>."""
+    assert list(validator(spec_schema).iter_errors(bad)), f"the CRD schema admits {shown}"
     with pytest.raises(SpecError) as info:
         parse_spec(bad)
     assert any(p.startswith(f"spec.{field}") for p in info.value.problems), info.value.problems
@@ -455,11 +459,7 @@ BAD_FOR_SCHEMA_SYNTAX = [
 
 @pytest.mark.parametrize("field, overrides", BAD_FOR_SCHEMA_SYNTAX, ids=[f for f, _ in BAD_FOR_SCHEMA_SYNTAX])
 def test_schema_and_parse_spec_both_refuse_bad_syntax_and_sizes(spec_schema, spec_dict, field, overrides):
-    bad = spec_dict(**overrides)
-    assert list(validator(spec_schema).iter_errors(bad)), f"the CRD schema admits {str(overrides)[:200]}"
-    with pytest.raises(SpecError) as info:
-        parse_spec(bad)
-    assert any(p.startswith(f"spec.{field}") for p in info.value.problems), info.value.problems
+    _both_refuse(spec_schema, spec_dict(**overrides), field, str(overrides)[:200])
 
 
 # Each bad object the schema admits, and the field the CEL rule that must refuse it names.

@@ -159,12 +159,17 @@ def test_a_fallback_plan_says_so(make_spec, clusters):
     assert d.outcome == "fallback"
 
 
+def first_then(spec, inv, deployment: dict):
+    """The first pass, then one 5 s later that sees the Deployment's status `deployment`."""
+    first = decide(observe(), spec, plan_on(spec, inv), None)
+    return first, decide(observe(first.status, deployment=deployment, now=T0 + timedelta(seconds=5)), spec,
+                         plan_on(spec, inv), check(spec, inv, first.status))
+
+
 def test_ready_deployment_makes_the_phase_ready_once(make_spec, clusters):
     spec = make_spec()
     inv = clusters["small"]
-    first = decide(observe(), spec, plan_on(spec, inv), None)
-    rolling = decide(observe(first.status, deployment=ROLLING_1, now=T0 + timedelta(seconds=5)), spec,
-                     plan_on(spec, inv), check(spec, inv, first.status))
+    first, rolling = first_then(spec, inv, ROLLING_1)
     assert rolling.status.phase == "Pending" and rolling.events == []
 
     ready = decide(observe(rolling.status, deployment=READY_1, now=T0 + timedelta(seconds=60)), spec,
@@ -420,9 +425,7 @@ REFUSED_1 = {"replicas": 0, "updatedReplicas": 0, "readyReplicas": 0, "observedG
 def test_pods_refused_by_admission_are_degraded_with_the_controllers_message_once(make_spec, clusters):
     spec = make_spec()
     inv = clusters["small"]
-    first = decide(observe(), spec, plan_on(spec, inv), None)
-    refused = decide(observe(first.status, deployment=REFUSED_1, now=T0 + timedelta(seconds=5)), spec,
-                     plan_on(spec, inv), check(spec, inv, first.status))
+    _, refused = first_then(spec, inv, REFUSED_1)
     s = refused.status
     assert s.phase == "Degraded" and PSA in s.message and s.message.startswith("0/1 replicas ready")
     assert reasons(refused) == ["ReplicaFailure"] and refused.events[0][0] == "Warning"
