@@ -32,7 +32,7 @@ from .prefill import (
     LLAMACPP_UBATCH,
     VLLM_REQUEST_OVERHEAD_SECONDS,
     attention_flops,
-    conservative_tflops,
+    gpu_tflops,
     llamacpp_gpu_prefill_seconds,
     vllm_prefill_seconds,
 )
@@ -325,12 +325,6 @@ def kv_read_bytes_per_step(arch: ModelArch, workload: Workload) -> float:
 # --- The estimate --------------------------------------------------------------------------------------
 
 
-def _gpu_tflops(gpu: GPU, quant: Quantization) -> float:
-    if quant.id == "fp8" and gpu.fp8_tflops:
-        return gpu.fp8_tflops
-    return gpu.tensor_tflops_16bit or conservative_tflops()
-
-
 def _is_16bit(quant: Quantization, gpu: GPU | None) -> bool:
     """Whether decode runs the 16-bit kernels' costs: 16-bit weights, or FP8 on FP8 tensor cores (W8A8).
     FP8 weights on a GPU without FP8 tensor cores (Ampere) run weight-only, dequantised to 16 bits inside
@@ -410,7 +404,7 @@ def _gpu_decode(model: Model, quant: Quantization, hw: Hardware, step_bytes: flo
         cap = LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_16BIT if sixteen \
             else LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED
         bandwidth = min(bandwidth, cap * 1e9)
-    peak = _gpu_tflops(gpu, quant) * 1e12
+    peak = gpu_tflops(gpu, quant) * 1e12
     n = max(1, hw.gpu_count)
     if quant.runtime == "vllm":
         parallel = n  # tensor parallel: the traffic and the FLOPs split N ways

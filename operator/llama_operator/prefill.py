@@ -58,6 +58,14 @@ def conservative_tflops() -> float:
     return min(known)
 
 
+def gpu_tflops(gpu: GPU, quant: Quantization) -> float:
+    """The tensor peak a variant computes at: FP8 where the weights are FP8 and the GPU has FP8 tensor cores
+    (W8A8), else the 16-bit figure (weight-only FP8 and INT4 dequantise to 16 bits)."""
+    if quant.id == "fp8" and gpu.fp8_tflops:
+        return gpu.fp8_tflops
+    return gpu.tensor_tflops_16bit or conservative_tflops()
+
+
 def attention_flops(arch: ModelArch, prompt: int) -> float:
     """Causal attention of one prompt: QK^T and AV over half the square, every self-attention layer."""
     return 2 * arch.self_attention_layers * prompt**2 * arch.heads * arch.head_dim
@@ -134,7 +142,7 @@ def vllm_prefill_terms(arch: ModelArch, quant: Quantization, prompts: list[int],
     """One batched prefill of `prompts` (vLLM prefills every waiting prompt together) on N GPUs, with
     `allreduce_seconds` of tensor parallelism's all-reduces in one pass over the layers (0 for one GPU)."""
     kernel = vllm_prefill_kernel(quant, gpu)
-    tflops = gpu.fp8_tflops if kernel == "fp8-w8a8" else (gpu.tensor_tflops_16bit or conservative_tflops())
+    tflops = gpu_tflops(gpu, quant)
     n = max(1, gpu_count)
     flops = 2 * active_parameters * sum(prompts) + sum(attention_flops(arch, p) for p in prompts)
     fixed = weights / (gpu.memory_bandwidth_gbps * 1e9 * n) + allreduce_seconds
