@@ -247,7 +247,14 @@ class LlamaDeploymentSpec(ApiModel):
         default=8192, ge=256, le=131072,
         description="Longest sequence (prompt plus answer) in tokens; vLLM --max-model-len, llama.cpp --ctx-size per "
         "slot.")
-    replicas: int = Field(default=1, ge=1, le=1000, description="Model server replicas.")
+    replicas: int = Field(default=1, ge=1, le=1000, description=(
+        "Model server replicas; the floor the SLO loop scales in to."))
+    maxReplicas: int | None = Field(default=None, ge=1, le=1000, description=(
+        "Replicas the SLO loop may scale out to while the load stays above what one replica was planned for "
+        "(slo.concurrency); unset: replicas, no scaling. docs/slo-loop.md."))
+    sloPolicy: Literal["enforce", "observe"] = Field(default="enforce", description=(
+        "enforce: on a sustained breach the operator scales out, or re-plans with the latency it observed; "
+        "observe: it only reports (status.observed, the SLOMet condition, Events, metrics)."))
     runtime: Literal["auto", "vllm", "llamacpp"] = Field(
         default="auto", description="auto lets the planner choose; vllm or llamacpp pins the runtime.")
     fallback: Fallback = Field(default_factory=Fallback, description="What the operator may do when the hardware falls "
@@ -275,6 +282,11 @@ class LlamaDeploymentSpec(ApiModel):
     def memory_budget_bytes(self) -> int:
         return parse_quantity(self.memoryBudget)
 
+    @property
+    def max_replicas(self) -> int:
+        """The ceiling of the SLO loop's scaling (spec.replicas when maxReplicas is unset)."""
+        return max(self.replicas, self.maxReplicas or self.replicas)
+
 
 def _model_sizes() -> dict[str, float]:
     return {m.id: m.published_parameters for m in load_catalog().models.values()}
@@ -300,6 +312,9 @@ def cross_field_problems(spec: LlamaDeploymentSpec) -> list[str]:
         elif _model_sizes()[floor] > _model_sizes()[spec.model]:
             problems.append(f"spec.fallback.minimumModel: {floor} is larger than the requested model {spec.model}; "
                             "the floor must be the same size or smaller")
+    if spec.maxReplicas is not None and spec.maxReplicas < spec.replicas:
+        problems.append(f"spec.maxReplicas: {spec.maxReplicas} is below replicas {spec.replicas}; raise maxReplicas "
+                        "or leave it out (replicas is the floor the SLO loop scales from)")
     if spec.slo.promptTokens >= spec.contextLength:
         problems.append(f"spec.slo.promptTokens: {spec.slo.promptTokens} does not leave room to answer in contextLength "
                         f"{spec.contextLength}; lower promptTokens or raise contextLength")

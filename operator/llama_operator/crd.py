@@ -125,6 +125,12 @@ def cel_rules() -> list[dict[str, str]]:
             "reason": "FieldValueInvalid",
         },
         {
+            "rule": "!has(self.maxReplicas) || self.maxReplicas >= (has(self.replicas) ? self.replicas : 1)",
+            "message": "maxReplicas must be at least replicas (replicas is the floor the SLO loop scales from)",
+            "fieldPath": ".maxReplicas",
+            "reason": "FieldValueInvalid",
+        },
+        {
             "rule": f"!has(self.runtime) || self.runtime != 'vllm' || !({quants}) || "
                     f"self.fallback.quantizations.exists(q, q in {_cel_list(api.VLLM_QUANTIZATIONS)})",
             "message": "fallback.quantizations has nothing vLLM serves (bf16, fp8, awq-int4, gptq-int4)",

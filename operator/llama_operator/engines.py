@@ -32,6 +32,31 @@ class Kernel:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class SloSignals:
+    """The series the SLO loop reads from one release (engines.yaml `sloSignals`).
+
+    `kind` histograms (vLLM): ttft and tpot name histograms, whose buckets give a p95 and the share of
+    requests over a target. `kind` counters (llama.cpp): no latency histogram; the means come from time
+    and token totals (prompt_seconds / prompt_tokens per prompt token, predicted_seconds /
+    predicted_tokens per output token). Both: the gauges of requests running and waiting."""
+
+    kind: str  # histograms | counters
+    running: str
+    waiting: str
+    ttft: str | None = None
+    tpot: str | None = None
+    generated_tokens: str | None = None
+    prompt_seconds: str | None = None
+    prompt_tokens: str | None = None
+    predicted_seconds: str | None = None
+    predicted_tokens: str | None = None
+
+    def names(self) -> list[str]:
+        """Every series named, as the release exports it."""
+        return [v for k, v in vars(self).items() if k != "kind" and v]
+
+
 @dataclass(frozen=True, eq=False)  # one instance per release id: identity is equality (and hashable)
 class EngineRelease:
     id: str
@@ -46,6 +71,7 @@ class EngineRelease:
     kv_min_compute_capability: str | None
     kv_vendors: tuple[str, ...]
     metrics: frozenset[str]  # the series the alert rules and dashboard read, as this release exports them
+    slo_signals: SloSignals
     #: The lowest CUDA compute capability the release's CUDA image is compiled for (None: no floor stated).
     image_min_compute_capability: str | None
     source: str
@@ -100,11 +126,22 @@ def _release(raw: dict) -> EngineRelease:
         kv_min_compute_capability=str(kv["minComputeCapability"]) if kv.get("minComputeCapability") else None,
         kv_vendors=tuple(kv["vendors"]),
         metrics=frozenset(raw["metrics"]["names"]),
+        slo_signals=_slo_signals(raw["sloSignals"]),
         image_min_compute_capability=min(
             (raw.get("imageComputeCapabilities") or {}).get("cuda") or [None],  # type: ignore[type-var]
             key=lambda cc: capability_version(cc) if cc else (0, 0)),
         source=raw.get("source", ""),
     )
+
+
+_SIGNAL_FIELDS = {"ttft": "ttft", "tpot": "tpot", "running": "running", "waiting": "waiting",
+                  "generatedTokens": "generated_tokens", "promptSeconds": "prompt_seconds",
+                  "promptTokens": "prompt_tokens", "predictedSeconds": "predicted_seconds",
+                  "predictedTokens": "predicted_tokens"}
+
+
+def _slo_signals(raw: dict) -> SloSignals:
+    return SloSignals(kind=raw["kind"], **{field: raw[key] for key, field in _SIGNAL_FIELDS.items() if key in raw})
 
 
 @functools.cache

@@ -23,11 +23,19 @@ class Condition(ApiModel):
     observedGeneration: int | None = None
 
 
+class Factors(ApiModel):
+    ttftFactor: float = Field(description="Observed over estimated time to first token.")
+    tpotFactor: float = Field(description="Observed over estimated time per output token.")
+
+
 class Predicted(ApiModel):
     memoryBytes: int = Field(description="Memory one replica needs (weights, KV cache, runtime overhead).")
     perGpuBytes: int | None = Field(default=None, description="Memory needed on each GPU (null on CPU).")
-    ttftSeconds: float = Field(description="Predicted p95 time to first token.")
-    tpotSeconds: float = Field(description="Predicted time per output token.")
+    ttftSeconds: float = Field(description="Predicted p95 time to first token (the estimate times correctedBy).")
+    tpotSeconds: float = Field(description="Predicted time per output token (the estimate times correctedBy).")
+    correctedBy: Factors | None = Field(default=None, description=(
+        "The correction (status.corrections) the prediction includes: the estimator's figures times these. "
+        "Null: the estimate as it is."))
 
 
 class ChosenPlan(ApiModel):
@@ -83,6 +91,50 @@ class PendingChange(ApiModel):
     reason: str = ""
 
 
+class Observed(ApiModel):
+    """What the SLO loop last saw of the model servers (docs/slo-loop.md)."""
+
+    ttftP95Seconds: float | None = Field(default=None, description=(
+        "Observed time to first token: vLLM's p95 from its histogram buckets (coarse: interpolated within a "
+        "bucket); llama.cpp's mean (statistic says which)."))
+    tpotP95Seconds: float | None = Field(default=None, description="Observed time per output token (as above).")
+    statistic: str | None = Field(default=None, description=(
+        "How the latency was computed: 'p95 from histogram buckets' (vLLM) or 'mean from counters' (llama.cpp)."))
+    ttftOverTarget: float | None = Field(default=None, description=(
+        "Share of requests slower than spec.slo.ttftP95 (vLLM); above 0.05 the p95 target is missed."))
+    tpotOverTarget: float | None = Field(default=None, description="Share of requests slower than tpotP95 (vLLM).")
+    requestsRunning: float | None = Field(default=None, description="Requests being served, all replicas.")
+    requestsWaiting: float | None = Field(default=None, description="Requests queued, all replicas.")
+    requestsPerSecond: float | None = None
+    tokensPerSecond: float | None = Field(default=None, description="Output tokens per second, all replicas.")
+    window: str | None = Field(default=None, description="The window the figures cover (e.g. 5m).")
+    source: str | None = Field(default=None, description="prometheus or pods (a direct scrape of /metrics).")
+    sampledAt: str | None = Field(default=None, description="When (RFC 3339).")
+
+
+class Correction(ApiModel):
+    """Observed over estimated latency of one variant on one hardware shape, which the planner applies."""
+
+    variant: str = Field(description="model/quantization.")
+    hardware: str = Field(description="As the plan names it, e.g. 1x NVIDIA-L4.")
+    ttftFactor: float
+    tpotFactor: float
+    samples: int = Field(description="Requests the factors were measured over.")
+    updatedAt: str = Field(description="When last measured (RFC 3339); forgotten after the correction TTL.")
+
+
+class SLOState(ApiModel):
+    """The SLO loop's memory across passes and restarts: when a breach or calm began, what it last did."""
+
+    replicas: int | None = Field(default=None, description=(
+        "Replicas the loop scaled to (between spec.replicas and spec.maxReplicas); null: spec.replicas."))
+    breachedSince: str | None = Field(default=None, description="When the current breach began (RFC 3339).")
+    overloadedSince: str | None = Field(default=None, description="When load above the plan began.")
+    calmSince: str | None = Field(default=None, description="When the current calm (SLO met, load low) began.")
+    lastAction: str | None = Field(default=None, description="ScaledOut, ScaledIn or Replanned.")
+    lastActionAt: str | None = Field(default=None, description="When (RFC 3339); the cooldown counts from it.")
+
+
 class LlamaDeploymentStatus(ApiModel):
     phase: Literal[tuple(PHASES)] | None = None  # type: ignore[valid-type]
     message: str | None = Field(default=None, description="One line on the current state.")
@@ -104,3 +156,8 @@ class LlamaDeploymentStatus(ApiModel):
     pendingChange: PendingChange | None = Field(
         default=None, description="A better plan the operator will move to once the capacity behind it has been "
         "stable for the upgrade delay.")
+    observed: Observed | None = Field(default=None, description="What the SLO loop last saw (docs/slo-loop.md).")
+    corrections: list[Correction] = Field(default_factory=list, max_length=64, description=(
+        "Observed over estimated latency per variant and hardware, from sustained breaches; the planner multiplies "
+        "its estimates by them."))
+    slo: SLOState | None = Field(default=None, description="The SLO loop's timers and last action.")

@@ -278,6 +278,8 @@ BAD_FOR_CEL = [
                                 "fallback": {"minimumModel": "llama-3.2-90b-vision-instruct"}}),
     (".slo.promptTokens", {"slo": {"promptTokens": 8192}}),  # against the default context of 8192
     (".slo.promptTokens", {"contextLength": 2048, "slo": {"promptTokens": 4096}}),
+    (".maxReplicas", {"replicas": 3, "maxReplicas": 2}),
+    (".maxReplicas", {"replicas": 2, "maxReplicas": 1}),
     (".fallback.quantizations", {"runtime": "vllm", "fallback": {"quantizations": ["q4_k_m"]}}),
     (".fallback.quantizations", {"runtime": "llamacpp", "fallback": {"quantizations": ["awq-int4", "fp8"]}}),
 ]
