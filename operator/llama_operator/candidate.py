@@ -17,6 +17,18 @@ from .placement import Pool
 CPU_MAX_THREADS = 16
 
 
+def hardware_label(gpu_product: str | None, gpus: int, cpu_threads: int | None, cpu_bandwidth_gbps: float | None) -> str:
+    """How plans, status and corrections name one replica's hardware: '1x NVIDIA-L4', 'cpu (16 cores, 100 GB/s)'."""
+    if gpu_product is None:
+        return f"cpu ({cpu_threads} cores, {cpu_bandwidth_gbps or 0:g} GB/s)"
+    return f"{gpus}x {gpu_product}"
+
+
+def plan_hardware(plan: ChosenPlan) -> str:
+    """The hardware label of a plan in force (as its candidate named it)."""
+    return hardware_label(plan.gpuProduct, plan.gpusPerReplica, plan.cpuThreads, plan.cpuMemoryBandwidthGbps)
+
+
 @dataclass
 class Candidate:
     model: Model
@@ -31,6 +43,8 @@ class Candidate:
     #: How far the candidate is from working: the largest of needed/available over every limit
     #: (<= 1 when feasible; infinite when the hardware cannot run the format at all).
     shortfall: float = float("inf")
+    #: The SLO loop's (TTFT, TPOT) correction the estimate was multiplied by (planner.Corrections); None: none.
+    correction: tuple[float, float] | None = None
 
     @property
     def runtime(self) -> str:
@@ -59,9 +73,8 @@ class Candidate:
     def hardware(self) -> str:
         if self.pool.label:
             return self.pool.label
-        if self.pool.gpu is None:
-            return f"cpu ({self.cpu_threads} cores, {self.pool.cpu_bandwidth_gbps:g} GB/s)"
-        return f"{self.gpus_per_replica}x {self.pool.gpu.product}"
+        return hardware_label(self.pool.gpu.product if self.pool.gpu else None, self.gpus_per_replica,
+                              self.cpu_threads, self.pool.cpu_bandwidth_gbps)
 
     @property
     def feasible(self) -> bool:
@@ -142,4 +155,6 @@ class Candidate:
             "perGpuBytes": e.per_gpu_bytes if self.pool.gpu else None,
             "ttftSeconds": round(e.ttft_seconds, 6),
             "tpotSeconds": round(e.tpot_seconds, 6),
+            **({"correctedBy": {"ttftFactor": self.correction[0], "tpotFactor": self.correction[1]}}
+               if self.correction else {}),
         }

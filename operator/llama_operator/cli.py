@@ -18,6 +18,7 @@ from . import api
 from .catalog import load_catalog
 from .loading import (UserError, load_cluster_file, load_deployment_objects, load_deployments, load_live_cluster,
                       shortened)
+from .slo_options import add_slo_options, slo_run_options
 from .units import format_bytes, format_seconds
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 1, 2
@@ -316,8 +317,9 @@ def cmd_run(args) -> int:
     health_address = _bind_address("--health-address", args.health_address)
     forbidden = _forbidden_tolerations(args.forbid_toleration)
     images = _image_mirrors(args.image or [])
+    slo, slo_interval, slo_source = slo_run_options(args)
     settings = Settings(upgrade_delay=timedelta(seconds=args.upgrade_delay), resync_seconds=args.resync,
-                        images=images, forbidden_tolerations=forbidden)
+                        images=images, forbidden_tolerations=forbidden, slo=slo, slo_interval_seconds=slo_interval)
     namespaces = [] if args.all_namespaces or not args.namespace else list(args.namespace)
     options = RunOptions(
         kubeconfig=args.kubeconfig,
@@ -329,6 +331,7 @@ def cmd_run(args) -> int:
         peering=None if args.standalone or not args.peering else args.peering,
         settings=settings,
         pods_all_namespaces=bool(namespaces) and args.pods_all_namespaces,
+        **slo_source,
     )
     configure_logging(verbose=args.verbose, json_format=args.log_format == "json")
     tune_gc()
@@ -436,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pull a pinned engine image (docs/engines.md) from a mirror of the same release, e.g. "
                    "vllm/vllm-openai:v0.34.0=registry.local/vllm-openai:v0.34.0; =UID[:GID]: the mirror runs as "
                    "that non-root user (docs/security.md) (repeatable)")
+    add_slo_options(r)
     r.add_argument("-v", "--verbose", action="store_true")
     r.set_defaults(func=cmd_run)
 

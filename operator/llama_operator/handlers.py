@@ -8,6 +8,7 @@ Services the operator owns), which kopf fills from the initial listings before a
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 
@@ -19,6 +20,7 @@ from .kubeclient import connection_info
 from .live import Live
 from .ownership import FINALIZER, LABEL_DEPLOYMENT, MANAGED_BY
 from .passes import run_pass
+from .slo_watch import model_pod, observe_forever
 from .state import Indexes, OperatorState, pod_use
 from .workqueue import Workers
 
@@ -38,7 +40,8 @@ def _register_lifecycle(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.on.startup(id="configure", registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, node_index: kopf.Index,
-                        pod_index: kopf.Index, deployment_index: kopf.Index, service_index: kopf.Index, **_):
+                        pod_index: kopf.Index, deployment_index: kopf.Index, service_index: kopf.Index,
+                        model_pod_index: kopf.Index, **_):
         _configure_kopf(settings, memo.get("watch_timeout", 300))
         if "state" not in memo or _state(memo).workers is not None:  # kopf retries a startup handler that failed
             return
@@ -48,14 +51,18 @@ def _register_lifecycle(registry: kopf.OperatorRegistry) -> None:
         settings.peering.priority = state.peering_priority
         # kopf's index objects stay the same objects as they fill; kopf runs no handler before they are full.
         state.indexes = Indexes(nodes=node_index, pods=pod_index, deployments=deployment_index,
-                                services=service_index)
+                                services=service_index, model_pods=model_pod_index)
         _start_workers(state)
+        if state.observer is not None:
+            state.slo_task = asyncio.get_running_loop().create_task(observe_forever(state), name="slo-loop")
 
     @kopf.on.cleanup(id="stop_workers", registry=registry)
     async def stop_workers(memo: kopf.Memo, **_):
         if "state" not in memo:
             return
         state = _state(memo)
+        if state.slo_task is not None:
+            state.slo_task.cancel()
         if state.workers is not None:
             await state.workers.stop(state.settings.stop_timeout_seconds)
         if state.peering is not None:
@@ -100,6 +107,11 @@ def _register_indexes(registry: kopf.OperatorRegistry) -> None:
     async def pod_index(namespace: str, name: str, body: kopf.Body, labels: kopf.Labels, **_):
         use = pod_use(body, labels)
         return None if use is None else {(namespace, name): use}
+
+    @kopf.index("", "v1", "pods", labels=MANAGED_BY, id="model_pod_index", registry=registry)
+    async def model_pod_index(namespace: str, name: str, body: kopf.Body, labels: kopf.Labels, **_):
+        endpoint = model_pod(namespace, name, body, labels)
+        return None if endpoint is None else {(namespace, name): endpoint}
 
     @kopf.index("apps", "v1", "deployments", labels=MANAGED_BY, id="deployment_index", registry=registry)
     async def deployment_index(namespace: str, body: kopf.Body, labels: kopf.Labels, **_):

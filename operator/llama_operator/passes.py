@@ -36,7 +36,8 @@ from .kubeclient import api_message
 from .live import Live, is_current, rendered_fingerprint
 from .ownership import canonical
 from .reconcile import (OWNERSHIP_CONFLICT, WAITING_FOR_GC, WARNING, Decision, ObjectIssue, Observed, decide,
-                        decide_invalid, decide_objects)
+                        decide_invalid, decide_objects, decide_slo)
+from .slo import Judgement, judge
 from .render import Owner, render
 from .state import WATCHED_KINDS, Key, OperatorState, Promise, Settings
 from .status import LlamaDeploymentStatus
@@ -123,7 +124,7 @@ async def _decide_and_write(state: OperatorState, key: Key, body: dict, obs: Obs
     if spec is None:
         decision = decide_invalid(obs, problems)
     else:
-        obs, decision, objects, owned = _plan_and_render(state, key, body["metadata"], obs, spec)
+        obs, decision, objects, owned, spec = _plan_and_render(state, key, body["metadata"], obs, spec)
     restored: list[tuple[dict, Applied]] = []
     if objects:
         written = await _write_objects(state, key, objects, owned, obs, decision)
@@ -174,6 +175,7 @@ class _Planned(NamedTuple):
     decision: Decision
     objects: list[dict]  # the render of the plan to apply; empty when the workload is left as it is
     owned: dict[str, dict[str, Live]]
+    spec: api.LlamaDeploymentSpec  # with the replicas the SLO loop scaled to
 
 
 def _plan_and_render(state: OperatorState, key: Key, meta: Mapping[str, Any], obs: Observed,
@@ -191,13 +193,22 @@ def _plan_and_render(state: OperatorState, key: Key, meta: Mapping[str, Any], ob
         obs = replace(obs, deployment_status=deployment.status)
     inventory = state.inventory_for(key)
     forbidden = state.settings.forbidden_tolerations
-    plan = planner.plan(spec, inventory, forbidden_tolerations=forbidden)
     current = obs.status.plan
-    problems = planner.check_choice(spec, inventory, current, forbidden_tolerations=forbidden) \
-        if current is not None else None
-    decision = decide(obs, spec, plan, problems)
+    judgement = _judge_slo(state, key, obs, spec, inventory)
+    corrections = judgement.planner_corrections() if judgement is not None else None
+    if judgement is not None and judgement.replicas != spec.replicas:
+        spec = spec.model_copy(update={"replicas": judgement.replicas})  # scaled by the SLO loop
+    plan = planner.plan(spec, inventory, forbidden_tolerations=forbidden, corrections=corrections)
+    problems = planner.check_choice(spec, inventory, current, forbidden_tolerations=forbidden,
+                                    corrections=corrections) if current is not None else None
+
+    def decide_all(obs: Observed) -> Decision:
+        decision = decide(obs, spec, plan, problems)
+        return decide_slo(obs, decision, judgement) if judgement is not None else decision
+
+    decision = decide_all(obs)
     if decision.apply is None:
-        return _Planned(obs, decision, [], owned)
+        return _Planned(obs, decision, [], owned, spec)
     _promise(state, key, spec, decision)
     owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
     pod_spec = placement.with_pod_tolerations(spec, inventory, decision.apply, forbidden)
@@ -206,11 +217,31 @@ def _plan_and_render(state: OperatorState, key: Key, meta: Mapping[str, Any], ob
     if deployment is not None and runs != decision.apply.same_choice(current):
         # decide assumed the Deployment runs the plan in force; it knows better now.
         obs = replace(obs, deployment_runs_plan=runs)
-        decision = decide(obs, spec, plan, problems)
+        decision = decide_all(obs)
     for obj in objects:
         if obj["kind"] in WATCHED_KINDS:
             state.rendered[(obj["kind"], namespace, obj["metadata"]["name"])] = rendered_fingerprint(obj)
-    return _Planned(obs, decision, objects, owned)
+    if judgement is not None and judgement.action is not None:
+        state.metrics.record_slo_action(namespace, name, judgement.action)
+    return _Planned(obs, decision, objects, owned, spec)
+
+
+def _judge_slo(state: OperatorState, key: Key, obs: Observed, spec: api.LlamaDeploymentSpec,
+               inventory) -> Judgement | None:
+    """The SLO loop's verdict for this pass (slo.judge), or None when the loop is off (`run --slo-source off`).
+    Scaling out is asked of the planner first: n replicas of the plan in force must fit."""
+    if state.observer is None:
+        return None
+    current = obs.status.plan
+    forbidden = state.settings.forbidden_tolerations
+    kept = {(c.variant, c.hardware): (c.ttftFactor, c.tpotFactor) for c in obs.status.corrections}
+
+    def fits(n: int) -> bool:
+        return current is not None and not planner.check_choice(
+            spec.model_copy(update={"replicas": n}), inventory, current, forbidden_tolerations=forbidden,
+            corrections=kept)
+
+    return judge(obs.status, state.observations.get(key), spec, obs.now, state.settings.slo, fits)
 
 
 def _promise(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec, decision: Decision) -> None:

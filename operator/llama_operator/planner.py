@@ -18,9 +18,9 @@ with why. Which nodes form the pools is placement's (placement.py); what one can
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Collection, Iterable, Iterator
+from typing import Collection, Iterable, Iterator, Mapping
 
 from .api import LlamaDeploymentSpec
 from .candidate import Candidate
@@ -41,6 +41,12 @@ VLLM_TP_SIZES = (1, 2, 4, 8)
 LLAMACPP_MAX_GPUS = 8
 #: How many rejected candidates status carries (the CLI shows them all).
 STATUS_REJECTED_LIMIT = 20
+
+#: Observed over estimated latency per (variant "model/quantization", hardware as Candidate.hardware names it):
+#: (TTFT factor, TPOT factor). The SLO loop learns them from sustained breaches (slo.py); the planner multiplies
+#: the estimates of exactly that variant on exactly that hardware by them, before judging the SLO.
+Corrections = Mapping[tuple[str, str], tuple[float, float]]
+NO_CORRECTION = (1.0, 1.0)
 
 
 @dataclass
@@ -173,12 +179,14 @@ class _FixedVerdict:
 
 @lru_cache(maxsize=65536)
 def _fixed_verdict(model: Model, quant: Quantization, hw: Hardware, workload: Workload,
-                   limits: _Limits) -> _FixedVerdict:
+                   limits: _Limits, correction: tuple[float, float] = NO_CORRECTION) -> _FixedVerdict:
     gpu, runtime = hw.gpu, quant.runtime
     problem = support_problem(model, quant, gpu, workload.kv_cache_dtype)
     if problem:
         return _FixedVerdict(None, (problem,), (), float("inf"))
     e = estimate(model, quant, hw, workload)
+    if correction != NO_CORRECTION:
+        e = replace(e, ttft_seconds=e.ttft_seconds * correction[0], tpot_seconds=e.tpot_seconds * correction[1])
     before, after = [], []
     ratios = [e.total_bytes / limits.budget_bytes]
     if e.total_bytes > limits.budget_bytes:
@@ -197,20 +205,24 @@ def _fixed_verdict(model: Model, quant: Quantization, hw: Hardware, workload: Wo
         cpu_millis, memory_bytes = host_requests(runtime, 0, hw.cpu_cores, e.total_bytes)
     ratios.append(e.ttft_seconds / limits.ttft_seconds)
     ratios.append(e.tpot_seconds / limits.tpot_seconds)
+    observed = " (corrected by what was observed)" if correction != NO_CORRECTION else ""
     if e.ttft_seconds > limits.ttft_seconds:
-        after.append(f"predicted TTFT {format_seconds(e.ttft_seconds)} > SLO {limits.ttft_text}")
+        after.append(f"predicted TTFT {format_seconds(e.ttft_seconds)}{observed} > SLO {limits.ttft_text}")
     if e.tpot_seconds > limits.tpot_seconds:
-        after.append(f"predicted TPOT {format_seconds(e.tpot_seconds)} > SLO {limits.tpot_text}")
+        after.append(f"predicted TPOT {format_seconds(e.tpot_seconds)}{observed} > SLO {limits.tpot_text}")
     return _FixedVerdict(e, tuple(before), tuple(after), max(ratios), cpu_millis, memory_bytes)
 
 
-def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload, limits: _Limits | None = None) -> None:
+def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload, limits: _Limits | None = None,
+           corrections: Corrections | None = None) -> None:
     gpu = c.pool.gpu
     if gpu is None:
         hw = Hardware(gpu=None, cpu_cores=c.cpu_threads, cpu_bandwidth_gbps=c.pool.cpu_bandwidth_gbps)
     else:
         hw = Hardware(gpu=gpu, gpu_count=c.gpus_per_replica)
-    fixed = _fixed_verdict(c.model, c.quant, hw, workload, limits or _Limits.of(spec))
+    if corrections:
+        c.correction = corrections.get((f"{c.model.id}/{c.quant.id}", c.hardware))
+    fixed = _fixed_verdict(c.model, c.quant, hw, workload, limits or _Limits.of(spec), c.correction or NO_CORRECTION)
     c.reasons.extend(fixed.before)
     if fixed.estimate is None:  # the hardware cannot run the format: nothing else to say
         return
@@ -279,7 +291,7 @@ def _rungs(spec: LlamaDeploymentSpec, tried: list[Candidate]) -> Iterator[_Rung]
 
 
 def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: list[Pool], base: Workload,
-                     limits: _Limits) -> list[Candidate]:
+                     limits: _Limits, corrections: Corrections | None) -> list[Candidate]:
     """Every variant of the rung, checked: one candidate per pool that can run it (the fewest GPUs that
     work, else the count closest to working), or one on a stand-in pool saying why none can."""
     out = []
@@ -294,7 +306,7 @@ def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: 
             attempts = []
             for n in _gpu_counts(quant, rung.model, pool):
                 c = Candidate(rung.model, quant, kv_dtype, pool, n, index)
-                _check(c, spec, workload, limits)
+                _check(c, spec, workload, limits, corrections)
                 attempts.append(c)
                 if c.feasible:
                     break  # _best_of takes the fewest GPUs that work: larger counts never win
@@ -307,9 +319,11 @@ def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: 
 
 
 def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
-         forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> Plan:
+         forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS,
+         corrections: Corrections | None = None) -> Plan:
     """Choose what to run for `spec` on `inventory`, with the verdict and reasons for every candidate tried.
-    `forbidden_tolerations`: taint keys the spec's tolerations do not count for (placement.effective_tolerations)."""
+    `forbidden_tolerations`: taint keys the spec's tolerations do not count for (placement.effective_tolerations);
+    `corrections`: observed over estimated latency of variants on hardware (the SLO loop's)."""
     pools, notes = build_pools(spec, inventory, forbidden_tolerations)
     base = Workload(context_length=spec.contextLength, concurrency=spec.slo.concurrency,
                     prompt_tokens=spec.slo.promptTokens)
@@ -321,7 +335,7 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
         notes.append("no ready node matches the placement (nodeSelector, tolerations, gpuProducts)")
     for index, rung in enumerate(_rungs(spec, candidates)):
         rung_labels.append(rung.label)
-        rung_candidates = _rung_candidates(spec, rung, index, pools, base, limits)
+        rung_candidates = _rung_candidates(spec, rung, index, pools, base, limits, corrections)
         rung_candidates.sort(key=Candidate.cost_key)
         candidates.extend(rung_candidates)
         feasible = [c for c in rung_candidates if c.feasible]
@@ -418,7 +432,8 @@ def rank(spec: LlamaDeploymentSpec, chosen) -> tuple:
 
 
 def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen, *,
-                 forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> list[str]:
+                 forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS,
+                 corrections: Corrections | None = None) -> list[str]:
     """Reasons the plan in force (status.ChosenPlan) no longer works on `inventory`; empty while it does.
 
     The operator keeps a working plan until a better one has been stable for a while, but moves at once
@@ -440,5 +455,5 @@ def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen, *,
     workload = Workload(spec.contextLength, spec.slo.concurrency, spec.slo.promptTokens,
                         chosen.kvCacheDtype)  # type: ignore[arg-type]
     c = Candidate(model, quant, chosen.kvCacheDtype, pool, chosen.gpusPerReplica, rung=0)
-    _check(c, spec, workload)
+    _check(c, spec, workload, corrections=corrections)
     return c.reasons

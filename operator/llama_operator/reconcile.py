@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from .api import LlamaDeploymentSpec
 from .catalog import load_catalog
 from .planner import STATUS_REJECTED_LIMIT, Plan, rank
+from .slo import SLO_MET, Judgement
 from .status import (
     ChosenPlan,
     Condition,
@@ -32,6 +33,7 @@ from .status import (
     PendingChange,
     RejectedCandidate,
 )
+from .candidate import plan_hardware
 from .ownership import endpoint
 from .units import format_time, parse_time
 
@@ -376,3 +378,36 @@ def _phase_events(prev: LlamaDeploymentStatus, phase: str, message: str, failing
     elif prev.phase == "Ready" and phase == "Degraded":
         events.append((WARNING, "Degraded", message))
     return events
+
+
+def decide_slo(obs: Observed, decision: Decision, judgement: Judgement) -> Decision:
+    """The decision with what the SLO loop concluded (slo.judge): status.observed, the corrections, the loop's
+    timers, the SLOMet condition and its Events. A breach without remedy makes a serving deployment Degraded
+    with observed versus predicted: the corrected estimates fit no variant (the planner found nothing, and the
+    plan in force keeps running), or the load needs more than maxReplicas or the free capacity."""
+    status = decision.status.model_copy(deep=True)
+    status.observed = judgement.observed
+    status.corrections = judgement.corrections
+    status.slo = judgement.state if judgement.state.model_dump(exclude_none=True) else None
+    events = list(decision.events)
+    if judgement.corrected is not None:  # say what was observed where the move is announced
+        events = [(t, r, f"{m} ({judgement.breach_message})" if r == "Replanned" else m) for t, r, m in events]
+    events += judgement.events
+    plan = status.plan
+    corrected_in_force = plan is not None and any(
+        c.variant == plan.variant and c.hardware == plan_hardware(plan) for c in judgement.corrections)
+    message = None
+    if decision.outcome == "infeasible" and corrected_in_force and status.readyReplicas:
+        message = (f"{judgement.breach_message or 'SLO missed with the corrected estimates'}; no variant meets the "
+                   f"SLO with corrected estimates, so {plan.variant} keeps serving: {status.message}")
+    elif judgement.breach_message and judgement.corrected is None and status.phase == "Ready":
+        message = judgement.breach_message
+    if message is not None:  # said by the one Degraded Event, not once more per pass as Unschedulable or Ready
+        events = [e for e in events if e[1] not in ("Unschedulable", "Ready")]
+        if obs.status.phase != "Degraded":
+            events.append((WARNING, "Degraded", message))
+        status.phase, status.message = "Degraded", message
+    wanted = [(c.type, c.status, c.reason, c.message) for c in status.conditions if c.type != SLO_MET]
+    wanted.append((SLO_MET, *judgement.condition))
+    status.conditions = _conditions(obs.status.conditions, wanted, obs.now, obs.generation)
+    return replace(decision, status=status, events=events)

@@ -69,6 +69,11 @@ class RunOptions:
     #: other namespaces' pods hold are not taken for free. Needs cluster-wide list/watch on pods; without
     #: it the operator says so and keeps to the watched namespaces' Pods.
     pods_all_namespaces: bool = False
+    #: Where the SLO loop observes the model servers (docs/slo-loop.md): pods (their /metrics, directly),
+    #: prometheus (the HTTP API at prometheus_url) or off (no loop: what the library and tests default to).
+    slo_source: str = "off"
+    prometheus_url: str | None = None
+    prometheus_token_file: str | None = None
 
 
 def build(options: RunOptions) -> tuple[kopf.OperatorRegistry, OperatorState]:
@@ -79,10 +84,26 @@ def build(options: RunOptions) -> tuple[kopf.OperatorRegistry, OperatorState]:
                           peering_priority=own_priority(options.settings.peering_priority))
     if options.namespaces and options.pods_all_namespaces:
         _register_cluster_pods(registry, ClusterPods(cfg, state, options.watch_timeout))
+    state.observer = _observer(options)
     if options.peering is not None:
         state.peering = PeeringGate(_peering_reader(state.writer, options), own_identity(), state.peering_priority,
                                     on_resume=state.wake_all)
     return registry, state
+
+
+def _observer(options: RunOptions):
+    """The SLO loop's source, or None when the loop is off."""
+    if options.slo_source == "off":
+        return None
+    from .observer import Observer, PodScraper, PrometheusSource
+
+    window = options.settings.slo.window.total_seconds()
+    if options.slo_source == "prometheus":
+        if not options.prometheus_url:
+            raise ValueError("the SLO loop's source prometheus needs a Prometheus URL (--prometheus-url)")
+        return Observer(PrometheusSource(options.prometheus_url, bearer_token_file=options.prometheus_token_file),
+                        window)
+    return Observer(PodScraper(), window)
 
 
 def _peering_reader(writer: Writer, options: RunOptions):

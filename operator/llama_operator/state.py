@@ -21,7 +21,9 @@ from .live import Live
 from .metrics import OperatorMetrics
 from .ownership import HASH_ANNOTATION, LABEL_DEPLOYMENT
 from .peering import PeeringGate
+from .observe import Observation
 from .render import Images
+from .slo import SloSettings
 from .status import ChosenPlan
 from .workqueue import WorkQueue, Workers
 
@@ -51,6 +53,10 @@ class Settings:
     #: Taint keys a LlamaDeployment's tolerations never count for (`run --forbid-toleration`): in planning
     #: and in the pods (placement.effective_tolerations).
     forbidden_tolerations: frozenset[str] = placement.DEFAULT_FORBIDDEN_TOLERATIONS
+    #: The SLO loop's window, cooldown, calm window and correction TTL (docs/slo-loop.md), and how often it
+    #: observes (`run --slo-*`).
+    slo: SloSettings = field(default_factory=SloSettings)
+    slo_interval_seconds: float = 30.0
 
 
 @dataclass
@@ -76,6 +82,8 @@ class Indexes:
     pods: Any
     deployments: Any
     services: Any
+    #: The operator's model server pods ({(namespace, pod): store of observer.PodEndpoint}), for the SLO loop.
+    model_pods: Any = None
 
     def owned(self, key: Key) -> dict[str, dict[str, Live]]:
         """The watched objects `key` owns, per kind and name, as `Writer.apply` takes them (`known`)."""
@@ -130,6 +138,11 @@ class OperatorState:
         #: Per deployment, the owned objects last found held by someone else (or a deleted predecessor):
         #: the next pass reads them (GET) instead of trying to create them again.
         self.unowned: dict[Key, set[tuple[str, str]]] = {}
+        #: The SLO loop's source (observer.Observer; None: the loop is off) and its newest observation of
+        #: each deployment, which the passes judge (slo.judge).
+        self.observer: Any = None
+        self.observations: dict[Key, Observation] = {}
+        self.slo_task: Any = None
 
     # --- cluster view ---
 
@@ -268,7 +281,7 @@ class OperatorState:
         self.queue.forget(key)
         for kind in WATCHED_KINDS:  # named like their owner
             self.rendered.pop((kind, *key), None)
-        for kept in (self.accepted, self.refused, self.unowned):
+        for kept in (self.accepted, self.refused, self.unowned, self.observations):
             kept.pop(key, None)
         if self.drop_promise(key):
             self.wake_all()  # its capacity is free again

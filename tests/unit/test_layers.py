@@ -23,9 +23,9 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("render", {"render"}),
     ("reconcile decisions", {"reconcile"}),
     ("kopf shell", {"state", "handlers", "passes", "kube", "kubeclient", "live", "workqueue", "peering",
-                    "metrics", "runner", "observer"}),
+                    "metrics", "runner", "observer", "slo_watch"}),
     ("sandbox", {"sandbox"}),
-    ("cli", {"cli", "loading"}),
+    ("cli", {"cli", "loading", "slo_options"}),
 ]
 MAX_MODULE_LINES = 500
 

@@ -1,0 +1,279 @@
+"""The SLO loop's judgement: from what was observed, whether the SLO is met, and what to do about it.
+
+Pure: the pass (passes.py) hands `judge` the last status, the newest observation (observe.Observation),
+the spec, the plan in force, the time and a way to ask whether n replicas fit; it gets back the
+condition, the status to record, the replicas to run, the corrections the planner must use, the Events.
+docs/slo-loop.md is the readable version. Rules:
+
+* **No data, no action.** An observation with a problem (Prometheus down, a pod without metrics, stale
+  or NaN series) or without traffic makes SLOMet Unknown (NoData, NoTraffic) and resets the breach
+  timers: a breach must be seen, continuously, for the whole window before anything is done.
+* **Hysteresis.** Latency is breached above the target by more than a margin (vLLM: more than
+  `BREACH_SHARE` of requests over the target, its histogram's share, which is more robust than a p95
+  interpolated in coarse buckets; llama.cpp: its mean above the target x (1 + `BREACH_MARGIN`)), met at
+  or below the target (share at most `MET_SHARE`); in between, the previous verdict stands.
+* **Sustained.** SLOMet turns False, with one SLOBreached Event, once a breach has lasted the window; an
+  action needs the same, and the cooldown since the last action.
+* **Load first.** Requests waiting, or running above what the replicas were planned for (slo.concurrency
+  each), sustained: scale out to what the load needs, within spec.maxReplicas and the free capacity.
+  The engine slower than predicted at the planned load: record observed over predicted as a correction
+  of that variant on that hardware; the planner then judges the plan in force with it, and moves to
+  the first rung that meets the SLO with corrected estimates, or, when none does, the phase is
+  Degraded, naming observed versus predicted. Calm (SLO met, the load would fit in one replica fewer
+  with headroom) for the calm window: scale in by one, never below spec.replicas.
+* **Observe mode** (spec.sloPolicy observe) reports the same and does nothing.
+* **Forgetting.** A correction older than the correction TTL is dropped, so the planner may try the
+  better variant again (after the upgrade delay, like any upgrade); if it is still slow, the next
+  sustained breach measures it again.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Callable
+
+from .api import LlamaDeploymentSpec
+from .candidate import plan_hardware
+from .observe import MEAN_FROM_COUNTERS, Observation
+from .planner import Corrections
+from .status import ChosenPlan, Correction, LlamaDeploymentStatus, Observed, SLOState
+from .units import format_seconds, format_time, parse_time
+
+NORMAL, WARNING = "Normal", "Warning"
+SLO_MET = "SLOMet"
+#: vLLM: breached when more than this share of requests is over a target (a p95 target allows 5%)...
+BREACH_SHARE = 0.10
+#: ...and met again at or below this share.
+MET_SHARE = 0.05
+#: llama.cpp (means only): breached when the mean is above the target by more than this.
+BREACH_MARGIN = 0.10
+#: Load above the plan: running above concurrency x replicas by more than this, or requests waiting.
+OVERLOAD_MARGIN = 0.10
+WAITING_THRESHOLD = 0.5  # requests waiting, on average over the window
+#: Scale in only when the load would fit in one replica fewer at this share of what it was planned for.
+SCALE_IN_HEADROOM = 0.7
+#: Corrections are kept between these bounds (a factor outside says the observation is broken, not the model).
+MIN_FACTOR, MAX_FACTOR = 0.05, 100.0
+MAX_CORRECTIONS = 64
+
+
+@dataclass(frozen=True)
+class SloSettings:
+    """The loop's timing (`llama-operator run --slo-*`); docs/slo-loop.md says how to choose them."""
+
+    window: timedelta = timedelta(minutes=5)
+    cooldown: timedelta = timedelta(minutes=5)
+    calm_window: timedelta = timedelta(minutes=15)
+    correction_ttl: timedelta = timedelta(hours=24)
+
+
+@dataclass
+class Judgement:
+    """What the loop concluded in one pass."""
+
+    condition: tuple[str, str, str]  # (status, reason, message) of SLOMet
+    observed: Observed | None
+    state: SLOState
+    corrections: list[Correction]
+    replicas: int
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    #: A correction recorded in this pass (the planner must re-judge the plan in force with it).
+    corrected: Correction | None = None
+    #: A sustained breach without a remedy here (at maxReplicas, no capacity), or the correction just
+    #: recorded: observed against target and prediction, for the phase (Degraded) when nothing is left to try.
+    breach_message: str | None = None
+    action: str | None = None  # ScaledOut | ScaledIn | Replanned, for the metrics
+
+    def planner_corrections(self) -> Corrections:
+        return {(c.variant, c.hardware): (c.ttftFactor, c.tpotFactor) for c in self.corrections}
+
+
+def _since(value: str | None, now: datetime) -> timedelta:
+    return now - parse_time(value) if value else timedelta(0)
+
+
+def _observed_status(obs: Observation) -> Observed:
+    def r(v: float | None) -> float | None:
+        return None if v is None else float(f"{v:.4g}")
+    window = obs.window_seconds
+    return Observed(
+        ttftP95Seconds=r(obs.ttft_seconds), tpotP95Seconds=r(obs.tpot_seconds), statistic=obs.statistic,
+        ttftOverTarget=r(obs.ttft_over_target), tpotOverTarget=r(obs.tpot_over_target),
+        requestsRunning=r(obs.requests_running), requestsWaiting=r(obs.requests_waiting),
+        requestsPerSecond=r(obs.requests_per_second), tokensPerSecond=r(obs.tokens_per_second),
+        window=f"{window / 60:g}m" if window >= 60 and window % 60 == 0 else f"{window:g}s",
+        source=obs.source, sampledAt=format_time(obs.sampled_at))
+
+
+def _latency(obs: Observation, spec: LlamaDeploymentSpec) -> tuple[bool, bool, str]:
+    """(breached, met, what was seen against the targets)."""
+    t_ttft, t_tpot = spec.slo.ttft_seconds, spec.slo.tpot_seconds
+    word = "mean" if obs.statistic == MEAN_FROM_COUNTERS else "p95"
+    parts = []
+    for name, value, target, text in (("TTFT", obs.ttft_seconds, t_ttft, spec.slo.ttftP95),
+                                      ("TPOT", obs.tpot_seconds, t_tpot, spec.slo.tpotP95)):
+        if value is not None:
+            parts.append(f"{name} {word} {format_seconds(value)} (target {text})")
+    shares = [s for s in (obs.ttft_over_target, obs.tpot_over_target) if s is not None]
+    if shares:  # vLLM's histograms: the share of requests over the target decides
+        worst = max(shares)
+        seen = "; ".join(parts) + f"; {worst:.0%} of requests over a target"
+        return worst > BREACH_SHARE, worst <= MET_SHARE, seen
+    ratios = [v / t for v, t in ((obs.ttft_seconds, t_ttft), (obs.tpot_seconds, t_tpot)) if v is not None]
+    worst = max(ratios) if ratios else 0.0
+    return worst > 1 + BREACH_MARGIN, worst <= 1.0, "; ".join(parts)
+
+
+def _load(obs: Observation, concurrency: int, replicas: int) -> tuple[float, bool, str]:
+    """(requests in the deployment, overloaded, how it compares with the plan)."""
+    running = obs.requests_running or 0.0
+    waiting = obs.requests_waiting or 0.0
+    planned = concurrency * replicas
+    overloaded = waiting > WAITING_THRESHOLD or running > planned * (1 + OVERLOAD_MARGIN)
+    text = (f"{running:.3g} requests running and {waiting:.3g} waiting for {planned} planned "
+            f"(concurrency {concurrency} x {replicas} replica(s))")
+    return running + waiting, overloaded, text
+
+
+def _fresh_corrections(status: LlamaDeploymentStatus, now: datetime, ttl: timedelta) -> list[Correction]:
+    return [c for c in status.corrections if now - parse_time(c.updatedAt) < ttl][-MAX_CORRECTIONS:]
+
+
+def _correct(corrections: list[Correction], plan: ChosenPlan, obs: Observation, now: datetime) -> Correction:
+    """The correction of the plan in force from this observation: its factor so far times observed over
+    predicted (the prediction in force already includes the factor so far)."""
+    applied = plan.predicted.correctedBy
+    old = (applied.ttftFactor, applied.tpotFactor) if applied else (1.0, 1.0)
+
+    def factor(before: float, seen: float | None, predicted: float) -> float:
+        if seen is None or predicted <= 0 or not math.isfinite(seen):
+            return before
+        return float(f"{min(MAX_FACTOR, max(MIN_FACTOR, before * seen / predicted)):.3g}")
+
+    variant, hardware = plan.variant, plan_hardware(plan)
+    samples = int((obs.requests_per_second or 0) * obs.window_seconds)
+    previous = next((c for c in corrections if c.variant == variant and c.hardware == hardware), None)
+    new = Correction(variant=variant, hardware=hardware,
+                     ttftFactor=factor(old[0], obs.ttft_seconds, plan.predicted.ttftSeconds),
+                     tpotFactor=factor(old[1], obs.tpot_seconds, plan.predicted.tpotSeconds),
+                     samples=samples + (previous.samples if previous else 0), updatedAt=format_time(now))
+    corrections[:] = [c for c in corrections if c is not previous] + [new]
+    return new
+
+
+def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDeploymentSpec, now: datetime,
+          settings: SloSettings, fits: Callable[[int], bool]) -> Judgement:
+    """The SLO verdict and action for one pass; `fits(n)`: whether n replicas of the plan in force fit."""
+    prev = status.slo or SLOState()
+    replicas = min(max(prev.replicas or spec.replicas, spec.replicas), spec.max_replicas)
+    corrections = _fresh_corrections(status, now, settings.correction_ttl)
+    state = SLOState(replicas=replicas if replicas != spec.replicas else None, lastAction=prev.lastAction,
+                     lastActionAt=prev.lastActionAt)
+    plan = status.plan
+    before = next((c for c in status.conditions if c.type == SLO_MET), None)
+
+    def unknown(reason: str, message: str, observed: Observed | None = None, calm: bool = False) -> Judgement:
+        if calm:  # no traffic is calm: the replicas scaled out for a load that went may go
+            state.calmSince = prev.calmSince or format_time(now)
+        j = Judgement(("Unknown", reason, message), observed, state, corrections, replicas)
+        if calm:
+            _maybe_scale_in(j, spec, prev, now, settings, total=0.0)
+        return j
+
+    if plan is None:
+        return unknown("NoPlan", "Nothing runs yet")
+    if obs is None:
+        return unknown("NoData", "Not observed yet")
+    if obs.problem:
+        return unknown("NoData", obs.problem)
+    observed = _observed_status(obs)
+    if not obs.traffic:
+        return unknown("NoTraffic", f"No requests in the last {observed.window}; latency unknown", observed,
+                       calm=True)
+
+    breached_now, met_now, seen = _latency(obs, spec)
+    total, overloaded, load_text = _load(obs, spec.slo.concurrency, replicas)
+    was_breached = before is not None and before.status == "False"
+    breached = breached_now or (was_breached and not met_now) or (prev.breachedSince is not None and not met_now)
+    state.breachedSince = (prev.breachedSince or format_time(now)) if breached else None
+    state.overloadedSince = (prev.overloadedSince or format_time(now)) if overloaded else None
+    sustained = breached and _since(state.breachedSince, now) >= settings.window
+    j = Judgement(("True", "Met", f"Met: {seen}; {load_text}"), observed, state, corrections, replicas)
+    if breached and not sustained:
+        j.condition = (before.status if before is not None else "Unknown",
+                       before.reason if before is not None else "Breaching",
+                       f"Above target for {int(_since(state.breachedSince, now).total_seconds())}s "
+                       f"(acting after {int(settings.window.total_seconds())}s): {seen}; {load_text}")
+    elif sustained:
+        j.condition = ("False", "Breached", f"Breached: {seen}; {load_text}")
+        if not was_breached:
+            j.events.append((WARNING, "SLOBreached", f"SLO breached for {int(settings.window.total_seconds())}s: "
+                             f"{seen}; {load_text}"))
+    if not breached and not overloaded:
+        state.calmSince = prev.calmSince or format_time(now)
+    cooling = prev.lastActionAt is not None and _since(prev.lastActionAt, now) < settings.cooldown
+    if spec.sloPolicy != "enforce" or cooling:
+        return j
+    if overloaded and _since(state.overloadedSince, now) >= settings.window:
+        why_not = _scale_out(j, spec, total, load_text, now, fits)
+        if why_not is not None and sustained:  # the latency breach comes with more load than can be served
+            j.breach_message = f"SLO breached: {seen}; {load_text}; {why_not}"
+        return j
+    if sustained and not overloaded:  # the engine is slower than predicted at the planned load
+        corrected = _correct(corrections, plan, obs, now)
+        j.corrected = corrected
+        j.action = "Replanned"
+        state.lastAction, state.lastActionAt = "Replanned", format_time(now)
+        state.breachedSince = None  # a breach after this is the corrected plan's
+        j.breach_message = (f"SLO breached: {seen}; predicted TTFT {format_seconds(plan.predicted.ttftSeconds)}, "
+                            f"TPOT {format_seconds(plan.predicted.tpotSeconds)}: {plan.variant} on "
+                            f"{corrected.hardware} runs at {corrected.ttftFactor:g}x (TTFT) and "
+                            f"{corrected.tpotFactor:g}x (TPOT) the estimate")
+        return j
+    if not sustained:
+        _maybe_scale_in(j, spec, prev, now, settings, total)
+    return j
+
+
+def _scale_out(j: Judgement, spec: LlamaDeploymentSpec, total: float, load_text: str, now: datetime,
+               fits: Callable[[int], bool]) -> str | None:
+    """Scale out to the replicas the load needs (at most maxReplicas, and what fits); None when it did,
+    else why it could not."""
+    needed = min(spec.max_replicas, max(j.replicas + 1, math.ceil(total / spec.slo.concurrency)))
+    target = next((n for n in range(needed, j.replicas, -1) if fits(n)), None)
+    if target is None:
+        return f"at spec.maxReplicas {spec.max_replicas}" if j.replicas >= spec.max_replicas else \
+            "no free capacity for another replica"
+    j.events.append((NORMAL, "ScaledOut", f"Load above the plan for the window: {load_text}; scaling out from "
+                     f"{j.replicas} to {target} replica(s) (maxReplicas {spec.max_replicas})"))
+    j.replicas = target
+    j.action = "ScaledOut"
+    j.state.replicas = target if target != spec.replicas else None
+    j.state.lastAction, j.state.lastActionAt = "ScaledOut", format_time(now)
+    j.state.overloadedSince = None
+    j.state.calmSince = None
+    return None
+
+
+def _maybe_scale_in(j: Judgement, spec: LlamaDeploymentSpec, prev: SLOState, now: datetime, settings: SloSettings,
+                    total: float) -> None:
+    """One replica fewer once the load would fit in it with headroom, calm for the calm window."""
+    if j.replicas <= spec.replicas or spec.sloPolicy != "enforce":
+        return
+    if prev.lastActionAt and _since(prev.lastActionAt, now) < settings.cooldown:
+        return
+    fewer = j.replicas - 1
+    if total > spec.slo.concurrency * fewer * SCALE_IN_HEADROOM:
+        j.state.calmSince = None
+        return
+    if j.state.calmSince is None or _since(j.state.calmSince, now) < settings.calm_window:
+        return
+    j.events.append((NORMAL, "ScaledIn", f"Calm for {int(settings.calm_window.total_seconds())}s: "
+                     f"{total:.3g} requests fit in {fewer} replica(s) (concurrency {spec.slo.concurrency} each); "
+                     f"scaling in from {j.replicas}"))
+    j.replicas = fewer
+    j.action = "ScaledIn"
+    j.state.replicas = fewer if fewer != spec.replicas else None
+    j.state.lastAction, j.state.lastActionAt = "ScaledIn", format_time(now)
+    j.state.calmSince = None
