@@ -384,7 +384,7 @@ class OperatorMetrics:
 
         Replaces the previous record whole, like ``set_deployment``: ``None`` removes that series
         (``slo_met=None``, the SLOMet condition Unknown, renders no ``llama_operator_slo_met`` at
-        all, so nothing alerts on missing data), and a correction left out of `corrections` (pairs
+        all, so nothing alerts on missing data), and a correction left out of `corrections` (tuples
         of (variant, hardware, ttft_factor, tpot_factor), status.corrections) disappears.
         `statistic` is "p95" or "mean" (or observe.Observation.statistic); it labels both latencies.
         The action counters start at 0 here so the first action is visible to increase().
