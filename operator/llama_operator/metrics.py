@@ -15,9 +15,13 @@ Why this module looks the way it does:
   model that was in force yesterday. A scrape sees each deployment either before or after an
   update, never half of it (the collector copies the records under a lock).
 
+* **The SLO loop's figures are a second record per deployment** (slo_metrics.py, same design):
+  ``set_slo`` replaces what the loop observed and concluded, so a figure it no longer has, or a
+  correction that expired, is not rendered any more.
+
 * **Counters and the reconcile histogram are ordinary prometheus-client metrics**, because their
   values accumulate and must survive phase changes; ``forget_deployment`` removes the deployment's
-  error counter explicitly.
+  error and SLO action counters explicitly.
 
 * **One static alert rule file serves every LlamaDeployment.** The SLO targets are published as
   gauges (``llama_operator_slo_ttft_seconds``...) so the rules can compare a runtime's observed
@@ -44,10 +48,12 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from . import status
+from .slo_metrics import SLO_ACTIONS, SLOCollector, slo_families, slo_record
 
 __all__ = [
     "PHASES",
     "PLAN_OUTCOMES",
+    "SLO_ACTIONS",
     "RUNTIMES",
     "VLLM_TTFT_BUCKETS",
     "VLLM_TPOT_BUCKETS",
@@ -236,12 +242,14 @@ class _DeploymentCollector(Collector):
 #: Every metric name a PromQL expression may use from the operator (samples as scraped).
 METRIC_NAMES: frozenset[str] = frozenset(
     [f.name for f in _DeploymentCollector._families()]
+    + [f.name for f in slo_families()]
     + [
         "llama_operator_reconcile_duration_seconds_bucket",
         "llama_operator_reconcile_duration_seconds_count",
         "llama_operator_reconcile_duration_seconds_sum",
         "llama_operator_reconcile_errors_total",
         "llama_operator_plans_total",
+        "llama_operator_slo_actions_total",
     ]
 )
 
@@ -276,8 +284,16 @@ class OperatorMetrics:
         # Zero-initialise every outcome so rate() has a starting point and dashboards show 0.
         for outcome in PLAN_OUTCOMES:
             self.plans.labels(outcome=outcome)
+        self.slo_actions = Counter(
+            "llama_operator_slo_actions",
+            "What the SLO loop did on its own: ScaledOut, ScaledIn, Replanned.",
+            labelnames=_DEPLOYMENT_LABELS + ("action",),
+            registry=self.registry,
+        )
         self._deployments = _DeploymentCollector()
         self.registry.register(self._deployments)
+        self._slo = SLOCollector()
+        self.registry.register(self._slo)
         self._server = None
 
     # --- calls from the handlers -------------------------------------------------------------
@@ -351,13 +367,54 @@ class OperatorMetrics:
         # Create the error counter at 0 so the first error is visible to rate()/increase().
         self.reconcile_errors.labels(namespace=namespace, llamadeployment=name)
 
+    def set_slo(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        observed_ttft_s: Optional[float],
+        observed_tpot_s: Optional[float],
+        requests_running: Optional[float],
+        requests_waiting: Optional[float],
+        slo_met: Optional[bool],
+        statistic: Optional[str],
+        corrections: Sequence[tuple[str, str, float, float]],
+    ) -> None:
+        """Publish what the SLO loop last observed of one LlamaDeployment and what it concluded.
+
+        Replaces the previous record whole, like ``set_deployment``: ``None`` removes that series
+        (``slo_met=None``, the SLOMet condition Unknown, renders no ``llama_operator_slo_met`` at
+        all, so nothing alerts on missing data), and a correction left out of `corrections` (tuples
+        of (variant, hardware, ttft_factor, tpot_factor), status.corrections) disappears.
+        `statistic` is "p95" or "mean" (or observe.Observation.statistic); it labels both latencies.
+        The action counters start at 0 here so the first action is visible to increase().
+        """
+        record = slo_record(
+            observed_ttft_s=observed_ttft_s, observed_tpot_s=observed_tpot_s,
+            requests_running=requests_running, requests_waiting=requests_waiting,
+            slo_met=slo_met, statistic=statistic, corrections=corrections,
+        )
+        self._slo.put((namespace, name), record)
+        for action in SLO_ACTIONS:
+            self.slo_actions.labels(namespace=namespace, llamadeployment=name, action=action)
+
+    def record_slo_action(self, namespace: str, name: str, action: str) -> None:
+        """Count one thing the SLO loop did to a deployment; `action` is one of :data:`SLO_ACTIONS`."""
+        if action not in SLO_ACTIONS:
+            raise ValueError(f"unknown SLO action {action!r}; expected one of {SLO_ACTIONS}")
+        self.slo_actions.labels(namespace=namespace, llamadeployment=name, action=action).inc()
+
     def forget_deployment(self, namespace: str, name: str) -> None:
-        """Remove every series of a deleted LlamaDeployment (gauges and its error counter)."""
+        """Remove every series of a deleted LlamaDeployment: gauges, SLO figures, its counters."""
         self._deployments.drop((namespace, name))
-        try:
-            self.reconcile_errors.remove(namespace, name)
-        except KeyError:
-            pass
+        self._slo.drop((namespace, name))
+        for counter, labels in [(self.reconcile_errors, (namespace, name))] + [
+            (self.slo_actions, (namespace, name, action)) for action in SLO_ACTIONS
+        ]:
+            try:
+                counter.remove(*labels)
+            except KeyError:
+                pass
 
     # --- exposition ----------------------------------------------------------------------------
 

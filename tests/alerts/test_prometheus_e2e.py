@@ -7,7 +7,9 @@ What it proves that promtool's unit tests cannot:
   own labels kept by honor_labels);
 - the p95 TTFT alert goes pending (state pending or firing: its `for: 10m` is too long to wait for,
   and pending happens on the first evaluation where the expression is true) for the slow deployment,
-  and not for the healthy one with the same target.
+  and not for the healthy one with the same target;
+- so does the SLO loop's alert (LlamaDeploymentSLOBreached, `for: 15m`), from the operator's
+  `set_slo` series alone, with the observed figure and the target in its description.
 
 Everything listens on 127.0.0.1 on free ports; everything started is stopped afterwards.
 """
@@ -32,6 +34,7 @@ from kit.tools import require_tool
 RULE_FILE = ROOT / "charts" / "llama-operator" / "files" / "prometheus-rules.yaml"
 TOTAL_BUDGET_S = 60.0
 ALERT = "LlamaDeploymentTTFTAboveTarget"
+SLO_ALERT = "LlamaDeploymentSLOBreached"
 
 
 class FakeVLLM:
@@ -139,6 +142,10 @@ def operator_metrics():
     metrics = OperatorMetrics()
     _set_deployment(metrics, "slow", "meta-llama/Llama-3.1-70B-Instruct")
     _set_deployment(metrics, "healthy", "meta-llama/Llama-3.1-8B-Instruct")
+    # The SLO loop's verdicts, as it would publish them from what the fake servers report.
+    for name, ttft_s, met in (("slow", 3.0, False), ("healthy", 0.05, True)):
+        metrics.set_slo("team-a", name, observed_ttft_s=ttft_s, observed_tpot_s=0.03, requests_running=2.0,
+                        requests_waiting=0.0, slo_met=met, statistic="p95", corrections=[])
     server = metrics.serve(0, host="127.0.0.1")
     yield server.server_port
     server.shutdown()
@@ -205,23 +212,22 @@ def test_ttft_alert_pending_for_the_slow_deployment_only(tmp_path: Path, operato
         )
     try:
         _wait_ready(base, proc, deadline, log_path)
-        states: dict[str, str] = {}
         alerts: list[dict] = []
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"prometheus exited:\n{log_path.read_text()}"
             alerts = _get_json(f"{base}/api/v1/alerts")["data"]["alerts"]
             states = {
-                a["labels"].get("llamadeployment"): a["state"]
+                (a["labels"].get("alertname"), a["labels"].get("llamadeployment")): a["state"]
                 for a in alerts
-                if a["labels"].get("alertname") == ALERT
             }
-            assert "healthy" not in states, f"{ALERT} is {states['healthy']} for the healthy deployment"
-            if states.get("slow") in {"pending", "firing"}:
+            for name in (ALERT, SLO_ALERT):
+                assert (name, "healthy") not in states, f"{name} is {states[name, 'healthy']} for team-a/healthy"
+            if {states.get((ALERT, "slow")), states.get((SLO_ALERT, "slow"))} <= {"pending", "firing"}:
                 break
             time.sleep(0.5)
         else:
             pytest.fail(
-                f"{ALERT} not pending for team-a/slow within {TOTAL_BUDGET_S}s; alerts: {alerts}\n"
+                f"{ALERT} and {SLO_ALERT} not both pending for team-a/slow within {TOTAL_BUDGET_S}s; alerts: {alerts}\n"
                 f"p95: {_query(base, 'llamadeployment:vllm_ttft_seconds:p95_rate5m')}\n"
                 f"targets: {_query(base, 'llama_operator_slo_ttft_seconds')}\n"
                 f"up: {_query(base, 'up')}\n"
@@ -233,6 +239,10 @@ def test_ttft_alert_pending_for_the_slow_deployment_only(tmp_path: Path, operato
         assert slow["labels"]["severity"] == "warning"
         assert "4.875s" in slow["annotations"]["description"], slow["annotations"]
         assert "spec.slo.ttftP95 = 1s" in slow["annotations"]["description"], slow["annotations"]
+        breached = next(a for a in alerts if a["labels"].get("alertname") == SLO_ALERT)
+        assert (breached["labels"]["namespace"], breached["labels"]["llamadeployment"]) == ("team-a", "slow")
+        assert "time to first token p95 3s against spec.slo.ttftP95 = 1s" in breached["annotations"]["description"], (
+            breached["annotations"])
 
         # One more evaluation later the healthy deployment, same 1s target, is still not alerting,
         # and its observed p95 is really below the target (the join did not just drop it).

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("render", {"render"}),
     ("reconcile decisions", {"reconcile"}),
     ("kopf shell", {"state", "handlers", "passes", "kube", "kubeclient", "live", "workqueue", "peering",
-                    "metrics", "runner", "observer", "slo_watch"}),
+                    "metrics", "slo_metrics", "runner", "observer", "slo_watch"}),
     ("sandbox", {"sandbox"}),
     ("cli", {"cli", "loading", "slo_options"}),
 ]

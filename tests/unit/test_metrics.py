@@ -11,6 +11,7 @@ from llama_operator.metrics import (
     METRIC_NAMES,
     PHASES,
     PLAN_OUTCOMES,
+    SLO_ACTIONS,
     VLLM_TPOT_BUCKETS,
     VLLM_TTFT_BUCKETS,
     OperatorMetrics,
@@ -37,6 +38,20 @@ def _deploy(m: OperatorMetrics, namespace: str = "team-a", name: str = "chat", *
     )
     args.update(overrides)
     m.set_deployment(namespace, name, **args)
+
+
+def _slo(m: OperatorMetrics, namespace: str = "team-a", name: str = "chat", **overrides) -> None:
+    args = dict(
+        observed_ttft_s=0.9,
+        observed_tpot_s=0.04,
+        requests_running=6.5,
+        requests_waiting=1.0,
+        slo_met=False,
+        statistic="p95",
+        corrections=[("meta-llama/Llama-3.1-70B-Instruct/fp8", "2x NVIDIA-H100-80GB-HBM3", 1.4, 1.1)],
+    )
+    args.update(overrides)
+    m.set_slo(namespace, name, **args)
 
 
 def _samples(text: str, name: str) -> list[tuple[dict, float]]:
@@ -68,16 +83,21 @@ def test_uses_its_own_registry_not_the_global_one():
 def test_all_contract_metrics_are_exposed_with_their_types():
     m = OperatorMetrics()
     _deploy(m)
+    _slo(m)
     m.observe_reconcile(0.2, False, "team-a", "chat")
     types = {f.name: f.type for f in text_string_to_metric_families(m.render())}
     assert types["llama_operator_reconcile_duration_seconds"] == "histogram"
     assert types["llama_operator_reconcile_errors"] == "counter"
     assert types["llama_operator_plans"] == "counter"
+    assert types["llama_operator_slo_actions"] == "counter"
     for gauge in (
         "llama_operator_deployments", "llama_operator_deployment_phase", "llama_operator_deployment_info",
         "llama_operator_fallback_in_force", "llama_operator_slo_ttft_seconds", "llama_operator_slo_tpot_seconds",
         "llama_operator_predicted_ttft_seconds", "llama_operator_predicted_tpot_seconds",
         "llama_operator_replicas_desired", "llama_operator_replicas_ready", "llama_operator_slo_bucket_info",
+        "llama_operator_observed_ttft_seconds", "llama_operator_observed_tpot_seconds",
+        "llama_operator_observed_requests_running", "llama_operator_observed_requests_waiting",
+        "llama_operator_slo_met", "llama_operator_correction_factor",
     ):
         assert types[gauge] == "gauge", gauge
     # METRIC_NAMES (used by the dashboard test) lists what is really exposed.
@@ -253,6 +273,139 @@ def test_bucket_info_only_for_vllm_and_follows_the_target():
     assert sorted((i["sli"], i["le"]) for i in info) == [("tpot", "0.1"), ("ttft", "1.0")]
     _deploy(m, runtime="llamacpp")  # llama.cpp has no histograms to join
     assert _of(m.render(), "llama_operator_slo_bucket_info") == []
+
+
+# --- the SLO loop's figures and actions ------------------------------------------------------------
+
+_SLO_SERIES = (
+    "llama_operator_observed_ttft_seconds", "llama_operator_observed_tpot_seconds",
+    "llama_operator_observed_requests_running", "llama_operator_observed_requests_waiting",
+    "llama_operator_slo_met", "llama_operator_correction_factor",
+)
+
+
+def _slo_series(text: str, namespace: str = "team-a", deployment: str = "chat") -> set[tuple]:
+    """Every SLO gauge sample of one deployment as (name, labels other than the deployment's, value)."""
+    out = set()
+    for name in _SLO_SERIES:
+        for labels, value in _of(text, name, namespace, deployment):
+            rest = tuple(sorted((k, v) for k, v in labels.items() if k not in ("namespace", "llamadeployment")))
+            out.add((name, rest, value))
+    return out
+
+
+def test_set_slo_renders_exactly_the_expected_series():
+    m = OperatorMetrics()
+    _slo(m)
+    variant, hardware = "meta-llama/Llama-3.1-70B-Instruct/fp8", "2x NVIDIA-H100-80GB-HBM3"
+    assert _slo_series(m.render()) == {
+        ("llama_operator_observed_ttft_seconds", (("statistic", "p95"),), 0.9),
+        ("llama_operator_observed_tpot_seconds", (("statistic", "p95"),), 0.04),
+        ("llama_operator_observed_requests_running", (), 6.5),
+        ("llama_operator_observed_requests_waiting", (), 1.0),
+        ("llama_operator_slo_met", (), 0.0),
+        ("llama_operator_correction_factor", (("hardware", hardware), ("sli", "ttft"), ("variant", variant)), 1.4),
+        ("llama_operator_correction_factor", (("hardware", hardware), ("sli", "tpot"), ("variant", variant)), 1.1),
+    }
+    # set_slo alone publishes no deployment gauges: the two records are independent.
+    assert _of(m.render(), "llama_operator_deployment_phase") == []
+
+
+def test_slo_met_true_is_1_and_unknown_is_absent():
+    m = OperatorMetrics()
+    _slo(m, slo_met=True)
+    assert _of(m.render(), "llama_operator_slo_met") == [({"namespace": "team-a", "llamadeployment": "chat"}, 1.0)]
+    _slo(m, slo_met=None)
+    assert _of(m.render(), "llama_operator_slo_met") == []
+
+
+def test_replacing_the_slo_record_drops_old_label_sets():
+    m = OperatorMetrics()
+    _slo(m)
+    # The deployment moved to llama.cpp: means instead of p95s, no TPOT yet, no load figures, the old
+    # correction expired and another one was measured.
+    _slo(m, observed_ttft_s=2.0, observed_tpot_s=None, requests_running=None, requests_waiting=None,
+         slo_met=True, statistic="mean", corrections=[("meta-llama/Llama-3.1-8B-Instruct/q4_k_m", "cpu", 2.0, 1.5)])
+    assert _slo_series(m.render()) == {
+        ("llama_operator_observed_ttft_seconds", (("statistic", "mean"),), 2.0),
+        ("llama_operator_slo_met", (), 1.0),
+        ("llama_operator_correction_factor",
+         (("hardware", "cpu"), ("sli", "ttft"), ("variant", "meta-llama/Llama-3.1-8B-Instruct/q4_k_m")), 2.0),
+        ("llama_operator_correction_factor",
+         (("hardware", "cpu"), ("sli", "tpot"), ("variant", "meta-llama/Llama-3.1-8B-Instruct/q4_k_m")), 1.5),
+    }
+    # Nothing observed at all (no traffic): every gauge goes, whatever statistic is passed.
+    _slo(m, observed_ttft_s=None, observed_tpot_s=None, requests_running=None, requests_waiting=None,
+         slo_met=None, statistic=None, corrections=[])
+    assert _slo_series(m.render()) == set()
+
+
+def test_set_slo_is_idempotent_and_per_deployment():
+    m = OperatorMetrics()
+    _slo(m, name="chat")
+    _slo(m, name="search", slo_met=True)
+    first = m.render()
+    _slo(m, name="chat")
+    assert _strip_created(m.render()) == _strip_created(first)
+    assert [v for _, v in _of(first, "llama_operator_slo_met", deployment="search")] == [1.0]
+    assert [v for _, v in _of(first, "llama_operator_slo_met", deployment="chat")] == [0.0]
+
+
+def test_statistic_accepts_the_observation_spelling():
+    observe = pytest.importorskip("llama_operator.observe")
+    m = OperatorMetrics()
+    _slo(m, statistic=observe.MEAN_FROM_COUNTERS)
+    assert {labels["statistic"] for labels, _ in _of(m.render(), "llama_operator_observed_tpot_seconds")} == {"mean"}
+    _slo(m, statistic=observe.P95_FROM_BUCKETS)
+    assert {labels["statistic"] for labels, _ in _of(m.render(), "llama_operator_observed_tpot_seconds")} == {"p95"}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(statistic=None),                       # a latency nobody can tell p95 from mean
+    dict(statistic="p99"),
+    dict(observed_ttft_s=float("nan")),
+    dict(observed_tpot_s=-0.1),
+    dict(requests_waiting=float("inf")),
+    dict(corrections=[("m/q", "cpu", 0.0, 1.0)]),
+    dict(corrections=[("m/q", "cpu", 1.2, 1.0), ("m/q", "cpu", 1.3, 1.0)]),  # one label set twice
+])
+def test_set_slo_refuses_what_it_cannot_render_honestly(overrides):
+    m = OperatorMetrics()
+    _slo(m)
+    before = m.render()
+    with pytest.raises(ValueError):
+        _slo(m, **overrides)
+    assert _strip_created(m.render()) == _strip_created(before)  # the previous record stays
+
+
+def test_slo_actions_start_at_zero_and_count():
+    m = OperatorMetrics()
+    assert _samples(m.render(), "llama_operator_slo_actions_total") == []
+    _slo(m)
+    actions = {labels["action"]: v for labels, v in _of(m.render(), "llama_operator_slo_actions_total")}
+    assert actions == {a: 0.0 for a in SLO_ACTIONS} == {"ScaledOut": 0.0, "ScaledIn": 0.0, "Replanned": 0.0}
+    m.record_slo_action("team-a", "chat", "ScaledOut")
+    m.record_slo_action("team-a", "chat", "ScaledOut")
+    m.record_slo_action("team-a", "chat", "Replanned")
+    _slo(m, slo_met=True)  # a new record does not reset the counter
+    actions = {labels["action"]: v for labels, v in _of(m.render(), "llama_operator_slo_actions_total")}
+    assert actions == {"ScaledOut": 2.0, "ScaledIn": 0.0, "Replanned": 1.0}
+    with pytest.raises(ValueError):
+        m.record_slo_action("team-a", "chat", "Restarted")
+
+
+def test_forget_removes_the_slo_series_and_action_counters():
+    m = OperatorMetrics()
+    for name in ("chat", "search"):
+        _deploy(m, name=name)
+        _slo(m, name=name)
+        m.record_slo_action("team-a", name, "ScaledIn")
+    m.forget_deployment("team-a", "chat")
+    text = m.render()
+    assert 'llamadeployment="chat"' not in text
+    assert len(_of(text, "llama_operator_slo_actions_total", deployment="search")) == len(SLO_ACTIONS)
+    assert _slo_series(text, deployment="search")
+    m.forget_deployment("team-a", "chat")  # forgetting twice is harmless
 
 
 # --- the HTTP exporter ------------------------------------------------------------------------------
