@@ -353,3 +353,15 @@ def _publish(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec | Non
         replicas_desired=spec.replicas if spec else 0,
         replicas_ready=status.readyReplicas or 0,
     )
+    if state.observer is not None:
+        seen = status.observed
+        met = next((c.status for c in status.conditions if c.type == "SLOMet"), "Unknown")
+        state.metrics.set_slo(
+            key[0], key[1],
+            observed_ttft_s=seen.ttftP95Seconds if seen else None,
+            observed_tpot_s=seen.tpotP95Seconds if seen else None,
+            requests_running=seen.requestsRunning if seen else None,
+            requests_waiting=seen.requestsWaiting if seen else None,
+            slo_met=None if met == "Unknown" else met == "True",
+            statistic=seen.statistic if seen else None,
+            corrections=[(c.variant, c.hardware, c.ttftFactor, c.tpotFactor) for c in status.corrections])

@@ -196,11 +196,18 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     total, overloaded, load_text = _load(obs, spec.slo.concurrency, replicas)
     was_breached = before is not None and before.status == "False"
     breached = breached_now or (was_breached and not met_now) or (prev.breachedSince is not None and not met_now)
-    state.breachedSince = (prev.breachedSince or format_time(now)) if breached else None
-    state.overloadedSince = (prev.overloadedSince or format_time(now)) if overloaded else None
-    sustained = breached and _since(state.breachedSince, now) >= settings.window
+    # After an action the window still holds what ran before it (the old pods, the old replicas): a breach
+    # or an overload is only counted once the window is clear of it.
+    settling = prev.lastActionAt is not None and _since(prev.lastActionAt, now) < settings.window
+    state.breachedSince = (prev.breachedSince or format_time(now)) if breached and not settling else None
+    state.overloadedSince = (prev.overloadedSince or format_time(now)) if overloaded and not settling else None
+    sustained = state.breachedSince is not None and _since(state.breachedSince, now) >= settings.window
     j = Judgement(("True", "Met", f"Met: {seen}; {load_text}"), observed, state, corrections, replicas)
-    if breached and not sustained:
+    if breached and not sustained and settling:
+        j.condition = (before.status if before is not None else "Unknown",
+                       before.reason if before is not None else "Settling",
+                       f"Settling after {prev.lastAction}: {seen}; {load_text}")
+    elif breached and not sustained:
         j.condition = (before.status if before is not None else "Unknown",
                        before.reason if before is not None else "Breaching",
                        f"Above target for {int(_since(state.breachedSince, now).total_seconds())}s "
