@@ -134,7 +134,8 @@ def test_default_image_and_args(scenario):
         "run", "--all-namespaces", "--metrics-address=0.0.0.0", "--metrics-port=8080",
         "--health-address=0.0.0.0", "--health-port=8081", "--log-format=plain",
         "--forbid-toleration=node-role.kubernetes.io/control-plane",
-        "--forbid-toleration=node-role.kubernetes.io/master", "--standalone",
+        "--forbid-toleration=node-role.kubernetes.io/master", "--slo-source=pods", "--slo-interval=30s",
+        "--slo-window=5m", "--slo-cooldown=5m", "--slo-calm-window=15m", "--correction-ttl=24h", "--standalone",
     ]
     assert deploy["metadata"] == {**deploy["metadata"], "name": FULLNAME, "namespace": NAMESPACE}
 

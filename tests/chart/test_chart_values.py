@@ -55,6 +55,24 @@ def test_template_checks_beyond_the_schema(helm):
     proc = helm("template", "llm", str(CHART), "--set", "operator.healthPort=8080", check=False)
     assert proc.returncode != 0
     assert "operator.metricsPort and operator.healthPort must differ" in proc.stderr
+    proc = helm("template", "llm", str(CHART), "--set", "slo.source=prometheus", check=False)
+    assert proc.returncode != 0
+    assert "slo.source prometheus needs slo.prometheusUrl" in proc.stderr
+
+
+def test_the_slo_loop_values_become_run_options_the_cli_accepts(render):
+    """slo.* renders to `run --slo-*` arguments, and the operator's own parser takes them as they are."""
+    from llama_operator.cli import build_parser
+    from llama_operator.slo_options import slo_run_options
+
+    _, docs = render("--set", "slo.source=prometheus", "--set", "slo.prometheusUrl=http://prom.monitoring:9090",
+                     "--set", "slo.window=10m")
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--prometheus-url=http://prom.monitoring:9090" in args and "--slo-window=10m" in args
+    settings, interval, source = slo_run_options(build_parser().parse_args(args))
+    assert source["slo_source"] == "prometheus" and source["prometheus_url"] == "http://prom.monitoring:9090"
+    assert settings.window.total_seconds() == 600 and interval == 30
+    assert settings.correction_ttl.total_seconds() == 24 * 3600
 
 
 def _leaf_paths(value, prefix=()):
