@@ -274,8 +274,9 @@ class PrometheusSource:
                 queries = {role: _role_query(_ROLES[role], _names(role), window) for role in roles}
                 queries["pods"] = _role_query("pods", _names("running"), window)
                 async with _session(len(queries)) as session:
-                    results = await asyncio.gather(*(self._query(session, headers, q, window_seconds)
-                                                     for q in queries.values()))
+                    results = await asyncio.gather(*(
+                        self._query(session, headers, query, by_le=_ROLES.get(role) == "buckets",
+                                    window_seconds=window_seconds) for role, query in queries.items()))
                 answers = dict(zip(queries, results))
         return {(t.namespace, t.name): self._observe(t, known.get((t.namespace, t.name)), answers, window_seconds,
                                                      sampled_at) for t in targets}
@@ -287,8 +288,8 @@ class PrometheusSource:
             headers["Authorization"] = f"Bearer {Path(self.bearer_token_file).read_text().strip()}"
         return headers
 
-    async def _query(self, session: aiohttp.ClientSession, headers: Mapping[str, str], query: str,
-                     window_seconds: float) -> dict | str:
+    async def _query(self, session: aiohttp.ClientSession, headers: Mapping[str, str], query: str, *,
+                     by_le: bool, window_seconds: float) -> dict | str:
         """{(namespace, deployment): value, or {le: value}} from one instant query; or why there is none."""
         self.queries_sent += 1
         try:
@@ -307,7 +308,7 @@ class PrometheusSource:
         data = answer.get("data") or {}
         if data.get("resultType") != "vector":
             return f"a {data.get('resultType')!r} result where an instant vector was asked for"
-        return _per_deployment(data.get("result") or [], window_seconds)
+        return _per_deployment(data.get("result") or [], by_le, window_seconds)
 
     def _observe(self, target: Target, signals: engines.SloSignals | None, answers: Mapping[str, dict | str],
                  window_seconds: float, sampled_at: datetime) -> Observation:
@@ -332,18 +333,20 @@ class PrometheusSource:
         return dataclasses.replace(seen, problem=f"{where}: {seen.problem}")
 
 
-def _per_deployment(result: list, window_seconds: float) -> dict | str:
-    """An instant vector by (namespace, llamadeployment[, le]) -> {key: value} or {key: {le: value}}; or why
-    it is unusable (a sample older than the window is stale: it is not about the window)."""
+def _per_deployment(result: list, by_le: bool, window_seconds: float) -> dict | str:
+    """An instant vector by (namespace, llamadeployment) -> {key: value}, or by (namespace, llamadeployment,
+    le) -> {key: {le: value}}; or why it is unusable (a sample older than the window is stale: it is not
+    about the window)."""
     out: dict = {}
     now = time.time()
     for sample in result:
         try:
             labels, (stamp, text) = sample["metric"], sample["value"]
             key, value, stamp = (labels["namespace"], labels["llamadeployment"]), float(text), float(stamp)
-            le = float(labels["le"]) if "le" in labels else None
+            le = float(labels["le"]) if by_le else None
         except (KeyError, TypeError, ValueError):
-            return f"a sample without namespace, llamadeployment and a value: {str(sample)[:200]}"
+            wanted = "namespace, llamadeployment, le" if by_le else "namespace, llamadeployment"
+            return f"a sample without {wanted} and a value: {str(sample)[:200]}"
         if now - stamp > window_seconds:
             return (f"stale data: a sample of {datetime.fromtimestamp(stamp, timezone.utc):%Y-%m-%dT%H:%M:%SZ}, "
                     f"{now - stamp:.0f} s old, older than the {format_window(window_seconds)} window")
