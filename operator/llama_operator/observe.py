@@ -168,6 +168,14 @@ def _increase(old: float, new: float) -> float:
     return new if new < old else new - old
 
 
+def relevant(scrape: Scrape, signals: SloSignals) -> Scrape:
+    """Only the series the release's signals name: what is worth keeping of a scrape for later rates (a vLLM
+    /metrics holds hundreds of series the loop never reads)."""
+    names = set(signals.names())
+    return Scrape(values={n: v for n, v in scrape.values.items() if n in names},
+                  buckets={n: b for n, b in scrape.buckets.items() if n in names})
+
+
 def gauges_of(scrape: Scrape, signals: SloSignals) -> dict[str, float]:
     """The release's gauges in one scrape (a pod scraped once yet has no rates, but has these)."""
     return {n: scrape.values[n] for n in _gauges(signals) if n in scrape.values}

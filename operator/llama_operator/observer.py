@@ -30,7 +30,7 @@ import aiohttp
 from . import engines
 from .observe import (
     MAX_EXPOSITION_BYTES, Observation, Rates, Scrape, Target, format_window, gauges_of, observation,
-    parse_exposition, rates_between, sum_rates,
+    parse_exposition, rates_between, relevant, sum_rates,
 )
 
 log = logging.getLogger(__name__)
@@ -131,21 +131,22 @@ class PodScraper:
         listed = {(p.namespace, p.pod) for endpoints in pods.values() for p in endpoints}
         for gone in set(self._history) - listed:
             del self._history[gone]
-        known = [t for t in targets if _signals(t) is not None]
-        to_scrape = [p for t in known for p in pods.get((t.namespace, t.name), []) if p.ready]
+        to_scrape = [(p, signals) for t in targets if (signals := _signals(t)) is not None
+                     for p in pods.get((t.namespace, t.name), []) if p.ready]
         semaphore = asyncio.Semaphore(self.concurrency)
         async with _session(self.concurrency) as session:
-            results = await asyncio.gather(*(self._scrape(session, semaphore, p) for p in to_scrape))
-        scraped = {(p.namespace, p.pod): result for p, result in zip(to_scrape, results)}
+            results = await asyncio.gather(*(self._scrape(session, semaphore, p, s) for p, s in to_scrape))
+        scraped = {(p.namespace, p.pod): result for (p, _), result in zip(to_scrape, results)}
         out = {}
         for t in targets:
             ready = [p for p in pods.get((t.namespace, t.name), []) if p.ready]
             out[(t.namespace, t.name)] = self._observe(t, ready, scraped, window_seconds, sampled_at)
         return out
 
-    async def _scrape(self, session: aiohttp.ClientSession, semaphore: asyncio.Semaphore,
-                      pod: PodEndpoint) -> tuple[float, Scrape] | str:
-        """(when, what) one pod's /metrics said, or why it said nothing usable."""
+    async def _scrape(self, session: aiohttp.ClientSession, semaphore: asyncio.Semaphore, pod: PodEndpoint,
+                      signals: engines.SloSignals) -> tuple[float, Scrape] | str:
+        """(when, what of the release's series) one pod's /metrics said, or why it said nothing usable. Parsed
+        in a thread: a large body must not hold up the operator's event loop."""
         host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip
         async with semaphore:
             try:
@@ -157,7 +158,8 @@ class PodScraper:
             when = self._clock()
         if status != 200:
             return f"HTTP {status} from /metrics"
-        return when, parse_exposition(body.decode("utf-8", errors="replace"))
+        scrape = await asyncio.to_thread(parse_exposition, body.decode("utf-8", errors="replace"))
+        return when, relevant(scrape, signals)
 
     def _observe(self, target: Target, ready: list[PodEndpoint], scraped: Mapping[Key, tuple[float, Scrape] | str],
                  window_seconds: float, sampled_at: datetime) -> Observation:

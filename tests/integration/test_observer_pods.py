@@ -54,7 +54,7 @@ class FakePod:
     """One pod's HTTP server. `behaviour` is a function of the scrape number returning the body, or one of
     'slow', '500', '404', 'huge'."""
 
-    def __init__(self, behaviour: Callable[[int], str] | str):
+    def __init__(self, behaviour: Callable[[int], str] | str, in_flight: "InFlight | None" = None):
         self.behaviour = behaviour
         self.scrapes = 0
         self.accept_headers: list[str] = []
@@ -64,6 +64,9 @@ class FakePod:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server API)
                 pod.accept_headers.append(self.headers.get("Accept", ""))
+                if in_flight is not None:
+                    with in_flight:
+                        time.sleep(0.3)
                 if pod.behaviour == "slow":
                     pod.release.wait(10)
                     return
@@ -100,12 +103,29 @@ class FakePod:
         self.server.server_close()
 
 
+class InFlight:
+    """Requests being answered at once, across fake pods, and the most there ever were."""
+
+    def __init__(self):
+        self.now = self.most = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.now -= 1
+
+
 @pytest.fixture
 def fake_pods():
     started: list[FakePod] = []
 
-    def start(behaviour) -> FakePod:
-        started.append(FakePod(behaviour))
+    def start(behaviour, in_flight: InFlight | None = None) -> FakePod:
+        started.append(FakePod(behaviour, in_flight))
         return started[-1]
 
     yield start
@@ -223,3 +243,33 @@ async def test_the_window_spans_from_the_last_scrape_before_its_start(fake_pods)
         clock.now += 10
     assert seen.requests_per_second == pytest.approx(5 * (25 - 9) / 20)
     assert math.isclose(seen.window_seconds, 20)
+
+
+async def test_scrapes_are_bounded_in_concurrency(fake_pods):
+    in_flight = InFlight()
+    listed = {("team-a", "chat"): [fake_pods(vllm_metrics, in_flight).endpoint("team-a", f"chat-{i}", "chat")
+                                   for i in range(6)]}
+    observer = Observer(PodScraper(concurrency=2, timeout_seconds=TIMEOUT_S + 1), window_seconds=30)
+    started = time.monotonic()
+    await observer.collect([CHAT], listed)
+    assert in_flight.most == 2
+    assert time.monotonic() - started >= 3 * 0.3  # six 0.3 s answers, two at a time
+
+
+class Failing:
+    name = "pods"
+
+    def describe(self) -> str:
+        return "a source with a bug"
+
+    async def collect(self, targets, pods, window_seconds):
+        raise KeyError("oops")
+
+
+async def test_a_source_that_raises_costs_the_interval_not_the_loop():
+    observer = Observer(Failing(), window_seconds=30)
+    seen = await observer.collect([CHAT, TINY], {})
+    assert {key: o.problem for key, o in seen.items()} == {
+        ("team-a", "chat"): "a source with a bug: KeyError: 'oops'",
+        ("team-a", "tiny"): "a source with a bug: KeyError: 'oops'"}
+    assert observer.describe() == "SLO observations from a source with a bug over 30s"

@@ -15,7 +15,7 @@ import pytest
 from llama_operator.engines import release
 from llama_operator.observe import (
     MAX_EXPOSITION_BYTES, MEAN_FROM_COUNTERS, P95_FROM_BUCKETS, Rates, Target, format_window,
-    histogram_quantile, observation, parse_exposition, rates_between, share_over, sum_rates,
+    histogram_quantile, observation, parse_exposition, rates_between, relevant, share_over, sum_rates,
 )
 
 NOW = datetime(2026, 12, 6, 6, 0, tzinfo=timezone.utc)
@@ -104,6 +104,14 @@ def test_timestamps_escapes_and_garbage_lines_are_tolerated():
     scrape = parse_exposition(text)
     assert scrape.values == {"vllm:num_requests_running": 2.0, "vllm:num_requests_waiting": 4.0}
     assert scrape.buckets == {"h": {1.0: 2.0}}
+
+
+def test_only_the_signals_series_are_kept_for_later():
+    scrape = parse_exposition(vllm_text([10], [[4, 8, 10, 10]], tokens=900) + "vllm:num_preemptions_total 3\n")
+    kept = relevant(scrape, VLLM)
+    assert set(kept.values) == {"vllm:num_requests_running", "vllm:num_requests_waiting",
+                                "vllm:generation_tokens_total"}
+    assert set(kept.buckets) == {"vllm:time_to_first_token_seconds", "vllm:request_time_per_output_token_seconds"}
 
 
 def test_a_nan_sample_makes_its_series_nan():
