@@ -373,6 +373,8 @@ class Observer:
 
     async def collect(self, targets: list[Target],
                       pods: Mapping[Key, list[PodEndpoint]]) -> dict[Key, Observation]:
+        """An Observation per target, keyed (namespace, name). `pods` lists each deployment's pods: the pod
+        scraper reads their /metrics; Prometheus finds them itself and needs none."""
         try:
             seen = await self.source.collect(targets, pods, self.window_seconds)
             failure = None

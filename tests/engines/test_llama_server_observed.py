@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from llama_operator.observe import MEAN_FROM_COUNTERS, Target
 from llama_operator.observer import Observer, PodEndpoint, PodScraper
 
@@ -17,13 +19,15 @@ from rendered_cases import ALIAS, OWNER, render_kind
 PROMPT_TOKENS = 200
 
 
-def complete(server, content: str) -> None:
+def complete(server, content: str) -> dict:
+    """One chat completion; its `timings` (llama-server's own per-request prompt and predict times)."""
     resp = server.post("/v1/chat/completions", {
         "model": ALIAS, "messages": [{"role": "user", "content": content}],
         "temperature": 0, "max_tokens": 8,
         "ignore_eos": True,  # random weights may pick end-of-text first; the test needs tokens predicted
     })
     assert resp.status == 200, resp.body[:2000]
+    return resp.json()["timings"]
 
 
 async def test_two_completions_give_means_from_the_counters(servers):
@@ -38,8 +42,7 @@ async def test_two_completions_give_means_from_the_counters(servers):
 
     before = (await observer.collect([target], pods))[(OWNER.namespace, OWNER.name)]
     assert "scraped once so far" in before.problem
-    for content in ("Say hello.", "Name three colours."):
-        await asyncio.to_thread(complete, server, content)
+    timings = [await asyncio.to_thread(complete, server, content) for content in ("Say hello.", "Name three colours.")]
     seen = (await observer.collect([target], pods))[(OWNER.namespace, OWNER.name)]
 
     assert seen.problem is None, seen.problem
@@ -51,3 +54,10 @@ async def test_two_completions_give_means_from_the_counters(servers):
     assert seen.pods == 1
     assert seen.requests_running == 0 and seen.requests_waiting == 0  # both answered before the second scrape
     assert seen.ttft_over_target is None and seen.requests_per_second is None
+
+    # The counters' means agree with the server's own timings of the two requests (served one at a time, so
+    # the batches' wall time is the requests' time).
+    prompt_ms, prompt_n = sum(t["prompt_ms"] for t in timings), sum(t["prompt_n"] for t in timings)
+    predicted_ms, predicted_n = sum(t["predicted_ms"] for t in timings), sum(t["predicted_n"] for t in timings)
+    assert seen.ttft_seconds == pytest.approx(prompt_ms / 1000 / prompt_n * PROMPT_TOKENS, rel=0.2)
+    assert seen.tpot_seconds == pytest.approx(predicted_ms / 1000 / predicted_n, rel=0.2)
