@@ -1,0 +1,338 @@
+"""PrometheusSource against a real Prometheus, and against a fake one that answers badly.
+
+The real one (Debian's `prometheus`, on 127.0.0.1 with a temporary config) scrapes exporters imitating
+vLLM 0.34.0 (two pods), vLLM 0.10.2 (whose time-per-output-token histogram has another name) and llama.cpp,
+with `namespace`/`llamadeployment`/`pod` added by the scrape config as the chart's PodMonitor adds them. The
+exporters serve plain text 0.0.4 themselves (prometheus-client would render `vllm:foo` as `vllm_foo` in
+OpenMetrics, see TOOLCHAIN.md) and count as a steady rate in wall time, so the expected figures are exact.
+
+The fake one (a thread on 127.0.0.1) is down, answers 500, answers too late, answers NaN, nothing, stale
+data or an error: every target then gets a `problem` naming Prometheus's URL, and collect returns in time.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llama_operator.observe import MEAN_FROM_COUNTERS, P95_FROM_BUCKETS, Target
+from llama_operator.observer import Observer, PrometheusSource
+from kit.tools import require_tool
+
+WINDOW_S = 10
+BUDGET_S = 60.0
+CHAT = Target("team-a", "chat", "vllm", "vllm-0.34.0", ttft_target_seconds=0.5, tpot_target_seconds=0.05,
+              prompt_tokens=1000)
+LEGACY = Target("team-a", "legacy", "vllm", "vllm-0.10.2", 0.5, 0.05, 1000)
+TINY = Target("team-b", "tiny", "llamacpp", "llamacpp-b11434", 2.0, 0.1, prompt_tokens=500)
+GHOST = Target("team-c", "ghost", "vllm", "vllm-0.34.0", 0.5, 0.05, 1000)  # nothing scrapes it
+
+
+def _histogram(name: str, requests: float, shares: dict[str, float]) -> list[str]:
+    """Cumulative buckets: `shares` says which share of the requests falls at or under each bound."""
+    labels = 'engine="0",model_name="m"'
+    lines = [f"# TYPE {name} histogram"]
+    for le, share in shares.items():
+        lines.append(f'{name}_bucket{{{labels},le="{le}"}} {requests * share}')
+    lines += [f'{name}_bucket{{{labels},le="+Inf"}} {requests}', f"{name}_count{{{labels}}} {requests}"]
+    return lines
+
+
+def vllm_text(elapsed: float, tpot_name: str, ttft_shares: dict[str, float]) -> str:
+    """4 requests a second since start, 20 output tokens each; 2 running, 1 waiting."""
+    requests = 4 * elapsed
+    labels = 'engine="0",model_name="m"'
+    lines = [f"vllm:num_requests_running{{{labels}}} 2", f"vllm:num_requests_waiting{{{labels}}} 1",
+             f"vllm:generation_tokens_total{{{labels}}} {20 * requests}"]
+    lines += _histogram("vllm:time_to_first_token_seconds", requests, ttft_shares)
+    lines += _histogram(tpot_name, requests, {"0.01": 0.0, "0.025": 0.5, "0.05": 1.0, "0.1": 1.0})
+    return "\n".join(lines) + "\n"
+
+
+def llamacpp_text(elapsed: float) -> str:
+    """1000 prompt tokens in 0.5 s and 50 tokens predicted in 1 s, every second."""
+    values = {"prompt_tokens_total": 1000 * elapsed, "prompt_seconds_total": 0.5 * elapsed,
+              "tokens_predicted_total": 50 * elapsed, "tokens_predicted_seconds_total": 1.0 * elapsed,
+              "requests_processing": 1, "requests_deferred": 3}
+    return "".join(f"# HELP llamacpp:{k} .\n# TYPE llamacpp:{k} counter\nllamacpp:{k} {v}\n" for k, v in values.items())
+
+
+class Exporter:
+    """Serves `text(seconds since start)` on /metrics, in text format 0.0.4."""
+
+    def __init__(self, text):
+        started = time.monotonic()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server API)
+                body = text(time.monotonic() - started).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+CHAT_SHARES = {"0.1": 0.0, "0.5": 0.8, "1.0": 1.0}  # 80 % in (0.1, 0.5], 20 % in (0.5, 1.0]
+LEGACY_SHARES = {"0.1": 0.0, "0.5": 1.0, "1.0": 1.0}
+
+
+@pytest.fixture
+def exporters():
+    running = {
+        ("team-a", "chat", "chat-0"): Exporter(lambda t: vllm_text(t, "vllm:request_time_per_output_token_seconds",
+                                                                     CHAT_SHARES)),
+        ("team-a", "chat", "chat-1"): Exporter(lambda t: vllm_text(t, "vllm:request_time_per_output_token_seconds",
+                                                                     CHAT_SHARES)),
+        ("team-a", "legacy", "legacy-0"): Exporter(lambda t: vllm_text(t, "vllm:time_per_output_token_seconds",
+                                                                         LEGACY_SHARES)),
+        ("team-b", "tiny", "tiny-0"): Exporter(llamacpp_text),
+    }
+    yield running
+    for exporter in running.values():
+        exporter.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, exporters):
+    binary = require_tool("prometheus")
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [{
+            "job_name": "model-servers",
+            "static_configs": [
+                {"targets": [f"127.0.0.1:{e.port}"],
+                 "labels": {"namespace": ns, "llamadeployment": name, "pod": pod}}
+                for (ns, name, pod), e in exporters.items()],
+        }],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "prometheus.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"prometheus exited:\n{log_path.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{base}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"prometheus not ready:\n{log_path.read_text()}"
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _promql(base: str, expr: str) -> dict[str, float]:
+    url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        result = json.load(response)["data"]["result"]
+    return {r["metric"]["llamadeployment"]: float(r["value"][1]) for r in result}
+
+
+async def test_one_query_per_signal_gives_each_deployment_its_figures(prometheus):
+    source = PrometheusSource(prometheus, timeout=5)
+    observer = Observer(source, window_seconds=WINDOW_S)
+    targets = [CHAT, LEGACY, TINY, GHOST]
+    deadline = time.monotonic() + BUDGET_S
+    while True:  # until every scraped deployment has a window of samples
+        seen = await observer.collect(targets, {})
+        settled = all(seen[(t.namespace, t.name)].problem is None and seen[(t.namespace, t.name)].pods
+                      for t in (CHAT, LEGACY, TINY))
+        if settled and time.monotonic() > deadline - BUDGET_S + WINDOW_S + 3:
+            break
+        assert time.monotonic() < deadline, {k: o.problem for k, o in seen.items()}
+        time.sleep(1)
+
+    chat = seen[("team-a", "chat")]
+    assert (chat.source, chat.statistic, chat.pods) == ("prometheus", P95_FROM_BUCKETS, 2)
+    assert chat.ttft_seconds == pytest.approx(0.5 + 0.5 * 0.15 / 0.2)  # rank 0.95 in (0.5, 1.0], which holds 20 %
+    assert chat.ttft_over_target == pytest.approx(0.2)
+    assert chat.tpot_seconds == pytest.approx(0.025 + 0.025 * 0.45 / 0.5)
+    # 4 a second on each of two pods; rate() extrapolates the few samples of a short window to its edges, no
+    # further than half a scrape interval each side, so it can read up to ~20 % low (as Prometheus itself does).
+    assert chat.requests_per_second == pytest.approx(8.0, rel=0.25)
+    assert chat.tokens_per_second == pytest.approx(20 * chat.requests_per_second, rel=0.05)
+    theirs = _promql(prometheus, f"sum by (llamadeployment) (rate(vllm:time_to_first_token_seconds_count[{WINDOW_S}s]))")
+    assert chat.requests_per_second == pytest.approx(theirs["chat"], rel=0.1)
+    assert (chat.requests_running, chat.requests_waiting) == (pytest.approx(4.0), pytest.approx(2.0))
+    # The same figure as Prometheus's own histogram_quantile on the same buckets.
+    theirs = _promql(prometheus, "histogram_quantile(0.95, sum by (llamadeployment, le) "
+                                 f"(rate(vllm:time_to_first_token_seconds_bucket[{WINDOW_S}s])))")
+    assert chat.ttft_seconds == pytest.approx(theirs["chat"], rel=1e-6)
+
+    legacy = seen[("team-a", "legacy")]  # vLLM 0.10.2: its own name for time per output token
+    assert legacy.ttft_seconds == pytest.approx(0.1 + 0.4 * 0.95)
+    assert legacy.tpot_seconds == pytest.approx(chat.tpot_seconds)
+    assert legacy.pods == 1
+
+    tiny = seen[("team-b", "tiny")]
+    assert tiny.statistic == MEAN_FROM_COUNTERS
+    assert tiny.ttft_seconds == pytest.approx(0.5 / 1000 * 500, rel=0.02)  # two queries: two instants
+    assert tiny.tpot_seconds == pytest.approx(1.0 / 50, rel=0.02)
+    assert (tiny.requests_running, tiny.requests_waiting) == (pytest.approx(1.0), pytest.approx(3.0))
+
+    ghost = seen[("team-c", "ghost")]
+    assert ghost.problem == (f"Prometheus {prometheus}: no vllm:time_to_first_token_seconds series for "
+                             f"team-c/ghost in the last {WINDOW_S}s")
+
+    per_collect = []
+    for targets in ([CHAT], [CHAT, LEGACY, GHOST], [CHAT, LEGACY, TINY, GHOST]):
+        before = source.queries_sent
+        await observer.collect(targets, {})
+        per_collect.append(source.queries_sent - before)
+    # vLLM alone: ttft, tpot, tokens, running, waiting, pods; llama.cpp's four counters on top.
+    assert per_collect == [6, 6, 10]
+
+
+# --- A Prometheus that answers badly ---------------------------------------------------------------------
+
+TIMEOUT_S = 1.0
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 64  # the source's queries come at once: none may wait for a SYN retry
+
+
+class FakePrometheus:
+    """/api/v1/query answering as `mode` says, recording the Authorization headers it was sent."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.authorizations: list[str | None] = []
+        self.release = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server API)
+                fake.authorizations.append(self.headers.get("Authorization"))
+                if fake.mode == "slow":
+                    fake.release.wait(10)
+                    return
+                if fake.mode == "500":
+                    self.send_error(500, "Internal Server Error")
+                    return
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["query"][0]
+                status, answer = fake.answer(query)
+                body = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, query: str) -> tuple[int, dict]:
+        if self.mode == "error":
+            return 400, {"status": "error", "errorType": "bad_data", "error": "parse error at char 3"}
+        stamp = time.time() - (3600 if self.mode == "stale" else 0)
+        value = "NaN" if self.mode == "nan" else "1"
+        result = [] if self.mode == "empty" else [
+            {"metric": {"namespace": t.namespace, "llamadeployment": t.name, "le": le}, "value": [stamp, value]}
+            for t in (CHAT, TINY) for le in ("0.5", "+Inf")]
+        return 200, {"status": "success", "data": {"resultType": "vector", "result": result}}
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_prometheus():
+    started: list[FakePrometheus] = []
+
+    def start(mode: str) -> FakePrometheus:
+        started.append(FakePrometheus(mode))
+        return started[-1]
+
+    yield start
+    for fake in started:
+        fake.stop()
+
+
+def _closed_port_url() -> str:
+    return f"http://127.0.0.1:{_free_port()}"  # bound a moment ago and closed: nothing listens
+
+
+@pytest.mark.parametrize("mode, why", [
+    ("down", "cannot connect"),
+    ("500", "HTTP 500, and not JSON"),
+    ("slow", f"no answer within {TIMEOUT_S:g} s"),
+    ("error", "HTTP 400: bad_data: parse error at char 3"),
+    ("nan", "is NaN"),
+    ("empty", "no vllm:time_to_first_token_seconds series for team-a/chat"),
+    ("stale", "stale data"),
+])
+async def test_a_bad_answer_is_a_problem_for_every_target(fake_prometheus, mode, why):
+    url = _closed_port_url() if mode == "down" else fake_prometheus(mode).url
+    observer = Observer(PrometheusSource(url, timeout=TIMEOUT_S), window_seconds=30)
+    started = time.monotonic()
+    seen = await observer.collect([CHAT, TINY], {})
+    assert time.monotonic() - started < TIMEOUT_S + 1.0
+    for target in (CHAT, TINY):
+        problem = seen[(target.namespace, target.name)].problem
+        assert problem is not None and problem.startswith(f"Prometheus {url}: "), problem
+        assert why in problem or target is TINY, problem
+        assert seen[(target.namespace, target.name)].ttft_seconds is None
+
+
+async def test_the_bearer_token_is_read_again_each_collect(fake_prometheus, tmp_path):
+    fake = fake_prometheus("empty")
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    observer = Observer(PrometheusSource(fake.url, bearer_token_file=str(token), timeout=TIMEOUT_S), 30)
+    await observer.collect([CHAT], {})
+    token.write_text("second\n")
+    await observer.collect([CHAT], {})
+    assert set(fake.authorizations) == {"Bearer first", "Bearer second"}
+
+    token.unlink()
+    seen = await observer.collect([CHAT], {})
+    assert "cannot read the bearer token file" in seen[("team-a", "chat")].problem
