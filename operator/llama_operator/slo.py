@@ -152,7 +152,9 @@ def _correct(corrections: list[Correction], plan: ChosenPlan, obs: Observation, 
         return float(f"{min(MAX_FACTOR, max(MIN_FACTOR, before * seen / predicted)):.3g}")
 
     variant, hardware = plan.variant, plan_hardware(plan)
-    samples = int((obs.requests_per_second or 0) * obs.window_seconds)
+    # vLLM counts requests; llama.cpp exports no request counter, so its samples are output tokens.
+    rate = obs.requests_per_second if obs.requests_per_second is not None else obs.tokens_per_second or 0.0
+    samples = int(rate * obs.window_seconds)
     previous = next((c for c in corrections if c.variant == variant and c.hardware == hardware), None)
     new = Correction(variant=variant, hardware=hardware,
                      ttftFactor=factor(old[0], obs.ttft_seconds, plan.predicted.ttftSeconds),

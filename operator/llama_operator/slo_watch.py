@@ -80,6 +80,8 @@ async def observe_forever(state: OperatorState) -> None:
     interval = state.settings.slo_interval_seconds
     log.info("SLO loop: %s, every %gs", state.observer.describe(), interval)
     while True:
+        if state.peering is not None:
+            await state.peering.wait()  # a replica that peering pauses neither scrapes nor queries
         started = time.monotonic()
         try:
             await observe_once(state)

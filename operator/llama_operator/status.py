@@ -119,7 +119,8 @@ class Correction(ApiModel):
     hardware: str = Field(description="As the plan names it, e.g. 1x NVIDIA-L4.")
     ttftFactor: float
     tpotFactor: float
-    samples: int = Field(description="Requests the factors were measured over.")
+    samples: int = Field(description="What the factors were measured over: requests (vLLM) or output tokens "
+                         "(llama.cpp, which counts no requests).")
     updatedAt: str = Field(description="When last measured (RFC 3339); forgotten after the correction TTL.")
 
 
