@@ -342,13 +342,16 @@ def _per_deployment(result: list, by_le: bool, window_seconds: float) -> dict | 
     out: dict = {}
     now = time.time()
     for sample in result:
+        labels = sample.get("metric") if isinstance(sample, dict) else None
+        if isinstance(labels, dict) and not (labels.get("namespace") and labels.get("llamadeployment")):
+            continue  # a model server the operator does not run (no PodMonitor relabelling): not ours to judge
         try:
-            labels, (stamp, text) = sample["metric"], sample["value"]
+            stamp, text = sample["value"]
             key, value, stamp = (labels["namespace"], labels["llamadeployment"]), float(text), float(stamp)
             le = float(labels["le"]) if by_le else None
         except (KeyError, TypeError, ValueError):
-            wanted = "namespace, llamadeployment, le" if by_le else "namespace, llamadeployment"
-            return f"a sample without {wanted} and a value: {str(sample)[:200]}"
+            wanted = "le and a value" if by_le else "a value"
+            return f"a sample without {wanted}: {str(sample)[:200]}"
         if now - stamp > window_seconds:
             return (f"stale data: a sample of {datetime.fromtimestamp(stamp, timezone.utc):%Y-%m-%dT%H:%M:%SZ}, "
                     f"{now - stamp:.0f} s old, older than the {format_window(window_seconds)} window")

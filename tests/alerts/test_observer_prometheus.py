@@ -276,6 +276,8 @@ class FakePrometheus:
         result = [] if self.mode == "empty" else [
             {"metric": {"namespace": t.namespace, "llamadeployment": t.name, "le": le}, "value": [stamp, value]}
             for t in (CHAT, TINY) for le in ("0.5", "+Inf")]
+        if self.mode == "foreign":  # a vLLM someone else runs, scraped without the operator's labels
+            result.append({"metric": {"le": "+Inf"} if "le" in query else {}, "value": [stamp, "7"]})
         return 200, {"status": "success", "data": {"resultType": "vector", "result": result}}
 
     def stop(self) -> None:
@@ -321,6 +323,16 @@ async def test_a_bad_answer_is_a_problem_for_every_target(fake_prometheus, mode,
         assert problem is not None and problem.startswith(f"Prometheus {url}: "), problem
         assert why in problem or target is TINY, problem
         assert seen[(target.namespace, target.name)].ttft_seconds is None
+
+
+async def test_series_without_the_deployment_labels_are_left_out_not_fatal(fake_prometheus):
+    """Another team's vLLM, scraped by a PodMonitor without the operator's relabelling, carries no namespace and
+    llamadeployment labels: it is none of the operator's deployments, and must not blind the loop to them."""
+    fake = fake_prometheus("foreign")
+    seen = await Observer(PrometheusSource(fake.url, timeout=TIMEOUT_S), window_seconds=30).collect([CHAT], {})
+    observed = seen[(CHAT.namespace, CHAT.name)]
+    assert observed.problem is None, observed.problem
+    assert observed.requests_per_second == pytest.approx(1.0)  # its own +Inf bucket, not the foreign 7
 
 
 async def test_the_bearer_token_is_read_again_each_collect(fake_prometheus, tmp_path):
