@@ -43,11 +43,11 @@ def display_path(path: Path) -> str:
 class SandboxOperator:
     """The operator in a background thread, stoppable."""
 
-    def __init__(self, kubeconfig: str, settings: Settings):
+    def __init__(self, kubeconfig: str, settings: Settings, slo_source: str = "off"):
         self._stop = threading.Event()
         self._ready = threading.Event()
         self.options = RunOptions(kubeconfig=kubeconfig, metrics_port=None, health_port=None, settings=settings,
-                                  watch_timeout=60)
+                                  watch_timeout=60, slo_source=slo_source)
         self.state_holder: list = []
         self._thread = threading.Thread(target=self._run, name="operator", daemon=True)
 
