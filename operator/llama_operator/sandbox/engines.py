@@ -111,15 +111,17 @@ class _Histogram:
     sum: float = 0.0
 
     def observe(self, requests: float, q: float) -> None:
-        """`requests` requests' observations, uniform on [LOW q, HIGH q] (so the p95 is q)."""
+        """`requests` requests' observations, uniform on [LOW q, HIGH q] (so the p95 is q). The sum grows
+        by the mean per whole observation counted, so sum over count is the mean in any window."""
         n = requests * self.per_request
         lo, hi = LOW * q, HIGH * q
         if not self.cumulative:
             self.cumulative = [0.0] * len(self.bounds)
         for i, le in enumerate(self.bounds):
             self.cumulative[i] += n * min(1.0, max(0.0, (le - lo) / (hi - lo)))
+        whole = math.floor(self.count + n) - math.floor(self.count)
         self.count += n
-        self.sum += n * (lo + hi) / 2
+        self.sum += whole * (lo + hi) / 2
 
 
 #: vLLM's series, in the order its PrometheusStatLogger registers them (vllm/v1/metrics/loggers.py of the

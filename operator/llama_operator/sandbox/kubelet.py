@@ -233,7 +233,8 @@ def _release_of(pod: dict, owner: dict | None) -> EngineRelease | None:
 def _served_name(pod: dict, deployment: str) -> str:
     """The model name the server answers to (vLLM --served-model-name, llama.cpp --alias); the renderer
     passes the LlamaDeployment's name."""
-    args = [str(a) for a in (pod["spec"].get("containers") or [{}])[0].get("args") or []]
+    container = (pod["spec"].get("containers") or [{}])[0]
+    args = [str(a) for a in [*(container.get("command") or []), *(container.get("args") or [])]]
     for flag in ("--served-model-name", "--alias"):
         if flag in args[:-1]:
             return args[args.index(flag) + 1]
