@@ -20,12 +20,13 @@ from llama_operator.api import API_VERSION, KIND
 from llama_operator.engines import release
 from llama_operator.metrics import VLLM_TPOT_BUCKETS, VLLM_TTFT_BUCKETS
 from llama_operator.ownership import LABEL_DEPLOYMENT, LABEL_RUNTIME, MANAGED_BY, PORTS
-from llama_operator.sandbox.engines import HIGH, LATENCY_FACTOR, LOAD_FACTOR, LOW, OUTPUT_TOKENS
+from llama_operator.sandbox.engines import HIGH, LATENCY_FACTOR, LOAD_FACTOR, LOW, OUTPUT_TOKENS, traffic
 from llama_operator.sandbox.kubelet import SimulatedKubelet
 
 from kit.cluster import Cluster
 from kit.examples import example
 from kit.nodes import node_manifest
+from kit.operator import fast_settings
 from kit.poll import wait_until
 
 pytestmark = pytest.mark.looptime(False)
@@ -108,8 +109,8 @@ def _families(text: str) -> dict[str, str]:
 
 def _buckets(samples: dict[str, float], name: str) -> list[tuple[float, float]]:
     """The histogram's cumulative buckets, (le, count), +Inf last."""
-    found = [(float(m[1]), v) for k, v in samples.items() if (m := re.match(rf'{re.escape(name)}_bucket\{{.*le="([^"]+)"', k))]
-    return sorted(found)
+    pattern = re.compile(rf'{re.escape(name)}_bucket\{{.*le="([^"]+)"')
+    return sorted((float(m[1]), v) for k, v in samples.items() if (m := pattern.match(k)))
 
 
 def _p95(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> float:
@@ -241,8 +242,6 @@ def test_servers_go_with_their_pods_and_with_the_kubelet(cluster, kubeconfig):
 
 def test_the_operators_pod_serves_the_planned_release(cluster, run_operator, kubelet):
     """End to end: the pod of the operator's own Deployment serves the series of the release it planned."""
-    from kit.operator import fast_settings
-
     cluster.add_nodes("mixed")
     run_operator(fast_settings())
     cluster.create(example("chat.yaml"))
@@ -251,3 +250,17 @@ def test_the_operators_pod_serves_the_planned_release(cluster, run_operator, kub
     text = _get(f"http://{ip}:{PORTS[plan['runtime']]}/metrics")[2]
     assert set(_families(text)) >= release(plan["engine"]).metrics
     assert not math.isnan(sum(_samples(text).values()))
+
+
+def test_traffic_reads_the_plan_without_its_correction_and_ignores_bad_factors():
+    ld = {"metadata": {"annotations": {LATENCY_FACTOR: "fast", LOAD_FACTOR: "-2"}},
+          "spec": {"replicas": 3, "slo": {"concurrency": 4}},
+          "status": {"plan": {"predicted": {"ttftSeconds": 0.9, "tpotSeconds": 0.06,
+                                            "correctedBy": {"ttftFactor": 3, "tpotFactor": 2}}}}}
+    t = traffic(ld, serving_pods=2)
+    assert (t.ttft, t.tpot) == pytest.approx((0.3, 0.03))
+    assert (t.running, t.waiting) == (4, 2)  # 4 x 3 offered over 2 pods: 6 each, 4 run
+    ld["metadata"]["annotations"] = {LATENCY_FACTOR: "1.5", LOAD_FACTOR: "0.5"}
+    t = traffic(ld, serving_pods=3)
+    assert (t.ttft, t.running, t.waiting) == pytest.approx((0.45, 2, 0))
+    assert traffic({"metadata": {}, "spec": {}}, serving_pods=1).requests_per_second == 0
