@@ -14,7 +14,7 @@ hardware slower than predicted), load is spec.slo.concurrency x spec.replicas x 
 `sandbox.llama-operator.dev/load-factor`, spread over the deployment's serving pods. Counters integrate the
 request rate over time, so two scrapes a window apart give rates as from a real server.
 
-Standard library only: a ThreadingHTTPServer per pod, in daemon threads.
+The servers are the standard library's: a ThreadingHTTPServer per pod, in daemon threads.
 """
 from __future__ import annotations
 
@@ -106,17 +106,18 @@ class _Histogram:
     bounds: tuple[float, ...]
     latency: str  # ttft | tpot
     per_request: int  # observations per request: 1, or one per gap between output tokens
-    cumulative: list[float] = field(default_factory=list)
+    cumulative: list[float] = field(init=False)
     count: float = 0.0
     sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.cumulative = [0.0] * len(self.bounds)
 
     def observe(self, requests: float, q: float) -> None:
         """`requests` requests' observations, uniform on [LOW q, HIGH q] (so the p95 is q). The sum grows
         by the mean per whole observation counted, so sum over count is the mean in any window."""
         n = requests * self.per_request
         lo, hi = LOW * q, HIGH * q
-        if not self.cumulative:
-            self.cumulative = [0.0] * len(self.bounds)
         for i, le in enumerate(self.bounds):
             self.cumulative[i] += n * min(1.0, max(0.0, (le - lo) / (hi - lo)))
         whole = math.floor(self.count + n) - math.floor(self.count)
@@ -158,7 +159,7 @@ class SimulatedEngine:
         self._lock = threading.Lock()
         self._traffic = Traffic()
         self._at = time.monotonic()
-        self._requests = self._prompt_tokens = self._prompt_seconds = 0.0
+        self._prompt_tokens = self._prompt_seconds = 0.0
         self._output_tokens = self._output_seconds = self._decodes = self._busy_slots = 0.0
         self._largest_batch = 0
         self._histograms = {name: _Histogram(bounds, latency, per_request)
@@ -180,7 +181,6 @@ class SimulatedEngine:
         if done <= 0:
             return
         assert t.ttft is not None and t.tpot is not None
-        self._requests += done
         self._prompt_tokens += done * t.prompt_tokens
         self._prompt_seconds += done * t.ttft
         self._output_tokens += done * OUTPUT_TOKENS
@@ -211,7 +211,7 @@ class SimulatedEngine:
             if name in self._histograms:
                 h = self._histograms[name]
                 lines += [f"# HELP {name} {_VLLM_HISTOGRAMS[name][0]}", f"# TYPE {name} histogram"]
-                for le, n in zip(h.bounds, h.cumulative or [0.0] * len(h.bounds)):
+                for le, n in zip(h.bounds, h.cumulative):
                     lines.append(f'{name}_bucket{{engine="0",le="{format_le(le)}",model_name="{self.model_name}"}} '
                                  f"{format_le(math.floor(n))}")
                 lines.append(f'{name}_bucket{{engine="0",le="+Inf",model_name="{self.model_name}"}} '
@@ -333,6 +333,8 @@ class AddressPool:
 
 #: How many addresses one pod tries in one step when others (another process's servers) hold them.
 _TRIES = 32
+#: Seconds a server takes to notice it is shut down (the kubelet stops them one after another).
+_POLL = 0.05
 
 
 class SimulatedEngines:
@@ -347,10 +349,6 @@ class SimulatedEngines:
         self._pool = AddressPool()
         self._warned: set[tuple[str, str]] = set()
         self._stopped = False
-
-    def address(self, key: tuple[str, str]) -> str | None:
-        with self._lock:
-            return self._servers[key][0] if key in self._servers else None
 
     def serve(self, key: tuple[str, str], release: EngineRelease, model_name: str, port: int,
               address: str | None = None) -> str | None:
@@ -372,7 +370,8 @@ class SimulatedEngines:
                     problem = e
                     continue
                 self._pool.take(candidate)
-                threading.Thread(target=server.serve_forever, name=f"engine-{key[1]}", daemon=True).start()
+                threading.Thread(target=server.serve_forever, kwargs={"poll_interval": _POLL}, name=f"engine-{key[1]}",
+                                 daemon=True).start()
                 self._servers[key] = (candidate, server)
                 self._warned.discard(key)
                 return candidate
@@ -392,6 +391,7 @@ class SimulatedEngines:
         """Stop the servers of pods not in `keep`."""
         with self._lock:
             gone = [(key, self._servers.pop(key)) for key in list(self._servers) if key not in keep]
+            self._warned &= keep
             for _, (address, _server) in gone:
                 self._pool.free(address)
         for _, (_, server) in gone:
