@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -264,3 +265,17 @@ def test_traffic_reads_the_plan_without_its_correction_and_ignores_bad_factors()
     t = traffic(ld, serving_pods=3)
     assert (t.ttft, t.running, t.waiting) == pytest.approx((0.45, 2, 0))
     assert traffic({"metadata": {}, "spec": {}}, serving_pods=1).requests_per_second == 0
+
+
+def test_an_address_another_server_holds_is_passed_over(cluster, kubelet):
+    rel = release("vllm-0.34.0")
+    with socket.socket() as squatter:  # as another sandbox on this machine would hold it
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past earlier tests' closed connections
+        squatter.bind(("127.0.1.1", PORTS["vllm"]))
+        squatter.listen()
+        _llama(cluster, "chat", concurrency=1, annotations={}, engine=rel.id,
+               predicted={"memoryBytes": 1, "ttftSeconds": 0.2, "tpotSeconds": 0.02})
+        _deployment(cluster, "chat", rel.id)
+        ip = _serving_pod(cluster, "chat")["status"]["podIP"]
+        assert ip != "127.0.1.1"
+        assert _get(f"http://{ip}:{PORTS['vllm']}/health")[0] == 200
