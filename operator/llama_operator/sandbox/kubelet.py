@@ -2,18 +2,24 @@
 
 The emulator is an API server only: nothing schedules or runs pods. `SimulatedKubelet` binds the pods of
 the operator's Deployments to nodes that satisfy their node affinity and resource requests, marks them
-running, and reports the Deployment's status, so a person sees phases move as in a cluster. It never
-starts a model server.
+running, and reports the Deployment's status, so a person sees phases move as in a cluster. Each running
+pod gets a loopback address of its own as its podIP, and a simulated model server there (engines.py)
+answering /health and /metrics as the pod's engine would, so the SLO loop has latency and load to observe.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import threading
+from collections import defaultdict
+from datetime import datetime, timezone
 
+from ..api import API_VERSION, KIND
 from ..catalog import GPU_RESOURCES
-from ..ownership import LABEL_DEPLOYMENT, MANAGED_BY
+from ..engines import EngineRelease, release, releases
+from ..ownership import LABEL_DEPLOYMENT, MANAGED_BY, PORTS
 from ..units import quantity_bytes, quantity_millis
+from .engines import AddressPool, SimulatedEngines, traffic
 
 
 def dynamic_client(kubeconfig: str, user_agent: str = "llama-operator-sandbox"):
@@ -56,11 +62,13 @@ def _affinity_ok(pod_spec: dict, node: dict) -> bool:
 
 
 class SimulatedKubelet:
-    """Schedules and 'runs' the pods of llama-operator's Deployments, polling the API every `interval`."""
+    """Schedules and 'runs' the pods of llama-operator's Deployments, polling the API every `interval`;
+    `engines` are the simulated model servers of the running pods."""
 
     def __init__(self, kubeconfig: str, interval: float = 0.3):
         self.dyn = dynamic_client(kubeconfig, user_agent="simulated-kubelet")
         self.interval = interval
+        self.engines = SimulatedEngines()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="simulated-kubelet", daemon=True)
 
@@ -71,6 +79,7 @@ class SimulatedKubelet:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self.engines.stop()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -109,6 +118,49 @@ class SimulatedKubelet:
             self._sync(d, [p for p in pods if p["metadata"]["namespace"] == d["metadata"]["namespace"]
                            and p["metadata"]["labels"].get(LABEL_DEPLOYMENT) == d["metadata"]["labels"].get(
                                LABEL_DEPLOYMENT)], nodes, used, pod_res, dep_res)
+        self._run_engines(pod_res)
+
+    def _run_engines(self, pod_res) -> None:
+        """Serve the engines of the running pods (stopping those of pods gone), record each pod's address
+        and readiness in its status, and set what each serves from its LlamaDeployment."""
+        selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+        running = [p for p in pod_res.get(label_selector=selector).to_dict()["items"]
+                   if (p.get("spec") or {}).get("nodeName") and (p.get("status") or {}).get("phase") == "Running"]
+        self.engines.retire({(p["metadata"]["namespace"], p["metadata"]["name"]) for p in running})
+        if not running:
+            return
+        owners = self._llamadeployments()
+        serving: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+        # pods that have an address first: one a pod already has is never handed to another
+        for p in sorted(running, key=lambda p: _own_address(p) is None):
+            ns, name = p["metadata"]["namespace"], p["metadata"]["name"]
+            owner = (ns, p["metadata"]["labels"].get(LABEL_DEPLOYMENT))
+            rel = _release_of(p, owners.get(owner))
+            if rel is None:
+                continue
+            address = self.engines.serve((ns, name), rel, _served_name(p, owner[1]), PORTS[rel.engine],
+                                         _own_address(p))
+            if address is None:
+                continue
+            serving[owner].append((ns, name))
+            status = p.get("status") or {}
+            if status.get("podIP") != address or not _ready(status):
+                pod_res.status.patch(body={"status": _running_status(p, address)}, name=name, namespace=ns,
+                                     content_type="application/merge-patch+json")
+        for owner, keys in serving.items():
+            now = traffic(owners.get(owner), len(keys))
+            for key in keys:
+                self.engines.update(key, now)
+
+    def _llamadeployments(self) -> dict[tuple[str, str], dict]:
+        """Every LlamaDeployment by (namespace, name); none while the CRD is not declared."""
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+        try:
+            res = self.dyn.resources.get(api_version=API_VERSION, kind=KIND)
+        except ResourceNotFoundError:
+            return {}
+        return {(i["metadata"]["namespace"], i["metadata"]["name"]): i for i in res.get().to_dict()["items"]}
 
     def _sync(self, d: dict, pods: list[dict], nodes: dict, used: dict, pod_res, dep_res) -> None:
         ns, name = d["metadata"]["namespace"], d["metadata"]["name"]
@@ -117,6 +169,11 @@ class SimulatedKubelet:
         want = int(d["spec"].get("replicas", 1))
         current = [p for p in pods if p["metadata"]["labels"].get("pod-template-hash") == revision]
         old = [p for p in pods if p not in current]
+        if len(current) > want:  # scaled in (the SLO loop does): unbound pods go first, then the newest
+            newest = sorted(current, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+            for p in sorted(newest, key=lambda p: bool((p.get("spec") or {}).get("nodeName")))[:len(current) - want]:
+                pod_res.delete(name=p["metadata"]["name"], namespace=ns)
+                current.remove(p)
         need = _requests(template["spec"])
         for _ in range(max(0, want - len(current))):
             node = next((n for n, obj in sorted(nodes.items()) if _affinity_ok(template["spec"], obj) and all(
@@ -157,3 +214,45 @@ def _capacity(node: dict) -> tuple[int, int, int]:
     alloc = (node.get("status") or {}).get("allocatable") or {}
     return (sum(quantity_bytes(alloc.get(k, 0)) for k in GPU_RESOURCES),
             quantity_millis(alloc.get("cpu", 0)), quantity_bytes(alloc.get("memory", 0)))
+
+
+def _own_address(pod: dict) -> str | None:
+    """The loopback address a pod was given earlier (by this kubelet or one before it), if any."""
+    ip = (pod.get("status") or {}).get("podIP")
+    return ip if ip and AddressPool.index(ip) is not None else None
+
+
+def _release_of(pod: dict, owner: dict | None) -> EngineRelease | None:
+    """The engine release the pod runs: the one whose image it runs, else the one its owner's plan names."""
+    image = ((pod["spec"].get("containers") or [{}])[0]).get("image")
+    found = next((r for r in releases() if image in r.images.values()), None)
+    engine = (((owner or {}).get("status") or {}).get("plan") or {}).get("engine")
+    return found or (release(engine) if engine else None)
+
+
+def _served_name(pod: dict, deployment: str) -> str:
+    """The model name the server answers to (vLLM --served-model-name, llama.cpp --alias); the renderer
+    passes the LlamaDeployment's name."""
+    container = (pod["spec"].get("containers") or [{}])[0]
+    args = [str(a) for a in [*(container.get("command") or []), *(container.get("args") or [])]]
+    for flag in ("--served-model-name", "--alias"):
+        if flag in args[:-1]:
+            return args[args.index(flag) + 1]
+    return deployment
+
+
+def _ready(status: dict) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def _running_status(pod: dict, address: str) -> dict:
+    """A running pod's status as a kubelet reports it once the readiness probe (/health) passes."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "phase": "Running", "podIP": address, "podIPs": [{"ip": address}], "startTime": now,
+        "conditions": [{"type": t, "status": "True", "lastTransitionTime": now}
+                       for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+        "containerStatuses": [{"name": c.get("name"), "image": c.get("image"), "ready": True, "started": True,
+                               "restartCount": 0, "state": {"running": {"startedAt": now}}}
+                              for c in pod["spec"].get("containers") or []],
+    }
