@@ -65,6 +65,9 @@ class Observation:
     #: Share of requests (0..1) slower than the target; histograms only (None for means).
     ttft_over_target: float | None = None
     tpot_over_target: float | None = None
+    #: What the buckets know for sure of those shares: (at least, at most) (share_over_bounds).
+    ttft_over_bounds: tuple[float, float] | None = None
+    tpot_over_bounds: tuple[float, float] | None = None
     requests_running: float | None = None  # summed over pods, mean over the window
     requests_waiting: float | None = None
     requests_per_second: float | None = None
@@ -276,6 +279,24 @@ def share_over(target: float, buckets: dict[float, float]) -> float | None:
     raise AssertionError("unreachable: the +Inf bucket is above any target")
 
 
+def share_over_bounds(target: float, buckets: dict[float, float]) -> tuple[float, float] | None:
+    """What the buckets know for sure of the share over `target`: (at least, at most). At least: the share
+    above the smallest bound at or above the target (those are over it whatever their place in their
+    bucket); at most: the share above the largest bound at or below it (below that, none is over). Equal
+    when the target is a bucket bound. vLLM's TTFT buckets jump from 1 s to 2.5 s: for a 2 s target, a p95
+    interpolated at 2.4 s may be a p95 of 1.6 s, and only these bounds say what is certain."""
+    cumulative = _cumulative(buckets)
+    if cumulative is None:
+        return None
+    total = cumulative[-1][1]
+    finite = cumulative[:-1]
+    above_up = next((total - count for bound, count in finite if bound >= target), None)
+    below = [count for bound, count in finite if bound <= target]
+    at_least = (above_up / total) if above_up is not None else 0.0  # past the top bound: nothing is sure
+    at_most = (total - below[-1]) / total if below else 1.0
+    return max(0.0, at_least), min(1.0, at_most)
+
+
 # --- What the loop sees -----------------------------------------------------------------------------------
 
 
@@ -351,6 +372,8 @@ def observation(target: Target, rates: Rates | None, *, source: str, sampled_at:
             ttft_seconds=histogram_quantile(0.95, ttft), tpot_seconds=histogram_quantile(0.95, tpot),
             ttft_over_target=share_over(target.ttft_target_seconds, ttft),
             tpot_over_target=share_over(target.tpot_target_seconds, tpot),
+            ttft_over_bounds=share_over_bounds(target.ttft_target_seconds, ttft),
+            tpot_over_bounds=share_over_bounds(target.tpot_target_seconds, tpot),
             requests_per_second=ttft[math.inf], tokens_per_second=rates.counters[signals.generated_tokens],
             **load)
     assert signals.prompt_seconds and signals.prompt_tokens and signals.predicted_seconds and signals.predicted_tokens

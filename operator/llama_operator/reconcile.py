@@ -392,7 +392,7 @@ def decide_slo(obs: Observed, decision: Decision, judgement: Judgement) -> Decis
     events = list(decision.events)
     if judgement.corrected is not None:  # say what was observed where the move is announced
         events = [(t, r, f"{m} ({judgement.breach_message})" if r == "Replanned" else m) for t, r, m in events]
-    events += judgement.events
+    events = judgement.events + events  # the breach is said before what is done about it
     plan = status.plan
     corrected_in_force = plan is not None and any(
         c.variant == plan.variant and c.hardware == plan_hardware(plan) for c in judgement.corrections)

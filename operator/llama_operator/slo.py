@@ -107,7 +107,7 @@ def _observed_status(obs: Observation) -> Observed:
 
 
 def _latency(obs: Observation, spec: LlamaDeploymentSpec) -> tuple[bool, bool, str]:
-    """(breached, met, what was seen against the targets)."""
+    """(surely breached, surely met, what was seen against the targets). Neither: too close to call."""
     t_ttft, t_tpot = spec.slo.ttft_seconds, spec.slo.tpot_seconds
     word = "mean" if obs.statistic == MEAN_FROM_COUNTERS else "p95"
     parts = []
@@ -115,11 +115,12 @@ def _latency(obs: Observation, spec: LlamaDeploymentSpec) -> tuple[bool, bool, s
                                       ("TPOT", obs.tpot_seconds, t_tpot, spec.slo.tpotP95)):
         if value is not None:
             parts.append(f"{name} {word} {format_seconds(value)} (target {text})")
-    shares = [s for s in (obs.ttft_over_target, obs.tpot_over_target) if s is not None]
-    if shares:  # vLLM's histograms: the share of requests over the target decides
-        worst = max(shares)
-        seen = "; ".join(parts) + f"; {worst:.0%} of requests over a target"
-        return worst > BREACH_SHARE, worst <= MET_SHARE, seen
+    bounds = [b for b in (obs.ttft_over_bounds, obs.tpot_over_bounds) if b is not None]
+    if bounds:  # vLLM's histograms: the share of requests over the target decides, as far as the buckets know it
+        at_least, at_most = max(b[0] for b in bounds), max(b[1] for b in bounds)
+        share = f"{at_least:.0%}" if at_least == at_most else f"between {at_least:.0%} and {at_most:.0%}"
+        seen = "; ".join(parts) + f"; {share} of requests over a target"
+        return at_least > BREACH_SHARE, at_most <= MET_SHARE, seen
     ratios = [v / t for v, t in ((obs.ttft_seconds, t_ttft), (obs.tpot_seconds, t_tpot)) if v is not None]
     worst = max(ratios) if ratios else 0.0
     return worst > 1 + BREACH_MARGIN, worst <= 1.0, "; ".join(parts)
@@ -197,7 +198,9 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     breached_now, met_now, seen = _latency(obs, spec)
     total, overloaded, load_text = _load(obs, spec.slo.concurrency, replicas)
     was_breached = before is not None and before.status == "False"
-    breached = breached_now or (was_breached and not met_now) or (prev.breachedSince is not None and not met_now)
+    # Hysteresis: a breach starts only when it is sure, and lasts until the SLO is surely met again. An action
+    # ends the breach it answered: the next one must be seen afresh, of what runs after it.
+    breached = breached_now or (prev.breachedSince is not None and not met_now)
     # After an action the window still holds what ran before it (the old pods, the old replicas): a breach
     # or an overload is only counted once the window is clear of it.
     settling = prev.lastActionAt is not None and _since(prev.lastActionAt, now) < settings.window
@@ -205,7 +208,11 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     state.overloadedSince = (prev.overloadedSince or format_time(now)) if overloaded and not settling else None
     sustained = state.breachedSince is not None and _since(state.breachedSince, now) >= settings.window
     j = Judgement(("True", "Met", f"Met: {seen}; {load_text}"), observed, state, corrections, replicas)
-    if breached and not sustained and settling:
+    if not breached and not met_now:  # too close to call: the verdict so far stands, or none is given
+        kept = before is not None and before.status == "True"
+        j.condition = ("True", "Met", f"Met before, now too close to call: {seen}; {load_text}") if kept else \
+            ("Unknown", "NearTarget", f"Too close to the target to call: {seen}; {load_text}")
+    elif breached and not sustained and settling:
         j.condition = (before.status if before is not None else "Unknown",
                        before.reason if before is not None else "Settling",
                        f"Settling after {prev.lastAction}: {seen}; {load_text}")

@@ -260,3 +260,17 @@ def test_llamacpp_without_its_prompt_counters_names_them():
 @pytest.mark.parametrize("seconds, text", [(30, "30s"), (300, "5m"), (3600, "1h"), (90, "90s"), (1.5, "1500ms")])
 def test_format_window(seconds, text):
     assert format_window(seconds) == text
+
+
+def test_share_over_bounds_says_what_the_buckets_know_for_sure():
+    from llama_operator.observe import share_over_bounds
+
+    # 100 requests: 27 at or under 1 s, all under 2.5 s (vLLM's TTFT bounds around a 2 s target).
+    buckets = {0.5: 0.0, 1.0: 27.0, 2.5: 100.0, float("inf"): 100.0}
+    assert share_over_bounds(2.0, buckets) == (0.0, 0.73)
+    assert share_over_bounds(1.0, buckets) == (0.73, 0.73)  # a bound: exact
+    assert share_over_bounds(0.2, buckets) == (1.0, 1.0)
+    assert share_over_bounds(3.0, buckets) == (0.0, 0.0)
+    late = {1.0: 10.0, 2.5: 50.0, float("inf"): 100.0}  # half past the top bound
+    assert share_over_bounds(5.0, late) == (0.0, 0.5)
+    assert share_over_bounds(0.5, {}) is None

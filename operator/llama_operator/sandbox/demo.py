@@ -22,6 +22,7 @@ from ..api import API_VERSION, KIND
 from ..catalog import GPU_RESOURCES
 from ..crd import crd_manifest
 from ..runner import RunOptions, run_async
+from ..slo import SloSettings
 from ..state import Settings
 from .emulator import declare_crd
 from .kubelet import SimulatedKubelet, dynamic_client
@@ -116,6 +117,11 @@ def load_docs(path: Path) -> list[dict]:
     return out
 
 
+#: The SLO loop with short windows, so a breach and the reaction to it show within a minute (docs/slo-loop.md).
+SANDBOX_SLO = SloSettings(window=timedelta(seconds=6), cooldown=timedelta(seconds=10),
+                          calm_window=timedelta(seconds=20), correction_ttl=timedelta(hours=1))
+SANDBOX_SLO_INTERVAL = 1.0
+
 #: The Events of a deployment moving to another variant, which the scenario shows.
 MOVE_REASONS = ("Upgraded", "Replanned", "UpgradePending")
 
@@ -181,7 +187,9 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
         print(f"API emulator at {emu.url}; loaded the CRD and {len(nodes)} nodes from {display_path(cluster)}")
         kubelet = SimulatedKubelet(kubeconfig).start()
         operator = SandboxOperator(kubeconfig, Settings(upgrade_delay=timedelta(seconds=upgrade_delay),
-                                                        resync_seconds=30)).start()
+                                                        resync_seconds=30, slo=SANDBOX_SLO,
+                                                        slo_interval_seconds=SANDBOX_SLO_INTERVAL),
+                                   slo_source="pods").start()
         ld_res = api.resources.get(api_version=API_VERSION, kind=KIND)
         names = []
         try:
