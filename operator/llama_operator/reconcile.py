@@ -408,6 +408,10 @@ def decide_slo(obs: Observed, decision: Decision, judgement: Judgement) -> Decis
             events.append((WARNING, "Degraded", message))
         status.phase, status.message = "Degraded", message
     wanted = [(c.type, c.status, c.reason, c.message) for c in status.conditions if c.type != SLO_MET]
-    wanted.append((SLO_MET, *judgement.condition))
+    met = judgement.condition
+    before = next((c for c in obs.status.conditions if c.type == SLO_MET), None)
+    if not judgement.observed_fresh and before is not None and (before.status, before.reason) == met[:2]:
+        met = (met[0], met[1], before.message)  # the same verdict on much the same figures: nothing to write
+    wanted.append((SLO_MET, *met))
     status.conditions = _conditions(obs.status.conditions, wanted, obs.now, obs.generation)
     return replace(decision, status=status, events=events)

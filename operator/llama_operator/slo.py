@@ -84,6 +84,9 @@ class Judgement:
     #: recorded: observed against target and prediction, for the phase (Degraded) when nothing is left to try.
     breach_message: str | None = None
     action: str | None = None  # ScaledOut | ScaledIn | Replanned, for the metrics
+    #: False: what was seen is close to what status shows (_worth_writing); a verdict that did not change
+    #: keeps its message too, so a steady deployment's status is not rewritten every interval.
+    observed_fresh: bool = True
 
     def planner_corrections(self) -> Corrections:
         return {(c.variant, c.hardware): (c.ttftFactor, c.tpotFactor) for c in self.corrections}
@@ -104,6 +107,28 @@ def _observed_status(obs: Observation) -> Observed:
         requestsPerSecond=r(obs.requests_per_second), tokensPerSecond=r(obs.tokens_per_second),
         window=f"{window / 60:g}m" if window >= 60 and window % 60 == 0 else f"{window:g}s",
         source=obs.source, sampledAt=format_time(obs.sampled_at))
+
+
+#: status.observed is rewritten when a figure moves by more than this share, or once a window has passed:
+#: observing every interval does not mean a status write every interval (the API server's load).
+OBSERVED_CHANGE = 0.10
+
+
+def _worth_writing(before: Observed | None, new: Observed, now: datetime, window: timedelta) -> bool:
+    """Whether `new` says something `before` (the status written) does not: a figure appeared, went or moved
+    by more than OBSERVED_CHANGE, the source or statistic changed, or `before` is a window old."""
+    if before is None or before.sampledAt is None or _since(before.sampledAt, now) >= window:
+        return True
+    for name, value in new:
+        old = getattr(before, name)
+        if name == "sampledAt":
+            continue
+        if isinstance(value, float) and isinstance(old, (int, float)):
+            if abs(value - old) > OBSERVED_CHANGE * max(abs(old), abs(value)) and abs(value - old) > 1e-3:
+                return True
+        elif value != old:
+            return True
+    return False
 
 
 def _latency(obs: Observation, spec: LlamaDeploymentSpec) -> tuple[bool, bool, str]:
@@ -191,6 +216,9 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     if obs.problem:
         return unknown("NoData", obs.problem)
     observed = _observed_status(obs)
+    fresh = _worth_writing(status.observed, observed, now, settings.window)
+    if not fresh:
+        observed = status.observed
     if not obs.traffic:
         return unknown("NoTraffic", f"No requests in the last {observed.window}; latency unknown", observed,
                        calm=True)
@@ -207,7 +235,8 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     state.breachedSince = (prev.breachedSince or format_time(now)) if breached and not settling else None
     state.overloadedSince = (prev.overloadedSince or format_time(now)) if overloaded and not settling else None
     sustained = state.breachedSince is not None and _since(state.breachedSince, now) >= settings.window
-    j = Judgement(("True", "Met", f"Met: {seen}; {load_text}"), observed, state, corrections, replicas)
+    j = Judgement(("True", "Met", f"Met: {seen}; {load_text}"), observed, state, corrections, replicas,
+                  observed_fresh=fresh)
     if not breached and not met_now:  # too close to call: the verdict so far stands, or none is given
         kept = before is not None and before.status == "True"
         j.condition = ("True", "Met", f"Met before, now too close to call: {seen}; {load_text}") if kept else \

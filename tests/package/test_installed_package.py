@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,18 @@ def test_sandbox_runs_from_the_installed_package(installed: Installed):
     assert phases == {"assistant-70b": "Ready", "chat": "Ready", "chat-11b-vision": "Ready",
                       "impossible": "Unschedulable", "tiny": "Ready", "vision-90b": "Ready"}, out
     assert "Upgraded" in out, out  # the joined H100 node was used
+    # The SLO loop (docs/slo-loop.md): the slow engine corrected and re-planned, the busy one scaled out, the
+    # one that meets its SLO left alone; each said in an Event that names what was observed.
+    slo = out.split("--- the SLO loop:", 1)[1]
+    rows = {r.split()[0]: r for r in slo.split("$ kubectl get llamadeployments", 1)[1].splitlines()[2:5]}
+    assert "True Met" in rows["meets-slo"] and "3/3" in rows["busy"], slo
+    assert "llama-3.1-8b-instruct/f16" not in rows["slow-engine"], slo  # moved off the slow variant
+    assert "busy: ScaledOut: Load above the plan" in slo and "from 1 to 3 replica(s)" in slo, slo
+    assert "slow-engine: SLOBreached:" in slo and "slow-engine: Replanned:" in slo, slo
+    factor = re.search(r"slow-engine: correction llama-3\.1-8b-instruct/f16 on 1x NVIDIA-L4: TTFT x[0-9.]+, "
+                       r"TPOT x([0-9.]+)", slo)
+    assert factor and 3.8 <= float(factor.group(1)) <= 4.2, slo  # the sandbox's latency-factor 4, measured
+    assert "meets-slo:" not in slo.split("Events:", 1)[1], slo
 
 
 def test_plan_on_the_bundled_examples(installed: Installed):

@@ -308,3 +308,16 @@ def test_the_planner_multiplies_only_the_corrected_variant_on_that_hardware(spec
     assert chosen.predicted.correctedBy is None  # another variant or hardware: its estimate as it is
     again = planner.plan(spec, inventory, corrections={key: (1.0, 1.5)}).chosen.to_chosen_plan()
     assert again.predicted.correctedBy.tpotFactor == 1.5  # still meets: kept, with the correction shown
+
+
+def test_a_steady_deployment_is_not_rewritten_every_interval(spec, inventory):
+    """Figures within 10% of what status shows, the same verdict: the status stays byte for byte the same (no
+    write) until a window has passed; then it is refreshed once."""
+    loop = Loop(spec, inventory)
+    loop.step(seen(T0, ttft=0.30, tpot=0.020), T0)
+    written = loop.status.model_dump(mode="json")
+    for t, jitter in zip(range(10, 60, 10), (1.03, 0.97, 1.05, 0.96, 1.02)):
+        loop.step(seen(T0, ttft=0.30 * jitter, tpot=0.020 * jitter), T0 + timedelta(seconds=t))
+        assert loop.status.model_dump(mode="json") == written
+    loop.step(seen(T0, ttft=0.45, tpot=0.020), T0 + timedelta(seconds=61))  # moved by half: written
+    assert loop.status.observed.ttftP95Seconds == 0.45 and "TTFT p95 450ms" in loop.condition().message

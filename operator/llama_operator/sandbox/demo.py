@@ -3,7 +3,8 @@
 The operator runs in a thread (`SandboxOperator`) beside the emulator and a `SimulatedKubelet`; the demo
 applies example LlamaDeployments, prints what `kubectl get llamadeployments` would, the workloads
 rendered and why some fell back, then plays a scenario: nodes join (deployments move up once the
-capacity has stayed), the nodes leave (they fall back at once).
+capacity has stayed), the nodes leave (they fall back at once); then the SLO loop (docs/slo-loop.md) on
+examples/slo-loop.yaml: a slow engine corrected and re-planned, a busy one scaled out, one left alone.
 """
 from __future__ import annotations
 
@@ -172,8 +173,83 @@ def _scenario(api, join: Path, items: Callable[[], list[dict]], upgrade_delay: f
     print("\n".join(_events(api, MOVE_REASONS)[seen:]) or "  (none)")
 
 
+#: The SLO loop's Events, which the SLO scenario shows.
+SLO_REASONS = ("SLOBreached", "ScaledOut", "ScaledIn", "Replanned", "Degraded")
+LATENCY_FACTOR = "sandbox.llama-operator.dev/latency-factor"
+LOAD_FACTOR = "sandbox.llama-operator.dev/load-factor"
+
+
+def _create_nodes(node_res, path: Path) -> list[dict]:
+    nodes = load_docs(path)
+    for n in nodes:
+        node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
+            "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
+    return nodes
+
+
+def _slo_settled(item: dict) -> bool:
+    """Whether the SLO loop has done what the scenario shows for this deployment."""
+    st = item.get("status") or {}
+    notes = (item["metadata"].get("annotations") or {})
+    met = next((c for c in st.get("conditions") or [] if c.get("type") == "SLOMet"), {})
+    if st.get("phase") not in ("Ready", "Degraded"):
+        return False
+    if notes.get(LATENCY_FACTOR, "1") not in ("1", "1.0"):  # corrected, and observed again since
+        return bool(st.get("corrections")) and met.get("reason") not in (None, "NoData")
+    if notes.get(LOAD_FACTOR, "1") not in ("1", "1.0"):
+        return ((st.get("slo") or {}).get("replicas") or 1) > item["spec"].get("replicas", 1)
+    return met.get("status") == "True"
+
+
+def _slo_table(items: list[dict]) -> str:
+    rows = [("NAME", "VARIANT", "READY", "SLOMET", "OBSERVED TTFT / TPOT", "TARGET")]
+    for i in sorted(items, key=lambda i: i["metadata"]["name"]):
+        st = i.get("status") or {}
+        ob = st.get("observed") or {}
+        met = next((c for c in st.get("conditions") or [] if c.get("type") == "SLOMet"), {})
+        word = "mean" if ob.get("statistic") == "mean from counters" else "p95"
+        seen = (f"{word} {ob['ttftP95Seconds']:.3g}s / {ob['tpotP95Seconds'] * 1000:.3g}ms"
+                if ob.get("ttftP95Seconds") is not None and ob.get("tpotP95Seconds") is not None else "-")
+        rows.append((i["metadata"]["name"], st.get("variant") or "", st.get("ready") or "",
+                     f"{met.get('status', '')} {met.get('reason', '')}".strip(), seen,
+                     f"{i['spec']['slo']['ttftP95']} / {i['spec']['slo']['tpotP95']}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _slo_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -> bool:
+    """The SLO loop: deployments whose simulated engines run slower or busier than planned; whether each did
+    what the scenario shows in time."""
+    _create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
+    names = set()
+    for doc in load_docs(deployments):
+        if doc.get("kind") == KIND:
+            ld_res.create(body=doc, namespace=doc["metadata"].get("namespace", "default"))
+            names.add(doc["metadata"]["name"])
+    print()
+    print(f"--- the SLO loop: {', '.join(sorted(names))} from {display_path(deployments)} on the nodes of "
+          f"{display_path(nodes)}; their simulated engines serve /metrics on 127.0.x.y with latency = the plan's "
+          f"estimate x {LATENCY_FACTOR} and load = slo.concurrency x replicas x {LOAD_FACTOR}; the operator "
+          f"observes every {SANDBOX_SLO_INTERVAL:g}s over a {SANDBOX_SLO.window.total_seconds():g}s window ---")
+
+    def ours() -> list[dict]:
+        return [i for i in ld_res.get().to_dict()["items"] if i["metadata"]["name"] in names]
+
+    settled = wait_for(lambda: all(_slo_settled(i) for i in ours()), timeout)
+    print("$ kubectl get llamadeployments (with status.observed and the SLOMet condition)")
+    print(_slo_table(ours()))
+    print("Events:")
+    print("\n".join(line for line in _events(api, SLO_REASONS) if line.split(":")[0].strip() in names) or "  (none)")
+    for i in sorted(ours(), key=lambda i: i["metadata"]["name"]):
+        for c in (i.get("status") or {}).get("corrections") or []:
+            print(f"  {i['metadata']['name']}: correction {c['variant']} on {c['hardware']}: TTFT x{c['ttftFactor']:g}, "
+                  f"TPOT x{c['tpotFactor']:g} ({c['samples']} samples)")
+    return settled
+
+
 def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconfig_path: Path | None,
-                upgrade_delay: float, timeout: float, join: Path | None = None) -> int:
+                upgrade_delay: float, timeout: float, join: Path | None = None,
+                slo: tuple[Path, Path] | None = None) -> int:
     logging.getLogger("kopf").setLevel(logging.ERROR)  # the sandbox prints its own story
     with EmulatorThread() as emu:
         declare_crd(emu.emulator, crd_manifest())
@@ -205,8 +281,10 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                 return ld_res.get().to_dict()["items"]
 
             def settled() -> bool:
-                return all((i.get("status") or {}).get("phase") in ("Ready", "Unschedulable", "Invalid", "Degraded")
-                           for i in items()) and len(items()) == len(names)
+                mine = [i for i in items() if (i["metadata"]["namespace"], i["metadata"]["name"]) in names]
+                return len(mine) == len(names) and all(
+                    (i.get("status") or {}).get("phase") in ("Ready", "Unschedulable", "Invalid", "Degraded")
+                    for i in mine)
 
             wait_for(settled, timeout)
             print()
@@ -226,6 +304,8 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                     print(f"  {i['metadata']['name']}: " + reason.replace(" | ", "\n      "))
             if join is not None:
                 _scenario(api, join, items, upgrade_delay, timeout)
+            # Two rounds of waiting: the first plans, then the loop's window of breach and its reaction.
+            slo_done = _slo_scenario(api, ld_res, *slo, 2 * timeout) if slo is not None else True
             if serve:
                 print()
                 print(f"Serving until Ctrl-C. Try: kubectl --kubeconfig {kubeconfig} get llamadeployments")
@@ -234,7 +314,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                         time.sleep(3600)
                 except KeyboardInterrupt:
                     pass
-            return 0 if settled() else 1
+            return 0 if settled() and slo_done else 1
         finally:
             operator.stop()
             kubelet.stop()
