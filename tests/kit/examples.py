@@ -10,9 +10,14 @@ from kit.paths import CLUSTERS, EXAMPLES
 
 def example(name: str) -> dict:
     """The LlamaDeployment of examples/<name> (e.g. "chat.yaml")."""
-    docs = [d for d in load_docs(EXAMPLES / name) if d.get("kind") == KIND]
+    docs = example_docs(name)
     assert len(docs) == 1
     return docs[0]
+
+
+def example_docs(name: str) -> list[dict]:
+    """Every LlamaDeployment of examples/<name> (e.g. "slo-loop.yaml")."""
+    return [d for d in load_docs(EXAMPLES / name) if d.get("kind") == KIND]
 
 
 def cluster_nodes(name: str) -> list[dict]:
