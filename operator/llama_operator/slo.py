@@ -290,15 +290,21 @@ def _scale_out(j: Judgement, spec: LlamaDeploymentSpec, total: float, load_text:
     if target is None:
         return f"at spec.maxReplicas {spec.max_replicas}" if j.replicas >= spec.max_replicas else \
             "no free capacity for another replica"
-    j.events.append((NORMAL, "ScaledOut", f"Load above the plan for the window: {load_text}; scaling out from "
-                     f"{j.replicas} to {target} replica(s) (maxReplicas {spec.max_replicas})"))
-    j.replicas = target
-    j.action = "ScaledOut"
-    j.state.replicas = target if target != spec.replicas else None
-    j.state.lastAction, j.state.lastActionAt = "ScaledOut", format_time(now)
+    _scale(j, spec, "ScaledOut", target, now, f"Load above the plan for the window: {load_text}; scaling out "
+           f"from {j.replicas} to {target} replica(s) (maxReplicas {spec.max_replicas})")
+    return None
+
+
+def _scale(j: Judgement, spec: LlamaDeploymentSpec, action: str, replicas: int, now: datetime, message: str) -> None:
+    """Record a scaling: the replicas, the Event, the action and when (the cooldown's start); the timers that
+    led to it start again."""
+    j.events.append((NORMAL, action, message))
+    j.replicas = replicas
+    j.action = action
+    j.state.replicas = replicas if replicas != spec.replicas else None
+    j.state.lastAction, j.state.lastActionAt = action, format_time(now)
     j.state.overloadedSince = None
     j.state.calmSince = None
-    return None
 
 
 def _maybe_scale_in(j: Judgement, spec: LlamaDeploymentSpec, prev: SLOState, now: datetime, settings: SloSettings,
@@ -314,11 +320,6 @@ def _maybe_scale_in(j: Judgement, spec: LlamaDeploymentSpec, prev: SLOState, now
         return
     if j.state.calmSince is None or _since(j.state.calmSince, now) < settings.calm_window:
         return
-    j.events.append((NORMAL, "ScaledIn", f"Calm for {int(settings.calm_window.total_seconds())}s: "
-                     f"{total:.3g} requests fit in {fewer} replica(s) (concurrency {spec.slo.concurrency} each); "
-                     f"scaling in from {j.replicas}"))
-    j.replicas = fewer
-    j.action = "ScaledIn"
-    j.state.replicas = fewer if fewer != spec.replicas else None
-    j.state.lastAction, j.state.lastActionAt = "ScaledIn", format_time(now)
-    j.state.calmSince = None
+    _scale(j, spec, "ScaledIn", fewer, now, f"Calm for {int(settings.calm_window.total_seconds())}s: "
+           f"{total:.3g} requests fit in {fewer} replica(s) (concurrency {spec.slo.concurrency} each); "
+           f"scaling in from {j.replicas}")
