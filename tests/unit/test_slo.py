@@ -321,3 +321,19 @@ def test_a_steady_deployment_is_not_rewritten_every_interval(spec, inventory):
         assert loop.status.model_dump(mode="json") == written
     loop.step(seen(T0, ttft=0.45, tpot=0.020), T0 + timedelta(seconds=61))  # moved by half: written
     assert loop.status.observed.ttftP95Seconds == 0.45 and "TTFT p95 450ms" in loop.condition().message
+
+
+def test_once_the_correction_is_forgotten_the_better_plan_waits_the_upgrade_delay_then_moves_back_up(spec,
+                                                                                                    inventory):
+    loop = Loop(spec, inventory)
+    first = loop.status.plan
+    p = first.predicted
+    for t in range(0, 61, 30):
+        loop.step(seen(T0, ttft=3 * p.ttftSeconds, tpot=3 * p.tpotSeconds, tpot_over=0.8), T0 + timedelta(seconds=t))
+    assert not loop.status.plan.same_choice(first)
+    later = T0 + SETTINGS.correction_ttl + timedelta(minutes=5)
+    loop.step(seen(later), later)  # the correction is gone: the first plan is proposed again
+    assert loop.status.pendingChange is not None and loop.status.pendingChange.plan.same_choice(first)
+    assert not loop.status.plan.same_choice(first)  # not before the upgrade delay
+    loop.step(seen(later), later + timedelta(minutes=2))
+    assert loop.status.plan.same_choice(first) and loop.reasons()[-1] in ("Upgraded", "Replanned")
