@@ -12,21 +12,17 @@ data or an error: every target then gets a `problem` naming Prometheus's URL, an
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
 
 from llama_operator.observe import MEAN_FROM_COUNTERS, P95_FROM_BUCKETS, Target
 from llama_operator.observer import Observer, PrometheusSource
-from kit.tools import require_tool
+from kit.http_stub import Answer, Reply, Request, Serve, free_port, json_reply, stub_servers
+from kit.prometheus import running_prometheus
 
 WINDOW_S = 10
 BUDGET_S = 60.0
@@ -66,31 +62,10 @@ def llamacpp_text(elapsed: float) -> str:
     return "".join(f"# HELP llamacpp:{k} .\n# TYPE llamacpp:{k} counter\nllamacpp:{k} {v}\n" for k, v in values.items())
 
 
-class Exporter:
+def exporter(text) -> Answer:
     """Serves `text(seconds since start)` on /metrics, in text format 0.0.4."""
-
-    def __init__(self, text):
-        started = time.monotonic()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server API)
-                body = text(time.monotonic() - started).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    started = time.monotonic()
+    return lambda request: Reply(body=text(time.monotonic() - started))
 
 
 CHAT_SHARES = {"0.1": 0.0, "0.5": 0.8, "1.0": 1.0}  # 80 % in (0.1, 0.5], 20 % in (0.5, 1.0]
@@ -99,29 +74,20 @@ LEGACY_SHARES = {"0.1": 0.0, "0.5": 1.0, "1.0": 1.0}
 
 @pytest.fixture
 def exporters():
-    running = {
-        ("team-a", "chat", "chat-0"): Exporter(lambda t: vllm_text(t, "vllm:request_time_per_output_token_seconds",
-                                                                     CHAT_SHARES)),
-        ("team-a", "chat", "chat-1"): Exporter(lambda t: vllm_text(t, "vllm:request_time_per_output_token_seconds",
-                                                                     CHAT_SHARES)),
-        ("team-a", "legacy", "legacy-0"): Exporter(lambda t: vllm_text(t, "vllm:time_per_output_token_seconds",
-                                                                         LEGACY_SHARES)),
-        ("team-b", "tiny", "tiny-0"): Exporter(llamacpp_text),
-    }
-    yield running
-    for exporter in running.values():
-        exporter.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with stub_servers() as serve:
+        yield {
+            ("team-a", "chat", "chat-0"): serve(exporter(
+                lambda t: vllm_text(t, "vllm:request_time_per_output_token_seconds", CHAT_SHARES))),
+            ("team-a", "chat", "chat-1"): serve(exporter(
+                lambda t: vllm_text(t, "vllm:request_time_per_output_token_seconds", CHAT_SHARES))),
+            ("team-a", "legacy", "legacy-0"): serve(exporter(
+                lambda t: vllm_text(t, "vllm:time_per_output_token_seconds", LEGACY_SHARES))),
+            ("team-b", "tiny", "tiny-0"): serve(exporter(llamacpp_text)),
+        }
 
 
 @pytest.fixture
 def prometheus(tmp_path: Path, exporters):
-    binary = require_tool("prometheus")
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
         "scrape_configs": [{
@@ -132,35 +98,8 @@ def prometheus(tmp_path: Path, exporters):
                 for (ns, name, pod), e in exporters.items()],
         }],
     }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "prometheus.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'data'}",
-                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, f"prometheus exited:\n{log_path.read_text()}"
-            try:
-                with urllib.request.urlopen(f"{base}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"prometheus not ready:\n{log_path.read_text()}"
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+    with running_prometheus(config, tmp_path) as running:
+        yield running.url
 
 
 def _promql(base: str, expr: str) -> dict[str, float]:
@@ -230,47 +169,26 @@ async def test_one_query_per_signal_gives_each_deployment_its_figures(prometheus
 TIMEOUT_S = 1.0
 
 
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 64  # the source's queries come at once: none may wait for a SYN retry
-
-
 class FakePrometheus:
     """/api/v1/query answering as `mode` says, recording the Authorization headers it was sent."""
 
-    def __init__(self, mode: str):
+    def __init__(self, serve: Serve, mode: str):
         self.mode = mode
         self.authorizations: list[str | None] = []
-        self.release = threading.Event()
-        fake = self
+        self.url = serve(self.handle).url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server API)
-                fake.authorizations.append(self.headers.get("Authorization"))
-                if fake.mode == "slow":
-                    fake.release.wait(10)
-                    return
-                if fake.mode == "500":
-                    self.send_error(500, "Internal Server Error")
-                    return
-                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["query"][0]
-                status, answer = fake.answer(query)
-                body = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def handle(self, request: Request) -> Reply | None:
+        self.authorizations.append(request.headers.get("Authorization"))
+        if self.mode == "slow":
+            return None
+        if self.mode == "500":
+            return Reply(500)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)["query"][0]
+        return self.answer(query)
 
-            def log_message(self, *args):
-                pass
-
-        self.server = _Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def answer(self, query: str) -> tuple[int, dict]:
+    def answer(self, query: str) -> Reply:
         if self.mode == "error":
-            return 400, {"status": "error", "errorType": "bad_data", "error": "parse error at char 3"}
+            return json_reply({"status": "error", "errorType": "bad_data", "error": "parse error at char 3"}, 400)
         stamp = time.time() - (3600 if self.mode == "stale" else 0)
         value = "NaN" if self.mode == "nan" else "1"
         result = [] if self.mode == "empty" else [
@@ -278,29 +196,17 @@ class FakePrometheus:
             for t in (CHAT, TINY) for le in ("0.5", "+Inf")]
         if self.mode == "foreign":  # a vLLM someone else runs, scraped without the operator's labels
             result.append({"metric": {"le": "+Inf"} if "le" in query else {}, "value": [stamp, "7"]})
-        return 200, {"status": "success", "data": {"resultType": "vector", "result": result}}
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        return json_reply({"status": "success", "data": {"resultType": "vector", "result": result}})
 
 
 @pytest.fixture
 def fake_prometheus():
-    started: list[FakePrometheus] = []
-
-    def start(mode: str) -> FakePrometheus:
-        started.append(FakePrometheus(mode))
-        return started[-1]
-
-    yield start
-    for fake in started:
-        fake.stop()
+    with stub_servers() as serve:
+        yield lambda mode: FakePrometheus(serve, mode)
 
 
 def _closed_port_url() -> str:
-    return f"http://127.0.0.1:{_free_port()}"  # bound a moment ago and closed: nothing listens
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens
 
 
 @pytest.mark.parametrize("mode, why", [

@@ -16,20 +16,17 @@ Everything listens on 127.0.0.1 on free ports; everything started is stopped aft
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
 
 from llama_operator.metrics import VLLM_TPOT_BUCKETS, VLLM_TTFT_BUCKETS, OperatorMetrics, format_le
+from kit.http_stub import Reply, Request, Serve, stub_servers
 from kit.paths import ROOT
-from kit.tools import require_tool
+from kit.prometheus import running_prometheus
 
 RULE_FILE = ROOT / "charts" / "llama-operator" / "files" / "prometheus-rules.yaml"
 TOTAL_BUDGET_S = 60.0
@@ -44,41 +41,20 @@ class FakeVLLM:
     latency, so rate() over the histograms is non-zero from the second scrape on.
     """
 
-    def __init__(self, model: str, ttft_s: float, itl_s: float, requests_per_scrape: int = 5):
+    def __init__(self, serve: Serve, model: str, ttft_s: float, itl_s: float, requests_per_scrape: int = 5):
+        """`serve` is kit.http_stub.stub_servers()'s: it starts the server, and stops it with the test."""
         self.model = model
         self.ttft_s = ttft_s
         self.itl_s = itl_s
         self.per_scrape = requests_per_scrape
         self.requests = 0
         self._lock = threading.Lock()
-        fake = self
+        self.port = serve(self.answer).port
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server API)
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                body = fake.scrape().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> "FakeVLLM":
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, request: Request) -> Reply:
+        if request.path.split("?")[0] != "/metrics":
+            return Reply(404)
+        return Reply(body=self.scrape())
 
     def _histogram(self, name: str, help_text: str, buckets, value: float, count: int) -> list[str]:
         labels = f'engine="0",model_name="{self.model}"'
@@ -117,12 +93,6 @@ class FakeVLLM:
         return "\n".join(lines) + "\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=2) as response:
         return json.load(response)
@@ -154,11 +124,9 @@ def operator_metrics():
 
 @pytest.fixture
 def fake_vllms():
-    slow = FakeVLLM("meta-llama/Llama-3.1-70B-Instruct", ttft_s=3.0, itl_s=0.03).start()
-    healthy = FakeVLLM("meta-llama/Llama-3.1-8B-Instruct", ttft_s=0.05, itl_s=0.03).start()
-    yield {"slow": slow, "healthy": healthy}
-    slow.stop()
-    healthy.stop()
+    with stub_servers() as serve:
+        yield {"slow": FakeVLLM(serve, "meta-llama/Llama-3.1-70B-Instruct", ttft_s=3.0, itl_s=0.03),
+               "healthy": FakeVLLM(serve, "meta-llama/Llama-3.1-8B-Instruct", ttft_s=0.05, itl_s=0.03)}
 
 
 def _prometheus_config(operator_port: int, vllms: dict[str, FakeVLLM]) -> dict:
@@ -191,30 +159,11 @@ def _prometheus_config(operator_port: int, vllms: dict[str, FakeVLLM]) -> dict:
 def test_ttft_alert_pending_for_the_slow_deployment_only(tmp_path: Path, operator_metrics, fake_vllms):
     started = time.monotonic()
     deadline = started + TOTAL_BUDGET_S
-    prometheus = require_tool("prometheus")
-
-    config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump(_prometheus_config(operator_metrics, fake_vllms)))
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "prometheus.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        _wait_ready(base, proc, deadline, log_path)
+    with running_prometheus(_prometheus_config(operator_metrics, fake_vllms), tmp_path) as prometheus:
+        base = prometheus.url
         alerts: list[dict] = []
         while time.monotonic() < deadline:
-            assert proc.poll() is None, f"prometheus exited:\n{log_path.read_text()}"
+            prometheus.assert_running()
             alerts = _get_json(f"{base}/api/v1/alerts")["data"]["alerts"]
             states = {
                 (a["labels"].get("alertname"), a["labels"].get("llamadeployment")): a["state"]
@@ -231,7 +180,7 @@ def test_ttft_alert_pending_for_the_slow_deployment_only(tmp_path: Path, operato
                 f"p95: {_query(base, 'llamadeployment:vllm_ttft_seconds:p95_rate5m')}\n"
                 f"targets: {_query(base, 'llama_operator_slo_ttft_seconds')}\n"
                 f"up: {_query(base, 'up')}\n"
-                f"log:\n{log_path.read_text()}"
+                f"log:\n{prometheus.log()}"
             )
 
         slow = next(a for a in alerts if a["labels"].get("alertname") == ALERT)
@@ -254,27 +203,6 @@ def test_ttft_alert_pending_for_the_slow_deployment_only(tmp_path: Path, operato
                for r in _query(base, "llamadeployment:vllm_ttft_seconds:p95_rate5m")}
         assert p95["healthy"] < 1.0 < p95["slow"], p95
         assert time.monotonic() - started <= TOTAL_BUDGET_S
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, deadline: float, log_path: Path) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"prometheus exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{base}/-/ready", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"prometheus not ready in time:\n{log_path.read_text()}")
 
 
 def _query(base: str, expr: str) -> list[dict]:

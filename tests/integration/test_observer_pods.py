@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 import pytest
 
 from llama_operator.observe import MEAN_FROM_COUNTERS, P95_FROM_BUCKETS, Target
 from llama_operator.observer import Observer, PodEndpoint, PodScraper
+from kit.http_stub import Reply, Request, Serve, stub_servers
 
 TIMEOUT_S = 0.5
 CHAT = Target("team-a", "chat", "vllm", "vllm-0.34.0", ttft_target_seconds=0.2, tpot_target_seconds=0.05,
@@ -54,53 +54,31 @@ class FakePod:
     """One pod's HTTP server. `behaviour` is a function of the scrape number returning the body, or one of
     'slow', '500', '404', 'huge'."""
 
-    def __init__(self, behaviour: Callable[[int], str] | str, in_flight: "InFlight | None" = None):
+    def __init__(self, serve: Serve, behaviour: Callable[[int], str] | str, in_flight: "InFlight | None" = None):
         self.behaviour = behaviour
+        self.in_flight = in_flight
         self.scrapes = 0
         self.accept_headers: list[str] = []
-        self.release = threading.Event()  # lets a slow handler go at teardown
-        pod = self
+        self.port = serve(self.answer).port
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server API)
-                pod.accept_headers.append(self.headers.get("Accept", ""))
-                if in_flight is not None:
-                    with in_flight:
-                        time.sleep(0.3)
-                if pod.behaviour == "slow":
-                    pod.release.wait(10)
-                    return
-                if pod.behaviour == "404" or self.path != "/metrics":
-                    self.send_error(404)
-                    return
-                if pod.behaviour == "500":
-                    self.send_error(500)
-                    return
-                if pod.behaviour == "huge":
-                    body = b"x 1\n" * 100_000
-                else:
-                    pod.scrapes += 1
-                    body = pod.behaviour(pod.scrapes).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def answer(self, request: Request) -> Reply | None:
+        self.accept_headers.append(request.headers.get("Accept", ""))
+        if self.in_flight is not None:
+            with self.in_flight:
+                time.sleep(0.3)
+        if self.behaviour == "slow":
+            return None
+        if self.behaviour == "404" or request.path != "/metrics":
+            return Reply(404)
+        if self.behaviour == "500":
+            return Reply(500)
+        if self.behaviour == "huge":
+            return Reply(body=b"x 1\n" * 100_000)
+        self.scrapes += 1
+        return Reply(body=self.behaviour(self.scrapes))
 
     def endpoint(self, namespace: str, pod: str, deployment: str, ready: bool = True) -> PodEndpoint:
         return PodEndpoint(namespace, pod, deployment, "127.0.0.1", self.port, ready)
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class InFlight:
@@ -122,15 +100,8 @@ class InFlight:
 
 @pytest.fixture
 def fake_pods():
-    started: list[FakePod] = []
-
-    def start(behaviour, in_flight: InFlight | None = None) -> FakePod:
-        started.append(FakePod(behaviour, in_flight))
-        return started[-1]
-
-    yield start
-    for pod in started:
-        pod.stop()
+    with stub_servers() as serve:
+        yield lambda behaviour, in_flight=None: FakePod(serve, behaviour, in_flight)
 
 
 class Clock:

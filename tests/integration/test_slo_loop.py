@@ -11,15 +11,12 @@ source.
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
-import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import yaml
 
 from llama_operator.ownership import LABEL_DEPLOYMENT, MANAGED_BY, PORTS
 from llama_operator.slo import SloSettings
@@ -27,7 +24,7 @@ from llama_operator.slo import SloSettings
 from kit.examples import example_docs
 from kit.operator import OperatorThread, fast_settings
 from kit.poll import wait_until
-from kit.tools import require_tool
+from kit.prometheus import running_prometheus
 
 pytestmark = pytest.mark.looptime(False)
 
@@ -155,59 +152,31 @@ class PodTargets:
         self._thread.join(5)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_loop_reads_a_real_prometheus_and_scales_out(llama_cluster, kubeconfig, kubelet, tmp_path):
-    prometheus = require_tool("prometheus")
     cluster = llama_cluster
     cluster.add_nodes("mixed")
-    targets = PodTargets(cluster, tmp_path / "pods.json")
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
               "scrape_configs": [{"job_name": "model-servers", "honor_labels": True,
                                   "file_sd_configs": [{"files": [str(tmp_path / "pods.json")],
                                                        "refresh_interval": "1s"}]}]}
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                             "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
-    operator = None
+    targets = PodTargets(cluster, tmp_path / "pods.json")
     try:
-        def ready() -> bool:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+        with running_prometheus(config, tmp_path) as prometheus:
+            operator = OperatorThread(kubeconfig, settings=fast_settings(**SETTINGS), slo_source="prometheus",
+                                      prometheus_url=prometheus.url).start()
             try:
-                return urllib.request.urlopen(f"{url}/-/ready", timeout=1).status == 200
-            except OSError:
-                return False
-        wait_until(ready, 30, "prometheus to be ready")
-        operator = OperatorThread(kubeconfig, settings=fast_settings(**SETTINGS), slo_source="prometheus",
-                                  prometheus_url=url).start()
-        for doc in example_docs("slo-loop.yaml"):
-            if doc["metadata"]["name"] in (BUSY, MEETS):
-                cluster.create(doc)
-        wait_until(lambda: (cluster.status(BUSY).get("slo") or {}).get("replicas") == 3 and
-                   _met(cluster.status(MEETS)).get("status") == "True", 120,
-                   "busy to scale out and meets-slo to be met, from Prometheus's figures")
-        busy, meets = cluster.status(BUSY), cluster.status(MEETS)
-        assert busy["observed"]["source"] == "prometheus" and meets["observed"]["source"] == "prometheus"
-        assert [e["reason"] for e in cluster.events(BUSY) if e["reason"] == "ScaledOut"] == ["ScaledOut"]
-        assert _slo_reasons(cluster, MEETS) == []
-        assert 0.1 < meets["observed"]["ttftP95Seconds"] < 1.0  # the engine's p95, through rate() and buckets
+                for doc in example_docs("slo-loop.yaml"):
+                    if doc["metadata"]["name"] in (BUSY, MEETS):
+                        cluster.create(doc)
+                wait_until(lambda: (cluster.status(BUSY).get("slo") or {}).get("replicas") == 3 and
+                           _met(cluster.status(MEETS)).get("status") == "True", 120,
+                           "busy to scale out and meets-slo to be met, from Prometheus's figures")
+                busy, meets = cluster.status(BUSY), cluster.status(MEETS)
+                assert busy["observed"]["source"] == "prometheus" and meets["observed"]["source"] == "prometheus"
+                assert [e["reason"] for e in cluster.events(BUSY) if e["reason"] == "ScaledOut"] == ["ScaledOut"]
+                assert _slo_reasons(cluster, MEETS) == []
+                assert 0.1 < meets["observed"]["ttftP95Seconds"] < 1.0  # the engine's p95, through rate() and buckets
+            finally:
+                operator.stop()
     finally:
-        if operator is not None:
-            operator.stop()
         targets.stop()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()

@@ -13,4 +13,7 @@ suite's tests, imported by its module name (pytest puts a test's folder on sys.p
 * crd: what the API server does to a custom resource before admitting it (defaults, CEL, patterns).
 * pod_security: the Pod Security Standard "restricted" checks, one message per broken rule.
 * tools: the external tools the tests drive (helm, promtool, kubectl...), found or skipped.
+* http_stub: stub HTTP servers on 127.0.0.1 answering with a function of the request (fake engines'
+  /metrics, a fake Prometheus API), and free ports.
+* prometheus: a real Prometheus server on 127.0.0.1 for one test, started from a config dict, stopped after.
 """
