@@ -128,12 +128,19 @@ def test_a_slow_engine_is_corrected_and_replanned_only_after_the_window(spec, in
     assert replanned and "TPOT p95" in replanned[0] and "(target 50ms)" in replanned[0]
 
 
-def test_within_the_cooldown_it_does_not_act_twice(spec, inventory):
+def replanned_for_slowness(spec, inventory) -> tuple[Loop, dict]:
+    """A deployment whose engine runs 3x slower than predicted, through the window: corrected and re-planned.
+    Returns the loop and the slow figures (to keep observing them)."""
     loop = Loop(spec, inventory)
     p = loop.status.plan.predicted
     slow = dict(ttft=3 * p.ttftSeconds, tpot=3 * p.tpotSeconds, tpot_over=0.8)
     for t in range(0, 61, 30):
         loop.step(seen(T0, **slow), T0 + timedelta(seconds=t))
+    return loop, slow
+
+
+def test_within_the_cooldown_it_does_not_act_twice(spec, inventory):
+    loop, slow = replanned_for_slowness(spec, inventory)
     assert loop.reasons().count("Replanned") == 1
     moved_to = loop.status.plan
     for t in range(90, 151, 30):  # still slow (the old pods in the window): settling, cooling down
@@ -143,11 +150,7 @@ def test_within_the_cooldown_it_does_not_act_twice(spec, inventory):
 
 
 def test_a_restart_keeps_the_corrections_and_does_not_act_again(spec, inventory):
-    loop = Loop(spec, inventory)
-    p = loop.status.plan.predicted
-    slow = dict(ttft=3 * p.ttftSeconds, tpot=3 * p.tpotSeconds, tpot_over=0.8)
-    for t in range(0, 61, 30):
-        loop.step(seen(T0, **slow), T0 + timedelta(seconds=t))
+    loop, slow = replanned_for_slowness(spec, inventory)
     # A new operator reads the status from the API server: JSON, nothing else.
     restarted = Loop(spec, inventory, LlamaDeploymentStatus.model_validate(loop.status.model_dump(mode="json")))
     j, _ = restarted.step(seen(T0, **slow), T0 + timedelta(seconds=90))
