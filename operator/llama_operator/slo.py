@@ -66,6 +66,9 @@ class SloSettings:
     cooldown: timedelta = timedelta(minutes=5)
     calm_window: timedelta = timedelta(minutes=15)
     correction_ttl: timedelta = timedelta(hours=24)
+    #: The fewest requests in the window (output tokens for llama.cpp, which counts no requests) to judge
+    #: on: a p95 of three requests is one request, and a correction measured on it is noise.
+    min_samples: int = 20
 
 
 @dataclass
@@ -162,6 +165,12 @@ def _load(obs: Observation, concurrency: int, replicas: int) -> tuple[float, boo
     return running + waiting, overloaded, text
 
 
+def _samples(obs: Observation) -> int:
+    """What the window's figures rest on: requests (vLLM), or output tokens (llama.cpp counts no requests)."""
+    rate = obs.requests_per_second if obs.requests_per_second is not None else obs.tokens_per_second or 0.0
+    return int(rate * obs.window_seconds)
+
+
 def _fresh_corrections(status: LlamaDeploymentStatus, now: datetime, ttl: timedelta) -> list[Correction]:
     return [c for c in status.corrections if now - parse_time(c.updatedAt) < ttl][-MAX_CORRECTIONS:]
 
@@ -178,9 +187,7 @@ def _correct(corrections: list[Correction], plan: ChosenPlan, obs: Observation, 
         return float(f"{min(MAX_FACTOR, max(MIN_FACTOR, before * seen / predicted)):.3g}")
 
     variant, hardware = plan.variant, plan_hardware(plan)
-    # vLLM counts requests; llama.cpp exports no request counter, so its samples are output tokens.
-    rate = obs.requests_per_second if obs.requests_per_second is not None else obs.tokens_per_second or 0.0
-    samples = int(rate * obs.window_seconds)
+    samples = _samples(obs)
     previous = next((c for c in corrections if c.variant == variant and c.hardware == hardware), None)
     new = Correction(variant=variant, hardware=hardware,
                      ttftFactor=factor(old[0], obs.ttft_seconds, plan.predicted.ttftSeconds),
@@ -222,6 +229,11 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     if not obs.traffic:
         return unknown("NoTraffic", f"No requests in the last {observed.window}; latency unknown", observed,
                        calm=True)
+    samples = _samples(obs)
+    if samples < settings.min_samples:
+        what = "requests" if obs.requests_per_second is not None else "output tokens"
+        return unknown("FewSamples", f"Only {samples} {what} in the last {observed.window}; at least "
+                       f"{settings.min_samples} are needed to judge the latency", observed, calm=True)
 
     breached_now, met_now, seen = _latency(obs, spec)
     total, overloaded, load_text = _load(obs, spec.slo.concurrency, replicas)

@@ -30,6 +30,9 @@ def add_slo_options(r: argparse.ArgumentParser) -> None:
                    help="the least time between two actions on one deployment (default 5m)")
     g.add_argument("--slo-calm-window", default="15m", metavar="DURATION",
                    help="how long the SLO must be met with spare capacity before scaling in (default 15m)")
+    g.add_argument("--slo-min-samples", type=int, default=20, metavar="N",
+                   help="the fewest requests in a window (output tokens for llama.cpp) to judge the latency on "
+                   "(default 20)")
     g.add_argument("--correction-ttl", default="24h", metavar="DURATION",
                    help="how long a measured correction is kept before the planner may try the variant again "
                    "(default 24h)")
@@ -64,7 +67,9 @@ def slo_run_options(args) -> tuple[SloSettings, float, dict]:
     if window < 2 * interval:
         raise UserError(f"--slo-window {args.slo_window} must be at least two --slo-interval ({args.slo_interval}): "
                         "a rate needs two samples")
-    settings = SloSettings(window=timedelta(seconds=window),
+    if args.slo_min_samples < 1:
+        raise UserError("--slo-min-samples: must be at least 1, e.g. 20")
+    settings = SloSettings(window=timedelta(seconds=window), min_samples=args.slo_min_samples,
                            cooldown=timedelta(seconds=_duration("--slo-cooldown", args.slo_cooldown)),
                            calm_window=timedelta(seconds=_duration("--slo-calm-window", args.slo_calm_window)),
                            correction_ttl=timedelta(seconds=_duration("--correction-ttl", args.correction_ttl)))

@@ -135,7 +135,8 @@ def test_default_image_and_args(scenario):
         "--health-address=0.0.0.0", "--health-port=8081", "--log-format=plain",
         "--forbid-toleration=node-role.kubernetes.io/control-plane",
         "--forbid-toleration=node-role.kubernetes.io/master", "--slo-source=pods", "--slo-interval=30s",
-        "--slo-window=5m", "--slo-cooldown=5m", "--slo-calm-window=15m", "--correction-ttl=24h", "--standalone",
+        "--slo-window=5m", "--slo-cooldown=5m", "--slo-calm-window=15m", "--slo-min-samples=20",
+        "--correction-ttl=24h", "--standalone",
     ]
     assert deploy["metadata"] == {**deploy["metadata"], "name": FULLNAME, "namespace": NAMESPACE}
 

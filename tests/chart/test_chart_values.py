@@ -72,7 +72,7 @@ def test_the_slo_loop_values_become_run_options_the_cli_accepts(render):
     settings, interval, source = slo_run_options(build_parser().parse_args(args))
     assert source["slo_source"] == "prometheus" and source["prometheus_url"] == "http://prom.monitoring:9090"
     assert settings.window.total_seconds() == 600 and interval == 30
-    assert settings.correction_ttl.total_seconds() == 24 * 3600
+    assert settings.correction_ttl.total_seconds() == 24 * 3600 and settings.min_samples == 20
 
 
 def _leaf_paths(value, prefix=()):

@@ -29,7 +29,7 @@ from kit.prometheus import running_prometheus
 pytestmark = pytest.mark.looptime(False)
 
 SLO = SloSettings(window=timedelta(seconds=4), cooldown=timedelta(seconds=8), calm_window=timedelta(seconds=10),
-                  correction_ttl=timedelta(hours=1))
+                  correction_ttl=timedelta(hours=1), min_samples=3)
 SETTINGS = dict(slo=SLO, slo_interval_seconds=0.5)
 SLOW, BUSY, MEETS = "slow-engine", "busy", "meets-slo"
 

@@ -340,3 +340,16 @@ def test_once_the_correction_is_forgotten_the_better_plan_waits_the_upgrade_dela
     assert not loop.status.plan.same_choice(first)  # not before the upgrade delay
     loop.step(seen(later), later + timedelta(minutes=2))
     assert loop.status.plan.same_choice(first) and loop.reasons()[-1] in ("Upgraded", "Replanned")
+
+
+def test_too_few_requests_in_the_window_are_not_judged(spec, inventory):
+    """Three requests in the window: their 'p95' is one request, and acting on it would be acting on noise."""
+    loop = Loop(spec, inventory)
+    p = loop.status.plan.predicted
+    for t in range(0, 600, 30):
+        j, _ = loop.step(seen(T0, ttft=5 * p.ttftSeconds, tpot=5 * p.tpotSeconds, tpot_over=1.0, rps=0.05),
+                         T0 + timedelta(seconds=t))
+        assert j.action is None
+    c = loop.condition()
+    assert (c.status, c.reason) == ("Unknown", "FewSamples") and "Only 3 requests" in c.message
+    assert loop.reasons() == [] and loop.status.corrections == []

@@ -120,7 +120,7 @@ def load_docs(path: Path) -> list[dict]:
 
 #: The SLO loop with short windows, so a breach and the reaction to it show within a minute (docs/slo-loop.md).
 SANDBOX_SLO = SloSettings(window=timedelta(seconds=6), cooldown=timedelta(seconds=10),
-                          calm_window=timedelta(seconds=20), correction_ttl=timedelta(hours=1))
+                          calm_window=timedelta(seconds=20), correction_ttl=timedelta(hours=1), min_samples=5)
 SANDBOX_SLO_INTERVAL = 1.0
 
 #: The Events of a deployment moving to another variant, which the scenario shows.
