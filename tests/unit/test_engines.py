@@ -14,7 +14,7 @@ import re
 import pytest
 
 from llama_operator import planner
-from llama_operator.catalog import CATALOG_DIR, load_catalog
+from llama_operator.catalog import CATALOG_DIR, load_catalog, load_yaml
 from llama_operator.engines import catalog_problems, rejected_arguments, release, release_for, releases, \
     support_problem
 from llama_operator.render import Owner, render
@@ -141,3 +141,24 @@ def test_each_vllm_release_feeds_the_latency_alerts():
         if rel.engine == "vllm":
             assert "vllm:time_to_first_token_seconds" in rel.metrics & used
             assert rel.metrics & used & {"vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"}
+
+
+def test_each_release_names_the_slo_loops_signals_among_what_it_exports():
+    """The SLO loop reads exactly the series the catalog's sloSignals name (observe.py, observer.py): each must
+    be one the release exports (its `metrics`, read from its source), with a source cited; histograms for
+    vLLM (a TTFT and a per-request TPOT histogram), time and token totals for llama.cpp."""
+    for rel in releases():
+        signals = rel.slo_signals
+        assert signals.names() and set(signals.names()) <= rel.metrics, (rel.id, set(signals.names()) - rel.metrics)
+        if rel.engine == "vllm":
+            assert signals.kind == "histograms" and signals.ttft == "vllm:time_to_first_token_seconds"
+            assert signals.tpot and signals.generated_tokens
+        else:
+            assert signals.kind == "counters" and signals.prompt_seconds and signals.predicted_tokens
+        assert signals.running and signals.waiting
+    raw = {r["id"]: r for r in load_yaml("engines.yaml")["releases"]}
+    assert all(".py:" in raw[r.id]["sloSignals"]["source"] or ".cpp:" in raw[r.id]["sloSignals"]["source"]
+               for r in releases())
+    # The release that dropped time_per_output_token_seconds has the per-request histogram instead.
+    assert next(r for r in releases() if r.id == "vllm-0.34.0").slo_signals.tpot == \
+        "vllm:request_time_per_output_token_seconds"
