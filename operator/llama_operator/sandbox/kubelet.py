@@ -40,8 +40,24 @@ def _requests(pod_spec: dict) -> tuple[int, int, int]:
     return gpus, cpu, mem
 
 
+def _tolerates(pod_spec: dict, taint: dict) -> bool:
+    """Whether one of the pod's tolerations matches the taint (the scheduler's rule, for NoSchedule/NoExecute)."""
+    for t in pod_spec.get("tolerations") or []:
+        if t.get("key") and t["key"] != taint.get("key"):
+            continue
+        if t.get("effect") and t["effect"] != taint.get("effect"):
+            continue
+        if t.get("operator", "Equal") == "Exists" or t.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
 def _affinity_ok(pod_spec: dict, node: dict) -> bool:
+    """Whether the scheduler would place the pod on the node: its taints tolerated, its selector and affinity met."""
     labels = node["metadata"].get("labels") or {}
+    taints = (node.get("spec") or {}).get("taints") or []
+    if any(t.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(pod_spec, t) for t in taints):
+        return False
     if any(labels.get(k) != v for k, v in (pod_spec.get("nodeSelector") or {}).items()):
         return False
     terms = (((pod_spec.get("affinity") or {}).get("nodeAffinity") or {})
