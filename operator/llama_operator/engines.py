@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from .catalog import CATALOG_DIR, GPU, Model, Quantization, capability_version, load_catalog, load_yaml
@@ -57,6 +57,30 @@ class SloSignals:
         return [v for k, v in vars(self).items() if k != "kind" and v]
 
 
+@dataclass(frozen=True)
+class LoraSupport:
+    """What a release does with LoRA adapters (engines.yaml `lora`), each fact cited in `sources`.
+
+    `rank_choices` empty: the source sets no list of ranks. `quantized_kernels` None: a base of any type
+    takes adapters (llama.cpp); otherwise the kernel ids (engines.yaml `kernels`) read to accept them (empty:
+    not read for this release)."""
+
+    architectures: frozenset[str]
+    refused: Mapping[str, str]  # architecture the release serves -> why it refuses LoRA for it, cited
+    flags: Mapping[str, str]  # role (enable, adapters, maxLoras, maxRank, ...) -> option spelling
+    max_loras_default: int | None = None
+    rank_default: int | None = None
+    rank_choices: tuple[int, ...] = ()
+    dtype_choices: tuple[str, ...] = ()
+    adapted_modules: tuple[str, ...] = ()
+    packed_modules: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    quantized_kernels: tuple[str, ...] | None = None
+    sources: Mapping[str, str] = field(default_factory=dict)  # fact -> file:line citation
+
+    def takes(self, architecture: str) -> bool:
+        return architecture in self.architectures
+
+
 @dataclass(frozen=True, eq=False)  # one instance per release id: identity is equality (and hashable)
 class EngineRelease:
     id: str
@@ -75,6 +99,7 @@ class EngineRelease:
     #: The lowest CUDA compute capability the release's CUDA image is compiled for (None: no floor stated).
     image_min_compute_capability: str | None
     source: str
+    lora: LoraSupport | None = None
 
     @property
     def title(self) -> str:
@@ -131,6 +156,29 @@ def _release(raw: dict) -> EngineRelease:
             (raw.get("imageComputeCapabilities") or {}).get("cuda") or [None],  # type: ignore[type-var]
             key=lambda cc: capability_version(cc) if cc else (0, 0)),
         source=raw.get("source", ""),
+        lora=_lora(raw["lora"]) if raw.get("lora") else None,
+    )
+
+
+def _lora(raw: dict) -> LoraSupport:
+    """engines.yaml `lora` -> LoraSupport; `sources` keeps every fact's citation by the fact's name."""
+    sources = {k: v["source"] for k, v in raw.items() if isinstance(v, dict) and "source" in v}
+    sources.update({k.removesuffix("Source"): v for k, v in raw.items() if k.endswith("Source")})
+    sources.update({f"refused.{a}": why for a, why in (raw.get("refused") or {}).items()})
+    rank, modules, quant = raw.get("maxRank") or {}, raw.get("modules") or {}, raw.get("quantizedBase") or {}
+    kernels = quant.get("kernels")
+    return LoraSupport(
+        architectures=frozenset(raw["architectures"]),
+        refused=dict(raw.get("refused") or {}),
+        flags=dict(raw["flags"]),
+        max_loras_default=(raw.get("maxLoras") or {}).get("default"),
+        rank_default=rank.get("default"),
+        rank_choices=tuple(int(r) for r in rank.get("allowed") or ()),
+        dtype_choices=tuple((raw.get("dtype") or {}).get("allowed") or ()),
+        adapted_modules=tuple(modules.get("adapted") or ()),
+        packed_modules={k: tuple(v) for k, v in (modules.get("packed") or {}).items()},
+        quantized_kernels=None if kernels == "any" else tuple(kernels or ()),
+        sources=sources,
     )
 
 

@@ -162,3 +162,75 @@ def test_each_release_names_the_slo_loops_signals_among_what_it_exports():
     # The release that dropped time_per_output_token_seconds has the per-request histogram instead.
     assert next(r for r in releases() if r.id == "vllm-0.34.0").slo_signals.tpot == \
         "vllm:request_time_per_output_token_seconds"
+
+
+# --- LoRA (issue 13): the facts each release's source gives, cited ---------------------------------------
+
+def test_every_lora_flag_is_one_its_release_accepts():
+    """Each flag engines.yaml names for LoRA is in the release's generated option list, takes a value or not
+    as argparse / arg.cpp say, and (llama.cpp) is a llama-server option."""
+    for rel in releases():
+        assert rel.lora is not None, rel.id
+        for role, flag in rel.lora.flags.items():
+            spec = rel.options.get(flag)
+            assert spec is not None, (rel.id, role, flag)
+            assert spec.get("server", True), (rel.id, flag)
+            assert spec["takesValue"] is (role not in {"enable", "initWithoutApply"}), (rel.id, flag)
+    vllm = release("vllm-0.34.0")
+    assert rejected_arguments(vllm, ["m", "--enable-lora", "--max-loras", "4", "--max-lora-rank", "64",
+                                     "--max-cpu-loras", "8", "--lora-dtype", "bfloat16",
+                                     "--lora-modules", "sql=/adapters/sql"]) == []
+    assert rejected_arguments(vllm, ["m", "--enable-lora", "--max-lora-rank", "24"])
+    llamacpp = release("llamacpp-b11434")
+    assert rejected_arguments(llamacpp, ["--lora", "a.gguf,b.gguf", "--lora-scaled", "c.gguf:0.5",
+                                         "--lora-init-without-apply"]) == []
+
+
+def test_lora_ranks_and_dtypes_are_the_option_lists_choices():
+    """Where argparse carries the choices (0.34.0's Literal), the catalog's ranks and dtypes are exactly them;
+    0.10.2 checks its ranks in LoRAConfig.__post_init__ instead, so its option list has none to compare."""
+    for rel in releases():
+        lora = rel.lora
+        if rel.engine != "vllm":
+            assert lora.rank_choices == () and lora.max_loras_default is None
+            continue
+        rank_choices = rel.options[lora.flags["maxRank"]]["choices"]
+        if rank_choices is None:
+            assert "not by argparse" in lora.sources["maxRank"], rel.id
+        else:
+            assert [int(c) for c in rank_choices] == list(lora.rank_choices), rel.id
+        assert lora.rank_default in lora.rank_choices and lora.max_loras_default == 1
+        assert sorted(rel.options[lora.flags["dtype"]]["choices"]) == sorted(lora.dtype_choices)
+    assert release("vllm-0.34.0").lora.rank_choices == (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    assert 1 not in release("vllm-0.10.2").lora.rank_choices
+
+
+def test_every_lora_fact_cites_the_file_and_line_it_was_read_from():
+    raw = {r["id"]: r for r in load_yaml("engines.yaml")["releases"]}
+    for rel in releases():
+        lora = raw[rel.id]["lora"]
+        facts = [k for k, v in lora.items() if isinstance(v, dict) and k not in {"flags", "refused"}]
+        assert facts, rel.id
+        for fact in facts + ["architectures", "flags"]:
+            source = rel.lora.sources.get(fact)
+            assert source and re.search(r"\.(py|cpp):\d", source), (rel.id, fact)
+        for arch, why in rel.lora.refused.items():
+            assert arch in rel.architectures and re.search(r"\.py:\d", why), (rel.id, arch)
+        assert not (rel.lora.architectures & set(rel.lora.refused)), rel.id
+
+
+def test_lora_facts_the_planner_will_rely_on():
+    """Mllama takes no LoRA on the release that serves it; text Llama does on both engines; the kernels named
+    for a quantized base exist in the release; vLLM adapts the packed Llama modules, embeddings and lm_head."""
+    vision = load_catalog().model("llama-3.2-11b-vision-instruct")
+    rel = release_for(vision, "vllm")
+    assert rel.id == "vllm-0.10.2" and not rel.lora.takes(vision.architecture)
+    assert "encoder/decoder" in rel.lora.refused[vision.architecture]
+    text = load_catalog().model("llama-3.1-8b-instruct")
+    for runtime in ("vllm", "llamacpp"):
+        assert release_for(text, runtime).lora.takes(text.architecture)
+    vllm = release("vllm-0.34.0").lora
+    assert set(vllm.quantized_kernels) == set(release("vllm-0.34.0").kernels)
+    assert vllm.packed_modules == {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    assert {"embed_tokens", "lm_head", "o_proj", "down_proj"} <= set(vllm.adapted_modules)
+    assert release("llamacpp-b11434").lora.quantized_kernels is None  # any GGUF type takes an adapter

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "llama_operator"
 LAYERS: list[tuple[str, set[str]]] = [
     ("ground floor", {"catalog", "units", "ownership"}),
     ("api and engine facts", {"api", "fields", "status", "engines", "crd", "reference"}),
-    ("estimate", {"estimate", "prefill"}),
+    ("estimate", {"estimate", "prefill", "lora"}),
     ("observation", {"observe"}),
     ("inventory", {"inventory"}),
     ("placement", {"placement"}),
