@@ -140,7 +140,7 @@ def bench_breach_to_write(timeout: float = 120.0) -> dict:
         kubeconfig = str(emu.write_kubeconfig(Path(tempfile.mkdtemp()) / "kubeconfig"))
         api = dynamic_client(kubeconfig)
         nodes = api.resources.get(api_version="v1", kind="Node")
-        for n in load_docs(EXAMPLES / "clusters" / "mixed.yaml"):
+        for n in load_docs(EXAMPLES / "clusters" / "slo-loop.yaml"):
             nodes.create(body={k: v for k, v in n.items() if k != "metadata"} | {
                 "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
         kubelet = SimulatedKubelet(kubeconfig).start()

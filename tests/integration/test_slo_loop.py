@@ -60,7 +60,7 @@ def _wait_for_the_loop(cluster, timeout: float = 120) -> None:
 def test_a_slow_engine_is_replanned_a_busy_one_scaled_out_and_one_that_meets_left_alone(llama_cluster, kubeconfig,
                                                                                            kubelet):
     cluster = llama_cluster
-    cluster.add_nodes("mixed")
+    cluster.add_nodes("slo-loop")
     operator = OperatorThread(kubeconfig, settings=fast_settings(**SETTINGS), slo_source="pods").start()
     try:
         _apply_examples(cluster)
@@ -154,7 +154,7 @@ class PodTargets:
 
 def test_the_loop_reads_a_real_prometheus_and_scales_out(llama_cluster, kubeconfig, kubelet, tmp_path):
     cluster = llama_cluster
-    cluster.add_nodes("mixed")
+    cluster.add_nodes("slo-loop")
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
               "scrape_configs": [{"job_name": "model-servers", "honor_labels": True,
                                   "file_sd_configs": [{"files": [str(tmp_path / "pods.json")],

@@ -25,7 +25,7 @@ SLO = SloSettings(window=timedelta(seconds=2), cooldown=timedelta(seconds=2), ca
 
 def test_prometheus_down_is_no_data_and_no_action(llama_cluster, kubeconfig, kubelet):
     cluster = llama_cluster
-    cluster.add_nodes("mixed")
+    cluster.add_nodes("slo-loop")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         down = f"http://127.0.0.1:{s.getsockname()[1]}"
