@@ -212,8 +212,9 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
         if calm:  # no traffic is calm: the replicas scaled out for a load that went may go
             state.calmSince = prev.calmSince or format_time(now)
         j = Judgement(("Unknown", reason, message), observed, state, corrections, replicas)
-        if calm:
-            _maybe_scale_in(j, spec, prev, now, settings, total=0.0)
+        if calm:  # with the requests still running and waiting: few slow ones are load all the same
+            load = (obs.requests_running or 0.0) + (obs.requests_waiting or 0.0) if obs is not None else 0.0
+            _maybe_scale_in(j, spec, prev, now, settings, load, message)
         return j
 
     if plan is None:
@@ -289,7 +290,7 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
                             f"{corrected.tpotFactor:g}x (TPOT) the estimate")
         return j
     if not sustained:
-        _maybe_scale_in(j, spec, prev, now, settings, total)
+        _maybe_scale_in(j, spec, prev, now, settings, total, f"SLO met: {seen}")
     return j
 
 
@@ -320,8 +321,9 @@ def _scale(j: Judgement, spec: LlamaDeploymentSpec, action: str, replicas: int, 
 
 
 def _maybe_scale_in(j: Judgement, spec: LlamaDeploymentSpec, prev: SLOState, now: datetime, settings: SloSettings,
-                    total: float) -> None:
-    """One replica fewer once the load would fit in it with headroom, calm for the calm window."""
+                    total: float, seen: str) -> None:
+    """One replica fewer once the load would fit in it with headroom, calm for the calm window; `seen`: the
+    latency observed against the targets (or why there is none), for the Event."""
     if j.replicas <= spec.replicas or spec.sloPolicy != "enforce":
         return
     if prev.lastActionAt and _since(prev.lastActionAt, now) < settings.cooldown:
@@ -332,6 +334,6 @@ def _maybe_scale_in(j: Judgement, spec: LlamaDeploymentSpec, prev: SLOState, now
         return
     if j.state.calmSince is None or _since(j.state.calmSince, now) < settings.calm_window:
         return
-    _scale(j, spec, "ScaledIn", fewer, now, f"Calm for {int(settings.calm_window.total_seconds())}s: "
+    _scale(j, spec, "ScaledIn", fewer, now, f"Calm for {int(settings.calm_window.total_seconds())}s ({seen}): "
            f"{total:.3g} requests fit in {fewer} replica(s) (concurrency {spec.slo.concurrency} each); "
            f"scaling in from {j.replicas}")

@@ -200,6 +200,19 @@ def test_load_above_the_plan_scales_out_within_max_replicas_and_back_in_when_cal
         replicas.append(j.replicas)
     assert replicas[-1] == 1 and sorted(replicas, reverse=True) == replicas
     assert loop.reasons().count("ScaledIn") == 2
+    scaled_in = [m for _, r, m in loop.events if r == "ScaledIn"]
+    assert all("SLO met: TTFT p95 200ms (target 1s)" in m for m in scaled_in), scaled_in
+
+
+def test_few_but_slow_requests_still_hold_their_replicas(spec, inventory):
+    """Too few requests in the window to judge latency, but 12 of them running: that is load, not calm."""
+    loop = Loop(spec, inventory)
+    for t in (0, 30, 60):
+        loop.step(seen(T0, running=4.0, waiting=8.0), T0 + timedelta(seconds=t))
+    assert loop.status.replicas == 3
+    for t in range(90, 1200, 30):
+        j, _ = loop.step(seen(T0, running=12.0, rps=0.05), T0 + timedelta(seconds=t))
+        assert j.replicas == 3 and loop.condition().reason == "FewSamples"
 
 
 def test_scale_out_stops_at_max_replicas_and_at_the_free_capacity(spec, inventory):
