@@ -37,7 +37,7 @@ from .live import Live, is_current, rendered_fingerprint
 from .ownership import canonical
 from .reconcile import (OWNERSHIP_CONFLICT, WAITING_FOR_GC, WARNING, Decision, ObjectIssue, Observed, decide,
                         decide_invalid, decide_objects, decide_slo)
-from .slo import Judgement, judge
+from .slo import SLO_MET, Judgement, judge, planner_corrections
 from .render import Owner, render
 from .state import WATCHED_KINDS, Key, OperatorState, Promise, Settings
 from .status import LlamaDeploymentStatus
@@ -234,7 +234,7 @@ def _judge_slo(state: OperatorState, key: Key, obs: Observed, spec: api.LlamaDep
         return None
     current = obs.status.plan
     forbidden = state.settings.forbidden_tolerations
-    kept = {(c.variant, c.hardware): (c.ttftFactor, c.tpotFactor) for c in obs.status.corrections}
+    kept = planner_corrections(obs.status.corrections)
 
     def fits(n: int) -> bool:
         return current is not None and not planner.check_choice(
@@ -355,7 +355,7 @@ def _publish(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec | Non
     )
     if state.observer is not None:
         seen = status.observed
-        met = next((c.status for c in status.conditions if c.type == "SLOMet"), "Unknown")
+        met = next((c.status for c in status.conditions if c.type == SLO_MET), "Unknown")
         state.metrics.set_slo(
             key[0], key[1],
             observed_ttft_s=seen.ttftP95Seconds if seen else None,

@@ -35,7 +35,7 @@ from typing import Callable
 
 from .api import LlamaDeploymentSpec
 from .candidate import plan_hardware
-from .observe import MEAN_FROM_COUNTERS, Observation
+from .observe import MEAN_FROM_COUNTERS, Observation, format_window
 from .planner import Corrections
 from .status import ChosenPlan, Correction, LlamaDeploymentStatus, Observed, SLOState
 from .units import format_seconds, format_time, parse_time
@@ -92,7 +92,12 @@ class Judgement:
     observed_fresh: bool = True
 
     def planner_corrections(self) -> Corrections:
-        return {(c.variant, c.hardware): (c.ttftFactor, c.tpotFactor) for c in self.corrections}
+        return planner_corrections(self.corrections)
+
+
+def planner_corrections(corrections: list[Correction]) -> Corrections:
+    """status.corrections as the planner takes them: (variant, hardware) -> (TTFT factor, TPOT factor)."""
+    return {(c.variant, c.hardware): (c.ttftFactor, c.tpotFactor) for c in corrections}
 
 
 def _since(value: str | None, now: datetime) -> timedelta:
@@ -102,13 +107,12 @@ def _since(value: str | None, now: datetime) -> timedelta:
 def _observed_status(obs: Observation) -> Observed:
     def r(v: float | None) -> float | None:
         return None if v is None else float(f"{v:.4g}")
-    window = obs.window_seconds
     return Observed(
         ttftP95Seconds=r(obs.ttft_seconds), tpotP95Seconds=r(obs.tpot_seconds), statistic=obs.statistic,
         ttftOverTarget=r(obs.ttft_over_target), tpotOverTarget=r(obs.tpot_over_target),
         requestsRunning=r(obs.requests_running), requestsWaiting=r(obs.requests_waiting),
         requestsPerSecond=r(obs.requests_per_second), tokensPerSecond=r(obs.tokens_per_second),
-        window=f"{window / 60:g}m" if window >= 60 and window % 60 == 0 else f"{window:g}s",
+        window=format_window(obs.window_seconds),
         source=obs.source, sampledAt=format_time(obs.sampled_at))
 
 
@@ -209,10 +213,10 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     before = next((c for c in status.conditions if c.type == SLO_MET), None)
 
     def unknown(reason: str, message: str, observed: Observed | None = None, calm: bool = False) -> Judgement:
-        if calm:  # no traffic is calm: the replicas scaled out for a load that went may go
-            state.calmSince = prev.calmSince or format_time(now)
         j = Judgement(("Unknown", reason, message), observed, state, corrections, replicas)
-        if calm:  # with the requests still running and waiting: few slow ones are load all the same
+        if calm:  # no traffic, or too little to judge: the replicas scaled out for a load that went may go,
+            # counting the requests still running and waiting (a few slow ones are load all the same)
+            state.calmSince = prev.calmSince or format_time(now)
             load = (obs.requests_running or 0.0) + (obs.requests_waiting or 0.0) if obs is not None else 0.0
             _maybe_scale_in(j, spec, prev, now, settings, load, message)
         return j

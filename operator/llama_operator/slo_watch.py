@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .observe import Target
-from .ownership import LABEL_DEPLOYMENT, PORTS
+from .ownership import LABEL_DEPLOYMENT, LABEL_RUNTIME, PORTS
 from .state import Key, OperatorState
 
 log = logging.getLogger("llama_operator")
@@ -43,7 +43,7 @@ def model_pod(namespace: str, name: str, body: Mapping[str, Any], labels: Mappin
     ip = status.get("podIP")
     if not owner or not ip:
         return None
-    runtime = labels.get("llama-operator.dev/runtime", "")
+    runtime = labels.get(LABEL_RUNTIME, "")
     port = PORTS.get(runtime)
     for container in (body.get("spec") or {}).get("containers") or []:
         for p in container.get("ports") or []:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_operator.ownership import LABEL_DEPLOYMENT, MANAGED_BY, PORTS
+from llama_operator.ownership import LABEL_DEPLOYMENT, LABEL_RUNTIME, MANAGED_BY, PORTS
 from llama_operator.slo import SloSettings
 
 from kit.examples import example_docs
@@ -133,7 +133,7 @@ class PodTargets:
         for pod in self.cluster.pods.get(namespace="default", label_selector=selector).to_dict()["items"]:
             ip, labels = (pod.get("status") or {}).get("podIP"), pod["metadata"]["labels"]
             if ip:
-                groups.append({"targets": [f"{ip}:{PORTS[labels['llama-operator.dev/runtime']]}"],
+                groups.append({"targets": [f"{ip}:{PORTS[labels[LABEL_RUNTIME]]}"],
                                "labels": {"namespace": "default", "llamadeployment": labels[LABEL_DEPLOYMENT],
                                           "pod": pod["metadata"]["name"]}})
         tmp = self.path.with_suffix(".tmp")
