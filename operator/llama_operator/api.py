@@ -22,6 +22,8 @@ from pydantic import (
 )
 
 from .catalog import load_catalog, model_ids
+from .engines import lora_refusal, release_for
+from .finetune import MAX_ADAPTERS, Adapter, CustomWeights, finetune_problems, name_clash_problems
 from .fields import (LABEL_VALUE_PATTERN, MAX_GPU_PRODUCTS, MAX_LABEL_KEY_LENGTH, MAX_LABEL_VALUE_LENGTH,
                      MAX_TOLERATIONS, QUALIFIED_NAME_PATTERN, QUALIFIED_PREFIX_CEL, ApiModel, LabelMap, LabelValue,
                      SecretKey, checked_by, label_key_problem, label_value_problem, name_problems, object_name)
@@ -263,6 +265,13 @@ class LlamaDeploymentSpec(ApiModel):
     source: ModelSource = Field(default_factory=ModelSource, description="Where weights come from and are cached.")
     access: Access = Field(default_factory=Access, description="Who may call the model server: an API key and a "
                            "NetworkPolicy, both off by default.")
+    adapters: list[Adapter] = Field(default_factory=list, max_length=MAX_ADAPTERS, description=(
+        "LoRA adapters of the model, each served under its own name beside the base model. They pin the model: "
+        "the fallback ladder keeps it (quantized where the runtime takes adapters on a quantized base) and never "
+        "moves to a smaller one. docs/adapters.md."))
+    weights: CustomWeights | None = Field(default=None, description=(
+        "A full fine-tune of the model to serve instead of Meta's weights: same architecture, other weights. It "
+        "pins the model, and its quantized rungs are vLLM's in-flight FP8 and the GGUF file given. docs/adapters.md."))
 
     @field_validator("memoryBudget")
     @classmethod
@@ -331,8 +340,13 @@ def cross_field_problems(spec: LlamaDeploymentSpec) -> list[str]:
             problems.append(f"spec.fallback.quantizations: none of {', '.join(allowed)} can be served by {spec.runtime} "
                             f"(it serves {', '.join(runtimes[spec.runtime])})")
         servable = set(model.variants())
-        if allowed and not set(allowed) & servable:
+        if allowed and not set(allowed) & servable and spec.weights is None:
             problems.append(f"spec.fallback.quantizations: {spec.model} is not published in any of {', '.join(allowed)}")
+    vllm = release_for(model, "vllm")
+    ranks = vllm.lora.rank_choices if vllm is not None and vllm.lora is not None else ()
+    problems += finetune_problems(spec, gguf_quantizations=GGUF_QUANTIZATIONS, vision=model.gguf is None,
+                                  lora_refusal=lora_refusal(model), vllm_ranks=ranks,
+                                  vllm_title=vllm.title if vllm is not None else "vLLM")
     return problems
 
 
@@ -377,6 +391,8 @@ def _explain(error: dict) -> str:
         return f"{path}: unknown field; remove it or check its spelling"
     if kind == "literal_error":
         return f"{path}: {shown(given)} is not one of {ctx.get('expected', '')}"
+    if kind == "string_too_short" and given == "":
+        return f"{path}: empty; it needs at least 1 character"
     if kind == "string_too_long":
         return f"{path}: {len(given)} characters, more than the {ctx.get('max_length')} allowed"
     if kind == "too_long":
@@ -402,7 +418,7 @@ _NO_NAME = object()
 
 def parse_spec(spec: Any, name: Any = _NO_NAME) -> LlamaDeploymentSpec:
     """Parse a LlamaDeployment's spec, or raise SpecError with one message per problem. With `name`, its
-    metadata.name is checked too (name_problems)."""
+    metadata.name is checked too (name_problems), and that no adapter takes it (the base model's name)."""
     problems = name_problems(name) if name is not _NO_NAME else []
     if not isinstance(spec, dict) or not spec:
         raise SpecError(problems + ["spec: empty; a LlamaDeployment needs at least model, slo and memoryBudget"])
@@ -414,6 +430,8 @@ def parse_spec(spec: Any, name: Any = _NO_NAME) -> LlamaDeploymentSpec:
                 if msg not in problems:
                     problems.append(msg)
         parsed = None
+    if parsed is not None and isinstance(name, str):
+        problems += name_clash_problems(parsed, name)
     if problems:
         if len(problems) > MAX_PROBLEMS:
             problems = problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more problems"]

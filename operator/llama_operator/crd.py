@@ -14,10 +14,13 @@ import yaml
 
 from . import api
 from .catalog import load_catalog
+from .engines import releases
 from .fields import DNS1035_LABEL_PATTERN, MAX_NAME_LENGTH
 from .status import LlamaDeploymentStatus
 
 _DROP_KEYS = {"title"}
+#: Marks, between _inline and _default_empty_objects, a field whose model default is None.
+_UNSET_BY_DEFAULT = "x-llama-operator-unset-by-default"
 
 
 def _inline(schema: dict, defs: dict) -> Any:
@@ -64,26 +67,30 @@ def _inline(schema: dict, defs: dict) -> Any:
         out.pop("additionalProperties")
     if out.get("default", "unset") is None:
         out.pop("default")
+        out[_UNSET_BY_DEFAULT] = True
     if "enum" in out and "type" not in out:
         out["type"] = "string"
     return out
 
 
-def _default_empty_objects(schema: dict) -> None:
+def _default_empty_objects(schema: dict, fill: bool = True) -> None:
     """A field holding an object with no required fields defaults to {}, so the API server fills in the
-    defaults inside it and `kubectl get -o yaml` shows what the operator will assume."""
+    defaults inside it and `kubectl get -o yaml` shows what the operator will assume; not one whose absence
+    means something (default None in the model, like spec.weights: unset is Meta's weights)."""
     for prop in schema.get("properties", {}).values():
+        unset_by_default = prop.pop(_UNSET_BY_DEFAULT, False)
         if prop.get("type") == "object" and "properties" in prop:
-            if not prop.get("required") and "default" not in prop:
+            if fill and not unset_by_default and not prop.get("required") and "default" not in prop:
                 prop["default"] = {}
-            _default_empty_objects(prop)
+            _default_empty_objects(prop, fill)
+        elif prop.get("type") == "array" and isinstance(prop.get("items"), dict):
+            _default_empty_objects(prop["items"], fill)
 
 
 def _schema_of(model: type, *, fill_defaults: bool) -> dict:
     raw = model.model_json_schema(mode="validation")
     schema = _inline(raw, raw.get("$defs", {}))
-    if fill_defaults:
-        _default_empty_objects(schema)
+    _default_empty_objects(schema, fill_defaults)  # (and drops the _UNSET_BY_DEFAULT marks)
     return schema
 
 
@@ -99,6 +106,72 @@ def cel_rules() -> list[dict[str, str]]:
     sizes = "{" + ", ".join(f"'{m.id}': {int(m.published_parameters / 1e6)}" for m in catalog.models.values()) + "}"
     floor = "has(self.fallback) && has(self.fallback.minimumModel)"
     quants = "has(self.fallback) && has(self.fallback.quantizations)"
+    return [*_base_rules(no_gguf, vision_models, sizes, floor, quants), *finetune_rules(vision_models)]
+
+
+def finetune_rules(vision_models: str) -> list[dict[str, str]]:
+    """The rules on spec.adapters and spec.weights that CEL can state (finetune.finetune_problems has them all:
+    the API server refuses these at apply time, the operator the rest with a message naming the field)."""
+    gguf = "matches('(?i)[.]gguf$')"
+    adapters = "has(self.adapters) && size(self.adapters) > 0"
+    vllm = next(r for r in releases() if r.engine == "vllm" and r.lora is not None)
+    ranks = "[" + ", ".join(map(str, vllm.lora.rank_choices)) + "]"
+    return [
+        {
+            "rule": "!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            "message": "every adapter needs a name of its own",
+            "fieldPath": ".adapters",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": f"!({adapters}) || !(self.model in {vision_models})",
+            "message": "the vision models take no LoRA adapters (vLLM 0.10.2 refuses LoRA for Mllama)",
+            "fieldPath": ".adapters",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": f"!({adapters}) || !has(self.runtime) || self.runtime != 'llamacpp' || "
+                    f"self.adapters.all(a, a.source.{gguf})",
+            "message": "llama.cpp loads GGUF adapters only: every adapter source must be a .gguf file",
+            "fieldPath": ".runtime",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": f"!({adapters}) || (has(self.runtime) && self.runtime == 'llamacpp') || "
+                    f"self.adapters.all(a, a.source.{gguf}) || self.adapters.all(a, !a.source.{gguf})",
+            "message": "adapters must all be GGUF files (llama.cpp) or all PEFT directories (vLLM)",
+            "fieldPath": ".adapters",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": f"!({adapters}) || (has(self.runtime) && self.runtime == 'llamacpp') || "
+                    f"self.adapters.all(a, a.source.{gguf} || !has(a.rank) || a.rank in {ranks})",
+            "message": f"vLLM accepts adapter ranks {', '.join(map(str, vllm.lora.rank_choices))} only",
+            "fieldPath": ".adapters",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": "!has(self.weights) || has(self.weights.source) || has(self.weights.gguf)",
+            "message": "weights needs source (for vLLM), gguf (for llama.cpp) or both",
+            "fieldPath": ".weights",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": "!has(self.weights) || !has(self.runtime) || self.runtime != 'llamacpp' || has(self.weights.gguf)",
+            "message": "llama.cpp serves a fine-tune from weights.gguf; set it or use runtime vllm or auto",
+            "fieldPath": ".runtime",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": "!has(self.weights) || !has(self.runtime) || self.runtime != 'vllm' || has(self.weights.source)",
+            "message": "vLLM serves a fine-tune from weights.source; set it or use runtime llamacpp or auto",
+            "fieldPath": ".runtime",
+            "reason": "FieldValueInvalid",
+        },
+    ]
+
+
+def _base_rules(no_gguf: list[str], vision_models: str, sizes: str, floor: str, quants: str) -> list[dict[str, str]]:
     return [
         {
             "rule": f"!has(self.runtime) || self.runtime != 'llamacpp' || !(self.model in {_cel_list(no_gguf)})",
@@ -159,6 +232,11 @@ def name_rules() -> list[dict[str, str]]:
         "message": f"metadata.name names the Service the operator creates: at most {MAX_NAME_LENGTH} lowercase "
                    "letters, digits and '-', starting with a letter and ending with a letter or digit",
         "fieldPath": ".metadata.name",
+        "reason": "FieldValueInvalid",
+    }, {
+        "rule": "!has(self.spec.adapters) || self.spec.adapters.all(a, a.name != self.metadata.name)",
+        "message": "an adapter may not take the LlamaDeployment's own name, which serves the base model",
+        "fieldPath": ".spec.adapters",
         "reason": "FieldValueInvalid",
     }]
 

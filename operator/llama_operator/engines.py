@@ -207,6 +207,23 @@ def release_for(model: Model, runtime: str) -> EngineRelease | None:
     return next((r for r in releases() if r.engine == runtime and r.serves(model)), None)
 
 
+def lora_refusal(model: Model) -> str | None:
+    """Why no pinned release that serves `model` takes LoRA adapters for it (None: one does), in the
+    release's own words where the catalog has them (engines.yaml `lora.refused`)."""
+    why = []
+    for runtime in ENGINE_NAMES:
+        rel = release_for(model, runtime)
+        if rel is None:
+            continue
+        if rel.lora is not None and rel.lora.takes(model.architecture):
+            return None
+        refused = rel.lora.refused.get(model.architecture) if rel.lora is not None else None
+        # the engine's message, without the citation that follows it in the catalog
+        why.append(f"{rel.title} refuses LoRA for {model.architecture}: {refused.split(' (', 1)[0]}" if refused
+                   else f"{rel.title} serves no LoRA adapters for {model.architecture}")
+    return "; ".join(why) or f"no pinned release serves {model.architecture}"
+
+
 # --- What runs where ---------------------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from . import api, placement, planner
 from .api import SpecError
 from .crd import enum_problems
 from .fields import name_problems
+from .finetune import name_clash_problems
 from .kube import RESTORED, Applied, event_body
 from .kubeclient import api_message
 from .live import Live, is_current, rendered_fingerprint
@@ -147,6 +148,7 @@ def _read_spec(name: str, raw: Any) -> tuple[api.LlamaDeploymentSpec | None, lis
         spec = _parse_spec(raw)
     except SpecError as e:
         return None, problems + e.problems
+    problems += name_clash_problems(spec, name)
     return (None, problems) if problems else (spec, [])
 
 

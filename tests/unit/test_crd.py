@@ -2,6 +2,8 @@
 CEL rules the API server runs agree with the operator's own checks (api.parse_spec)."""
 from __future__ import annotations
 
+import re
+
 import celpy
 import jsonschema
 import pytest
@@ -255,6 +257,10 @@ GOOD_FOR_CEL = [
     {"model": "llama-3.2-90b-vision-instruct", "fallback": {"minimumModel": "llama-3.2-11b-vision-instruct"}},
     {"slo": {"promptTokens": 8191}},
     {"contextLength": 1024, "slo": {"promptTokens": 1000}},
+    {"adapters": [{"name": "support", "source": "hf://acme/support-lora@v2", "rank": 64}]},
+    {"runtime": "llamacpp", "adapters": [{"name": "a", "source": "pvc://loras/a-F16.gguf", "rank": 4}]},
+    {"weights": {"source": "hf://acme/ft", "gguf": "hf://acme/ft-gguf/ft-Q4_K_M.gguf"}},
+    {"runtime": "llamacpp", "weights": {"gguf": "pvc://models/ft.gguf", "ggufQuantization": "q8_0"}},
 ]
 
 
@@ -282,6 +288,14 @@ BAD_FOR_CEL = [
     (".maxReplicas", {"replicas": 2, "maxReplicas": 1}),
     (".fallback.quantizations", {"runtime": "vllm", "fallback": {"quantizations": ["q4_k_m"]}}),
     (".fallback.quantizations", {"runtime": "llamacpp", "fallback": {"quantizations": ["awq-int4", "fp8"]}}),
+    (".adapters", {"adapters": [{"name": "a", "source": "hf://acme/a"}, {"name": "a", "source": "hf://acme/b"}]}),
+    (".adapters", {"model": "llama-3.2-11b-vision-instruct", "adapters": [{"name": "a", "source": "hf://acme/a"}]}),
+    (".runtime", {"runtime": "llamacpp", "adapters": [{"name": "a", "source": "hf://acme/a"}]}),
+    (".adapters", {"adapters": [{"name": "a", "source": "hf://acme/a/a.gguf"}, {"name": "b", "source": "hf://acme/b"}]}),
+    (".adapters", {"adapters": [{"name": "a", "source": "hf://acme/a", "rank": 4}]}),
+    (".weights", {"weights": {}}),
+    (".runtime", {"runtime": "llamacpp", "weights": {"source": "hf://acme/ft"}}),
+    (".runtime", {"runtime": "vllm", "weights": {"gguf": "hf://acme/ft/ft-Q4_K_M.gguf"}}),
 ]
 
 
@@ -293,7 +307,9 @@ def test_cel_and_parse_spec_refuse_the_same_bad_spec(programs, rules, spec_dict,
     assert field_path in refusing, f"no CEL rule on {field_path} refuses {overrides}"
     with pytest.raises(SpecError) as info:
         parse_spec(bad)
-    assert any(p.startswith("spec" + field_path + ":") for p in info.value.problems), info.value.problems
+    # the operator may name the item or field inside the rule's field: spec.adapters[1].name
+    named = re.compile(re.escape("spec" + field_path) + r"(\[\d+\])?(\.\w+)?:")
+    assert any(named.match(p) for p in info.value.problems), info.value.problems
 
 
 def test_every_cel_rule_refuses_at_least_one_bad_spec(programs, rules, spec_dict):
@@ -397,9 +413,11 @@ def test_every_field_path_names_a_field_of_the_schema(schema):
 
 
 def test_the_name_rule_is_at_the_root_and_reads_only_metadata_name(schema):
-    (rule,) = schema["x-kubernetes-validations"]
-    assert rule["fieldPath"] == ".metadata.name" and "self.metadata.name" in rule["rule"]
-    assert "self.spec" not in rule["rule"]
+    name_rule, adapter_rule = schema["x-kubernetes-validations"]
+    assert name_rule["fieldPath"] == ".metadata.name" and "self.metadata.name" in name_rule["rule"]
+    assert "self.spec" not in name_rule["rule"]
+    # the other root rule: no adapter may take the deployment's name (the base model's)
+    assert adapter_rule["fieldPath"] == ".spec.adapters" and "self.metadata.name" in adapter_rule["rule"]
 
 
 # Strings and what Kubernetes says of them, for the differential tests below.

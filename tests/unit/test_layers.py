@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "llama_operator"
 #: Bottom-up. A module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, set[str]]] = [
     ("ground floor", {"catalog", "units", "ownership"}),
-    ("api and engine facts", {"api", "fields", "status", "engines", "crd", "reference"}),
+    ("api and engine facts", {"api", "fields", "finetune", "status", "engines", "crd", "reference"}),
     ("estimate", {"estimate", "prefill", "lora"}),
     ("observation", {"observe"}),
     ("inventory", {"inventory"}),
