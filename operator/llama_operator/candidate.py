@@ -45,6 +45,8 @@ class Candidate:
     shortfall: float = float("inf")
     #: The SLO loop's (TTFT, TPOT) correction the estimate was multiplied by (planner.Corrections); None: none.
     correction: tuple[float, float] | None = None
+    #: A fine-tune's source (spec.weights) served instead of the catalog's checkpoint; None: the catalog's.
+    custom_weights: str | None = None
 
     @property
     def runtime(self) -> str:
@@ -104,6 +106,8 @@ class Candidate:
         return f"{self.model.id} {self.quant.id} ({self.runtime}{kv}) on {self.hardware}"
 
     def weights_source(self) -> str:
+        if self.custom_weights is not None:
+            return self.custom_weights
         if self.runtime == "vllm":
             return self.model.vllm_repos[self.quant.id]
         assert self.model.gguf is not None and self.quant.gguf is not None
@@ -155,6 +159,7 @@ class Candidate:
             "perGpuBytes": e.per_gpu_bytes if self.pool.gpu else None,
             "ttftSeconds": round(e.ttft_seconds, 6),
             "tpotSeconds": round(e.tpot_seconds, 6),
+            **({"adapterBytes": e.adapter_bytes} if e.adapter_bytes else {}),
             **({"correctedBy": {"ttftFactor": self.correction[0], "tpotFactor": self.correction[1]}}
                if self.correction else {}),
         }

@@ -16,6 +16,7 @@ import yaml
 
 from . import api
 from .catalog import load_catalog
+from .plan_table import render_plan_table
 from .loading import (UserError, load_cluster_file, load_deployment_objects, load_deployments, load_live_cluster,
                       shortened)
 from .slo_options import add_slo_options, slo_run_options
@@ -25,60 +26,6 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 1, 2
 
 
 # --- plan -----------------------------------------------------------------------------------------------
-
-
-def _predicted_cells(c) -> tuple[str, str, str]:
-    if c.estimate is None:
-        return "-", "-", "-"
-    e = c.estimate
-    return format_bytes(e.total_bytes), format_seconds(e.ttft_seconds), format_seconds(e.tpot_seconds)
-
-
-def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_label: str) -> str:
-    out = []
-    slo = spec.slo
-    out.append(f"LlamaDeployment {name} on {cluster_label}")
-    out.append("")
-    out.append(f"  Requested  {spec.model}, {spec.replicas} replica(s), context {spec.contextLength} tokens x "
-               f"{slo.concurrency} concurrent")
-    out.append(f"  Limits     TTFT p95 <= {slo.ttftP95} (prompt {slo.promptTokens} tokens), TPOT p95 <= {slo.tpotP95}, "
-               f"memory budget {format_bytes(spec.memory_budget_bytes)} per replica")
-    c = plan.chosen
-    if c is None:
-        out.append("  Result     INFEASIBLE: no candidate meets every limit")
-    else:
-        flag = "  [FALLBACK]" if plan.fallback else ""
-        out.append(f"  Chosen     {c.model.id} {c.quant.id} on {c.runtime}, {c.hardware} per replica{flag}")
-        e = c.estimate
-        per_gpu = f", {format_bytes(e.per_gpu_bytes)} per GPU" if c.pool.gpu else " of RAM"
-        out.append(f"  Predicted  memory {format_bytes(e.total_bytes)}{per_gpu} (weights {format_bytes(e.weights_bytes)},"
-                   f" KV cache {format_bytes(e.kv_cache_bytes)}, overhead {format_bytes(e.overhead_bytes)})")
-        out.append(f"             TTFT {format_seconds(e.ttft_seconds)} (limit {slo.ttftP95}), "
-                   f"TPOT {format_seconds(e.tpot_seconds)} (limit {slo.tpotP95})")
-        kernel = f", kernel {c.kernel}" if c.kernel else ""
-        out.append(f"  Engine     {c.engine}{kernel}")
-        if c.kv_cache_dtype != "auto":
-            out.append(f"  KV cache   {c.kv_cache_dtype}")
-        out.append(f"  Weights    {c.weights_source()}")
-    if plan.fallback_reason:
-        out.append("  Why        " + plan.fallback_reason.replace(" | ", "\n             "))
-    for note in plan.notes:
-        out.append(f"  Note       {note}")
-    out.append("")
-    headers = ("VERDICT", "MODEL", "QUANT", "RUNTIME", "HARDWARE", "MEMORY", "TTFT", "TPOT")
-    rows = []
-    for cand in plan.candidates:
-        mem, ttft, tpot = _predicted_cells(cand)
-        quant = cand.quant.id + (f"+kv:{cand.kv_cache_dtype}" if cand.kv_cache_dtype != "auto" else "")
-        rows.append(((cand.verdict, cand.model.id, quant, cand.runtime, cand.hardware, mem, ttft, tpot), cand.reasons))
-    widths = [max([len(h)] + [len(r[0][i]) for r in rows]) for i, h in enumerate(headers)]
-    out.append(f"  Candidates tried: {len(plan.candidates)}")
-    out.append("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for cells, reasons in rows:
-        out.append("  " + "  ".join(v.ljust(w) for v, w in zip(cells, widths)).rstrip())
-        for r in reasons:
-            out.append(f"      - {r}")
-    return "\n".join(out)
 
 
 def _load_inventory(args):

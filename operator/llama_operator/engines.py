@@ -81,6 +81,17 @@ class LoraSupport:
         return architecture in self.architectures
 
 
+@dataclass(frozen=True)
+class InFlightQuantization:
+    """A quantization the release makes of a 16-bit checkpoint as it loads it (engines.yaml
+    `inFlightQuantization`): what a full fine-tune, which has no quantized checkpoints, can be served in."""
+
+    quantization: str  # the catalog's quantization id whose memory and kernels it has (fp8)
+    args: tuple[str, ...]
+    min_compute_capability: str | None
+    source: str
+
+
 @dataclass(frozen=True, eq=False)  # one instance per release id: identity is equality (and hashable)
 class EngineRelease:
     id: str
@@ -100,6 +111,11 @@ class EngineRelease:
     image_min_compute_capability: str | None
     source: str
     lora: LoraSupport | None = None
+    in_flight: Mapping[str, InFlightQuantization] = field(default_factory=dict)
+    #: Quantizations the release does not make in flight, with why (engines.yaml, cited).
+    in_flight_refused: Mapping[str, str] = field(default_factory=dict)
+    #: The command in the release's image that fetches files from the Hugging Face Hub (engines.yaml `fetch`).
+    fetch_command: tuple[str, ...] = ()
 
     @property
     def title(self) -> str:
@@ -157,6 +173,10 @@ def _release(raw: dict) -> EngineRelease:
             key=lambda cc: capability_version(cc) if cc else (0, 0)),
         source=raw.get("source", ""),
         lora=_lora(raw["lora"]) if raw.get("lora") else None,
+        in_flight={q: InFlightQuantization(q, tuple(f["args"]), f.get("minComputeCapability"), f["source"])
+                   for q, f in (raw.get("inFlightQuantization") or {}).items() if q != "refused"},
+        in_flight_refused=dict((raw.get("inFlightQuantization") or {}).get("refused") or {}),
+        fetch_command=tuple((raw.get("fetch") or {}).get("command") or ()),
     )
 
 
@@ -236,6 +256,21 @@ def _meets(need: str | None, gpu: GPU | None) -> bool:
     if need is None or gpu is None or gpu.vendor != "nvidia":
         return True
     return capability_version(gpu.compute_capability) >= capability_version(need)
+
+
+def in_flight_problem(rel: EngineRelease, quant: Quantization, gpu: GPU | None) -> str | None:
+    """Why the release cannot quantize a 16-bit checkpoint to `quant` while loading it on `gpu` (None: it can,
+    or `quant` is 16-bit and needs no quantizing)."""
+    if quant.bits >= 16:
+        return None
+    entry = rel.in_flight.get(quant.id)
+    if entry is None:
+        return f"{rel.title} does not quantize a checkpoint to {quant.id} as it loads it"
+    if not _meets(entry.min_compute_capability, gpu):
+        assert gpu is not None
+        return (f"{rel.title}: in-flight {quant.id} needs compute capability {entry.min_compute_capability}; "
+                f"{gpu.product} has {gpu.compute_capability}")
+    return None
 
 
 def kernel_ids(model: Model, quant: Quantization) -> tuple[str, ...]:

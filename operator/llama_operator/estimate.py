@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from .catalog import GPU, Model, ModelArch, Quantization, load_catalog
+from .lora import AdapterMemory, adapter_memory
 from .prefill import (
     LLAMACPP_UBATCH,
     VLLM_REQUEST_OVERHEAD_SECONDS,
@@ -163,6 +164,8 @@ class Estimate:
     decode_tokens_per_second: float  # per sequence, at the workload's concurrency
     prefill_tokens_per_second: float
     gpu_memory_utilization: float | None = None  # vLLM's flag, when planned on GPUs
+    adapter_bytes: int = 0  # LoRA adapters in accelerator memory (RAM on CPU), part of total_bytes
+    adapter_host_bytes: int = 0  # and in the pod's RAM besides (vLLM's cache of loaded adapters)
 
     def to_dict(self) -> dict:
         return {
@@ -175,6 +178,8 @@ class Estimate:
             "tpotSeconds": round(self.tpot_seconds, 6),
             "decodeTokensPerSecond": round(self.decode_tokens_per_second, 3),
             "prefillTokensPerSecond": round(self.prefill_tokens_per_second, 3),
+            **({"adapterBytes": self.adapter_bytes, "adapterHostBytes": self.adapter_host_bytes}
+               if self.adapter_bytes else {}),
         }
 
 
@@ -184,16 +189,18 @@ class Estimate:
 LLAMACPP_GPU_THREADS = 2
 
 
-def host_requests(runtime: RuntimeName, gpus: int, cpu_threads: int, replica_bytes: int) -> tuple[int, int]:
+def host_requests(runtime: RuntimeName, gpus: int, cpu_threads: int, replica_bytes: int,
+                  adapter_host_bytes: int = 0) -> tuple[int, int]:
     """(CPU millicores, memory bytes) one replica's pod requests; the planner checks them against the free
     CPU and memory of the nodes, and the renderer writes them into the pod.
 
     vLLM: 2 cores plus one per GPU worker, 8 GiB plus vLLM's default 4 GiB CPU swap space per GPU worker
     (calibration D). llama.cpp on GPUs: 2 threads and 4 GiB. llama.cpp on CPU: its threads, and the whole
-    replica (memory-mapped weights stay resident) plus 1 GiB.
+    replica (memory-mapped weights stay resident) plus 1 GiB. vLLM serving LoRA adapters keeps them in host
+    memory too (`adapter_host_bytes`, lora.adapter_memory).
     """
     if runtime == "vllm":
-        return (2 + gpus) * 1000, 8 * GiB + 4 * GiB * gpus
+        return (2 + gpus) * 1000, 8 * GiB + 4 * GiB * gpus + adapter_host_bytes
     if gpus:
         return LLAMACPP_GPU_THREADS * 1000, 4 * GiB
     return cpu_threads * 1000, replica_bytes + GiB
@@ -236,15 +243,16 @@ def parameter_counts(arch: ModelArch) -> ParameterCounts:
     )
 
 
-def weights_bytes(model: Model, quant: Quantization) -> int:
-    """Bytes of the variant's weights as the runtime loads them."""
+def weights_bytes(model: Model, quant: Quantization, *, in_flight: bool = False) -> int:
+    """Bytes of the variant's weights as the runtime loads them. `in_flight`: a 16-bit checkpoint (a fine-tune)
+    that vLLM quantizes as it loads it: every linear layer converted, whatever a published checkpoint keeps."""
     p = parameter_counts(model.arch)
     if quant.runtime == "vllm":
         # Linear layers in the checkpoint's format; embeddings, lm_head, norms and the vision tower
-        # stay 16-bit in every published Llama AWQ/GPTQ/FP8 checkpoint.
+        # stay 16-bit in every published Llama AWQ/GPTQ/FP8 checkpoint, and in vLLM's in-flight FP8.
         assert quant.linear_bits is not None
         unquantized = p.embedding + p.output + p.norms + p.vision
-        unconverted = model.vllm_unconverted.get(quant.id)
+        unconverted = None if in_flight else model.vllm_unconverted.get(quant.id)
         if unconverted is not None:
             return int(_linear_bytes_with_unconverted(model.arch, quant, unconverted) + unquantized * 2)
         return int(p.linear * quant.linear_bits / 8 + unquantized * 2)
@@ -358,14 +366,15 @@ class _Memory(NamedTuple):
     per_gpu: int  # on CPU: the total (RAM)
 
 
-def _memory(model: Model, quant: Quantization, hw: Hardware, workload: Workload) -> _Memory:
-    """What one replica holds. vLLM splits the weights and the cache over its GPUs by tensor parallelism,
-    llama.cpp by layers: either way each GPU holds 1/N of them, and its own runtime overhead."""
-    weights = weights_bytes(model, quant)
+def _memory(model: Model, quant: Quantization, hw: Hardware, workload: Workload, adapters: AdapterMemory,
+            in_flight: bool) -> _Memory:
+    """What one replica holds. vLLM splits the weights, the adapters and the cache over its GPUs by tensor
+    parallelism, llama.cpp by layers: either way each GPU holds 1/N of them, and its own runtime overhead."""
+    weights = weights_bytes(model, quant, in_flight=in_flight)
     kv = kv_cache_bytes(model.arch, workload)
     overhead, overhead_per_gpu = _overhead_bytes(model, quant, hw)
-    total = weights + kv + overhead
-    per_gpu = total if hw.is_cpu else math.ceil((weights + kv) / max(1, hw.gpu_count)) + overhead_per_gpu
+    total = weights + adapters.device_bytes + kv + overhead
+    per_gpu = total if hw.is_cpu else math.ceil((weights + adapters.device_bytes + kv) / hw.gpu_count) + overhead_per_gpu
     return _Memory(weights, kv, overhead, total, per_gpu)
 
 
@@ -437,19 +446,23 @@ def _vllm_gpu_memory_utilization(quant: Quantization, hw: Hardware, per_gpu: int
     return min(VLLM_MAX_GPU_MEMORY_UTILIZATION, per_gpu / hw.gpu.memory_bytes + 0.02)
 
 
-def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload) -> Estimate:
-    """Memory and latency of one replica of `model` in `quant` on `hw` under `workload`.
+def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload, *,
+             adapter_ranks: tuple[int, ...] = (), in_flight: bool = False) -> Estimate:
+    """Memory and latency of one replica of `model` in `quant` on `hw` under `workload`, serving LoRA adapters of
+    `adapter_ranks` (lora.adapter_memory: memory, and the adapter bytes each decode step reads), from a 16-bit
+    checkpoint quantized as it loads when `in_flight` (a fine-tune).
 
     vLLM splits a model across GPUs by tensor parallelism (each GPU holds 1/N of every layer and
     works on every token, so bandwidth adds up); llama.cpp by layers (--split-mode layer: each GPU
     holds a contiguous block of layers and a token passes through them in turn, so memory adds up
     but one token's time does not shrink).
     """
-    memory = _memory(model, quant, hw, workload)
+    adapters = adapter_memory(model.arch, quant.runtime, adapter_ranks, gpus=hw.gpu_count, concurrency=workload.concurrency)
+    memory = _memory(model, quant, hw, workload, adapters, in_flight)
     active = parameter_counts(model.arch).active_per_token
-    # One decode step reads every weight and the running sequences' KV cache, and does 2 FLOPs per
-    # active parameter per sequence.
-    step_bytes = memory.weights + kv_read_bytes_per_step(model.arch, workload)
+    # One decode step reads every weight, the running batch's adapters and the running sequences' KV cache,
+    # and does 2 FLOPs per active parameter per sequence.
+    step_bytes = memory.weights + adapters.read_per_step + kv_read_bytes_per_step(model.arch, workload)
     step_flops = 2 * active * workload.concurrency
     decode = _cpu_decode(hw, step_bytes, step_flops) if hw.is_cpu \
         else _gpu_decode(model, quant, hw, step_bytes, step_flops, active)
@@ -481,4 +494,6 @@ def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload
         decode_tokens_per_second=1.0 / decode.step_seconds,
         prefill_tokens_per_second=prefilled / prefill if prefill > 0 else math.inf,
         gpu_memory_utilization=_vllm_gpu_memory_utilization(quant, hw, memory.per_gpu),
+        adapter_bytes=adapters.device_bytes,
+        adapter_host_bytes=adapters.host_bytes,
     )

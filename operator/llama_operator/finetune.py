@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
+from .catalog import GPU, Model, Quantization
+from .engines import in_flight_problem, kernel_for, release_for
 from .fields import DNS1123_SUBDOMAIN_PATTERN, ApiModel
 from .units import shown
 
@@ -264,3 +266,39 @@ def name_clash_problems(spec: LlamaDeploymentSpec, name: str) -> list[str]:
     """An adapter named like the deployment would hide the base model, which is served under that name."""
     return [f"spec.adapters[{i}].name: {a.name} is the LlamaDeployment's own name, under which the base model is "
             "served; give the adapter another name" for i, a in enumerate(spec.adapters) if a.name == name]
+
+
+# --- What each runtime's release can do with them ---------------------------------------------------------
+
+
+def finetune_support_problem(model: Model, quant: Quantization, gpu: GPU | None, adapters: bool,
+                             in_flight: bool) -> str | None:
+    """Why the variant's release cannot serve adapters on this kernel, or quantize a fine-tune in flight."""
+    rel = release_for(model, quant.runtime)
+    if rel is None:
+        return None  # engines.support_problem says why
+    if in_flight and quant.runtime == "vllm":
+        problem = in_flight_problem(rel, quant, gpu)
+        if problem:
+            return problem
+    if adapters and rel.lora is not None and rel.lora.quantized_kernels is not None and quant.runtime == "vllm":
+        kernel = kernel_for(rel, model, quant, gpu)
+        if kernel is not None and kernel.id not in rel.lora.quantized_kernels:
+            return f"{rel.title}: LoRA on the {kernel.id} kernel was not read to work; pick another quantization"
+    return None
+
+
+def source_problem(spec: LlamaDeploymentSpec, model: Model, runtime: str) -> str | None:
+    """Why the candidate's runtime cannot load the spec's adapters or fine-tune: their format, or an hf://
+    source its image has no command to fetch with."""
+    problem = runtime_adapter_problem(spec, runtime)
+    if problem:
+        return problem
+    rel = release_for(model, runtime)
+    sources = [a.source for a in spec.adapters]
+    if spec.weights is not None:
+        sources.append((spec.weights.source if runtime == "vllm" else spec.weights.gguf) or "")
+    if rel is not None and not rel.fetch_command and any(parse_source(s).scheme == "hf" for s in sources if s):
+        return (f"{rel.title}: no command to fetch hf:// sources was read from its image; give them as pvc:// "
+                "(a claim holding the files)")
+    return None

@@ -13,6 +13,8 @@ buffer of the base tensor it adapts (VRAM for offloaded layers), so its cost is 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .catalog import ModelArch
 from .engines import release
 
@@ -148,3 +150,77 @@ def llamacpp_adapter_bytes(arch: ModelArch, *, rank: int, dtype_bytes: int,
         per_matrix = rank * (fan_in + fan_out)
         total += per_matrix if tensor in ("token_embd", "output") else arch.layers * per_matrix
     return total * dtype_bytes
+
+
+# --- What a replica serving adapters holds ----------------------------------------------------------------
+
+#: vLLM's --lora-dtype is `auto`: the base model's dtype, 16-bit for every Llama the catalog serves.
+VLLM_LORA_DTYPE_BYTES = 2
+#: A PEFT adapter as published (safetensors) is 16-bit; llama.cpp's converter writes f32 unless told otherwise
+#: (convert_lora_to_gguf.py --outtype, default f32): the larger is assumed for a GGUF adapter of unknown type.
+PEFT_DTYPE_BYTES = 2
+GGUF_ADAPTER_DTYPE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class VllmLoraSettings:
+    """vLLM's LoRA flags for a set of adapters: --max-loras, --max-lora-rank, --max-cpu-loras."""
+
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
+
+
+def vllm_lora_settings(ranks: tuple[int, ...], concurrency: int) -> VllmLoraSettings:
+    """GPU slots for as many adapters as one batch can mix (no more than the adapters, nor than the requests
+    running at once), the smallest allowed rank that holds the largest adapter, and every adapter kept in host
+    memory (the cache of loaded adapters; an adapter dropped from it is read from disk again on its next
+    request)."""
+    allowed = vllm_allowed_ranks()
+    top = max(ranks)
+    rank = next((r for r in allowed if r >= top), None)
+    if rank is None:
+        raise ValueError(f"vLLM 0.34.0: no --max-lora-rank holds rank {top} (allowed: {', '.join(map(str, allowed))})")
+    slots = max(1, min(len(ranks), concurrency))
+    return VllmLoraSettings(max_loras=slots, max_lora_rank=rank, max_cpu_loras=max(slots, len(ranks)))
+
+
+def peft_adapter_bytes(arch: ModelArch, rank: int, dtype_bytes: int = PEFT_DTYPE_BYTES) -> int:
+    """One adapter's own size with every linear projection of every layer adapted (PEFT target_modules
+    all-linear, the largest usual choice): rank x (in + out) x dtype_bytes per matrix."""
+    total = 0
+    for tensor in LLAMACPP_LAYER_TENSORS:
+        fan_in, fan_out = _llamacpp_shape(arch, tensor)
+        total += rank * (fan_in + fan_out)
+    return arch.layers * total * dtype_bytes
+
+
+@dataclass(frozen=True)
+class AdapterMemory:
+    """What a replica's adapters take: `device_bytes` in accelerator memory (RAM on CPU) over all its GPUs,
+    `host_bytes` more in the pod's RAM (vLLM's cache of loaded adapters), and `read_per_step` the adapter
+    bytes one decode step reads (the adapters of the running batch)."""
+
+    device_bytes: int
+    host_bytes: int
+    read_per_step: int
+
+
+def adapter_memory(arch: ModelArch, runtime: str, ranks: tuple[int, ...], *, gpus: int,
+                   concurrency: int) -> AdapterMemory:
+    """vLLM: its reservation on each of `gpus` GPUs (vllm_lora_reservation_bytes, tensor parallel over them)
+    and every adapter in host memory; a step reads the slots the running requests may use. llama.cpp: every
+    adapter given with --lora, read whole into the memory of the layers it adapts; a batch runs one set of
+    adapters (slots batch together only with equal adapters), so a step reads the largest one."""
+    if not ranks:
+        return AdapterMemory(0, 0, 0)
+    if runtime == "vllm":
+        s = vllm_lora_settings(ranks, concurrency)
+        per_gpu = vllm_lora_reservation_bytes(arch, max_loras=s.max_loras, max_lora_rank=s.max_lora_rank,
+                                              dtype_bytes=VLLM_LORA_DTYPE_BYTES, tensor_parallel=max(1, gpus))
+        device = per_gpu * max(1, gpus)
+        host = sum(peft_adapter_bytes(arch, r) for r in ranks)
+        read = device * min(s.max_loras, concurrency) // s.max_loras
+        return AdapterMemory(device, host, read)
+    sizes = [llamacpp_adapter_bytes(arch, rank=r, dtype_bytes=GGUF_ADAPTER_DTYPE_BYTES) for r in ranks]
+    return AdapterMemory(sum(sizes), 0, max(sizes))

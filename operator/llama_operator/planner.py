@@ -26,6 +26,7 @@ from .api import LlamaDeploymentSpec
 from .candidate import Candidate
 from .catalog import Model, Quantization, load_catalog
 from .engines import support_problem
+from .finetune import custom_weights_quantizations, finetune_support_problem, pins_base_model, source_problem
 from .estimate import VLLM_MAX_GPU_MEMORY_UTILIZATION, Estimate, Hardware, Workload, estimate, host_requests
 from .inventory import Inventory
 from .placement import DEFAULT_FORBIDDEN_TOLERATIONS, NO_GPU_NODE, NO_NODE, Pool, build_pools
@@ -101,7 +102,7 @@ def ladder_models(spec: LlamaDeploymentSpec) -> list[Model]:
     catalog = load_catalog()
     requested = catalog.model(spec.model)
     out = [requested]
-    if not spec.fallback.allowSmallerModels:
+    if not spec.fallback.allowSmallerModels or pins_base_model(spec):
         return out
     same = [m for m in catalog.models.values() if m.capability == requested.capability]
     floor_id = spec.fallback.minimumModel
@@ -118,10 +119,13 @@ def ladder_models(spec: LlamaDeploymentSpec) -> list[Model]:
 
 
 def allowed_quantizations(spec: LlamaDeploymentSpec, model: Model) -> list[Quantization]:
+    """The model's variants the spec allows: published ones, or a fine-tune's own (spec.weights)."""
     catalog = load_catalog()
     listed = spec.fallback.quantizations
     out = []
-    for qid in model.variants():
+    variants = model.variants() if spec.weights is None else custom_weights_quantizations(
+        spec, [q.id for q in catalog.quantizations.values() if q.runtime == "llamacpp"])
+    for qid in variants:
         q = catalog.quantizations[qid]
         if spec.runtime != "auto" and q.runtime != spec.runtime:
             continue
@@ -179,19 +183,22 @@ class _FixedVerdict:
 
 @lru_cache(maxsize=65536)
 def _fixed_verdict(model: Model, quant: Quantization, hw: Hardware, workload: Workload,
-                   limits: _Limits, correction: tuple[float, float] = NO_CORRECTION) -> _FixedVerdict:
+                   limits: _Limits, correction: tuple[float, float] = NO_CORRECTION,
+                   adapter_ranks: tuple[int, ...] = (), in_flight: bool = False) -> _FixedVerdict:
     gpu, runtime = hw.gpu, quant.runtime
-    problem = support_problem(model, quant, gpu, workload.kv_cache_dtype)
+    problem = support_problem(model, quant, gpu, workload.kv_cache_dtype) or \
+        finetune_support_problem(model, quant, gpu, bool(adapter_ranks), in_flight)
     if problem:
         return _FixedVerdict(None, (problem,), (), float("inf"))
-    e = estimate(model, quant, hw, workload)
+    e = estimate(model, quant, hw, workload, adapter_ranks=adapter_ranks, in_flight=in_flight)
     if correction != NO_CORRECTION:
         e = replace(e, ttft_seconds=e.ttft_seconds * correction[0], tpot_seconds=e.tpot_seconds * correction[1])
     before, after = [], []
     ratios = [e.total_bytes / limits.budget_bytes]
     if e.total_bytes > limits.budget_bytes:
+        adapters = f", adapters {format_bytes(e.adapter_bytes)}" if e.adapter_bytes else ""
         before.append(f"needs {format_bytes(e.total_bytes)} per replica > memory budget "
-                      f"{format_bytes(limits.budget_bytes)} (weights {format_bytes(e.weights_bytes)}, "
+                      f"{format_bytes(limits.budget_bytes)} (weights {format_bytes(e.weights_bytes)}{adapters}, "
                       f"KV cache {format_bytes(e.kv_cache_bytes)})")
     if gpu is not None:
         fraction = VLLM_MAX_GPU_MEMORY_UTILIZATION if runtime == "vllm" else LLAMACPP_MAX_GPU_MEMORY_FRACTION
@@ -200,7 +207,7 @@ def _fixed_verdict(model: Model, quant: Quantization, hw: Hardware, workload: Wo
         if e.per_gpu_bytes > usable:
             before.append(f"needs {format_bytes(e.per_gpu_bytes)} per GPU > {format_bytes(usable)} usable on "
                           f"{gpu.product}")
-        cpu_millis, memory_bytes = host_requests(runtime, hw.gpu_count, 0, e.total_bytes)
+        cpu_millis, memory_bytes = host_requests(runtime, hw.gpu_count, 0, e.total_bytes, e.adapter_host_bytes)
     else:
         cpu_millis, memory_bytes = host_requests(runtime, 0, hw.cpu_cores, e.total_bytes)
     ratios.append(e.ttft_seconds / limits.ttft_seconds)
@@ -216,13 +223,21 @@ def _fixed_verdict(model: Model, quant: Quantization, hw: Hardware, workload: Wo
 def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload, limits: _Limits | None = None,
            corrections: Corrections | None = None) -> None:
     gpu = c.pool.gpu
+    if spec.weights is not None:
+        c.custom_weights = spec.weights.source if c.runtime == "vllm" else spec.weights.gguf
+    if spec.adapters or spec.weights is not None:
+        problem = source_problem(spec, c.model, c.runtime)
+        if problem:
+            c.reasons.append(problem)
+            return
     if gpu is None:
         hw = Hardware(gpu=None, cpu_cores=c.cpu_threads, cpu_bandwidth_gbps=c.pool.cpu_bandwidth_gbps)
     else:
         hw = Hardware(gpu=gpu, gpu_count=c.gpus_per_replica)
     if corrections:
         c.correction = corrections.get((f"{c.model.id}/{c.quant.id}", c.hardware))
-    fixed = _fixed_verdict(c.model, c.quant, hw, workload, limits or _Limits.of(spec), c.correction or NO_CORRECTION)
+    fixed = _fixed_verdict(c.model, c.quant, hw, workload, limits or _Limits.of(spec), c.correction or NO_CORRECTION,
+                           tuple(a.rank for a in spec.adapters), spec.weights is not None)
     c.reasons.extend(fixed.before)
     if fixed.estimate is None:  # the hardware cannot run the format: nothing else to say
         return
@@ -333,6 +348,9 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
     rung_labels: list[str] = []
     if not pools:
         notes.append("no ready node matches the placement (nodeSelector, tolerations, gpuProducts)")
+    pinned = pins_base_model(spec)
+    if pinned:
+        notes.append(f"{spec.model} is pinned: {pinned}; no smaller model is tried")
     for index, rung in enumerate(_rungs(spec, candidates)):
         rung_labels.append(rung.label)
         rung_candidates = _rung_candidates(spec, rung, index, pools, base, limits, corrections)
@@ -351,7 +369,8 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
         chosen=chosen,
         candidates=candidates,
         fallback=chosen is not None and chosen.rung > 0,
-        fallback_reason=_fallback_reason(candidates, chosen, rung_labels, notes),
+        fallback_reason=_fallback_reason(candidates, chosen, rung_labels, notes)
+        + (f" | {spec.model} is pinned: {pinned}" if pinned and chosen is None else ""),
         notes=notes,
     )
 

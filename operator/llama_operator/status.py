@@ -29,7 +29,11 @@ class Factors(ApiModel):
 
 
 class Predicted(ApiModel):
-    memoryBytes: int = Field(description="Memory one replica needs (weights, KV cache, runtime overhead).")
+    memoryBytes: int = Field(description="Memory one replica needs (weights, LoRA adapters, KV cache, runtime "
+                             "overhead).")
+    adapterBytes: int | None = Field(default=None, description=(
+        "Of memoryBytes, what the LoRA adapters take (vLLM's reservation of --max-loras slots at --max-lora-rank "
+        "on every GPU; llama.cpp's adapter files). docs/adapters.md."))
     perGpuBytes: int | None = Field(default=None, description="Memory needed on each GPU (null on CPU).")
     ttftSeconds: float = Field(description="Predicted p95 time to first token (the estimate times correctedBy).")
     tpotSeconds: float = Field(description="Predicted time per output token (the estimate times correctedBy).")
@@ -51,7 +55,9 @@ class ChosenPlan(ApiModel):
     gpuProduct: str | None = Field(default=None, description="GPU product; null on CPU.")
     gpusPerReplica: int
     kvCacheDtype: str = Field(default="auto", description="auto (the model's dtype), fp8 or q8_0.")
-    weightsSource: str = Field(default="", description="Where the weights come from (Hugging Face repo[/file]).")
+    weightsSource: str = Field(default="", description=(
+        "Where the weights come from: a Hugging Face repo[/file] of the catalog, or the fine-tune's hf:// or pvc:// "
+        "source (spec.weights)."))
     gpuMemoryUtilization: float | None = Field(default=None, description="vLLM --gpu-memory-utilization.")
     cpuThreads: int | None = Field(default=None, description="llama.cpp threads on a CPU node.")
     cpuMemoryBandwidthGbps: float | None = Field(

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("kopf shell", {"state", "handlers", "passes", "kube", "kubeclient", "live", "workqueue", "peering",
                     "metrics", "slo_metrics", "runner", "observer", "slo_watch"}),
     ("sandbox", {"sandbox"}),
-    ("cli", {"cli", "loading", "slo_options"}),
+    ("cli", {"cli", "loading", "slo_options", "plan_table"}),
 ]
 MAX_MODULE_LINES = 500
 
