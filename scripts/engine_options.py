@@ -240,6 +240,8 @@ class TypeReader:
             return {"action": "BooleanOptionalAction"}
         if literal is not None:
             return {"choices": [str(v) for v in sorted(literal)]}
+        if names & {"tuple", "list", "set"}:
+            return {"nargs": "+"}  # collection_to_kwargs: one or more values after the flag
         return {}
 
 
@@ -474,6 +476,7 @@ class VllmOptions:
             self.options[spelling] = {
                 "takesValue": takes_value,
                 "choices": spec["choices"] if takes_value else None,
+                **({"nargs": "+"} if takes_value and spec["nargs"] == "+" else {}),
                 "file": path,
                 "line": node.lineno,
             }

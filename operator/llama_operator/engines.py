@@ -333,7 +333,8 @@ def support_problem(model: Model, quant: Quantization, gpu: GPU | None, kv_cache
 
 def rejected_arguments(rel: EngineRelease, args: Iterable[str]) -> list[str]:
     """What in `args` the release's CLI would refuse: unknown options, missing values, values outside the
-    choices, stray positionals. Empty when the release would accept the command line."""
+    choices, stray positionals. Empty when the release would accept the command line. An option of `nargs`
+    "+" (vLLM's list fields, --lora-modules) takes every value that follows it up to the next option."""
     options = rel.options
     problems: list[str] = []
     args = list(args)
@@ -366,9 +367,15 @@ def rejected_arguments(rel: EngineRelease, args: Iterable[str]) -> list[str]:
         else:
             problems.append(f"{rel.title}: {name} needs a value")
             break
+        values = [value]
+        if spec.get("nargs") == "+" and not eq:  # argparse takes every value up to the next option
+            while i < len(args) and not args[i].startswith("-"):
+                values.append(args[i])
+                i += 1
         choices = spec.get("choices")
-        if choices is not None and value not in choices:
-            problems.append(f"{rel.title}: {name} {value!r} is not one of {', '.join(map(str, choices))}")
+        for value in values:
+            if choices is not None and value not in choices:
+                problems.append(f"{rel.title}: {name} {value!r} is not one of {', '.join(map(str, choices))}")
     return problems
 
 
