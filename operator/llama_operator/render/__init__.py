@@ -30,9 +30,11 @@ from ..catalog import (GPU, GPU_PRODUCT_LABEL, GPU_PRODUCT_LABELS, GPU_RESOURCE,
                        load_yaml)
 from ..engines import IMAGE_FLAVOURS, EngineRelease, kernel_for, release, release_for
 from ..estimate import LLAMACPP_GPU_THREADS, host_requests, weights_bytes
+from ..lora import peft_adapter_bytes
 from ..ownership import HASH_ANNOTATION, LABEL_RUNTIME, PORTS, content_hash, selector_labels
 from ..placement import model_server_tolerations
 from ..status import ChosenPlan
+from .sources import finetune_context
 
 TEMPLATES = Path(__file__).resolve().parent
 GiB = 2**30
@@ -370,7 +372,7 @@ def _kernel_args(plan: ChosenPlan, rel: EngineRelease, model: Model, quant: Quan
 
 def _weights_location(plan: ChosenPlan, model: Model) -> tuple[str, str | None]:
     """(repository, file in it): vLLM loads a whole repository, llama.cpp one GGUF file of one."""
-    if plan.runtime == "vllm":
+    if plan.runtime == "vllm" or plan.weightsSource.startswith(("hf://", "pvc://")):
         return plan.weightsSource, None
     assert model.gguf is not None
     return model.gguf.repo, plan.weightsSource[len(model.gguf.repo) + 1:]
@@ -396,7 +398,11 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
     pinned = _pinned_image(rel, vendor)
     pod_security, container_security = _security(rel, vendor, images.user(pinned))
     api_key = spec.access.apiKeySecretRef
+    finetune = finetune_context(spec, plan, rel, quant)
+    if finetune["custom_weights_path"]:  # a fine-tune: the engine loads the fetched or mounted copy
+        weights_repo, weights_file = finetune["custom_weights_path"], None
     return {
+        **finetune,
         "name": owner.name,
         "namespace": owner.namespace,
         "owner": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name, "uid": owner.uid},
@@ -431,7 +437,8 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "cache_claim_name": claim,
         "cache_claim_create": bool(cache.size is not None and not cache.existingClaim),
         "cache_size": str(cache.size) if cache.size is not None else None,
-        "scratch_size": _quantity(_download_bytes(weights)),
+        "scratch_size": _quantity(_download_bytes(weights) + sum(
+            peft_adapter_bytes(model.arch, a.rank, dtype_bytes=4) for a in spec.adapters)),
         "cache_storage_class": cache.storageClassName,
         "cache_access_mode": "ReadWriteOnce" if spec.replicas == 1 else "ReadWriteMany",
         "pod_security": pod_security,
