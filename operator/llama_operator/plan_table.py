@@ -53,7 +53,9 @@ def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_la
         out.append(f"  Engine     {c.engine}{kernel}")
         if c.kv_cache_dtype != "auto":
             out.append(f"  KV cache   {c.kv_cache_dtype}")
-        out.append(f"  Weights    {c.weights_source()}")
+        in_flight = " (16-bit, quantized to " + c.quant.id + " as vLLM loads it)" \
+            if c.custom_weights and c.runtime == "vllm" and c.quant.bits < 16 else ""
+        out.append(f"  Weights    {c.weights_source()}{in_flight}")
         adapters = adapter_summary(spec, c)
         if adapters:
             out.append(f"  Adapters   {adapters}")

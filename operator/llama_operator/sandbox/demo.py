@@ -4,7 +4,8 @@ The operator runs in a thread (`SandboxOperator`) beside the emulator and a `Sim
 applies example LlamaDeployments, prints what `kubectl get llamadeployments` would, the workloads
 rendered and why some fell back, then plays a scenario: nodes join (deployments move up once the
 capacity has stayed), the nodes leave (they fall back at once); then the SLO loop (docs/slo-loop.md) on
-examples/slo-loop.yaml: a slow engine corrected and re-planned, a busy one scaled out, one left alone.
+examples/slo-loop.yaml: a slow engine corrected and re-planned, a busy one scaled out, one left alone; then
+fine-tuned models (docs/adapters.md) on examples/adapters.yaml: LoRA adapters and a full fine-tune.
 """
 from __future__ import annotations
 
@@ -247,9 +248,52 @@ def _slo_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -
     return settled
 
 
+def _finetune_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -> bool:
+    """Fine-tuned models (docs/adapters.md): LoRA adapters and a full fine-tune on their own nodes; whether
+    every one of them was planned and rolled out in time."""
+    _create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
+    names = set()
+    for doc in load_docs(deployments):
+        if doc.get("kind") == KIND:
+            ld_res.create(body=doc, namespace=doc["metadata"].get("namespace", "default"))
+            names.add(doc["metadata"]["name"])
+    print()
+    print(f"--- fine-tuned models: {', '.join(sorted(names))} from {display_path(deployments)} on the nodes of "
+          f"{display_path(nodes)}; adapters and custom weights pin the base model ---")
+
+    def ours() -> list[dict]:
+        return [i for i in ld_res.get().to_dict()["items"] if i["metadata"]["name"] in names]
+
+    settled = wait_for(lambda: len(ours()) == len(names) and all(
+        (i.get("status") or {}).get("phase") == "Ready" for i in ours()), timeout)
+    print("$ kubectl get llamadeployments")
+    print(printer_table(ours()))
+    print()
+    print("Rendered workloads (key arguments):")
+    deps = [d for d in api.resources.get(api_version="apps/v1", kind="Deployment").get().to_dict()["items"]
+            if d["metadata"]["name"] in names]
+    for d in sorted(deps, key=lambda d: d["metadata"]["name"]):
+        print(workload_summary([d]))
+        for init in d["spec"]["template"]["spec"].get("initContainers") or []:
+            fetched = init["command"][4:]
+            repos = [f"{fetched[i + 1]}@{fetched[i + 2]}" + (f"/{fetched[i + 3]}" if fetched[i + 3] else "")
+                     for i in range(0, len(fetched), 4)]
+            print(f"    init container {init['name']} fetches into the model cache: {', '.join(repos)}")
+    print()
+    print("Adapters (status.adapters) and why:")
+    for i in sorted(ours(), key=lambda i: i["metadata"]["name"]):
+        st = i.get("status") or {}
+        for a in st.get("adapters") or []:
+            print(f"  {i['metadata']['name']}: {a['name']} [{a['state']}] {a['call']}")
+        reason = (st.get("fallback") or {}).get("reason")
+        if reason:
+            print(f"  {i['metadata']['name']}: " + reason.replace(" | ", "\n      "))
+    return settled
+
+
 def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconfig_path: Path | None,
                 upgrade_delay: float, timeout: float, join: Path | None = None,
-                slo: tuple[Path, Path] | None = None) -> int:
+                slo: tuple[Path, Path] | None = None, finetunes: tuple[Path, Path] | None = None) -> int:
     logging.getLogger("kopf").setLevel(logging.ERROR)  # the sandbox prints its own story
     with EmulatorThread() as emu:
         declare_crd(emu.emulator, crd_manifest())
@@ -306,6 +350,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                 _scenario(api, join, items, upgrade_delay, timeout)
             # Two rounds of waiting: the first plans, then the loop's window of breach and its reaction.
             slo_done = _slo_scenario(api, ld_res, *slo, 2 * timeout) if slo is not None else True
+            finetunes_done = _finetune_scenario(api, ld_res, *finetunes, timeout) if finetunes is not None else True
             if serve:
                 print()
                 print(f"Serving until Ctrl-C. Try: kubectl --kubeconfig {kubeconfig} get llamadeployments")
@@ -314,7 +359,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                         time.sleep(3600)
                 except KeyboardInterrupt:
                     pass
-            return 0 if settled() and slo_done else 1
+            return 0 if settled() and slo_done and finetunes_done else 1
         finally:
             operator.stop()
             kubelet.stop()
