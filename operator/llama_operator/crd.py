@@ -315,6 +315,7 @@ def crd_manifest() -> dict:
                         {"name": "Variant", "type": "string", "jsonPath": ".status.variant"},
                         {"name": "Runtime", "type": "string", "jsonPath": ".status.runtime"},
                         {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+                        {"name": "Adapters", "type": "integer", "jsonPath": ".status.adapterCount"},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],

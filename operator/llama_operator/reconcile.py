@@ -26,6 +26,7 @@ from .catalog import load_catalog
 from .planner import STATUS_REJECTED_LIMIT, Plan, rank
 from .slo import SLO_MET, Judgement
 from .status import (
+    AdapterStatus,
     ChosenPlan,
     Condition,
     FallbackStatus,
@@ -118,6 +119,8 @@ def _rejected(plan: Plan) -> list[RejectedCandidate]:
 
 
 def decide_invalid(obs: Observed, problems: list[str]) -> Decision:
+    # status.adapters is kept as it was, like the plan: the workload keeps running, and with it the adapters
+    # of the last valid spec, which is what a request can still use (not those the invalid spec names).
     status = obs.status.model_copy(deep=True)
     message = "; ".join(problems)
     first_time = not (status.phase == "Invalid" and status.observedGeneration == obs.generation)
@@ -195,6 +198,8 @@ def decide(obs: Observed, spec: LlamaDeploymentSpec, plan: Plan, current_problem
     status.replicas = rollout.desired
     status.readyReplicas = rollout.ready
     status.ready = f"{rollout.ready}/{rollout.desired}"
+    status.adapters = _adapter_statuses(obs.name, spec, apply if plan.chosen is not None else None, rollout)
+    status.adapterCount = len(status.adapters) if status.adapters else None
     status.phase, status.message = _phase(prev, plan, apply, pending, rollout)
     failing = rollout.failure if status.phase == "Degraded" else None
     status.conditions = _conditions(prev.conditions, _wanted_conditions(status, spec, plan, apply, failing),
@@ -289,6 +294,12 @@ class _Rollout:
     #: ReplicaFailure, and waiting will not help.
     failure: str | None
 
+    @property
+    def serves_plan(self) -> bool:
+        """Every pod is of the plan to apply and one at least is ready: whichever pod takes a request runs that
+        plan (while old pods remain, a request for an adapter they lack may reach one of them)."""
+        return not self.rolling_to_new and self.ready > 0 and self.total <= self.updated
+
 
 def _read_rollout(obs: Observed, desired: int, apply: ChosenPlan | None) -> _Rollout:
     """A Deployment not made yet (None) reads as the empty status it will have once this pass has made it,
@@ -309,6 +320,34 @@ def _read_rollout(obs: Observed, desired: int, apply: ChosenPlan | None) -> _Rol
         failure=next((str(c.get("message") or c.get("reason") or "pods cannot be created") for c in conditions
                       if c.get("type") == "ReplicaFailure" and c.get("status") == "True"), None),
     )
+
+
+def _adapter_statuses(name: str, spec: LlamaDeploymentSpec, serving: ChosenPlan | None, rollout: _Rollout
+                      ) -> list[AdapterStatus] | None:
+    """status.adapters: each of spec.adapters, Pending until a plan runs it, Loading while the Deployment rolls
+    that plan out, Ready once it serves it. `serving`: the plan applied for this spec; None when there is none
+    (with no feasible plan, what keeps running was planned for an earlier spec or cluster, and may lack the
+    adapters). None without adapters, so a spec without them writes the status it always did."""
+    if not spec.adapters:
+        return None
+    if serving is None:
+        return [AdapterStatus(name=a.name, source=a.source, state="Pending") for a in spec.adapters]
+    state = "Ready" if rollout.serves_plan else "Loading"
+    return [AdapterStatus(name=a.name, source=a.source, state=state,
+                          call=_adapter_call(serving.runtime, name, a.name, index, len(spec.adapters)))
+            for index, a in enumerate(spec.adapters)]
+
+
+def _adapter_call(runtime: str, deployment: str, adapter: str, index: int, count: int) -> str:
+    """How a request uses the adapter at `index` of spec.adapters (engines.yaml lora.adapters.syntax). vLLM
+    serves each adapter under its name. llama.cpp routes no model names: the render applies a lone adapter to
+    every request, and loads several with --lora-init-without-apply, for a request to pick one by id (its
+    index among the adapters loaded)."""
+    if runtime == "vllm":
+        return f'"model": "{adapter}"'
+    if count == 1:
+        return f'"model": "{deployment}" (applied to every request)'
+    return f'"lora": [{{"id": {index}, "scale": 1.0}}]'
 
 
 def _phase(prev: LlamaDeploymentStatus, plan: Plan, apply: ChosenPlan | None, pending: PendingChange | None,

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from .fields import ApiModel
+from .finetune import MAX_ADAPTERS
 
 #: The phases of status.phase (the metrics carry a count of each, and the alert rules select on two).
 PHASES = ["Pending", "Deploying", "Ready", "Degraded", "Unschedulable", "Invalid"]
@@ -142,6 +143,22 @@ class SLOState(ApiModel):
     lastActionAt: str | None = Field(default=None, description="When (RFC 3339); the cooldown counts from it.")
 
 
+class AdapterStatus(ApiModel):
+    """One of spec.adapters as served: whether requests can use it yet, and how they pick it."""
+
+    name: str = Field(description="As in spec.adapters.")
+    source: str = Field(description="As in spec.adapters.")
+    state: Literal["Pending", "Loading", "Ready"] = Field(description=(
+        "Pending: no plan runs it (none yet, or no feasible plan); Loading: the Deployment running the plan in "
+        "force is not yet available (rolling out, fetching, loading the adapter); Ready: the plan in force serves "
+        "it and every pod serving is of that plan, with at least one ready."))
+    call: str | None = Field(default=None, description=(
+        "How a request uses it. vLLM: the adapter's name as the OpenAI `model`. llama.cpp routes no model names: "
+        "one adapter applies to every request (`model` is the deployment's name); several are loaded without "
+        "being applied and a request picks one by its index in spec.adapters, `\"lora\": [{\"id\": i, "
+        "\"scale\": 1.0}]`. Null while Pending."))
+
+
 class LlamaDeploymentStatus(ApiModel):
     phase: Literal[tuple(PHASES)] | None = None  # type: ignore[valid-type]
     message: str | None = Field(default=None, description="One line on the current state.")
@@ -160,6 +177,12 @@ class LlamaDeploymentStatus(ApiModel):
     readyReplicas: int | None = None
     ready: str | None = Field(default=None, description="Ready replicas out of desired, e.g. 1/2 (printer column).")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI-compatible API.")
+    adapters: list[AdapterStatus] | None = Field(default=None, max_length=MAX_ADAPTERS, description=(
+        "The LoRA adapters of spec.adapters, in its order: their state and how a request uses each. Null without "
+        "adapters."))
+    adapterCount: int | None = Field(default=None, description=(
+        "How many LoRA adapters are served beside the base model, as status.adapters lists them (printer column); "
+        "null without adapters."))
     pendingChange: PendingChange | None = Field(
         default=None, description="A better plan the operator will move to once the capacity behind it has been "
         "stable for the upgrade delay.")

@@ -103,6 +103,14 @@ def test_printer_columns_point_at_fields_that_exist(version, schema):
         assert node.get("type") == column["type"], f"column {name} has type {column['type']}, field {node.get('type')}"
 
 
+def test_kubectl_get_shows_how_many_adapters_are_served(version, schema):
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    adapters = columns["Adapters"]
+    assert adapters["jsonPath"] == ".status.adapterCount" and adapters["type"] == "integer"
+    assert adapters.get("priority", 0) == 0  # in the default view, not only with -o wide
+    assert schema["properties"]["status"]["properties"]["adapters"]["maxItems"] == 16
+
+
 # --- Structural schema and descriptions ----------------------------------------------------------------
 
 

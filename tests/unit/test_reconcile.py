@@ -539,3 +539,76 @@ def test_a_name_the_objects_cannot_have_is_invalid(name, ok):
         assert problems[0].startswith("metadata.name: ") and "Service" in problems[0]
         d = decide_invalid(observe(), problems)
         assert d.status.phase == "Invalid" and d.apply is None and reasons(d) == ["InvalidSpec"]
+
+
+# --- status.adapters: each adapter's state and how a request uses it ----------------------------------------
+
+VLLM_ADAPTERS = [{"name": "support", "source": "hf://acme/support-lora@v2"},
+                 {"name": "sql", "source": "pvc://loras/sql"}]
+GGUF_ADAPTERS = [{"name": "support", "source": "hf://acme/support-lora/support-F16.gguf"},
+                 {"name": "sql", "source": "pvc://loras/sql-F16.gguf"}]
+
+
+def adapter_states(status: LlamaDeploymentStatus) -> list[tuple[str, str, str | None]]:
+    return [(a.name, a.state, a.call) for a in status.adapters]
+
+
+def test_vllm_adapters_load_with_the_rollout_and_are_called_by_their_names(make_spec, clusters):
+    spec = make_spec(adapters=VLLM_ADAPTERS)
+    first, rolling = first_then(spec, clusters["small"], ROLLING_1)
+    assert first.apply.runtime == "vllm"
+    for d in (first, rolling):
+        assert adapter_states(d.status) == [("support", "Loading", '"model": "support"'),
+                                            ("sql", "Loading", '"model": "sql"')]
+        assert d.status.adapterCount == 2
+    assert [a.source for a in first.status.adapters] == [a["source"] for a in VLLM_ADAPTERS]
+
+    ready = converge(spec, clusters["small"])
+    assert [a.state for a in ready.adapters] == ["Ready", "Ready"] and ready.adapterCount == 2
+
+
+def test_adapters_are_loading_while_pods_of_the_plan_before_them_still_serve(make_spec, clusters):
+    inv = clusters["small"]
+    running = converge(make_spec(), inv)
+    spec = make_spec(adapters=VLLM_ADAPTERS)
+    midway = {"replicas": 2, "updatedReplicas": 1, "readyReplicas": 2, "availableReplicas": 2}
+    d = decide(observe(running, generation=2, deployment=midway), spec, plan_on(spec, inv), check(spec, inv, running))
+    assert [a.state for a in d.status.adapters] == ["Loading", "Loading"]  # a request may reach an old pod
+
+
+def test_adapters_without_a_feasible_plan_are_pending_without_a_call(make_spec, clusters):
+    spec = make_spec(adapters=VLLM_ADAPTERS)
+    d = decide(observe(), spec, plan_on(spec, clusters["empty"]), None)
+    assert d.status.phase == "Unschedulable"
+    assert adapter_states(d.status) == [("support", "Pending", None), ("sql", "Pending", None)]
+    assert d.status.adapterCount == 2
+
+
+def test_one_llamacpp_adapter_applies_to_every_request(make_spec, clusters):
+    spec = make_spec(runtime="llamacpp", adapters=GGUF_ADAPTERS[:1])
+    d = decide(observe(), spec, plan_on(spec, clusters["small"]), None)
+    assert d.apply.runtime == "llamacpp"
+    assert adapter_states(d.status) == [("support", "Loading", '"model": "chat" (applied to every request)')]
+    assert d.status.adapterCount == 1
+
+
+def test_several_llamacpp_adapters_are_picked_by_their_index(make_spec, clusters):
+    spec = make_spec(runtime="llamacpp", adapters=GGUF_ADAPTERS)
+    ready = converge(spec, clusters["small"])
+    assert ready.plan.runtime == "llamacpp"
+    assert adapter_states(ready) == [("support", "Ready", '"lora": [{"id": 0, "scale": 1.0}]'),
+                                     ("sql", "Ready", '"lora": [{"id": 1, "scale": 1.0}]')]
+
+
+def test_a_spec_without_adapters_writes_the_status_it_always_did(make_spec, clusters):
+    """No adapters: the keys stay null, which the status write drops, so no existing object is rewritten."""
+    ready = converge(make_spec(), clusters["small"])
+    assert ready.adapters is None and ready.adapterCount is None
+    dumped = ready.model_dump(mode="json")
+    assert dumped["adapters"] is None and dumped["adapterCount"] is None
+
+
+def test_an_invalid_spec_keeps_the_adapters_that_still_run(make_spec, clusters):
+    running = converge(make_spec(adapters=VLLM_ADAPTERS), clusters["small"])
+    d = decide_invalid(observe(running, generation=2, deployment=READY_1), ["spec.adapters[1].name: taken"])
+    assert d.status.adapters == running.adapters and d.status.adapterCount == 2

@@ -70,12 +70,14 @@ class SandboxOperator:
 
 
 def printer_table(items: list[dict]) -> str:
-    """What `kubectl get llamadeployments` prints (the CRD's printer columns)."""
-    rows = [("NAME", "MODEL", "VARIANT", "RUNTIME", "READY", "PHASE")]
+    """What `kubectl get llamadeployments` prints (the CRD's printer columns; kubectl shows a field that is not
+    set as <none>)."""
+    rows = [("NAME", "MODEL", "VARIANT", "RUNTIME", "READY", "ADAPTERS", "PHASE")]
     for item in sorted(items, key=lambda i: i["metadata"]["name"]):
         st = item.get("status") or {}
-        rows.append((item["metadata"]["name"], item["spec"]["model"], st.get("variant") or "", st.get("runtime") or "",
-                     st.get("ready") or "", st.get("phase") or ""))
+        cells = [st.get(key) for key in ("variant", "runtime", "ready", "adapterCount", "phase")]
+        rows.append((item["metadata"]["name"], item["spec"]["model"],
+                     *("<none>" if cell is None else str(cell) for cell in cells)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
