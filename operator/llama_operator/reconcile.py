@@ -347,7 +347,7 @@ def _adapter_call(runtime: str, deployment: str, adapter: str, index: int, count
         return f'"model": "{adapter}"'
     if count == 1:
         return f'"model": "{deployment}" (applied to every request)'
-    return f'"lora": [{{"id": {index}, "scale": 1.0}}]'
+    return f'"model": "{deployment}", "lora": [{{"id": {index}, "scale": 1.0}}]'
 
 
 def _phase(prev: LlamaDeploymentStatus, plan: Plan, apply: ChosenPlan | None, pending: PendingChange | None,

@@ -197,6 +197,17 @@ def test_sandbox_runs_from_the_installed_package(installed: Installed):
                        r"TPOT x([0-9.]+)", slo)
     assert factor and 3.8 <= float(factor.group(1)) <= 4.2, slo  # the sandbox's latency-factor 4, measured
     assert "meets-slo:" not in slo.split("Events:", 1)[1], slo
+    # Fine-tuned models (docs/adapters.md): the pinned base quantized, the adapters' flags and the fetch.
+    ft = out.split("--- fine-tuned models:", 1)[1]
+    rows = {r.split()[0]: r.split() for r in ft.split("$ kubectl get llamadeployments\n", 1)[1].split("\n\n")[0]
+            .splitlines()[1:]}
+    assert rows["support"][2] == "llama-3.1-8b-instruct/fp8" and rows["support"][-2:] == ["2", "Ready"], ft
+    assert rows["legal"][2] == "llama-3.1-8b-instruct/fp8" and rows["edge"][-2:] == ["2", "Ready"], ft
+    assert "--enable-lora --lora-modules support-en=/models/llama-operator/sources/" in ft, ft
+    assert "--max-loras 2 --max-lora-rank 64" in ft and "--quantization fp8_per_tensor" in ft, ft
+    assert "--lora-init-without-apply" in ft and "--lora /sources/lora-adapters/faq/faq-lora-F16.gguf" in ft, ft
+    assert "init container fetch-sources fetches into the model cache: acme/llama-3.1-8b-legal@v2" in ft, ft
+    assert 'support: support-de [Ready] "model": "support-de"' in ft, ft
 
 
 def test_plan_on_the_bundled_examples(installed: Installed):

@@ -596,8 +596,8 @@ def test_several_llamacpp_adapters_are_picked_by_their_index(make_spec, clusters
     spec = make_spec(runtime="llamacpp", adapters=GGUF_ADAPTERS)
     ready = converge(spec, clusters["small"])
     assert ready.plan.runtime == "llamacpp"
-    assert adapter_states(ready) == [("support", "Ready", '"lora": [{"id": 0, "scale": 1.0}]'),
-                                     ("sql", "Ready", '"lora": [{"id": 1, "scale": 1.0}]')]
+    assert adapter_states(ready) == [("support", "Ready", '"model": "chat", "lora": [{"id": 0, "scale": 1.0}]'),
+                                     ("sql", "Ready", '"model": "chat", "lora": [{"id": 1, "scale": 1.0}]')]
 
 
 def test_a_spec_without_adapters_writes_the_status_it_always_did(make_spec, clusters):
