@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
-from .catalog import GPU, Model, Quantization
+from .catalog import GPU, Model, Quantization, load_catalog
 from .engines import in_flight_problem, kernel_for, release_for
 from .fields import DNS1123_SUBDOMAIN_PATTERN, ApiModel
 from .units import shown
@@ -253,13 +253,26 @@ def finetune_problems(spec: LlamaDeploymentSpec, *, gguf_quantizations: list[str
     if weights is not None and weights.gguf is not None and gguf_weights_quantization(spec, gguf_quantizations) is None:
         problems.append(f"spec.weights.gguf: cannot tell the GGUF type from the file name {parse_source(weights.gguf).path}; "
                         f"set spec.weights.ggufQuantization (one of {', '.join(gguf_quantizations)})")
-    listed = spec.fallback.quantizations
-    if weights is not None and listed and not problems:
-        have = custom_weights_quantizations(spec, gguf_quantizations)
-        if not set(have) & set(listed):
-            problems.append(f"spec.fallback.quantizations: the fine-tune in spec.weights comes as {', '.join(have)} "
-                            f"only (no {', '.join(listed)}); list one of them")
+    if weights is not None and not problems:
+        problems += _nothing_of_the_fine_tune_allowed(spec, gguf_quantizations)
     return problems
+
+
+def _nothing_of_the_fine_tune_allowed(spec: LlamaDeploymentSpec, gguf_quantizations: list[str]) -> list[str]:
+    """A fine-tune comes in a few variants only (custom_weights_quantizations): the fallback settings and the
+    runtime must leave one of them, or nothing could run."""
+    catalog = load_catalog()
+    have = custom_weights_quantizations(spec, gguf_quantizations)
+    listed = spec.fallback.quantizations
+    if listed and not set(have) & set(listed):
+        return [f"spec.fallback.quantizations: the fine-tune in spec.weights comes as {', '.join(have)} only (no "
+                f"{', '.join(listed)}); list one of them"]
+    runtime = [q for q in have if spec.runtime == "auto" or catalog.quantizations[q].runtime == spec.runtime]
+    if runtime and not spec.fallback.allowQuantization and all(catalog.quantizations[q].bits < 16 for q in runtime):
+        return [f"spec.fallback.allowQuantization: false, but the fine-tune in spec.weights comes as "
+                f"{', '.join(runtime)} only for {spec.runtime}; allow quantization or give a 16-bit checkpoint "
+                "(spec.weights.source)"]
+    return []
 
 
 def name_clash_problems(spec: LlamaDeploymentSpec, name: str) -> list[str]:

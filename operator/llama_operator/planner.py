@@ -132,7 +132,7 @@ def allowed_quantizations(spec: LlamaDeploymentSpec, model: Model) -> list[Quant
         if listed is not None:
             if qid not in listed:
                 continue
-        elif q.bits < DEFAULT_MIN_BITS:
+        elif q.bits < DEFAULT_MIN_BITS and spec.weights is None:  # (a fine-tune's GGUF file is the user's choice)
             continue
         if not spec.fallback.allowQuantization and q.bits < 16:
             continue

@@ -136,6 +136,16 @@ def test_listed_quantizations_must_include_one_the_fine_tune_comes_in(spec_dict)
     message = the_problem(spec_dict(weights={"source": "hf://acme/ft"}, fallback={"quantizations": ["awq-int4"]}),
                           "spec.fallback.quantizations")
     assert "bf16, fp8" in message
+    message = the_problem(spec_dict(runtime="llamacpp", weights={"gguf": "hf://acme/ft/ft-Q4_K_M.gguf"},
+                                    fallback={"allowQuantization": False}), "spec.fallback.allowQuantization")
+    assert "q4_k_m only for llamacpp" in message
+
+
+def test_a_fine_tunes_gguf_file_below_4_bits_is_served_as_given(make_spec, make_inventory, make_node):
+    # below 4 bits the ladder goes only when fallback.quantizations lists it; a fine-tune's only file is chosen
+    p = plan(make_spec(runtime="llamacpp", weights={"gguf": "pvc://models/ft-Q3_K_M.gguf"}),
+             make_inventory(make_node("cpu", cpu="32")))
+    assert p.chosen is not None and p.chosen.quant.id == "q3_k_m"
 
 
 # --- Memory -----------------------------------------------------------------------------------------------
