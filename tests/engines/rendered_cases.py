@@ -79,8 +79,13 @@ class Rendered:
 def render_kind(kind: str) -> Rendered:
     """Plan SPECS[kind] (or FINETUNE_SPECS[kind]) on the CPU-only example cluster and render it, as the
     operator does."""
-    spec = parse_spec(SPECS[kind] if kind in SPECS else FINETUNE_SPECS[kind])
-    nodes = cluster_nodes("cpu-only.yaml")
+    return render_spec(SPECS[kind] if kind in SPECS else FINETUNE_SPECS[kind])
+
+
+def render_spec(document: dict, cluster: str = "cpu-only.yaml") -> Rendered:
+    """Plan a LlamaDeployment's spec on one of the example clusters and render it, as the operator does."""
+    spec = parse_spec(document)
+    nodes = cluster_nodes(cluster)
     result = planner.plan(spec, Inventory.from_manifests(nodes, []))
     assert result.chosen is not None, result.fallback_reason
     plan = result.chosen.to_chosen_plan()
