@@ -25,12 +25,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-
-from llama_operator.render.sources import FETCHED_ROOT, MARKER
-
 from kit.http_stub import Reply, Request, json_reply, stub_servers
 from kit.tools import missing, require_tool
-
+from llama_operator.render.sources import FETCHED_ROOT, MARKER
 from rendered_cases import FINETUNE_SPECS, adapter_paths, render_kind, render_spec
 
 RUN_TIMEOUT_S = 60
@@ -121,7 +118,8 @@ def run_init(init: dict, root: Path, endpoint: str, token: str | None = None,
         assert [e["name"] for e in init["env"] if "valueFrom" in e] == ["HF_TOKEN"]  # from the Secret
         env["HF_TOKEN"] = token
     (root / "home").mkdir(parents=True, exist_ok=True)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                          check=False)
 
 
 # --- curl (llama.cpp's image) ----------------------------------------------------------------------------
@@ -224,7 +222,7 @@ PEFT = {
 def hf_bin() -> str:
     """The `hf` console script of huggingface_hub 2.x (the test extra installs it beside pytest)."""
     found = require_tool("hf")  # .tools/bin, the venv's bin, PATH
-    version = subprocess.run([found, "version"], capture_output=True, text=True, timeout=30)
+    version = subprocess.run([found, "version"], capture_output=True, text=True, timeout=30, check=False)
     found_version = re.search(r"version:\s*(\S+)", version.stdout)
     if found_version is None or not found_version.group(1).startswith("2."):
         missing(f"`hf` is not huggingface_hub 2.x (scripts/setup.sh test): {version.stdout or version.stderr}")

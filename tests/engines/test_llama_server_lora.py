@@ -10,11 +10,15 @@ for one by id, and an adapter that does not fit the model stops the start with t
 from __future__ import annotations
 
 import pytest
-
 from llama_operator.engines import rejected_arguments, release
-
 from llama_server import ServerFailed, free_port, local_args
-from rendered_cases import ALIAS, FINETUNE_SPECS, adapter_paths, adapter_stand_ins, render_kind
+from rendered_cases import (
+    ALIAS,
+    FINETUNE_SPECS,
+    adapter_paths,
+    adapter_stand_ins,
+    render_kind,
+)
 from tiny_lora_gguf import tiny_lora_gguf
 
 LORA_KINDS = ["lora-one", "lora-two"]
@@ -50,25 +54,28 @@ def test_one_adapter_is_given_with_lora_several_with_lora_scaled_at_0():
     assert "--lora" not in two.args and "--lora-init-without-apply" not in two.args
 
 
+SWAPPED = {"--model", "--hf-repo", "--hf-file", "--host", "--port", "--lora", "--lora-scaled"}
+
+
+def kept(args: list[str]) -> list[str]:
+    """The arguments with the swapped flags' values dropped, --hf-repo/--hf-file as the one --model."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] in SWAPPED:
+            out.append(args[i] if args[i] not in ("--hf-repo", "--hf-file") else "--model")
+            i += 2
+        else:
+            out.append(args[i])
+            i += 1
+    return [a for j, a in enumerate(out) if not (a == "--model" and "--model" in out[:j])]
+
+
 def test_only_the_weights_adapters_host_and_port_are_swapped(tmp_path):
     for kind in ("lora-two", "weights-gguf"):
         r = render_kind(kind)
         stand_ins = {p: tmp_path / f"adapter-{i}.gguf" for i, p in enumerate(adapter_paths(r))}
         local = local_args(r.args, tmp_path / "m.gguf", 12345, stand_ins)
         assert len(local) == len(r.args) - (2 if "--hf-repo" in r.args else 0)
-        swapped = {"--model", "--hf-repo", "--hf-file", "--host", "--port", "--lora", "--lora-scaled"}
-
-        def kept(args):
-            out, i = [], 0
-            while i < len(args):
-                if args[i] in swapped:
-                    out.append(args[i] if args[i] not in ("--hf-repo", "--hf-file") else "--model")
-                    i += 2
-                else:
-                    out.append(args[i])
-                    i += 1
-            return [a for j, a in enumerate(out) if not (a == "--model" and "--model" in out[:j])]
-
         assert kept(local) == kept(r.args)
         assert local[local.index("--model") + 1] == str(tmp_path / "m.gguf")
         scaled = [local[i + 1] for i, a in enumerate(local) if a == "--lora-scaled"]

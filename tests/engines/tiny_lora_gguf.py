@@ -21,7 +21,8 @@ import json
 import os
 from pathlib import Path
 
-from tiny_gguf import PARAMS as BASE, cache_root
+from tiny_gguf import PARAMS as BASE
+from tiny_gguf import cache_root
 
 #: Bump when the generator changes in a way ADAPTERS do not show.
 GENERATOR_VERSION = 1
