@@ -42,22 +42,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_args(rendered: list[str], model: Path, port: int) -> list[str]:
-    """The operator's rendered llama-server arguments, runnable here. Exactly three swaps, nothing else:
-    `--hf-repo R --hf-file F` (a download from Hugging Face) becomes `--model <local gguf>` in the same place;
-    the `--host` value becomes 127.0.0.1 (the pod listens on 0.0.0.0; a test must not); and the `--port`
-    value becomes a free port (the pod's 8080 may be taken here). Every other flag and value stays as rendered."""
+def local_args(rendered: list[str], model: Path, port: int, adapters: dict[str, Path] | None = None) -> list[str]:
+    """The operator's rendered llama-server arguments, runnable here. Only these swaps, nothing else:
+    the weights: `--hf-repo R --hf-file F` (a download from Hugging Face) becomes `--model <local gguf>` in the
+    same place, and so does the value of `--model` (a fine-tune's GGUF, fetched into the pod's model cache);
+    the file of each `--lora FILE` and `--lora-scaled FILE:SCALE` becomes its local stand-in in `adapters`
+    (rendered path -> local file; every rendered adapter must have one), the scale kept; the `--host` value
+    becomes 127.0.0.1 (the pod listens on 0.0.0.0; a test must not); and the `--port` value becomes a free
+    port (the pod's 8080 may be taken here). Every other flag and value stays as rendered."""
+    adapters = adapters or {}
     out: list[str] = []
     seen = set()
     i = 0
     while i < len(rendered):
         flag = rendered[i]
-        if flag == "--hf-repo":
+        if flag in ("--hf-repo", "--model"):
             out += ["--model", str(model)]
+            seen.add("weights")
             seen.add(flag)
             i += 2
         elif flag == "--hf-file":
             seen.add(flag)
+            i += 2
+        elif flag == "--lora":
+            path = rendered[i + 1]
+            assert path in adapters, f"no local stand-in for the rendered adapter {path}: {adapters}"
+            out += [flag, str(adapters[path])]
+            i += 2
+        elif flag == "--lora-scaled":
+            path, sep, scale = rendered[i + 1].rpartition(":")
+            assert sep and path in adapters, f"no local stand-in for the rendered adapter {rendered[i + 1]}: {adapters}"
+            out += [flag, f"{adapters[path]}:{scale}"]
             i += 2
         elif flag == "--host":
             out += [flag, HOST]
@@ -70,7 +85,8 @@ def local_args(rendered: list[str], model: Path, port: int) -> list[str]:
         else:
             out.append(flag)
             i += 1
-    missing = {"--hf-repo", "--hf-file", "--host", "--port"} - seen
+    wanted = {"weights", "--host", "--port"} | ({"--hf-file"} if "--hf-repo" in seen else set())
+    missing = wanted - seen
     assert not missing, f"the rendered args lack {sorted(missing)}: {rendered}"
     return out
 

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from llama_operator import planner
 from llama_operator.api import LlamaDeploymentSpec, parse_spec
 from llama_operator.status import ChosenPlan
 from llama_operator.inventory import Inventory
 from llama_operator.render import Owner, render
+from llama_operator.render.sources import pod_sources
 
 from kit.examples import cluster_nodes
+
+from tiny_lora_gguf import tiny_lora_gguf
 
 OWNER = Owner(name="tiny", namespace="default", uid="0b7e6e2c-0000-4000-8000-000000000001")
 ALIAS = OWNER.name  # the renderer serves the model under the LlamaDeployment's name (--alias)
@@ -30,12 +34,33 @@ SPECS: dict[str, dict] = {
     },
 }
 
+#: Fine-tunes (issue 13), planned and rendered the same way: LoRA adapters as GGUF files from the Hugging Face
+#: Hub, one (applied to every request) and two (each applied only when a request asks for it by id, in
+#: spec order), and a full fine-tune as one GGUF file (spec.weights.gguf, loaded with --model). Kept apart
+#: from SPECS, whose kinds are the KV-cache settings.
+FINETUNE_SPECS: dict[str, dict] = {
+    "lora-one": {
+        **SPECS["auto"],
+        "adapters": [{"name": "support", "source": "hf://acme/tiny-lora@v1/support.gguf", "rank": 8}],
+    },
+    "lora-two": {
+        **SPECS["auto"],
+        "adapters": [{"name": "support", "source": "hf://acme/tiny-lora@v1/support.gguf", "rank": 8},
+                     {"name": "sql", "source": "hf://acme/tiny-sql-lora/adapters/sql.gguf", "rank": 8}],
+    },
+    "weights-gguf": {
+        **SPECS["auto"],
+        "weights": {"gguf": "hf://acme/tiny-ft@main/tiny-ft-F16.gguf"},
+    },
+}
+
 
 @dataclass(frozen=True)
 class Rendered:
     spec: LlamaDeploymentSpec
     plan: ChosenPlan
     container: dict
+    pod: dict
 
     @property
     def args(self) -> list[str]:
@@ -45,15 +70,38 @@ class Rendered:
         args = self.args
         return args[args.index(flag) + 1]
 
+    @property
+    def init_container(self) -> dict:
+        (init,) = self.pod["initContainers"]
+        return init
+
 
 def render_kind(kind: str) -> Rendered:
-    """Plan SPECS[kind] on the CPU-only example cluster and render it, as the operator does."""
-    spec = parse_spec(SPECS[kind])
-    nodes = cluster_nodes("cpu-only.yaml")
+    """Plan SPECS[kind] (or FINETUNE_SPECS[kind]) on the CPU-only example cluster and render it, as the
+    operator does."""
+    return render_spec(SPECS[kind] if kind in SPECS else FINETUNE_SPECS[kind])
+
+
+def render_spec(document: dict, cluster: str = "cpu-only.yaml") -> Rendered:
+    """Plan a LlamaDeployment's spec on one of the example clusters and render it, as the operator does."""
+    spec = parse_spec(document)
+    nodes = cluster_nodes(cluster)
     result = planner.plan(spec, Inventory.from_manifests(nodes, []))
     assert result.chosen is not None, result.fallback_reason
     plan = result.chosen.to_chosen_plan()
     objects = render(OWNER, spec, plan)
     deployment = next(o for o in objects if o["kind"] == "Deployment")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return Rendered(spec, plan, container)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return Rendered(spec, plan, container, pod)
+
+
+def adapter_paths(rendered: Rendered) -> list[str]:
+    """Where the pod finds each of spec.adapters, in spec order (the fetched file or the claim's)."""
+    local = pod_sources([a.source for a in rendered.spec.adapters]).local
+    return [local[a.source] for a in rendered.spec.adapters]
+
+
+def adapter_stand_ins(rendered: Rendered) -> dict[str, Path]:
+    """Each adapter's path in the pod -> the tiny adapter file named like it (tiny_lora_gguf.ADAPTERS)."""
+    return {path: tiny_lora_gguf(a.name) for a, path in zip(rendered.spec.adapters, adapter_paths(rendered))}

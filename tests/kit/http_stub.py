@@ -25,6 +25,7 @@ SILENT_FOR_S = 10
 class Request:
     path: str  # with its query string
     headers: Message
+    method: str = "GET"  # or HEAD: answered with the GET's headers and no body
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Reply:
     status: int = 200
     body: str | bytes | None = None
     content_type: str = PROMETHEUS_TEXT
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers (name, value)
 
 
 def json_reply(document: object, status: int = 200) -> Reply:
@@ -60,7 +62,13 @@ class StubServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server API)
-                reply = answer(Request(self.path, self.headers))
+                self._answer("GET")
+
+            def do_HEAD(self):  # noqa: N802
+                self._answer("HEAD")
+
+            def _answer(self, method: str) -> None:
+                reply = answer(Request(self.path, self.headers, method))
                 if reply is None:
                     stub._stopping.wait(SILENT_FOR_S)
                     return
@@ -71,8 +79,11 @@ class StubServer:
                 self.send_response(reply.status)
                 self.send_header("Content-Type", reply.content_type)
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in reply.headers:
+                    self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(body)
+                if method != "HEAD":
+                    self.wfile.write(body)
 
             def log_message(self, *args):  # keep pytest's output clean
                 pass

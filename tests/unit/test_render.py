@@ -130,6 +130,27 @@ CASES: dict[str, tuple[dict, list[dict]]] = {
                          "access": {"apiKeySecretRef": {"name": "keys", "key": "llama"},
                                     "allowedClients": [{}, {"podLabels": {"role": "scraper"}, "namespaceLabels": {}}]}},
                         [dict(name="cpu-1", cpu="32", memory="128Gi")]),
+    # Fine-tunes (issue 13): adapters from the Hub and from a claim; a full fine-tune in bf16, quantized in
+    # flight to FP8, and as one GGUF file.
+    "vllm-lora": ({"adapters": [{"name": "support", "source": "hf://acme/support-lora@v2", "rank": 16},
+                                {"name": "sql", "source": "pvc://loras/sql", "rank": 8},
+                                {"name": "legal", "source": "hf://acme/loras/legal", "rank": 32}]},
+                  [dict(name="l40s", product="NVIDIA-L40S", gpus=1)]),
+    "vllm-weights-bf16": ({"weights": {"source": "hf://acme/llama-8b-support@v3"},
+                           "fallback": {"quantizations": ["bf16"]}},
+                          [dict(name="l40s", product="NVIDIA-L40S", gpus=1)]),
+    "vllm-weights-fp8": ({"weights": {"source": "pvc://finetunes/llama-8b-support"},
+                          "adapters": [{"name": "support", "source": "hf://acme/support-lora", "rank": 16}],
+                          "fallback": {"quantizations": ["fp8"]}},
+                         [dict(name="l40s", product="NVIDIA-L40S", gpus=1)]),
+    "llamacpp-lora": ({"model": "llama-3.2-1b-instruct", "runtime": "llamacpp",
+                       "adapters": [{"name": "support", "source": "hf://acme/tiny-lora@v1/support.gguf", "rank": 8},
+                                    {"name": "sql", "source": "pvc://loras/sql/adapter.gguf", "rank": 8}]},
+                      [dict(name="cpu-1", cpu="32", memory="128Gi")]),
+    "llamacpp-weights-gguf": ({"model": "llama-3.2-1b-instruct", "runtime": "llamacpp",
+                               "weights": {"gguf": "hf://acme/llama-1b-support/llama-1b-support-Q8_0.gguf"},
+                               "adapters": [{"name": "support", "source": "hf://acme/tiny-lora/support.gguf"}]},
+                              [dict(name="cpu-1", cpu="32", memory="128Gi")]),
 }
 
 
@@ -812,3 +833,77 @@ def test_rendered_pod_fits_the_node_it_was_planned_for(name, make_spec, make_nod
     requests = Case(spec, plan, render(OWNER, spec, plan)).container["resources"]["requests"]
     assert _millis(requests["cpu"]) <= _millis(node["cpu"]), f"requests {requests['cpu']} CPU on a {node['cpu']} node"
     assert _bytes(requests["memory"]) <= _bytes(node["memory"])
+
+
+# --- fine-tunes: what the engines are given (issue 13) --------------------------------------------------
+
+@cases()
+def test_every_rendered_command_line_is_one_its_release_accepts(case: Case):
+    """The engine flag check (engines.rejected_arguments, from each release's own option list) over every
+    case, the fine-tunes' adapters, custom weights and in-flight quantization included."""
+    assert rejected_arguments(release(case.plan.engine), case.args) == []
+
+
+def registered_lora_modules(args: list[str]) -> list[str]:
+    """The adapters `vllm serve` registers from these arguments: --lora-modules takes every value up to the
+    next option (nargs "+") and its action replaces the list on every occurrence (engines.yaml
+    lora.adapters.syntax: LoRAParserAction, `setattr(namespace, self.dest, lora_list)`), so only the last
+    occurrence counts."""
+    registered: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--lora-modules":
+            values = []
+            for value in args[i + 1:]:
+                if value.startswith("-"):
+                    break
+                values.append(value)
+            registered = values  # replaced, not extended
+    return registered
+
+
+def test_a_repeated_lora_modules_would_register_only_its_last_adapters():
+    one_flag = ["m", "--enable-lora", "--lora-modules", "a=/x/a", "b=/x/b", "--max-loras", "2"]
+    repeated = ["m", "--enable-lora", "--lora-modules", "a=/x/a", "--lora-modules", "b=/x/b", "--max-loras", "2"]
+    assert registered_lora_modules(one_flag) == ["a=/x/a", "b=/x/b"]
+    assert registered_lora_modules(repeated) == ["b=/x/b"]  # adapter a is lost ...
+    # ... and the release's own option list takes both as valid: only the count of the flag tells them apart.
+    assert rejected_arguments(release("vllm-0.34.0"), repeated) == []
+    assert repeated.count("--lora-modules") == 2
+
+
+@cases("vllm-lora", "vllm-weights-fp8")
+def test_vllm_gets_every_adapter_after_one_lora_modules(case: Case):
+    assert case.args.count("--lora-modules") == 1
+    registered = registered_lora_modules(case.args)
+    assert [m.split("=", 1)[0] for m in registered] == [a.name for a in case.spec.adapters]
+    assert case.arg("--max-loras") and case.args.count("--enable-lora") == 1
+
+
+@pytest.mark.parametrize(("case", "quant"), [("vllm-lora", None), ("vllm-weights-bf16", "bf16"),
+                                              ("vllm-weights-fp8", "fp8"), ("llamacpp-lora", None),
+                                              ("llamacpp-weights-gguf", "q8_0")], indirect=["case"])
+def test_fine_tunes_render_their_weights_and_adapters_as_local_paths(case: Case, quant: str | None):
+    """Every fine-tune file is read from the model cache (fetched) or a claim (mounted), never downloaded by
+    the engine; the variant is the one the case names."""
+    args = case.args
+    if quant is not None:
+        assert case.plan.quantization == quant
+    if case.plan.runtime == "vllm":
+        weights = args[0]
+        for module in registered_lora_modules(args):
+            assert module.split("=", 1)[1].startswith(("/models/llama-operator/sources/", "/sources/")), module
+        if case.spec.weights is not None:
+            assert weights.startswith(("/models/llama-operator/sources/", "/sources/")), weights
+        if quant == "fp8":  # in flight, on a 16-bit fine-tune (engines.yaml inFlightQuantization)
+            assert case.arg("--quantization") == "fp8_per_tensor"
+        else:
+            assert "--quantization" not in args
+    else:
+        assert "--hf-repo" not in args if case.spec.weights is not None else "--model" not in args
+        if case.spec.weights is not None:
+            assert case.arg("--model").endswith("/llama-1b-support-Q8_0.gguf")
+        lora = [args[i + 1] for i, a in enumerate(args) if a in ("--lora", "--lora-scaled")]
+        assert len(lora) == len(case.spec.adapters)
+        if len(lora) > 1:  # loaded at scale 0: applied only when a request names the adapter by id
+            assert all(v.endswith(":0") for v in lora) and "--lora" not in args
+        assert "--lora-init-without-apply" not in args  # no effect on requests (tests/engines)

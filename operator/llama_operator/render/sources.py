@@ -136,11 +136,15 @@ def finetune_context(spec, plan, rel: EngineRelease, quant) -> dict:
                      *[f"{a.name}={p}" for a, p in zip(spec.adapters, paths)],
                      lora.flags["maxLoras"], str(s.max_loras), lora.flags["maxRank"], str(s.max_lora_rank),
                      lora.flags["maxCpuLoras"], str(s.max_cpu_loras)]
+        elif len(paths) == 1:  # one: applied to every request (scale 1)
+            args += [lora.flags["adapters"], paths[0]]
         else:
+            # Several: each loaded at scale 0, so none applies unless a request asks for it by id. Not
+            # --lora-init-without-apply: llama-server runs every request without `lora` at the default scales,
+            # 1 for --lora, so that flag changes nothing a request sees (engines.yaml lora.adapters.syntax).
+            # A path holds no ':' or ',' (finetune.SOURCE_PATTERN), which --lora-scaled splits on.
             for p in paths:
-                args += [lora.flags["adapters"], p]
-            if len(paths) > 1:  # several: none applies unless a request asks for it by id
-                args.append(lora.flags["initWithoutApply"])
+                args += [lora.flags["scaled"], f"{p}:0"]
     return {
         "fetch_command": sources.fetch_command(rel) if sources.fetches else None,
         "source_claims": [{"volume": v, "claim": c, "mount": f"{CLAIMS_ROOT}/{c}"} for v, c in sources.claims],
