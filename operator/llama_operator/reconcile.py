@@ -341,7 +341,7 @@ def _adapter_statuses(name: str, spec: LlamaDeploymentSpec, serving: ChosenPlan 
 def _adapter_call(runtime: str, deployment: str, adapter: str, index: int, count: int) -> str:
     """How a request uses the adapter at `index` of spec.adapters (engines.yaml lora.adapters.syntax). vLLM
     serves each adapter under its name. llama.cpp routes no model names: the render applies a lone adapter to
-    every request, and loads several with --lora-init-without-apply, for a request to pick one by id (its
+    every request, and loads several at scale 0 (--lora-scaled FILE:0), for a request to pick one by id (its
     index among the adapters loaded)."""
     if runtime == "vllm":
         return f'"model": "{adapter}"'

@@ -121,25 +121,37 @@ def test_with_several_adapters_a_request_gets_the_one_it_asks_for_by_id(servers)
     assert completion(server) == base
 
 
-def test_b11434_a_request_without_lora_reuses_the_prompt_cache_an_adapter_request_left(servers):
-    """An engine defect, recorded: a slot clears its cached prompt when the adapters change only if the
-    request carries `lora` (tools/server/server-context.cpp:1841-1856). One without it takes the default
-    scales (all 0 here) and reuses the KV cache an adapter computed for the same prompt, and since the slot
-    now says "all 0", a later request that asks for the base model explicitly reuses it too. So one client
-    that omits `lora` after an adapter request skews the base model's answers for everyone on that slot,
-    until the prompt changes. Avoided only with --no-cache-prompt (common/arg.cpp:3584-3590; prompt caching
-    off for every request) or by every client always sending `lora`. If this starts failing, the release
-    has fixed it."""
+@pytest.mark.parametrize("kind", LORA_KINDS)
+def test_prompt_caching_is_off_so_no_request_reuses_a_cache_another_adapter_computed(servers, kind):
+    """The rendered --no-cache-prompt at work (the defect it avoids is the next test's): after an adapter
+    request, the same prompt without `lora` gets the default's answer, not the adapter's."""
+    r = render_kind(kind)
+    assert "--no-cache-prompt" in r.args
+    server = servers.get(kind)
+    default = completion(server)
+    other = [{"id": 0, "scale": 0.0 if kind == "lora-one" else 1.0}]  # not what the default applies
+    assert completion(server, other) != default
+    assert completion(server) == default
+
+
+def test_b11434_without_no_cache_prompt_a_request_without_lora_reuses_another_adapters_cache(
+        start_server, tiny_gguf, servers):
+    """The engine defect --no-cache-prompt avoids, recorded on the rendered command line without that flag: a
+    slot clears its cached prompt when the adapters change only if the request carries `lora`
+    (tools/server/server-context.cpp:1841-1856). One without it takes the default scales (all 0 here) and
+    reuses the KV cache an adapter computed for the same prompt (:3442-3444), and since the slot now says
+    "all 0", a later request that asks for the base model explicitly reuses it too. If this starts failing,
+    the release has fixed it, and the flag may go."""
     base = completion(servers.get("auto"))
-    server = servers.get("lora-two")
+    r = render_kind("lora-two")
+    port = free_port()
+    args = [a for a in local_args(r.args, tiny_gguf, port, adapter_stand_ins(r)) if a != "--no-cache-prompt"]
+    server = start_server(args, port)
     assert completion(server, [{"id": 0, "scale": 0.0}]) == base
     adapted = completion(server, [{"id": 1, "scale": 1.0}])
     leaked = completion(server)  # the same prompt, no `lora`: the cached prompt carries adapter 1
     assert leaked != base, (base, adapted, leaked)
     assert completion(server, [{"id": 0, "scale": 0.0}]) == leaked  # and now so does an explicit base request
-    # Asking for an adapter again, then for the base model, clears it (the adapters differ from the slot's).
-    assert completion(server, [{"id": 1, "scale": 1.0}]) == adapted
-    assert completion(server, [{"id": 0, "scale": 0.0}]) == base
 
 
 # --- the harness can fail --------------------------------------------------------------------------------

@@ -145,6 +145,10 @@ def finetune_context(spec, plan, rel: EngineRelease, quant) -> dict:
             # A path holds no ':' or ',' (finetune.SOURCE_PATTERN), which --lora-scaled splits on.
             for p in paths:
                 args += [lora.flags["scaled"], f"{p}:0"]
+        if plan.runtime == "llamacpp":
+            # A request without `lora` would reuse a prompt cache another adapter computed (engines.yaml
+            # lora.adapters.syntax): caching off by default. TTFT is predicted without a cached prefix anyway.
+            args.append(lora.flags["noPromptCache"])
     return {
         "fetch_command": sources.fetch_command(rel) if sources.fetches else None,
         "source_claims": [{"volume": v, "claim": c, "mount": f"{CLAIMS_ROOT}/{c}"} for v, c in sources.claims],
