@@ -175,7 +175,7 @@ def test_every_lora_flag_is_one_its_release_accepts():
             spec = rel.options.get(flag)
             assert spec is not None, (rel.id, role, flag)
             assert spec.get("server", True), (rel.id, flag)
-            assert spec["takesValue"] is (role not in {"enable", "initWithoutApply"}), (rel.id, flag)
+            assert spec["takesValue"] is (role not in {"enable", "initWithoutApply", "noPromptCache"}), (rel.id, flag)
     vllm = release("vllm-0.34.0")
     assert rejected_arguments(vllm, ["m", "--enable-lora", "--max-loras", "4", "--max-lora-rank", "64",
                                      "--max-cpu-loras", "8", "--lora-dtype", "bfloat16",
