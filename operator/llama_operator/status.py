@@ -54,7 +54,12 @@ class ChosenPlan(ApiModel):
         "vLLM: how the release runs the checkpoint on this GPU (e.g. awq_marlin, fp8-marlin-w8a16, fp16-cast); "
         "docs/engines.md lists them."))
     gpuProduct: str | None = Field(default=None, description="GPU product; null on CPU.")
-    gpusPerReplica: int
+    gpusPerReplica: int = Field(description=(
+        "GPUs of one replica on each of its nodes (vLLM's tensor-parallel size); a replica spanning "
+        "nodesPerReplica nodes holds gpusPerReplica x nodesPerReplica GPUs."))
+    nodesPerReplica: int = Field(default=1, ge=1, description=(
+        "Nodes one replica spans: 1 (a Deployment), or more (a LeaderWorkerSet group, pipeline parallel across "
+        "the nodes, tensor parallel within each). docs/multinode.md."))
     kvCacheDtype: str = Field(default="auto", description="auto (the model's dtype), fp8 or q8_0.")
     weightsSource: str = Field(default="", description=(
         "Where the weights come from: a Hugging Face repo[/file] of the catalog, or the fine-tune's hf:// or pvc:// "
@@ -73,8 +78,8 @@ class ChosenPlan(ApiModel):
         """Whether two plans run the same thing (predictions aside)."""
         if other is None:
             return False
-        keys = ("model", "quantization", "runtime", "gpuProduct", "gpusPerReplica", "kvCacheDtype", "cpuThreads",
-                "cpuMemoryBandwidthGbps")
+        keys = ("model", "quantization", "runtime", "gpuProduct", "gpusPerReplica", "nodesPerReplica", "kvCacheDtype",
+                "cpuThreads", "cpuMemoryBandwidthGbps")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
