@@ -21,10 +21,11 @@ from .live import Live
 from .ownership import FINALIZER, LABEL_DEPLOYMENT, MANAGED_BY
 from .passes import run_pass
 from .slo_watch import model_pod, observe_forever
-from .state import Indexes, OperatorState, pod_use
+from .state import LWS_CRD, Indexes, OperatorState, pod_use
 from .workqueue import Workers
 
 LD = (GROUP, VERSION, PLURAL)
+LWS = ("leaderworkerset.x-k8s.io", "v1", "leaderworkersets")
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
@@ -41,7 +42,7 @@ def _register_lifecycle(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.startup(id="configure", registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, node_index: kopf.Index,
                         pod_index: kopf.Index, deployment_index: kopf.Index, service_index: kopf.Index,
-                        model_pod_index: kopf.Index, **_):
+                        model_pod_index: kopf.Index, leaderworkerset_index: kopf.Index, **_):
         _configure_kopf(settings, memo.get("watch_timeout", 300))
         if "state" not in memo or _state(memo).workers is not None:  # kopf retries a startup handler that failed
             return
@@ -51,7 +52,8 @@ def _register_lifecycle(registry: kopf.OperatorRegistry) -> None:
         settings.peering.priority = state.peering_priority
         # kopf's index objects stay the same objects as they fill; kopf runs no handler before they are full.
         state.indexes = Indexes(nodes=node_index, pods=pod_index, deployments=deployment_index,
-                                services=service_index, model_pods=model_pod_index)
+                                services=service_index, model_pods=model_pod_index,
+                                leaderworkersets=leaderworkerset_index)
         _start_workers(state)
         if state.observer is not None:
             state.slo_task = asyncio.get_running_loop().create_task(observe_forever(state), name="slo-loop")
@@ -123,6 +125,12 @@ def _register_indexes(registry: kopf.OperatorRegistry) -> None:
         owner = labels.get(LABEL_DEPLOYMENT)
         return {(namespace, owner): Live.from_body("Service", body)} if owner else None
 
+    # Served only where LeaderWorkerSet is installed; kopf watches it once its CRD appears.
+    @kopf.index(*LWS, labels=MANAGED_BY, id="leaderworkerset_index", registry=registry)
+    async def leaderworkerset_index(namespace: str, body: kopf.Body, labels: kopf.Labels, **_):
+        owner = labels.get(LABEL_DEPLOYMENT)
+        return {(namespace, owner): Live.from_body("LeaderWorkerSet", body)} if owner else None
+
 
 def _register_watches(registry: kopf.OperatorRegistry) -> None:
     """What wakes a pass. kopf updates the indexes before it calls these, so a pass they wake reads the new
@@ -148,6 +156,18 @@ def _register_watches(registry: kopf.OperatorRegistry) -> None:
             _state(memo).owned_seen(namespace, labels[LABEL_DEPLOYMENT], Live.from_body("Service", body),
                                     deleted=type == "DELETED")
 
+    @kopf.on.event(*LWS, labels=MANAGED_BY, id="leaderworkerset_event", registry=registry)
+    async def leaderworkerset_event(type: str, namespace: str, body: kopf.Body, labels: kopf.Labels,
+                                    memo: kopf.Memo, **_):
+        if labels.get(LABEL_DEPLOYMENT):
+            _state(memo).owned_seen(namespace, labels[LABEL_DEPLOYMENT], Live.from_body("LeaderWorkerSet", body),
+                                    deleted=type == "DELETED")
+
+    @kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions", id="leaderworkerset_crd_event",
+                   when=lambda name, **_: name == LWS_CRD, registry=registry)
+    async def leaderworkerset_crd_event(type: str, body: kopf.Body, memo: kopf.Memo, **_):
+        _state(memo).leaderworkerset_seen(type != "DELETED" and _established(body))
+
     @kopf.on.event(*LD, id="llamadeployment_event", registry=registry)
     async def llamadeployment_event(type: str, body: kopf.Body, memo: kopf.Memo, **_):
         state = _state(memo)
@@ -169,6 +189,15 @@ def _needs_pass(before: dict | None, body: dict) -> bool:
     old, new = before["metadata"], body["metadata"]
     return before.get("spec") != body.get("spec") or any(
         old.get(k) != new.get(k) for k in ("uid", "generation", "deletionTimestamp"))
+
+
+def _established(crd: kopf.Body) -> bool:
+    """Whether the API server serves a CustomResourceDefinition's kind (its Established condition); an
+    emulator that reports no conditions is taken at its word."""
+    conditions = (crd.get("status") or {}).get("conditions")
+    if not conditions:
+        return True
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
 
 def _state(memo: kopf.Memo) -> OperatorState:

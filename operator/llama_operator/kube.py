@@ -70,7 +70,9 @@ CREATED, PATCHED, RESTORED, UNCHANGED = "created", "patched", "restored", "uncha
 CONFLICT, SUPERSEDED, REFUSED, BLOCKED = "conflict", "superseded", "refused", "blocked"
 PROBLEMS = (CONFLICT, SUPERSEDED, REFUSED, BLOCKED)
 #: Order of writes: the claim a Deployment mounts first, so a Deployment never mounts a claim that is not its own.
-_APPLY_ORDER = {"PersistentVolumeClaim": 0, "Deployment": 1, "Service": 2}
+_APPLY_ORDER = {"PersistentVolumeClaim": 0, "Deployment": 1, "LeaderWorkerSet": 1, "Service": 2}
+#: The API versions of the workloads a new plan may replace (Writer.delete).
+WORKLOAD_API_VERSIONS = {"Deployment": "apps/v1", "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1"}
 
 
 class Applied(NamedTuple):
@@ -302,7 +304,7 @@ class Writer:
             obj = objects[i]
             kind, name = obj["kind"], obj["metadata"]["name"]
             if results[i] is None:
-                if kind == "Deployment" and claim_problem is not None:
+                if kind in WORKLOAD_API_VERSIONS and claim_problem is not None:
                     results[i] = Applied(BLOCKED, f"Deployment {obj['metadata']['namespace']}/{name} is not written "
                                                   f"while the claim it mounts is not its own")
                     continue
@@ -336,6 +338,27 @@ class Writer:
     async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
         """The object as the server has it now; None when it does not exist."""
         return await self._in_thread(self._get, api_version, kind, namespace, name)
+
+    async def delete(self, kind: str, namespace: str, name: str, owner_uid: str | None) -> bool:
+        """Delete a workload this LlamaDeployment controls (a Deployment or LeaderWorkerSet a new plan replaced);
+        read again first, so an object someone else now holds is left alone. Whether it was deleted."""
+        return await self._in_thread(self._delete, kind, namespace, name, owner_uid)
+
+    def _delete(self, kind: str, namespace: str, name: str, owner_uid: str | None) -> bool:
+        api_version = WORKLOAD_API_VERSIONS[kind]
+        body = self._get(api_version, kind, namespace, name)
+        if body is None or not Live.from_body(kind, body).owned_by(owner_uid):
+            return False
+        res = self._call(f"discovery of {kind}", lambda: self._resource(api_version, kind))
+        uid = (body.get("metadata") or {}).get("uid")
+        try:
+            # The uid precondition: the object read above, not one created under its name since.
+            self._call(f"delete {kind} {namespace}/{name}", lambda: res.delete(
+                name=name, namespace=namespace, _request_timeout=REQUEST_TIMEOUT,
+                body={"propagationPolicy": "Background", "preconditions": {"uid": uid}}))
+        except NotFoundError:
+            return False
+        return True
 
 
 class Written(NamedTuple):

@@ -22,6 +22,11 @@ from .ownership import HASH_ANNOTATION, OUR_ANNOTATION_PREFIXES, OUR_LABEL_PREFI
 from .units import quantity_exact
 
 
+#: The kinds that run the model servers and report their rollout in their status: a Deployment for a replica
+#: on one node, a LeaderWorkerSet for replicas that span nodes (docs/multinode.md).
+WORKLOAD_KINDS = ("Deployment", "LeaderWorkerSet")
+
+
 @dataclass(frozen=True)
 class Live:
     """What the operator keeps of an object, as its watch last showed it (or a GET read it): enough to
@@ -67,8 +72,8 @@ class Live:
         spec = body.get("spec") or {}
         live = cls(kind=kind, name=meta.get("name") or "", spec_hash=annotations.get(HASH_ANNOTATION),
                    sections=frozenset(s for s in ("labels", "annotations") if meta.get(s)),
-                   generation=int(meta.get("generation") or 0) if kind == "Deployment" else 0,
-                   status=dict(body.get("status") or {}) if kind == "Deployment" else {},
+                   generation=int(meta.get("generation") or 0) if kind in WORKLOAD_KINDS else 0,
+                   status=dict(body.get("status") or {}) if kind in WORKLOAD_KINDS else {},
                    controller=controller, fingerprint=content_fingerprint(kind, body),
                    resource_version=str(meta.get("resourceVersion") or ""),
                    assigned={k: spec[k] for k in SERVICE_ASSIGNED if k in spec} if kind == "Service" else {})

@@ -30,6 +30,31 @@ def selector_labels(name: str) -> dict[str, str]:
     return {LABEL_DEPLOYMENT: name, **MANAGED_BY}
 
 
+#: A LeaderWorkerSet's name names the StatefulSets LWS makes of it (`<lws>` for the leaders, `<lws>-<group>`
+#: for each group's workers), and a StatefulSet's pods carry the label controller-revision-hash =
+#: `<statefulset>-<10 characters>`, a label value of at most 63: so at most 48, which leaves a group index of
+#: up to four digits. Its pods' hostnames (`<lws>-<group>`, `<lws>-<group>-<worker>`) stay DNS labels too.
+MAX_GROUP_NAME = 48
+GROUP_SUFFIX = "-lws"
+
+
+def group_name(deployment: str) -> str:
+    """The LeaderWorkerSet of a LlamaDeployment whose replicas span nodes: not the LlamaDeployment's own name,
+    which the client Service has (LWS makes a headless Service named like the LeaderWorkerSet); a long name
+    is cut and told apart by a hash of the whole."""
+    name = deployment + GROUP_SUFFIX
+    if len(name) <= MAX_GROUP_NAME:
+        return name
+    keep = MAX_GROUP_NAME - len(GROUP_SUFFIX) - 9
+    return f"{deployment[:keep].rstrip('-')}-{sha256_hex(deployment)[:8]}{GROUP_SUFFIX}"
+
+
+def workload_names(deployment: str) -> tuple[str, str]:
+    """The names of a LlamaDeployment's workloads: its Deployment (and Service, claim...) and its
+    LeaderWorkerSet."""
+    return deployment, group_name(deployment)
+
+
 def endpoint(name: str, namespace: str, runtime: str) -> str:
     """The OpenAI-compatible base URL of a deployment's Service, inside the cluster."""
     return f"http://{name}.{namespace}.svc:{PORTS[runtime]}/v1"

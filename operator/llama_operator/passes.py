@@ -35,13 +35,13 @@ from .finetune import name_clash_problems
 from .kube import RESTORED, Applied, event_body
 from .kubeclient import api_message
 from .live import Live, is_current, rendered_fingerprint
-from .ownership import canonical
+from .ownership import canonical, group_name
 from .reconcile import (OWNERSHIP_CONFLICT, WAITING_FOR_GC, WARNING, Decision, ObjectIssue, Observed, decide,
                         decide_invalid, decide_objects, decide_slo)
 from .slo import SLO_MET, Judgement, judge, planner_corrections
 from .render import Owner, render
 from .state import WATCHED_KINDS, Key, OperatorState, Promise, Settings
-from .status import LlamaDeploymentStatus
+from .status import ChosenPlan, LlamaDeploymentStatus
 from .units import parse_time
 
 log = logging.getLogger("llama_operator")
@@ -132,6 +132,7 @@ async def _decide_and_write(state: OperatorState, key: Key, body: dict, obs: Obs
         if written is None:
             return None  # deleted during the pass
         decision, restored = written
+        await _retire_replaced_workload(state, key, body["metadata"].get("uid"), decision, owned)
     events = _event_bodies(body, key, obs.status, decision, restored)
     if not await _record(state, key, events, decision, raw_status):
         return None  # deleted during the pass
@@ -188,14 +189,12 @@ def _plan_and_render(state: OperatorState, key: Key, meta: Mapping[str, Any], ob
     plan in between, so two never take the same free GPUs (nor flip between them)."""
     namespace, name = key
     owned = state.indexes.owned(key)
-    deployment = owned["Deployment"].get(name)
-    if deployment is not None and not deployment.owned_by(meta.get("uid")):
-        deployment = None  # someone else's Deployment of that name: its status is not ours
+    current = obs.status.plan
+    deployment = _owned_workload(owned, name, _workload_kind(current), meta.get("uid"))
     if deployment is not None:
         obs = replace(obs, deployment_status=deployment.status)
     inventory = state.inventory_for(key)
     forbidden = state.settings.forbidden_tolerations
-    current = obs.status.plan
     judgement = _judge_slo(state, key, obs, spec, inventory)
     corrections = judgement.planner_corrections() if judgement is not None else None
     if judgement is not None and judgement.replicas != spec.replicas:
@@ -215,6 +214,11 @@ def _plan_and_render(state: OperatorState, key: Key, meta: Mapping[str, Any], ob
     owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
     pod_spec = placement.with_pod_tolerations(spec, inventory, decision.apply, forbidden)
     objects = render(owner, pod_spec, decision.apply, state.settings.images)
+    kind = _workload_kind(decision.apply)
+    if kind != _workload_kind(current):  # one node to several or back: the status is the new workload's
+        deployment = _owned_workload(owned, name, kind, meta.get("uid"))
+        obs = replace(obs, deployment_status=deployment.status if deployment is not None else None)
+        decision = decide_all(obs)
     runs = deployment is not None and _runs(deployment, objects, state.accepted.get(key, {}))
     if deployment is not None and runs != decision.apply.same_choice(current):
         # decide assumed the Deployment runs the plan in force; it knows better now.
@@ -262,14 +266,42 @@ def _promise(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec, deci
         state.wake_all()
 
 
+def _workload_kind(plan: ChosenPlan | None) -> str:
+    """The kind that runs a plan's model servers: a LeaderWorkerSet when a replica spans nodes."""
+    return "LeaderWorkerSet" if plan is not None and plan.nodesPerReplica > 1 else "Deployment"
+
+
+def _owned_workload(owned: Mapping[str, Mapping[str, Live]], name: str, kind: str, uid: str | None) -> Live | None:
+    """This LlamaDeployment's workload of `kind` as its watch shows it; None when there is none, or when the
+    object of that name is someone else's (its status is not ours)."""
+    live = owned.get(kind, {}).get(group_name(name) if kind == "LeaderWorkerSet" else name)
+    return live if live is not None and live.owned_by(uid) else None
+
+
 def _runs(deployment: Live, objects: list[dict], accepted: Mapping[tuple[str, str], tuple[str, str]]) -> bool:
-    """Whether the Deployment's status is about the rendered spec: it holds the render (live.is_current:
+    """Whether the workload's status is about the rendered spec: it holds the render (live.is_current:
     the content, not only the hash annotation), and its controller has observed that generation.
     Otherwise a rollout is starting (or the watch has not shown this operator's patch yet, or someone
     changed it by hand), and the replicas it counts are not the rendered ones."""
-    rendered = next(o for o in objects if o["kind"] == "Deployment")
-    return is_current(rendered, deployment, accepted.get(("Deployment", rendered["metadata"]["name"]))) \
+    rendered = next(o for o in objects if o["kind"] == deployment.kind)
+    return is_current(rendered, deployment, accepted.get((deployment.kind, rendered["metadata"]["name"]))) \
         and deployment.observed
+
+
+async def _retire_replaced_workload(state: OperatorState, key: Key, uid: str | None, decision: Decision,
+                                    owned: Mapping[str, Mapping[str, Live]]) -> None:
+    """Once the plan's workload serves (phase Ready), delete this LlamaDeployment's workload of the other kind:
+    the Deployment a plan spanning nodes replaced, or the LeaderWorkerSet a plan on one node replaced. Until
+    then both run, so a model is never torn down before its replacement is ready; only an object this
+    LlamaDeployment controls is ever deleted."""
+    if decision.apply is None or decision.status.phase != "Ready":
+        return
+    keep = _workload_kind(decision.apply)
+    for kind in ("Deployment", "LeaderWorkerSet"):
+        stale = _owned_workload(owned, key[1], kind, uid) if kind != keep else None
+        if stale is not None:
+            log.info("%s/%s: deleting %s %s, replaced by the %s of the plan in force", *key, kind, stale.name, keep)
+            await state.writer.delete(kind, key[0], stale.name, uid)
 
 
 async def _write_objects(state: OperatorState, key: Key, objects: list[dict], owned: dict[str, dict[str, Live]],

@@ -19,7 +19,7 @@ from .inventory import Inventory, Node, PodUsage, pod_usage
 from .kube import BLOCKED, REFUSED, Applied, Writer
 from .live import Live
 from .metrics import OperatorMetrics
-from .ownership import HASH_ANNOTATION, LABEL_DEPLOYMENT
+from .ownership import HASH_ANNOTATION, LABEL_DEPLOYMENT, workload_names
 from .peering import PeeringGate
 from .observe import Observation
 from .render import Images
@@ -31,7 +31,10 @@ Key = tuple[str, str]  # (namespace, name)
 #: What a Pod takes from its node, and the LlamaDeployment owning it (None: not one of the operator's).
 PodUse = tuple[PodUsage, str | None]
 #: The kinds of owned objects the operator watches (and so never reads before writing).
-WATCHED_KINDS = ("Deployment", "Service")
+WATCHED_KINDS = ("Deployment", "Service", "LeaderWorkerSet")
+#: The CustomResourceDefinition whose presence (Established) says LeaderWorkerSet is installed: replicas may
+#: span nodes (docs/multinode.md).
+LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 
 
 @dataclass
@@ -84,11 +87,14 @@ class Indexes:
     services: Any
     #: The operator's model server pods ({(namespace, pod): store of observer.PodEndpoint}), for the SLO loop.
     model_pods: Any = None
+    #: LeaderWorkerSets the operator owns, like deployments (empty while LeaderWorkerSet is not installed).
+    leaderworkersets: Any = None
 
     def owned(self, key: Key) -> dict[str, dict[str, Live]]:
         """The watched objects `key` owns, per kind and name, as `Writer.apply` takes them (`known`)."""
-        return {kind: {live.name: live for live in index.get(key, ())}
-                for kind, index in (("Deployment", self.deployments), ("Service", self.services))}
+        indexes = (("Deployment", self.deployments), ("Service", self.services),
+                   ("LeaderWorkerSet", self.leaderworkersets or {}))
+        return {kind: {live.name: live for live in index.get(key, ())} for kind, index in indexes}
 
 
 class OperatorState:
@@ -143,6 +149,8 @@ class OperatorState:
         self.observer: Any = None
         self.observations: dict[Key, Observation] = {}
         self.slo_task: Any = None
+        #: Whether LeaderWorkerSet is installed (its CRD Established), as the CRD's watch last showed it.
+        self.leaderworkerset = False
 
     # --- cluster view ---
 
@@ -164,6 +172,12 @@ class OperatorState:
     def node_seen(self, name: str, node: Node | None) -> None:
         """A Node as its watch shows it now (None: deleted); the cluster changed when it differs."""
         if _replace_seen(self.seen_nodes, name, node):
+            self.invalidate()
+
+    def leaderworkerset_seen(self, installed: bool) -> None:
+        """LeaderWorkerSet's CRD came, went or became Established: multi-node plans became possible or not."""
+        if installed != self.leaderworkerset:
+            self.leaderworkerset = installed
             self.invalidate()
 
     def pod_seen(self, key: Key, use: PodUse | None) -> None:
@@ -279,8 +293,8 @@ class OperatorState:
         self.written_status.pop(key, None)
         self.failures.pop(key, None)
         self.queue.forget(key)
-        for kind in WATCHED_KINDS:  # named like their owner
-            self.rendered.pop((kind, *key), None)
+        for ident in [i for i in self.rendered if i[1] == key[0] and i[2] in workload_names(key[1])]:
+            self.rendered.pop(ident, None)
         for kept in (self.accepted, self.refused, self.unowned, self.observations):
             kept.pop(key, None)
         if self.drop_promise(key):

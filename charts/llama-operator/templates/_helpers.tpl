@@ -98,9 +98,14 @@ Cluster-wide install: a ClusterRole. Namespaced install: a Role in each watched 
 - apiGroups: ["llama-operator.dev"]
   resources: ["llamadeployments/status"]
   verbs: ["patch"]
+# delete: the workload of the other kind once a plan moves between one node (a Deployment) and several.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Replicas that span nodes (docs/multinode.md), where LeaderWorkerSet is installed.
+- apiGroups: ["leaderworkerset.x-k8s.io"]
+  resources: ["leaderworkersets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "patch"]

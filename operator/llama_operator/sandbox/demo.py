@@ -22,11 +22,13 @@ import yaml
 
 from ..api import API_VERSION, KIND
 from ..catalog import GPU_RESOURCES
+from ..ownership import LABEL_DEPLOYMENT
 from ..crd import crd_manifest
 from ..runner import RunOptions, run_async
 from ..slo import SloSettings
 from ..state import Settings
 from .emulator import declare_crd
+from . import lws
 from .kubelet import SimulatedKubelet, dynamic_client
 from .server import EmulatorThread
 
@@ -183,7 +185,7 @@ LOAD_FACTOR = "sandbox.llama-operator.dev/load-factor"
 
 
 def _create_nodes(node_res, path: Path) -> list[dict]:
-    nodes = load_docs(path)
+    nodes = [d for d in load_docs(path) if d.get("kind") == "Node"]
     for n in nodes:
         node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
             "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
@@ -293,16 +295,87 @@ def _finetune_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: flo
     return settled
 
 
+def _install_leaderworkerset(emulator, api) -> None:
+    """LeaderWorkerSet, as `kubectl apply` of its release makes it: the kind served, its CRD listed (which the
+    operator watches to know it may plan replicas across nodes); sandbox/lws.py plays its controller."""
+    declare_crd(emulator, lws.minimal_crd())
+    api.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition").create(
+        body=lws.minimal_crd())
+
+
+def _group_summary(api, names: set[str]) -> str:
+    """What `kubectl get leaderworkersets` and the leader's and a worker's arguments would show."""
+    lines = []
+    for s in api.resources.get(api_version=lws.API_VERSION, kind=lws.KIND).get().to_dict()["items"]:
+        if (s["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT) not in names:
+            continue
+        t = s["spec"]["leaderWorkerTemplate"]
+        st = s.get("status") or {}
+        lines.append(f"LeaderWorkerSet {s['metadata']['name']}: {s['spec'].get('replicas', 1)} group(s) of "
+                     f"{t.get('size')} pods, {st.get('readyReplicas', 0)} ready")
+        for role, template in (("leader", t.get("leaderTemplate") or t["workerTemplate"]),
+                               ("worker", t["workerTemplate"])):
+            c = template["spec"]["containers"][0]
+            gpus = next((f"{v} {k}" for k, v in ((c.get("resources") or {}).get("limits") or {}).items()
+                         if k in GPU_RESOURCES), "no GPU")
+            lines.append(f"    {role} ({gpus}): " + " ".join(str(a) for a in [*(c.get("command") or []),
+                                                                               *(c.get("args") or [])]))
+    return "\n".join(lines) or "  (no LeaderWorkerSet)"
+
+
+def _multinode_scenario(api, ld_res, deployments: Path, pair: Path, timeout: float) -> bool:
+    """Replicas that span nodes (docs/multinode.md): 405B in bf16 needs two 8x H100 nodes; they join, the
+    operator runs it as one LeaderWorkerSet group; one leaves, it falls back at once to FP8 on the node left,
+    a Deployment, and removes the group once that serves. Whether each step happened in time."""
+    node_res = api.resources.get(api_version="v1", kind="Node")
+    names = set()
+    for doc in load_docs(deployments):
+        if doc.get("kind") == KIND:
+            ld_res.create(body=doc, namespace=doc["metadata"].get("namespace", "default"))
+            names.add(doc["metadata"]["name"])
+
+    def ours() -> list[dict]:
+        return [i for i in ld_res.get().to_dict()["items"] if i["metadata"]["name"] in names]
+
+    def phase(want: str, nodes: int | None) -> bool:
+        return all((i.get("status") or {}).get("phase") == want and (
+            nodes is None or ((i.get("status") or {}).get("plan") or {}).get("nodesPerReplica") == nodes)
+            for i in ours())
+
+    print()
+    print(f"--- replicas across nodes: {', '.join(sorted(names))} from {display_path(deployments)}; "
+          "LeaderWorkerSet is installed (sandbox/lws.py plays its controller) ---")
+    wait_for(lambda: phase("Unschedulable", None), timeout)
+    print(printer_table(ours()))
+    joined = _create_nodes(node_res, pair)
+    print(f"--- {len(joined)} 8x H100 nodes join from {display_path(pair)} ---")
+    spanned = wait_for(lambda: phase("Ready", 2), timeout)
+    print(printer_table(ours()))
+    print(_group_summary(api, names))
+    leaving = joined[-1]["metadata"]["name"]
+    node_res.delete(name=leaving)
+    print(f"--- node {leaving} leaves: the group has lost a node ---")
+    fell_back = wait_for(lambda: phase("Ready", 1) and _group_summary(api, names) == "  (no LeaderWorkerSet)",
+                         timeout)
+    print(printer_table(ours()))
+    print("Events:")
+    print("\n".join(line for line in _events(api, MOVE_REASONS + ("Planned", "Unschedulable"))
+                    if line.split(":")[0].strip() in names) or "  (none)")
+    return spanned and fell_back
+
+
 def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconfig_path: Path | None,
                 upgrade_delay: float, timeout: float, join: Path | None = None,
-                slo: tuple[Path, Path] | None = None, finetunes: tuple[Path, Path] | None = None) -> int:
+                slo: tuple[Path, Path] | None = None, finetunes: tuple[Path, Path] | None = None,
+                multinode: tuple[Path, Path] | None = None) -> int:
     logging.getLogger("kopf").setLevel(logging.ERROR)  # the sandbox prints its own story
     with EmulatorThread() as emu:
         declare_crd(emu.emulator, crd_manifest())
         kubeconfig = str(emu.write_kubeconfig(kubeconfig_path or Path(tempfile.mkdtemp()) / "kubeconfig"))
         api = dynamic_client(kubeconfig)
+        _install_leaderworkerset(emu.emulator, api)
         node_res = api.resources.get(api_version="v1", kind="Node")
-        nodes = load_docs(cluster)
+        nodes = [d for d in load_docs(cluster) if d.get("kind") == "Node"]
         for n in nodes:
             node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
                 "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
@@ -353,6 +426,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
             # Two rounds of waiting: the first plans, then the loop's window of breach and its reaction.
             slo_done = _slo_scenario(api, ld_res, *slo, 2 * timeout) if slo is not None else True
             finetunes_done = _finetune_scenario(api, ld_res, *finetunes, timeout) if finetunes is not None else True
+            multinode_done = _multinode_scenario(api, ld_res, *multinode, timeout) if multinode is not None else True
             if serve:
                 print()
                 print(f"Serving until Ctrl-C. Try: kubectl --kubeconfig {kubeconfig} get llamadeployments")
@@ -361,7 +435,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                         time.sleep(3600)
                 except KeyboardInterrupt:
                     pass
-            return 0 if settled() and slo_done and finetunes_done else 1
+            return 0 if settled() and slo_done and finetunes_done and multinode_done else 1
         finally:
             operator.stop()
             kubelet.stop()

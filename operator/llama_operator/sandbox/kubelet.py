@@ -19,6 +19,7 @@ from ..catalog import GPU_RESOURCES
 from ..engines import EngineRelease, release, releases
 from ..ownership import LABEL_DEPLOYMENT, MANAGED_BY, PORTS
 from ..units import quantity_bytes, quantity_millis
+from . import lws
 from .engines import AddressPool, SimulatedEngines, traffic
 
 
@@ -111,7 +112,8 @@ class SimulatedKubelet:
         pod_res = api.resources.get(api_version="v1", kind="Pod")
         dep_res = api.resources.get(api_version="apps/v1", kind="Deployment")
         nodes = {n["metadata"]["name"]: n for n in node_res.get().to_dict()["items"]}
-        pods = pod_res.get(label_selector=",".join(f"{k}={v}" for k, v in MANAGED_BY.items())).to_dict()["items"]
+        # Every pod: a LeaderWorkerSet's workers are the operator's too, without its managed-by label (lws.py).
+        pods = pod_res.get().to_dict()["items"]
         deployments = dep_res.get(label_selector=",".join(f"{k}={v}" for k, v in MANAGED_BY.items())).to_dict()["items"]
         # Pods on nodes that are gone are gone too (the node controller's eviction, at once).
         for p in pods:
@@ -126,14 +128,17 @@ class SimulatedKubelet:
                 for i, v in enumerate(_requests(p["spec"])):
                     used[node][i] += v
         live = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in deployments}
-        for p in pods:  # pods whose Deployment is gone (garbage collection of ReplicaSets' pods)
+        replica_set_pods = [p for p in pods if lws.NAME_LABEL not in (p["metadata"].get("labels") or {})
+                            and (p["metadata"].get("labels") or {}).get(LABEL_DEPLOYMENT)]
+        for p in replica_set_pods:  # pods whose Deployment is gone (garbage collection of ReplicaSets' pods)
             owner = (p["metadata"]["namespace"], p["metadata"]["labels"].get(LABEL_DEPLOYMENT))
             if owner not in live:
                 pod_res.delete(name=p["metadata"]["name"], namespace=p["metadata"]["namespace"])
         for d in deployments:
-            self._sync(d, [p for p in pods if p["metadata"]["namespace"] == d["metadata"]["namespace"]
+            self._sync(d, [p for p in replica_set_pods if p["metadata"]["namespace"] == d["metadata"]["namespace"]
                            and p["metadata"]["labels"].get(LABEL_DEPLOYMENT) == d["metadata"]["labels"].get(
                                LABEL_DEPLOYMENT)], nodes, used, pod_res, dep_res)
+        lws.sync_leaderworkersets(self.dyn, pods, lambda spec: _place(spec, nodes, used), pod_res)
         self._run_engines(pod_res)
 
     def _run_engines(self, pod_res) -> None:
@@ -190,10 +195,8 @@ class SimulatedKubelet:
             for p in sorted(newest, key=lambda p: bool((p.get("spec") or {}).get("nodeName")))[:len(current) - want]:
                 pod_res.delete(name=p["metadata"]["name"], namespace=ns)
                 current.remove(p)
-        need = _requests(template["spec"])
         for _ in range(max(0, want - len(current))):
-            node = next((n for n, obj in sorted(nodes.items()) if _affinity_ok(template["spec"], obj) and all(
-                used[n][i] + need[i] <= cap for i, cap in enumerate(_capacity(obj)))), None)
+            node = _place(template["spec"], nodes, used)
             pod = {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"generateName": f"{name}-{revision}-", "namespace": ns,
@@ -203,8 +206,6 @@ class SimulatedKubelet:
             }
             pod_res.create(body=pod, namespace=ns)
             if node:
-                for i, v in enumerate(need):
-                    used[node][i] += v
                 current.append(pod)
         ready_new = sum(1 for p in current if (p.get("spec") or {}).get("nodeName"))
         if ready_new >= want:  # the new revision is up: retire the old pods (maxUnavailable 0)
@@ -224,6 +225,17 @@ class SimulatedKubelet:
         if d.get("status") != status:
             dep_res.status.patch(body={"status": status}, name=name, namespace=ns,
                                  content_type="application/merge-patch+json")
+
+
+def _place(pod_spec: dict, nodes: dict, used: dict) -> str | None:
+    """The first node (by name) the pod fits, its requests then counted as used there; None: none fits."""
+    need = _requests(pod_spec)
+    node = next((n for n, obj in sorted(nodes.items()) if _affinity_ok(pod_spec, obj) and all(
+        used[n][i] + need[i] <= cap for i, cap in enumerate(_capacity(obj)))), None)
+    if node is not None:
+        for i, v in enumerate(need):
+            used[node][i] += v
+    return node
 
 
 def _capacity(node: dict) -> tuple[int, int, int]:
