@@ -82,6 +82,21 @@ class LoraSupport:
 
 
 @dataclass(frozen=True)
+class MultiNodeSupport:
+    """How a release runs one replica over several nodes (engines.yaml `multiNode`, issue 14), each fact cited
+    in `sources`: the `flags` by role (pipelineParallel, executorBackend, nnodes, nodeRank, masterAddr,
+    masterPort, headless), the executor backend and rendezvous port given, the variable a node's address is
+    advertised from, and the LeaderWorkerSet variables (role: leaderAddress, workerIndex, groupSize -> name)."""
+
+    flags: Mapping[str, str]
+    executor_backend: str
+    master_port: int
+    host_ip_env: str
+    lws_env: Mapping[str, str]
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class InFlightQuantization:
     """A quantization the release makes of a 16-bit checkpoint as it loads it (engines.yaml
     `inFlightQuantization`): what a full fine-tune, which has no quantized checkpoints, can be served in."""
@@ -116,6 +131,8 @@ class EngineRelease:
     in_flight_refused: Mapping[str, str] = field(default_factory=dict)
     #: The command in the release's image that fetches files from the Hugging Face Hub (engines.yaml `fetch`).
     fetch_command: tuple[str, ...] = ()
+    #: One replica over several nodes (None: the release is not rendered over several).
+    multi_node: MultiNodeSupport | None = None
 
     @property
     def title(self) -> str:
@@ -177,6 +194,21 @@ def _release(raw: dict) -> EngineRelease:
                    for q, f in (raw.get("inFlightQuantization") or {}).items() if q != "refused"},
         in_flight_refused=dict((raw.get("inFlightQuantization") or {}).get("refused") or {}),
         fetch_command=tuple((raw.get("fetch") or {}).get("command") or ()),
+        multi_node=_multi_node(raw["multiNode"]) if raw.get("multiNode") else None,
+    )
+
+
+def _multi_node(raw: dict) -> MultiNodeSupport:
+    """engines.yaml `multiNode` -> MultiNodeSupport; `sources` keeps every fact's citation by the fact's name."""
+    sources = {k: v["source"] for k, v in raw.items() if isinstance(v, dict) and "source" in v}
+    sources["flags"] = raw["flagsSource"]
+    return MultiNodeSupport(
+        flags=dict(raw["flags"]),
+        executor_backend=raw["executorBackend"]["value"],
+        master_port=int(raw["masterPort"]["value"]),
+        host_ip_env=raw["hostIpEnv"]["name"],
+        lws_env=dict(raw["leaderWorkerSet"]["env"]),
+        sources=sources,
     )
 
 

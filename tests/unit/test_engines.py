@@ -234,3 +234,32 @@ def test_lora_facts_the_planner_will_rely_on():
     assert vllm.packed_modules == {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     assert {"embed_tokens", "lm_head", "o_proj", "down_proj"} <= set(vllm.adapted_modules)
     assert release("llamacpp-b11434").lora.quantized_kernels is None  # any GGUF type takes an adapter
+
+
+# --- one replica over several nodes (issue 14) ---------------------------------------------------------------
+
+def test_every_multinode_flag_is_one_its_release_accepts():
+    """Each flag engines.yaml names for multi-node serving is in the release's generated option list, takes a
+    value or not as argparse says, the backend is one of its choices, and every fact cites its source."""
+    rel = release("vllm-0.34.0")
+    multi = rel.multi_node
+    assert multi is not None
+    assert set(multi.flags) == {"pipelineParallel", "executorBackend", "nnodes", "nodeRank", "masterAddr",
+                                "masterPort", "headless"}
+    for role, flag in multi.flags.items():
+        spec = rel.options.get(flag)
+        assert spec is not None, (role, flag)
+        assert spec["takesValue"] is (role != "headless"), flag
+    assert multi.executor_backend in rel.options[multi.flags["executorBackend"]]["choices"]
+    assert multi.master_port == 29501
+    assert multi.lws_env == {"leaderAddress": "LWS_LEADER_ADDRESS", "workerIndex": "LWS_WORKER_INDEX",
+                             "groupSize": "LWS_GROUP_SIZE"}
+    for fact in ("flags", "executorBackend", "masterPort", "layout", "headless", "hostIpEnv", "leaderWorkerSet"):
+        assert re.search(r"\.(py|go):\d", multi.sources[fact]), fact
+    # Only the release that is rendered over several nodes says how; the others are never planned so.
+    assert [r.id for r in releases() if r.multi_node is not None] == ["vllm-0.34.0"]
+    assert rejected_arguments(rel, ["m", "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2",
+                                    "--distributed-executor-backend", "mp", "--nnodes", "2",
+                                    "--node-rank", "$(LWS_WORKER_INDEX)", "--master-addr", "$(LWS_LEADER_ADDRESS)",
+                                    "--master-port", "29501", "--headless"]) == []
+    assert rejected_arguments(rel, ["m", "--distributed-executor-backend", "torchrun"])

@@ -34,6 +34,7 @@ from ..lora import peft_adapter_bytes
 from ..ownership import HASH_ANNOTATION, LABEL_RUNTIME, PORTS, content_hash, selector_labels
 from ..placement import model_server_tolerations
 from ..status import ChosenPlan
+from .multinode import GROUP_NAME_MARK, group_name, multinode_context
 from .sources import finetune_context
 
 TEMPLATES = Path(__file__).resolve().parent
@@ -99,8 +100,8 @@ def _owned(value: Any, owner: "Owner") -> Any:
     if isinstance(value, str):
         if _STAND_IN_MARK not in value:
             return value
-        return value.replace(_STAND_IN.name, owner.name).replace(_STAND_IN.namespace, owner.namespace) \
-            .replace(_STAND_IN.uid, owner.uid)
+        return value.replace(GROUP_NAME_MARK, group_name(owner.name)).replace(_STAND_IN.name, owner.name) \
+            .replace(_STAND_IN.namespace, owner.namespace).replace(_STAND_IN.uid, owner.uid)
     if isinstance(value, dict):
         return {k: _owned(v, owner) for k, v in value.items()}
     if isinstance(value, list):
@@ -403,6 +404,7 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         weights_repo, weights_file = finetune["custom_weights_path"], None
     return {
         **finetune,
+        **multinode_context(owner.name, plan, rel, selector_labels(owner.name), stand_in=owner is _STAND_IN),
         "name": owner.name,
         "namespace": owner.namespace,
         "owner": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name, "uid": owner.uid},
@@ -440,7 +442,8 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "scratch_size": _quantity(_download_bytes(weights) + sum(
             peft_adapter_bytes(model.arch, a.rank, dtype_bytes=4) for a in spec.adapters)),
         "cache_storage_class": cache.storageClassName,
-        "cache_access_mode": "ReadWriteOnce" if spec.replicas == 1 else "ReadWriteMany",
+        # Several pods mount the claim (replicas, or the nodes of a replica): ReadWriteMany.
+        "cache_access_mode": "ReadWriteOnce" if spec.replicas * plan.nodesPerReplica == 1 else "ReadWriteMany",
         "pod_security": pod_security,
         "container_security": container_security,
         "home": HOME[plan.runtime],
@@ -454,14 +457,15 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
 
 
 def render(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, images: Images = Images()) -> list[dict]:
-    """The objects one LlamaDeployment owns: Deployment, Service, and a model-cache claim and a NetworkPolicy
-    when asked."""
+    """The objects one LlamaDeployment owns: Deployment (a LeaderWorkerSet when a replica spans several nodes),
+    Service, and a model-cache claim and a NetworkPolicy when asked."""
     digest = hashlib.sha256(spec.model_dump_json().encode())
     digest.update(b"\0" + plan.model_dump_json().encode())
     key = (digest.digest(), images)
     shape = _rendered.get(key)
     if shape is None:
-        template = _env.get_template("vllm.yaml.j2" if plan.runtime == "vllm" else "llamacpp.yaml.j2")
+        template = _env.get_template("llamacpp.yaml.j2" if plan.runtime != "vllm" else
+                                     "vllm.yaml.j2" if plan.nodesPerReplica == 1 else "vllm-lws.yaml.j2")
         slots: list[Any] = []
         token = _slots.set(slots)
         try:
