@@ -30,23 +30,26 @@ def selector_labels(name: str) -> dict[str, str]:
     return {LABEL_DEPLOYMENT: name, **MANAGED_BY}
 
 
-#: A LeaderWorkerSet's name names the StatefulSets LWS makes of it (`<lws>` for the leaders, `<lws>-<group>`
-#: for each group's workers), and a StatefulSet's pods carry the label controller-revision-hash =
-#: `<statefulset>-<10 characters>`, a label value of at most 63: so at most 48, which leaves a group index of
-#: up to four digits. Its pods' hostnames (`<lws>-<group>`, `<lws>-<group>-<worker>`) stay DNS labels too.
-MAX_GROUP_NAME = 48
-GROUP_SUFFIX = "-lws"
+#: A LeaderWorkerSet is named `<name>-group` (the client Service has the LlamaDeployment's name, and LWS makes a
+#: headless Service named like the LeaderWorkerSet). LWS names the StatefulSets it makes `<lws>` and
+#: `<lws>-<group>`, and a StatefulSet's pods carry controller-revision-hash = `<statefulset>-<10 characters>`, a
+#: label value of at most 63: so a StatefulSet name over 52 characters leaves its pods uncreatable
+#: (kubernetes/kubernetes#64023). With group indices of up to 6 digits (LWS allows 1000000 replicas,
+#: leaderworkerset_webhook.go:130-137), the LeaderWorkerSet's name is at most 52 - 1 - 6 = 45 characters, and
+#: every pod name (a hostname, in LWS_LEADER_ADDRESS) stays under 63. docs/multinode.md.
+GROUP_SUFFIX = "-group"
+GROUP_NAME_MAX = (63 - 1 - 10) - 1 - 6
+_GROUP_HASH_DIGITS = 8
 
 
 def group_name(deployment: str) -> str:
-    """The LeaderWorkerSet of a LlamaDeployment whose replicas span nodes: not the LlamaDeployment's own name,
-    which the client Service has (LWS makes a headless Service named like the LeaderWorkerSet); a long name
-    is cut and told apart by a hash of the whole."""
-    name = deployment + GROUP_SUFFIX
-    if len(name) <= MAX_GROUP_NAME:
-        return name
-    keep = MAX_GROUP_NAME - len(GROUP_SUFFIX) - 9
-    return f"{deployment[:keep].rstrip('-')}-{sha256_hex(deployment)[:8]}{GROUP_SUFFIX}"
+    """The LeaderWorkerSet of a LlamaDeployment whose replicas span nodes: `<name>-group`, or for a name over
+    39 characters its first 30 (without a trailing '-'), 8 hex digits of the whole name's sha256 and -group."""
+    if len(deployment) + len(GROUP_SUFFIX) <= GROUP_NAME_MAX:
+        return deployment + GROUP_SUFFIX
+    keep = GROUP_NAME_MAX - len(GROUP_SUFFIX) - 1 - _GROUP_HASH_DIGITS
+    digest = hashlib.sha256(deployment.encode()).hexdigest()[:_GROUP_HASH_DIGITS]
+    return f"{deployment[:keep].rstrip('-')}-{digest}{GROUP_SUFFIX}"
 
 
 def workload_names(deployment: str) -> tuple[str, str]:

@@ -19,15 +19,12 @@ from kit.pod_security import violations as restricted_violations
 from llama_operator.api import API_VERSION, KIND
 from llama_operator.catalog import load_catalog
 from llama_operator.engines import rejected_arguments, release
-from llama_operator.ownership import HASH_ANNOTATION, LABEL_DEPLOYMENT
+from llama_operator.ownership import GROUP_NAME_MAX, HASH_ANNOTATION, LABEL_DEPLOYMENT, group_name
 from llama_operator.render import Owner, render
-from llama_operator.render.multinode import (
-    GROUP_NAME_MAX,
-    LWS_NAME_LABEL,
-    LWS_WORKER_INDEX_LABEL,
-    STATEFULSET_NAME_MAX,
-    group_name,
-)
+from llama_operator.render.multinode import LWS_NAME_LABEL, LWS_WORKER_INDEX_LABEL
+
+#: The longest StatefulSet name whose pods' controller-revision-hash label (`<statefulset>-<10>`) fits 63.
+STATEFULSET_NAME_MAX = 63 - 1 - 10
 from llama_operator.status import ChosenPlan
 
 LWS_CRD = ROOT / "tests" / "vendor" / "lws" / "leaderworkerset.x-k8s.io_leaderworkersets.yaml"
@@ -218,7 +215,11 @@ def test_the_group_pods_are_the_one_node_pod_but_for_the_distributed_parts(spec4
     single = render(OWNER, spec405(source={"hfTokenSecretRef": {"name": "hf"}}), plan(nodes=1))
     pod = single[0]["spec"]["template"]
     for role, t in templates(one(objs, "LeaderWorkerSet")).items():
-        assert t["metadata"] == pod["metadata"]
+        if role == "leader":
+            assert t["metadata"] == pod["metadata"]
+        else:  # the workers' labels lack managed-by: the Service does not select them (the next tests)
+            assert t["metadata"]["labels"] == {k: v for k, v in pod["metadata"]["labels"].items()
+                                               if k != "app.kubernetes.io/managed-by"}
         assert {k: v for k, v in t["spec"].items() if k != "containers"} == \
             {k: v for k, v in pod["spec"].items() if k != "containers"}
         assert _but_distributed(container(t)) == _but_distributed(container(pod)), role
@@ -256,13 +257,16 @@ def test_hub_sources_are_fetched_in_every_pod(spec405):
 # --- the Service, the claim, the NetworkPolicy -------------------------------------------------------------------
 
 def test_the_service_sends_requests_to_the_leaders_only(rendered):
+    """The Service selects as for a Deployment; the leaders carry the whole selector, the workers (no API) do
+    not. So while one kind replaces the other, the ready pods of both serve, and a worker never gets a request."""
     svc = one(rendered, "Service")
     assert svc["metadata"]["name"] == "chat"
-    assert svc["spec"]["selector"] == {**SELECTOR, LWS_WORKER_INDEX_LABEL: "0"}
-    # Both templates carry the rest of the selector; LeaderWorkerSet adds worker-index "0" to the leaders.
-    for t in templates(rendered[0]).values():
-        assert SELECTOR.items() <= t["metadata"]["labels"].items()
-        assert LWS_WORKER_INDEX_LABEL not in t["metadata"]["labels"]
+    assert svc["spec"]["selector"] == SELECTOR
+    t = templates(rendered[0])
+    assert SELECTOR.items() <= t["leader"]["metadata"]["labels"].items()
+    assert not SELECTOR.items() <= t["worker"]["metadata"]["labels"].items()
+    assert t["worker"]["metadata"]["labels"][LABEL_DEPLOYMENT] == "chat"  # whose GPUs they hold
+    assert LWS_WORKER_INDEX_LABEL not in t["leader"]["metadata"]["labels"]
 
 
 @pytest.mark.parametrize("replicas, nodes, mode", [(1, 2, "ReadWriteMany"), (2, 2, "ReadWriteMany"),

@@ -34,7 +34,8 @@ from ..lora import peft_adapter_bytes
 from ..ownership import HASH_ANNOTATION, LABEL_RUNTIME, PORTS, content_hash, selector_labels
 from ..placement import model_server_tolerations
 from ..status import ChosenPlan
-from .multinode import GROUP_NAME_MARK, group_name, multinode_context
+from ..ownership import group_name
+from .multinode import GROUP_NAME_MARK, multinode_context
 from .sources import finetune_context
 
 TEMPLATES = Path(__file__).resolve().parent
@@ -404,7 +405,7 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         weights_repo, weights_file = finetune["custom_weights_path"], None
     return {
         **finetune,
-        **multinode_context(owner.name, plan, rel, selector_labels(owner.name), stand_in=owner is _STAND_IN),
+        **multinode_context(owner.name, plan, rel, _labels(owner, plan), stand_in=owner is _STAND_IN),
         "name": owner.name,
         "namespace": owner.namespace,
         "owner": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name, "uid": owner.uid},

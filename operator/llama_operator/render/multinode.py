@@ -14,17 +14,17 @@ leader StatefulSet is named like it, each group's worker StatefulSet `<lws>-<gro
 = `<statefulset>-<10-character hash>`, which must be a label value (at most 63 characters), so a StatefulSet
 name over 52 characters leaves its pods uncreatable (kubernetes/kubernetes#64023, open). With group indices
 of up to 6 digits (LeaderWorkerSet allows 1000000 replicas, leaderworkerset_webhook.go:130-137), the name of
-the LeaderWorkerSet is therefore at most GROUP_NAME_MAX = 52 - 1 - 6 = 45 characters, and every pod name (a
+the LeaderWorkerSet is therefore at most ownership.GROUP_NAME_MAX = 52 - 1 - 6 = 45 characters, and every pod name (a
 hostname, in LWS_LEADER_ADDRESS) stays under 63. A LlamaDeployment name of up to 39 characters gives
 `<name>-group`; a longer one is cut to 30 characters (and any trailing '-') and followed by 8 hex digits of
 the sha256 of the whole name: `<first 30>-<hash8>-group`, 45 characters at most, a DNS-1035 label.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from ..engines import EngineRelease
+from ..ownership import MANAGED_BY, group_name
 from ..status import ChosenPlan
 
 #: The LeaderWorkerSet API the group is rendered for (kubernetes-sigs/lws v0.10.0, tests/vendor/lws).
@@ -34,30 +34,13 @@ LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 #: pkg/controllers/leaderworkerset_controller.go:793-799.
 LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
 LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
-GROUP_SUFFIX = "-group"
-#: The longest StatefulSet name whose pods' controller-revision-hash label fits 63 characters.
-STATEFULSET_NAME_MAX = 63 - 1 - 10
-#: Digits of the largest group index (LeaderWorkerSet replicas <= 1000000).
-GROUP_INDEX_DIGITS = 6
-GROUP_NAME_MAX = STATEFULSET_NAME_MAX - 1 - GROUP_INDEX_DIGITS
-_HASH_DIGITS = 8
-#: What a cut name keeps of the LlamaDeployment's name.
-_KEPT = GROUP_NAME_MAX - len(GROUP_SUFFIX) - 1 - _HASH_DIGITS
 #: Stands for the group's name in a render with the stand-in owner (render.__init__ replaces it).
 GROUP_NAME_MARK = "\x02group\x02"
 #: The name of the leader's rendezvous port (torch.distributed's TCP store, engines.yaml multiNode.masterPort).
 DIST_PORT_NAME = "dist"
 
 
-def group_name(name: str) -> str:
-    """The LeaderWorkerSet's name for a LlamaDeployment called `name` (see the module's docstring)."""
-    if len(name) + len(GROUP_SUFFIX) <= GROUP_NAME_MAX:
-        return name + GROUP_SUFFIX
-    digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_DIGITS]
-    return f"{name[:_KEPT].rstrip('-')}-{digest}{GROUP_SUFFIX}"
-
-
-def multinode_context(name: str, plan: ChosenPlan, rel: EngineRelease, selector: dict[str, str],
+def multinode_context(name: str, plan: ChosenPlan, rel: EngineRelease, labels: dict[str, str],
                       stand_in: bool) -> dict[str, Any]:
     """What the templates read of a replica over several nodes: `nodes` always (1: a Deployment's pod), and
     `mn` when it is more (None otherwise). `stand_in`: rendering for the stand-in owner, whose group name
@@ -86,7 +69,11 @@ def multinode_context(name: str, plan: ChosenPlan, rel: EngineRelease, selector:
             "dist_port": multi.master_port,
             "dist_port_name": DIST_PORT_NAME,
             "host_ip_env": multi.host_ip_env,
-            "leader_selector": {**selector, LWS_WORKER_INDEX_LABEL: "0"},
+            # Workers serve no API: without the managed-by label they are not selected by the Service (which
+            # selects as for a Deployment, so the leaders of a new group and the pods of a Deployment it replaces
+            # serve side by side while one kind replaces the other), nor scraped by the SLO loop, while the
+            # LlamaDeployment's label still says whose GPUs they hold.
+            "worker_labels": {k: v for k, v in labels.items() if k not in MANAGED_BY},
             "group_peer": {LWS_NAME_LABEL: lws},
         },
     }
