@@ -286,7 +286,10 @@ def test_the_network_policy_admits_the_clients_and_the_group_to_itself(spec405):
     objs = render(OWNER, spec, plan())
     assert kinds(objs) == ["LeaderWorkerSet", "Service", "NetworkPolicy"]
     policy = one(objs, "NetworkPolicy")["spec"]
-    assert policy["podSelector"] == {"matchLabels": SELECTOR}  # leaders and workers
+    # every pod of the LlamaDeployment: leaders, workers (no managed-by label) and a Deployment's it replaces
+    assert policy["podSelector"] == {"matchLabels": {LABEL_DEPLOYMENT: "chat"}}
+    for t in templates(one(objs, "LeaderWorkerSet")).values():
+        assert t["metadata"]["labels"][LABEL_DEPLOYMENT] == "chat"
     clients, group = policy["ingress"]
     assert clients == {"from": [{"podSelector": {"matchLabels": {"app": "chat-ui"}}}],
                        "ports": [{"port": 8000, "protocol": "TCP"}]}

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engines import EngineRelease
-from ..ownership import MANAGED_BY, group_name
+from ..ownership import LABEL_DEPLOYMENT, MANAGED_BY, group_name
 from ..status import ChosenPlan
 
 #: The LeaderWorkerSet API the group is rendered for (kubernetes-sigs/lws v0.10.0, tests/vendor/lws).
@@ -75,5 +75,6 @@ def multinode_context(name: str, plan: ChosenPlan, rel: EngineRelease, labels: d
             # LlamaDeployment's label still says whose GPUs they hold.
             "worker_labels": {k: v for k, v in labels.items() if k not in MANAGED_BY},
             "group_peer": {LWS_NAME_LABEL: lws},
+            "all_pods": {LABEL_DEPLOYMENT: labels[LABEL_DEPLOYMENT]},
         },
     }
