@@ -111,7 +111,16 @@ def _unsourced(entry: dict) -> bool:
 
 
 def test_top_level_shape(catalog):
-    assert set(catalog) == {"gpus", "cpu"}
+    assert set(catalog) == {"gpus", "cpu", "network"}
+
+
+def test_network_defaults_are_labelled_and_sane(catalog):
+    net = catalog["network"]
+    assert set(net) == {"bandwidthLabelKey", "defaultBandwidthGbps", "hopLatencySeconds", "source"}
+    assert net["bandwidthLabelKey"].startswith("llama-operator.dev/")
+    assert 1 <= net["defaultBandwidthGbps"] <= 3200
+    assert 0 < float(net["hopLatencySeconds"]) < 1e-3
+    assert "assumed" in net["source"].lower()  # no measurement behind it: it says so
     assert isinstance(catalog["gpus"], list) and len(catalog["gpus"]) >= len(MUST_HAVE)
 
 
