@@ -66,8 +66,9 @@ def estimate_pipeline(model: Model, quant: Quantization, hw: Hardware, workload:
     docstring), the nodes joined by `network_gbps` Gbit/s."""
     assert quant.runtime == "vllm" and hw.gpu is not None and nodes >= 1 and network_gbps > 0
     one = estimate(model, quant, hw, workload, adapter_ranks=adapter_ranks, in_flight=in_flight)
-    _, overhead_per_gpu = _overhead_bytes(model, quant, hw)
     gpus = hw.gpu_count * nodes
+    # every GPU holds vLLM's overhead at a world size of `gpus` (NCCL's buffers too: the stages talk over NCCL)
+    overhead, overhead_per_gpu = _overhead_bytes(model, quant, replace(hw, gpu_count=gpus))
     held = one.weights_bytes + one.adapter_bytes + one.kv_cache_bytes
     per_gpu = -(-held // gpus) + overhead_per_gpu
     hops = nodes - 1
@@ -76,8 +77,8 @@ def estimate_pipeline(model: Model, quant: Quantization, hw: Hardware, workload:
     tpot = one.tpot_seconds + hops * decode_hop
     base = replace(
         one,
-        overhead_bytes=overhead_per_gpu * gpus,
-        total_bytes=held + overhead_per_gpu * gpus,
+        overhead_bytes=overhead,
+        total_bytes=held + overhead,
         per_gpu_bytes=per_gpu,
         ttft_seconds=one.ttft_seconds + hops * prefill_hop,
         tpot_seconds=tpot,
