@@ -340,7 +340,7 @@ def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: 
                     break  # _best_of takes the fewest GPUs that work: larger counts never win
             if attempts:
                 out.append(across_nodes(_best_of(attempts), attempts[-1], lws,
-                                        lambda c: _check(c, spec, workload, limits, corrections)))
+                                        lambda c, w=workload: _check(c, spec, w, limits, corrections)))
                 placed = True
         if not placed:  # still a candidate, on a stand-in pool, saying why nothing could run it
             out.append(_unplaceable(spec, rung.model, quant, kv_dtype, index, bool(pools)))
