@@ -362,7 +362,8 @@ def with_pod_tolerations(spec: LlamaDeploymentSpec, inventory: Inventory, chosen
 def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replicas: int, *,
                  forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> Inventory:
     """`inventory` with `replicas` replicas of the plan `chosen` (status.ChosenPlan) taken, on the nodes that
-    plan can use: its GPU product or CPU shape, within the spec's placement."""
+    plan can use: its GPU product or CPU shape, within the spec's placement (a replica spanning nodes takes
+    nodesPerReplica pods' GPUs)."""
     hostname = _per_node_selector(spec).get("kubernetes.io/hostname")
     shape_fits = _plan_shape_fits(spec, chosen, forbidden_tolerations)
 
@@ -377,7 +378,8 @@ def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replic
            tuple(placement.gpuProducts), chosen.gpuProduct,
            None if chosen.gpuProduct is not None else chosen.cpuMemoryBandwidthGbps,
            tuple(sorted(forbidden_tolerations)) if placement.tolerations else ())
-    if chosen.gpuProduct is not None:
-        return inventory.reserve(fits, replicas, chosen.gpusPerReplica, shape_fits=shape_fits, shape_key=key)
+    if chosen.gpuProduct is not None:  # a replica spanning nodes is one pod of gpusPerReplica GPUs on each
+        return inventory.reserve(fits, replicas * chosen.nodesPerReplica, chosen.gpusPerReplica,
+                                 shape_fits=shape_fits, shape_key=key)
     return inventory.reserve(fits, replicas, 0, (chosen.cpuThreads or 1) * 1000, chosen.predicted.memoryBytes,
                              shape_fits=shape_fits, shape_key=key)

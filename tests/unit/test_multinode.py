@@ -17,7 +17,7 @@ from llama_operator.inventory import LEADERWORKERSET_CRD, Inventory, has_leaderw
 from llama_operator.loading import load_cluster_file
 from llama_operator.multinode import LLAMACPP_NO_SPAN
 from llama_operator.pipeline import PipelineEstimate, estimate_pipeline, hop_seconds
-from llama_operator.placement import build_pools
+from llama_operator.placement import build_pools, reserve_plan
 from llama_operator.planner import check_choice, plan, rank
 
 from kit.paths import CLUSTERS, EXAMPLES, ROOT
@@ -296,3 +296,13 @@ def test_plan_cli_on_the_example(capsys):
     code = main(["plan", "-f", str(EXAMPLES / "multinode-405b.yaml"), "--cluster", str(CLUSTERS / "h100-8x.yaml")])
     assert code == 2
     capsys.readouterr()
+
+
+def test_a_plan_spanning_nodes_reserves_every_node_it_takes(make_node):
+    spec = spec_405b()
+    chosen = plan(spec, pair(make_node)).chosen.to_chosen_plan()
+    four = Inventory.from_manifests(h100_nodes(make_node, 4), leaderworkerset=True)
+    taken = reserve_plan(four, spec, chosen, 1)
+    assert sorted(taken.free[n][0] for n in taken.nodes) == [0, 0, 8, 8]
+    assert plan(spec, taken).chosen.nodes_per_replica == 2  # another such deployment still fits
+    assert not plan(spec, reserve_plan(taken, spec, chosen, 1)).feasible
