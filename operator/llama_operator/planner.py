@@ -412,11 +412,13 @@ def _unplaceable(spec: LlamaDeploymentSpec, model: Model, quant: Quantization, k
 
 def _kv_is_the_problem(candidates: list[Candidate]) -> bool:
     """True when some candidate failed on memory alone and its KV cache is a large share of its memory: an
-    8-bit KV cache only helps when the cache is what does not fit."""
+    8-bit KV cache only helps when the cache is what does not fit. A replica spanning nodes stands for the
+    one-node attempt no node held: whatever kept it out (LeaderWorkerSet, free nodes) but the SLO counts so."""
     for c in candidates:
         if c.estimate is None or c.kv_cache_dtype != "auto":
             continue
-        memory_only = all(r.startswith(("needs ", NO_SPAN_PREFIX)) or "per GPU" in r for r in c.reasons)
+        memory_only = all(r.startswith(("needs ", NO_SPAN_PREFIX)) or "per GPU" in r  # a replica spanning nodes
+                          or (c.nodes_per_replica > 1 and not r.startswith("predicted ")) for r in c.reasons)
         if memory_only and c.estimate.kv_cache_bytes >= 0.25 * c.estimate.total_bytes:
             return True
     return False

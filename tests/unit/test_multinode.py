@@ -306,3 +306,15 @@ def test_a_plan_spanning_nodes_reserves_every_node_it_takes(make_node):
     assert sorted(taken.free[n][0] for n in taken.nodes) == [0, 0, 8, 8]
     assert plan(spec, taken).chosen.nodes_per_replica == 2  # another such deployment still fits
     assert not plan(spec, reserve_plan(taken, spec, chosen, 1)).feasible
+
+
+def test_a_replica_spanning_nodes_still_counts_as_a_memory_failure_for_the_kv_rungs(make_node):
+    # 8B bf16 with two 128k contexts on 1x L40S nodes: one node cannot hold the cache (32 GiB); without
+    # LeaderWorkerSet the line is the 2-node candidate, and the 8-bit KV cache rungs are tried all the same.
+    spec = parse_spec({"model": "llama-3.1-8b-instruct", "memoryBudget": "100Gi", "runtime": "vllm",
+                       "contextLength": 131072, "slo": {"ttftP95": "60s", "tpotP95": "1s", "concurrency": 2},
+                       "fallback": {"quantizations": ["bf16"], "allowSmallerModels": False}})
+    nodes = [make_node(f"l{i}", "NVIDIA-L40S", 1) for i in range(2)]
+    p = plan(spec, Inventory.from_manifests(nodes))
+    assert p.candidates[0].nodes_per_replica == 2 and not p.candidates[0].feasible
+    assert p.feasible and p.chosen.kv_cache_dtype == "fp8" and p.chosen.nodes_per_replica == 1
