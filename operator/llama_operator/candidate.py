@@ -10,6 +10,7 @@ from .status import ChosenPlan, Predicted
 from .catalog import Model, Quantization
 from .engines import kernel_for, release_for
 from .estimate import Estimate
+from .pipeline import PipelineEstimate
 from .placement import Pool
 
 #: llama.cpp's CPU decode is bandwidth-bound; past 16 threads it gains little, so a replica asks for at
@@ -17,16 +18,19 @@ from .placement import Pool
 CPU_MAX_THREADS = 16
 
 
-def hardware_label(gpu_product: str | None, gpus: int, cpu_threads: int | None, cpu_bandwidth_gbps: float | None) -> str:
-    """How plans, status and corrections name one replica's hardware: '1x NVIDIA-L4', 'cpu (16 cores, 100 GB/s)'."""
+def hardware_label(gpu_product: str | None, gpus: int, cpu_threads: int | None, cpu_bandwidth_gbps: float | None,
+                   nodes: int = 1) -> str:
+    """How plans, status and corrections name one replica's hardware: '1x NVIDIA-L4', 'cpu (16 cores, 100 GB/s)',
+    '2 nodes x 8x NVIDIA-H100-80GB-HBM3' (`gpus` GPUs on each of `nodes` nodes)."""
     if gpu_product is None:
         return f"cpu ({cpu_threads} cores, {cpu_bandwidth_gbps or 0:g} GB/s)"
-    return f"{gpus}x {gpu_product}"
+    return f"{gpus}x {gpu_product}" if nodes == 1 else f"{nodes} nodes x {gpus}x {gpu_product}"
 
 
 def plan_hardware(plan: ChosenPlan) -> str:
     """The hardware label of a plan in force (as its candidate named it)."""
-    return hardware_label(plan.gpuProduct, plan.gpusPerReplica, plan.cpuThreads, plan.cpuMemoryBandwidthGbps)
+    return hardware_label(plan.gpuProduct, plan.gpusPerReplica, plan.cpuThreads, plan.cpuMemoryBandwidthGbps,
+                          plan.nodesPerReplica)
 
 
 @dataclass
@@ -47,6 +51,9 @@ class Candidate:
     correction: tuple[float, float] | None = None
     #: A fine-tune's source (spec.weights) served instead of the catalog's checkpoint; None: the catalog's.
     custom_weights: str | None = None
+    #: Nodes one replica spans (vLLM: pipeline parallel across them, `gpus_per_replica` GPUs tensor parallel on
+    #: each); 1: one node.
+    nodes_per_replica: int = 1
 
     @property
     def runtime(self) -> str:
@@ -76,15 +83,15 @@ class Candidate:
         if self.pool.label:
             return self.pool.label
         return hardware_label(self.pool.gpu.product if self.pool.gpu else None, self.gpus_per_replica,
-                              self.cpu_threads, self.pool.cpu_bandwidth_gbps)
+                              self.cpu_threads, self.pool.cpu_bandwidth_gbps, self.nodes_per_replica)
 
     @property
     def feasible(self) -> bool:
         return not self.reasons
 
     def cost_key(self) -> tuple:
-        """Cheaper first: CPU, then fewer GPUs, then smaller GPUs, then vLLM, then faster; names break ties.
-        A variant no node can run (a stand-in pool) comes last."""
+        """Cheaper first: CPU, then one node before several, then fewer GPUs, then smaller GPUs, then vLLM, then
+        faster; names break ties. A variant no node can run (a stand-in pool) comes last."""
         gpu = self.pool.gpu
         if self.pool.label:
             return (2, self.pool.key, self.quant.id)
@@ -92,6 +99,7 @@ class Candidate:
             return (0, 0, 0.0, self.estimate.tpot_seconds if self.estimate else 0, self.pool.key, self.quant.id)
         return (
             1,
+            self.nodes_per_replica,
             self.gpus_per_replica,
             gpu.memory_gib * self.gpus_per_replica,
             # vLLM before llama.cpp on GPUs: continuous batching, and latency histograms for the SLO alerts
@@ -125,6 +133,7 @@ class Candidate:
             kernel=self.kernel,
             gpuProduct=self.pool.gpu.product if self.pool.gpu else None,
             gpusPerReplica=self.gpus_per_replica,
+            nodesPerReplica=self.nodes_per_replica,
             kvCacheDtype=self.kv_cache_dtype,
             weightsSource=self.weights_source(),
             gpuMemoryUtilization=round(e.gpu_memory_utilization, 3) if e.gpu_memory_utilization is not None else None,
@@ -143,6 +152,7 @@ class Candidate:
             "hardware": self.hardware,
             "gpuProduct": self.pool.gpu.product if self.pool.gpu else None,
             "gpusPerReplica": self.gpus_per_replica,
+            "nodesPerReplica": self.nodes_per_replica,
             "kvCacheDtype": self.kv_cache_dtype,
             "verdict": self.verdict,
             "reasons": list(self.reasons),
@@ -160,6 +170,8 @@ class Candidate:
             "ttftSeconds": round(e.ttft_seconds, 6),
             "tpotSeconds": round(e.tpot_seconds, 6),
             **({"adapterBytes": e.adapter_bytes} if e.adapter_bytes else {}),
+            # a replica spanning nodes (pipeline.PipelineEstimate): how long it takes to start
+            **({"startupSeconds": round(e.startup_seconds, 1)} if isinstance(e, PipelineEstimate) else {}),
             **({"correctedBy": {"ttftFactor": self.correction[0], "tpotFactor": self.correction[1]}}
                if self.correction else {}),
         }

@@ -37,6 +37,9 @@ class Shape:
     cpu_bandwidth_gbps: float
     labels: tuple[tuple[str, str], ...]
     taints: tuple[Taint, ...]
+    #: Gbit/s to other nodes (catalog `network`; the node label overrides it): a replica spanning nodes
+    #: sends its pipeline stages' activations over it.
+    network_gbps: float = 0.0
 
     @property
     def key(self) -> str:
@@ -191,6 +194,13 @@ def node_from_manifest(node: dict) -> Node:
         bandwidth = float(labels.get(cpu_defaults.bandwidth_label, cpu_defaults.memory_bandwidth_gbps))
     except ValueError:
         bandwidth = cpu_defaults.memory_bandwidth_gbps
+    network = load_catalog().network
+    try:
+        network_gbps = float(labels.get(network.bandwidth_label, network.bandwidth_gbps))
+    except ValueError:
+        network_gbps = network.bandwidth_gbps
+    if not 0 < network_gbps < float("inf"):  # "0", "-5", "nan", "inf": a broken label, not a network
+        network_gbps = network.bandwidth_gbps
     taints = tuple(
         Taint(t.get("key", ""), t.get("value"), t.get("effect", ""))
         for t in (node.get("spec") or {}).get("taints") or []
@@ -203,6 +213,7 @@ def node_from_manifest(node: dict) -> Node:
         cpu_bandwidth_gbps=bandwidth,
         labels=tuple(sorted((k, v) for k, v in labels.items() if k not in PER_NODE_LABELS)),
         taints=taints,
+        network_gbps=network_gbps,
     )
     return Node(name=meta.get("name", ""), shape=shape, ready=_is_ready(node),
                 hostname=labels.get("kubernetes.io/hostname", meta.get("name", "")))
@@ -235,10 +246,27 @@ def pod_usage(pod: dict) -> PodUsage | None:
     return PodUsage(node=node, gpus=gpus, cpu_millis=cpu, memory_bytes=mem)
 
 
-class Inventory:
-    """Nodes with what is free on them, grouped by shape."""
+#: The CustomResourceDefinition LeaderWorkerSet installs (https://lws.sigs.k8s.io): a replica spanning nodes
+#: is one LeaderWorkerSet group, so multi-node plans need it.
+LEADERWORKERSET_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 
-    def __init__(self, nodes: Iterable[Node], usage: Iterable[PodUsage] = ()):
+
+def has_leaderworkerset_crd(manifests: Iterable[object]) -> bool:
+    """Whether the manifests hold LeaderWorkerSet's CustomResourceDefinition (by its name)."""
+    for m in manifests:
+        if isinstance(m, dict) and m.get("kind") == "CustomResourceDefinition":
+            meta = m.get("metadata")
+            if isinstance(meta, dict) and meta.get("name") == LEADERWORKERSET_CRD:
+                return True
+    return False
+
+
+class Inventory:
+    """Nodes with what is free on them, grouped by shape; `leaderworkerset`: whether the cluster has
+    LeaderWorkerSet (LEADERWORKERSET_CRD), which a replica spanning nodes needs."""
+
+    def __init__(self, nodes: Iterable[Node], usage: Iterable[PodUsage] = (), *, leaderworkerset: bool = False):
+        self.leaderworkerset = leaderworkerset
         self.nodes: dict[str, Node] = {n.name: n for n in nodes}
         used_gpus: Counter = Counter()
         used_cpu: Counter = Counter()
@@ -269,9 +297,10 @@ class Inventory:
         self._fit_orders: dict[Hashable, list[str]] = {}
 
     @classmethod
-    def from_manifests(cls, nodes: Iterable[dict], pods: Iterable[dict] = ()) -> "Inventory":
+    def from_manifests(cls, nodes: Iterable[dict], pods: Iterable[dict] = (), *,
+                       leaderworkerset: bool = False) -> "Inventory":
         usage = [u for u in (pod_usage(p) for p in pods) if u is not None]
-        return cls([node_from_manifest(n) for n in nodes], usage)
+        return cls([node_from_manifest(n) for n in nodes], usage, leaderworkerset=leaderworkerset)
 
     def groups(self) -> list[ShapeGroup]:
         """Ready nodes grouped by shape (computed once per inventory)."""
@@ -320,7 +349,7 @@ class Inventory:
         return self._origin if self._origin is not None else self
 
     def _copy(self) -> "Inventory":
-        out = Inventory([])
+        out = Inventory([], leaderworkerset=self.leaderworkerset)
         out.nodes = self.nodes  # shared: nodes are immutable values
         out.free = dict(self.free)
         out._origin = self._root()

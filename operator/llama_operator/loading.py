@@ -284,7 +284,7 @@ def load_deployment_objects(path: str) -> list[tuple[str, dict, api.LlamaDeploym
 
 
 def load_cluster_file(path: str):
-    from .inventory import Inventory, node_from_manifest, pod_usage
+    from .inventory import Inventory, has_leaderworkerset_crd, node_from_manifest, pod_usage
 
     docs = _load_documents(path, MAX_CLUSTER_FILE_BYTES, "cluster file")
     nodes = [d for d in docs if isinstance(d, dict) and d.get("kind", "Node") == "Node" and "metadata" in d]
@@ -304,7 +304,7 @@ def load_cluster_file(path: str):
     parsed = [read("Node", d, node_from_manifest) for d in nodes]
     usage = [u for u in (read("Pod", d, pod_usage) for d in pods) if u is not None]
     try:
-        return Inventory(parsed, usage), len(nodes)
+        return Inventory(parsed, usage, leaderworkerset=has_leaderworkerset_crd(docs)), len(nodes)
     except Exception as e:  # noqa: BLE001
         raise UserError(shortened(f"{path}: the Nodes and Pods cannot be read: {type(e).__name__}: {e}")) from None
 

@@ -40,12 +40,16 @@ class Pool:
     #: Set on the stand-in pools of variants no node can run (NO_GPU_NODE, NO_NODE): what the
     #: candidate's hardware column says instead of a GPU or CPU shape.
     label: str = ""
+    #: Gbit/s between the pool's nodes, for a replica spanning nodes: the slowest node's (a replica may land
+    #: on any of them; inventory.Shape.network_gbps).
+    network_gbps: float = 0.0
 
     def __post_init__(self) -> None:
         # slots() is asked dozens of times per plan, each time a cache lookup that hashes the pool, whose
         # `free` grows with the cluster: hash it once.
         object.__setattr__(self, "_hash", hash((self.key, self.gpu, self.max_gpus_per_node, self.free,
-                                                self.cpu_cores, self.cpu_bandwidth_gbps, self.label)))
+                                                self.cpu_cores, self.cpu_bandwidth_gbps, self.label,
+                                                self.network_gbps)))
 
     def __hash__(self) -> int:
         return self._hash  # type: ignore[attr-defined]
@@ -281,6 +285,7 @@ def build_pools(spec: LlamaDeploymentSpec, inventory: Inventory,
             gpu=min((g.shape.gpu for g in gs), key=lambda gpu: gpu.memory_gib),
             max_gpus_per_node=max(g.shape.gpus_per_node for g in gs),
             free=_merged(gs),
+            network_gbps=min(g.shape.network_gbps for g in gs),
         ))
     if spec.fallback.allowCPU:
         by_cpu_shape: dict[tuple[int, float], list[ShapeGroup]] = {}
@@ -357,7 +362,8 @@ def with_pod_tolerations(spec: LlamaDeploymentSpec, inventory: Inventory, chosen
 def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replicas: int, *,
                  forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS) -> Inventory:
     """`inventory` with `replicas` replicas of the plan `chosen` (status.ChosenPlan) taken, on the nodes that
-    plan can use: its GPU product or CPU shape, within the spec's placement."""
+    plan can use: its GPU product or CPU shape, within the spec's placement (a replica spanning nodes takes
+    nodesPerReplica pods' GPUs)."""
     hostname = _per_node_selector(spec).get("kubernetes.io/hostname")
     shape_fits = _plan_shape_fits(spec, chosen, forbidden_tolerations)
 
@@ -372,7 +378,8 @@ def reserve_plan(inventory: Inventory, spec: LlamaDeploymentSpec, chosen, replic
            tuple(placement.gpuProducts), chosen.gpuProduct,
            None if chosen.gpuProduct is not None else chosen.cpuMemoryBandwidthGbps,
            tuple(sorted(forbidden_tolerations)) if placement.tolerations else ())
-    if chosen.gpuProduct is not None:
-        return inventory.reserve(fits, replicas, chosen.gpusPerReplica, shape_fits=shape_fits, shape_key=key)
+    if chosen.gpuProduct is not None:  # a replica spanning nodes is one pod of gpusPerReplica GPUs on each
+        return inventory.reserve(fits, replicas * chosen.nodesPerReplica, chosen.gpusPerReplica,
+                                 shape_fits=shape_fits, shape_key=key)
     return inventory.reserve(fits, replicas, 0, (chosen.cpuThreads or 1) * 1000, chosen.predicted.memoryBytes,
                              shape_fits=shape_fits, shape_key=key)

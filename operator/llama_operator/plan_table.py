@@ -27,6 +27,21 @@ def _predicted_cells(c) -> tuple[str, str, str]:
     return format_bytes(e.total_bytes), format_seconds(e.ttft_seconds), format_seconds(e.tpot_seconds)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def _nodes(c) -> str:
+    """Nodes per replica, for GPU plans: one, or a LeaderWorkerSet group (pipeline parallel across nodes)."""
+    if c.pool.gpu is None:
+        return ""
+    n = c.nodes_per_replica
+    if n == 1:
+        return " (1 node)"
+    return (f" ({n} nodes: a LeaderWorkerSet group, tensor parallel {c.gpus_per_replica} in each node, pipeline "
+            f"parallel {n} across them)")
+
+
 def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_label: str) -> str:
     out = []
     slo = spec.slo
@@ -41,7 +56,8 @@ def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_la
         out.append("  Result     INFEASIBLE: no candidate meets every limit")
     else:
         flag = "  [FALLBACK]" if plan.fallback else ""
-        out.append(f"  Chosen     {c.model.id} {c.quant.id} on {c.runtime}, {c.hardware} per replica{flag}")
+        out.append(f"  Chosen     {c.model.id} {c.quant.id} on {c.runtime}, {c.hardware} per replica"
+                   f"{_nodes(c)}{flag}")
         e = c.estimate
         per_gpu = f", {format_bytes(e.per_gpu_bytes)} per GPU" if c.pool.gpu else " of RAM"
         out.append(f"  Predicted  memory {format_bytes(e.total_bytes)}{per_gpu} (weights {format_bytes(e.weights_bytes)},"
@@ -49,6 +65,10 @@ def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_la
                    f" KV cache {format_bytes(e.kv_cache_bytes)}, overhead {format_bytes(e.overhead_bytes)})")
         out.append(f"             TTFT {format_seconds(e.ttft_seconds)} (limit {slo.ttftP95}), "
                    f"TPOT {format_seconds(e.tpot_seconds)} (limit {slo.tpotP95})")
+        startup = getattr(e, "startup_seconds", None)  # a replica spanning nodes (pipeline.PipelineEstimate)
+        if startup is not None and c.nodes_per_replica > 1:
+            out.append(f"             startup {_duration(startup)} (every node downloads the weights), "
+                       f"a pipeline hop {format_seconds(e.hop_seconds)} per token at {e.network_gbps:g} Gbit/s")
         kernel = f", kernel {c.kernel}" if c.kernel else ""
         out.append(f"  Engine     {c.engine}{kernel}")
         if c.kv_cache_dtype != "auto":

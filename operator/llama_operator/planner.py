@@ -29,6 +29,8 @@ from .engines import support_problem
 from .finetune import custom_weights_quantizations, finetune_support_problem, pins_base_model, source_problem
 from .estimate import VLLM_MAX_GPU_MEMORY_UTILIZATION, Estimate, Hardware, Workload, estimate, host_requests
 from .inventory import Inventory
+from .multinode import NO_SPAN_PREFIX, across_nodes, span_problem
+from .pipeline import estimate_pipeline
 from .placement import DEFAULT_FORBIDDEN_TOLERATIONS, NO_GPU_NODE, NO_NODE, Pool, build_pools
 from .units import format_bytes, format_seconds
 
@@ -184,13 +186,16 @@ class _FixedVerdict:
 @lru_cache(maxsize=65536)
 def _fixed_verdict(model: Model, quant: Quantization, hw: Hardware, workload: Workload,
                    limits: _Limits, correction: tuple[float, float] = NO_CORRECTION,
-                   adapter_ranks: tuple[int, ...] = (), in_flight: bool = False) -> _FixedVerdict:
+                   adapter_ranks: tuple[int, ...] = (), in_flight: bool = False, nodes: int = 1,
+                   network_gbps: float = 0.0) -> _FixedVerdict:
     gpu, runtime = hw.gpu, quant.runtime
     problem = support_problem(model, quant, gpu, workload.kv_cache_dtype) or \
         finetune_support_problem(model, quant, gpu, bool(adapter_ranks), in_flight)
     if problem:
         return _FixedVerdict(None, (problem,), (), float("inf"))
-    e = estimate(model, quant, hw, workload, adapter_ranks=adapter_ranks, in_flight=in_flight)
+    e = estimate(model, quant, hw, workload, adapter_ranks=adapter_ranks, in_flight=in_flight) if nodes == 1 else \
+        estimate_pipeline(model, quant, hw, workload, nodes, network_gbps, adapter_ranks=adapter_ranks,
+                          in_flight=in_flight)
     if correction != NO_CORRECTION:
         e = replace(e, ttft_seconds=e.ttft_seconds * correction[0], tpot_seconds=e.tpot_seconds * correction[1])
     before, after = [], []
@@ -237,14 +242,21 @@ def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload, limits: 
     if corrections:
         c.correction = corrections.get((f"{c.model.id}/{c.quant.id}", c.hardware))
     fixed = _fixed_verdict(c.model, c.quant, hw, workload, limits or _Limits.of(spec), c.correction or NO_CORRECTION,
-                           tuple(a.rank for a in spec.adapters), spec.weights is not None)
+                           tuple(a.rank for a in spec.adapters), spec.weights is not None, c.nodes_per_replica,
+                           c.pool.network_gbps)
     c.reasons.extend(fixed.before)
     if fixed.estimate is None:  # the hardware cannot run the format: nothing else to say
         return
     c.estimate = fixed.estimate
-    slots = c.pool.slots(c.gpus_per_replica, fixed.cpu_millis, fixed.memory_bytes)
+    nodes = c.nodes_per_replica  # a replica spanning nodes: one pod on each (they hold every GPU of a node)
+    placements = c.pool.slots(c.gpus_per_replica, fixed.cpu_millis, fixed.memory_bytes)
+    slots = placements // nodes
     if slots < spec.replicas:
-        if gpu is not None:
+        if nodes > 1:
+            c.reasons.append(f"{spec.replicas} replica(s) need {nodes} nodes each with {c.gpus_per_replica} free "
+                             f"{gpu.product} GPU(s), {fixed.cpu_millis / 1000:g} cores and "
+                             f"{format_bytes(fixed.memory_bytes)} RAM; only {placements} such node(s) are free")
+        elif gpu is not None:
             c.reasons.append(f"{spec.replicas} replica(s) need {c.gpus_per_replica} free {gpu.product} GPU(s), "
                              f"{fixed.cpu_millis / 1000:g} cores and {format_bytes(fixed.memory_bytes)} RAM on one "
                              f"node each; only {slots} such placement(s) are free")
@@ -306,9 +318,10 @@ def _rungs(spec: LlamaDeploymentSpec, tried: list[Candidate]) -> Iterator[_Rung]
 
 
 def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: list[Pool], base: Workload,
-                     limits: _Limits, corrections: Corrections | None) -> list[Candidate]:
+                     limits: _Limits, corrections: Corrections | None, lws: bool = False) -> list[Candidate]:
     """Every variant of the rung, checked: one candidate per pool that can run it (the fewest GPUs that
-    work, else the count closest to working), or one on a stand-in pool saying why none can."""
+    work, else the count closest to working; when no node holds it, a replica spanning nodes, multinode.py),
+    or one on a stand-in pool saying why none can. `lws`: the cluster has LeaderWorkerSet."""
     out = []
     for quant in rung.tier:
         kv_dtype = _kv_dtype(quant) if rung.kv_8bit else "auto"
@@ -326,7 +339,8 @@ def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: 
                 if c.feasible:
                     break  # _best_of takes the fewest GPUs that work: larger counts never win
             if attempts:
-                out.append(_best_of(attempts))
+                out.append(across_nodes(_best_of(attempts), attempts[-1], lws,
+                                        lambda c, w=workload: _check(c, spec, w, limits, corrections)))
                 placed = True
         if not placed:  # still a candidate, on a stand-in pool, saying why nothing could run it
             out.append(_unplaceable(spec, rung.model, quant, kv_dtype, index, bool(pools)))
@@ -353,7 +367,8 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
         notes.append(f"{spec.model} is pinned: {pinned}; no smaller model is tried")
     for index, rung in enumerate(_rungs(spec, candidates)):
         rung_labels.append(rung.label)
-        rung_candidates = _rung_candidates(spec, rung, index, pools, base, limits, corrections)
+        rung_candidates = _rung_candidates(spec, rung, index, pools, base, limits, corrections,
+                                           inventory.leaderworkerset)
         rung_candidates.sort(key=Candidate.cost_key)
         candidates.extend(rung_candidates)
         feasible = [c for c in rung_candidates if c.feasible]
@@ -397,11 +412,13 @@ def _unplaceable(spec: LlamaDeploymentSpec, model: Model, quant: Quantization, k
 
 def _kv_is_the_problem(candidates: list[Candidate]) -> bool:
     """True when some candidate failed on memory alone and its KV cache is a large share of its memory: an
-    8-bit KV cache only helps when the cache is what does not fit."""
+    8-bit KV cache only helps when the cache is what does not fit. A replica spanning nodes stands for the
+    one-node attempt no node held: whatever kept it out (LeaderWorkerSet, free nodes) but the SLO counts so."""
     for c in candidates:
         if c.estimate is None or c.kv_cache_dtype != "auto":
             continue
-        memory_only = all(r.startswith("needs ") or "per GPU" in r for r in c.reasons)
+        memory_only = all(r.startswith(("needs ", NO_SPAN_PREFIX)) or "per GPU" in r  # a replica spanning nodes
+                          or (c.nodes_per_replica > 1 and not r.startswith("predicted ")) for r in c.reasons)
         if memory_only and c.estimate.kv_cache_bytes >= 0.25 * c.estimate.total_bytes:
             return True
     return False
@@ -433,18 +450,19 @@ def _fallback_reason(candidates: list[Candidate], chosen: Candidate | None, rung
 def rank(spec: LlamaDeploymentSpec, chosen) -> tuple:
     """Where a plan (status.ChosenPlan) stands on this spec's ladder: smaller is better.
 
-    (model position, 8-bit KV cache, quality tier, GPUs, GPU memory); a plan off the ladder (the spec
-    changed since) ranks last.
+    (model position, 8-bit KV cache, quality tier, nodes, GPUs, GPU memory): on one rung, one node before
+    several; a plan off the ladder (the spec changed since) ranks last.
     """
     catalog = load_catalog()
     models = [m.id for m in ladder_models(spec)]
     if chosen.model not in models or chosen.quantization not in catalog.quantizations:
-        return (len(models), 1, 0, 0, 0.0)
+        return (len(models), 1, 0, 0, 0, 0.0)
     gpu = catalog.find_gpu(chosen.gpuProduct) if chosen.gpuProduct else None
     return (
         models.index(chosen.model),
         0 if chosen.kvCacheDtype == "auto" else 1,
         -catalog.quantizations[chosen.quantization].quality,
+        chosen.nodesPerReplica,
         chosen.gpusPerReplica if chosen.gpuProduct else 0,
         gpu.memory_gib if gpu else 0.0,
     )
@@ -473,6 +491,8 @@ def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen, *,
         return [f"no ready node of {chosen.gpuProduct or 'the planned CPU shape'} matches the placement any more"]
     workload = Workload(spec.contextLength, spec.slo.concurrency, spec.slo.promptTokens,
                         chosen.kvCacheDtype)  # type: ignore[arg-type]
-    c = Candidate(model, quant, chosen.kvCacheDtype, pool, chosen.gpusPerReplica, rung=0)
+    c = Candidate(model, quant, chosen.kvCacheDtype, pool, chosen.gpusPerReplica, rung=0,
+                  nodes_per_replica=chosen.nodesPerReplica)
     _check(c, spec, workload, corrections=corrections)
-    return c.reasons
+    problem = span_problem(c, inventory.leaderworkerset)
+    return ([problem] if problem else []) + c.reasons

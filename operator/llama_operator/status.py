@@ -38,6 +38,9 @@ class Predicted(ApiModel):
     perGpuBytes: int | None = Field(default=None, description="Memory needed on each GPU (null on CPU).")
     ttftSeconds: float = Field(description="Predicted p95 time to first token (the estimate times correctedBy).")
     tpotSeconds: float = Field(description="Predicted time per output token (the estimate times correctedBy).")
+    startupSeconds: float | None = Field(default=None, description=(
+        "Replicas spanning nodes: predicted time for a replica to start serving (every node downloads the "
+        "checkpoint, at the rate the startup probe allows for). Null on one node. docs/estimator.md."))
     correctedBy: Factors | None = Field(default=None, description=(
         "The correction (status.corrections) the prediction includes: the estimator's figures times these. "
         "Null: the estimate as it is."))

@@ -111,7 +111,16 @@ def _unsourced(entry: dict) -> bool:
 
 
 def test_top_level_shape(catalog):
-    assert set(catalog) == {"gpus", "cpu"}
+    assert set(catalog) == {"gpus", "cpu", "network"}
+
+
+def test_network_defaults_are_labelled_and_sane(catalog):
+    net = catalog["network"]
+    assert set(net) == {"bandwidthLabelKey", "defaultBandwidthGbps", "hopLatencySeconds", "source"}
+    assert net["bandwidthLabelKey"].startswith("llama-operator.dev/")
+    assert 1 <= net["defaultBandwidthGbps"] <= 3200
+    assert 0 < float(net["hopLatencySeconds"]) < 1e-3
+    assert "assumed" in net["source"].lower()  # no measurement behind it: it says so
     assert isinstance(catalog["gpus"], list) and len(catalog["gpus"]) >= len(MUST_HAVE)
 
 
@@ -298,7 +307,11 @@ def test_example_cluster_files_exist():
 def test_example_nodes_are_valid(path, index):
     doc = _load_cluster(path)
     assert doc["apiVersion"] == "v1" and doc["kind"] == "List"
-    items = doc["items"]
+    # Besides Nodes a cluster file may hold LeaderWorkerSet's CRD (it marks LeaderWorkerSet installed).
+    others = [d for d in doc["items"] if d.get("kind") != "Node"]
+    assert all(d["kind"] == "CustomResourceDefinition" and d["apiVersion"] == "apiextensions.k8s.io/v1"
+               and d["metadata"]["name"] == "leaderworkersets.leaderworkerset.x-k8s.io" for d in others), others
+    items = [d for d in doc["items"] if d.get("kind") == "Node"]
     assert items
     names = [n["metadata"]["name"] for n in items]
     assert len(set(names)) == len(names)

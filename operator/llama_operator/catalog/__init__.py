@@ -180,6 +180,16 @@ class CpuDefaults:
 
 
 @dataclass(frozen=True)
+class NetworkDefaults:
+    """What the estimator assumes of the network between the nodes of a replica that spans nodes."""
+
+    bandwidth_gbps: float  # Gbit/s; the node label `bandwidth_label` overrides it
+    bandwidth_label: str
+    hop_latency_seconds: float
+    source: str
+
+
+@dataclass(frozen=True)
 class Catalog:
     models: dict[str, Model]
     quantizations: dict[str, Quantization]
@@ -188,6 +198,7 @@ class Catalog:
     gpus: dict[str, GPU]  # canonical product -> GPU
     gpu_index: dict[str, GPU]  # lower-cased product or alias -> GPU
     cpu: CpuDefaults
+    network: NetworkDefaults
 
     def model(self, model_id: str) -> Model:
         return self.models[model_id]
@@ -254,7 +265,7 @@ def _load_models() -> dict[str, Model]:
     return models
 
 
-def _load_hardware() -> tuple[dict[str, GPU], dict[str, GPU], CpuDefaults]:
+def _load_hardware() -> tuple[dict[str, GPU], dict[str, GPU], CpuDefaults, NetworkDefaults]:
     raw = load_yaml("hardware.yaml")
     gpus: dict[str, GPU] = {}
     index: dict[str, GPU] = {}
@@ -276,7 +287,14 @@ def _load_hardware() -> tuple[dict[str, GPU], dict[str, GPU], CpuDefaults]:
         tflops=float(cpu_raw["defaultEffectiveTFLOPS"]),
         source=cpu_raw.get("source", ""),
     )
-    return gpus, index, cpu
+    net_raw = raw["network"]
+    network = NetworkDefaults(
+        bandwidth_gbps=float(net_raw["defaultBandwidthGbps"]),
+        bandwidth_label=net_raw["bandwidthLabelKey"],
+        hop_latency_seconds=float(net_raw["hopLatencySeconds"]),
+        source=net_raw.get("source", ""),
+    )
+    return gpus, index, cpu, network
 
 
 @functools.cache
@@ -288,7 +306,7 @@ def load_catalog() -> Catalog:
         kw = _snake_keys(q)
         kw["vllm_kernels"] = tuple(kw.get("vllm_kernels") or ())
         quants[qid] = Quantization(id=qid, **kw)
-    gpus, index, cpu = _load_hardware()
+    gpus, index, cpu, network = _load_hardware()
     return Catalog(
         models=_load_models(),
         quantizations=quants,
@@ -297,6 +315,7 @@ def load_catalog() -> Catalog:
         gpus=gpus,
         gpu_index=index,
         cpu=cpu,
+        network=network,
     )
 
 
