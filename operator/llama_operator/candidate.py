@@ -1,4 +1,5 @@
-"""One candidate of the planner's ladder: a variant (model, quantization, KV cache) on a pool with a number of
+"""One candidate of the planner's ladder (and `Plan`, what the planner returns: the chosen one, every one tried and
+why): a variant (model, quantization, KV cache) on a pool with a number of
 GPUs per replica, with its estimate, its verdict and the reasons for it, and how status, the CLI and the
 renderer read it (to_dict, to_chosen_plan).
 """
@@ -174,4 +175,44 @@ class Candidate:
             **({"startupSeconds": round(e.startup_seconds, 1)} if isinstance(e, PipelineEstimate) else {}),
             **({"correctedBy": {"ttftFactor": self.correction[0], "tpotFactor": self.correction[1]}}
                if self.correction else {}),
+        }
+
+
+@dataclass
+class Plan:
+    requested_model: str
+    feasible: bool
+    chosen: Candidate | None
+    candidates: list[Candidate]
+    fallback: bool
+    fallback_reason: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.verdict == "rejected"]
+
+    def summary(self) -> str:
+        if self.chosen is None:
+            return "no feasible plan: " + (self.fallback_reason or "no candidate")
+        return self.chosen.describe()
+
+    def to_dict(self) -> dict:
+        chosen = None
+        if self.chosen is not None:
+            c = self.chosen
+            chosen = c.to_dict()
+            chosen.pop("verdict")
+            chosen.pop("reasons")
+            chosen["weightsSource"] = c.weights_source()
+            if c.estimate and c.estimate.gpu_memory_utilization is not None:
+                chosen["gpuMemoryUtilization"] = round(c.estimate.gpu_memory_utilization, 3)
+        return {
+            "feasible": self.feasible,
+            "requestedModel": self.requested_model,
+            "fallback": self.fallback,
+            "fallbackReason": self.fallback_reason,
+            "chosen": chosen,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "notes": list(self.notes),
         }

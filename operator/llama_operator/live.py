@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ownership import HASH_ANNOTATION, OUR_ANNOTATION_PREFIXES, OUR_LABEL_PREFIXES, canonical, sha256_hex
+from .ownership import GPU_PRODUCT_ANNOTATION, HASH_ANNOTATION, OUR_ANNOTATION_PREFIXES, OUR_LABEL_PREFIXES, canonical, sha256_hex
 from .units import quantity_exact
 
 
@@ -47,6 +47,8 @@ class Live:
     resource_version: str = ""
     #: Service fields the API server assigns (clusterIP...), carried over when the spec is replaced.
     assigned: dict = field(default_factory=dict)
+    #: A workload's GPU product (its GPU_PRODUCT_ANNOTATION); None on CPU, or for other kinds.
+    gpu_product: str | None = None
 
     @property
     def observed(self) -> bool:
@@ -76,7 +78,8 @@ class Live:
                    status=dict(body.get("status") or {}) if kind in WORKLOAD_KINDS else {},
                    controller=controller, fingerprint=content_fingerprint(kind, body),
                    resource_version=str(meta.get("resourceVersion") or ""),
-                   assigned={k: spec[k] for k in SERVICE_ASSIGNED if k in spec} if kind == "Service" else {})
+                   assigned={k: spec[k] for k in SERVICE_ASSIGNED if k in spec} if kind == "Service" else {},
+                   gpu_product=annotations.get(GPU_PRODUCT_ANNOTATION) if kind in WORKLOAD_KINDS else None)
         if key[1] and key[2]:
             with _cache_lock:
                 if len(_live_cache) >= _LIVE_CACHE_LIMIT:

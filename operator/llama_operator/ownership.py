@@ -16,6 +16,9 @@ LABEL_RUNTIME = "llama-operator.dev/runtime"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "llama-operator"}
 #: The content hash of a rendered object, written on it so a pass knows what it last rendered.
 HASH_ANNOTATION = "llama-operator.dev/spec-hash"
+#: On a workload (Deployment, LeaderWorkerSet): the GPU product its pods run on, so that a plan moving to the
+#: other kind knows whether the new workload needs the GPUs the old one holds (passes.py).
+GPU_PRODUCT_ANNOTATION = "llama-operator.dev/gpu-product"
 FINALIZER = "llama-operator.dev/finalizer"
 #: Label and annotation keys the operator writes; others' keys on its objects are theirs (kubectl's,
 #: the Deployment controller's revision, `kubectl rollout restart`'s restartedAt), and are left alone.

@@ -290,16 +290,18 @@ def _runs(deployment: Live, objects: list[dict], accepted: Mapping[tuple[str, st
 
 async def _retire_replaced_workload(state: OperatorState, key: Key, uid: str | None, decision: Decision,
                                     owned: Mapping[str, Mapping[str, Live]]) -> None:
-    """Once the plan's workload serves (phase Ready), delete this LlamaDeployment's workload of the other kind:
-    the Deployment a plan spanning nodes replaced, or the LeaderWorkerSet a plan on one node replaced. Until
-    then both run, so a model is never torn down before its replacement is ready; only an object this
-    LlamaDeployment controls is ever deleted."""
-    if decision.apply is None or decision.status.phase != "Ready":
+    """Delete this LlamaDeployment's workload of the other kind (the Deployment a plan spanning nodes replaced,
+    or the LeaderWorkerSet a plan on one node replaced) once the plan's workload serves (phase Ready): until
+    then both run, and a model is not torn down before its replacement is ready. But when the old one runs on
+    the GPU product the new plan needs, at once: the planner counted those GPUs (this deployment's own) as
+    free, and the new pods cannot start while the old ones hold them (a group of 8x H100 nodes after one of
+    them left, or the move up to it). Only an object this LlamaDeployment controls is ever deleted."""
+    if decision.apply is None:
         return
     keep = _workload_kind(decision.apply)
     for kind in ("Deployment", "LeaderWorkerSet"):
         stale = _owned_workload(owned, key[1], kind, uid) if kind != keep else None
-        if stale is not None:
+        if stale is not None and (decision.status.phase == "Ready" or stale.gpu_product == decision.apply.gpuProduct):
             log.info("%s/%s: deleting %s %s, replaced by the %s of the plan in force", *key, kind, stale.name, keep)
             await state.writer.delete(kind, key[0], stale.name, uid)
 

@@ -18,18 +18,18 @@ with why. Which nodes form the pools is placement's (placement.py); what one can
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Collection, Iterable, Iterator, Mapping
 
 from .api import LlamaDeploymentSpec
-from .candidate import Candidate
+from .candidate import Candidate, Plan
 from .catalog import Model, Quantization, load_catalog
 from .engines import support_problem
 from .finetune import custom_weights_quantizations, finetune_support_problem, pins_base_model, source_problem
 from .estimate import VLLM_MAX_GPU_MEMORY_UTILIZATION, Estimate, Hardware, Workload, estimate, host_requests
 from .inventory import Inventory
-from .multinode import NO_SPAN_PREFIX, across_nodes, span_problem
+from .multinode import NO_SPAN_PREFIX, across_nodes, out_of_one_node, span_problem
 from .pipeline import estimate_pipeline
 from .placement import DEFAULT_FORBIDDEN_TOLERATIONS, NO_GPU_NODE, NO_NODE, Pool, build_pools
 from .units import format_bytes, format_seconds
@@ -50,46 +50,6 @@ STATUS_REJECTED_LIMIT = 20
 #: the estimates of exactly that variant on exactly that hardware by them, before judging the SLO.
 Corrections = Mapping[tuple[str, str], tuple[float, float]]
 NO_CORRECTION = (1.0, 1.0)
-
-
-@dataclass
-class Plan:
-    requested_model: str
-    feasible: bool
-    chosen: Candidate | None
-    candidates: list[Candidate]
-    fallback: bool
-    fallback_reason: str
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def rejected(self) -> list[Candidate]:
-        return [c for c in self.candidates if c.verdict == "rejected"]
-
-    def summary(self) -> str:
-        if self.chosen is None:
-            return "no feasible plan: " + (self.fallback_reason or "no candidate")
-        return self.chosen.describe()
-
-    def to_dict(self) -> dict:
-        chosen = None
-        if self.chosen is not None:
-            c = self.chosen
-            chosen = c.to_dict()
-            chosen.pop("verdict")
-            chosen.pop("reasons")
-            chosen["weightsSource"] = c.weights_source()
-            if c.estimate and c.estimate.gpu_memory_utilization is not None:
-                chosen["gpuMemoryUtilization"] = round(c.estimate.gpu_memory_utilization, 3)
-        return {
-            "feasible": self.feasible,
-            "requestedModel": self.requested_model,
-            "fallback": self.fallback,
-            "fallbackReason": self.fallback_reason,
-            "chosen": chosen,
-            "candidates": [c.to_dict() for c in self.candidates],
-            "notes": list(self.notes),
-        }
 
 
 # --- The ladder ---------------------------------------------------------------------------------------
@@ -320,14 +280,15 @@ def _rungs(spec: LlamaDeploymentSpec, tried: list[Candidate]) -> Iterator[_Rung]
 def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: list[Pool], base: Workload,
                      limits: _Limits, corrections: Corrections | None, lws: bool = False) -> list[Candidate]:
     """Every variant of the rung, checked: one candidate per pool that can run it (the fewest GPUs that
-    work, else the count closest to working; when no node holds it, a replica spanning nodes, multinode.py),
+    work, else the count closest to working; when no node of any pool holds it, a replica spanning nodes,
+    multinode.py),
     or one on a stand-in pool saying why none can. `lws`: the cluster has LeaderWorkerSet."""
     out = []
     for quant in rung.tier:
         kv_dtype = _kv_dtype(quant) if rung.kv_8bit else "auto"
         workload = base if kv_dtype == "auto" else Workload(
             base.context_length, base.concurrency, base.prompt_tokens, kv_dtype)  # type: ignore[arg-type]
-        placed = False
+        tried = []
         for pool in pools:
             if pool.gpu is None and quant.runtime == "vllm":
                 continue  # vLLM serves on GPUs only: no attempt on a CPU pool
@@ -339,9 +300,15 @@ def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: 
                 if c.feasible:
                     break  # _best_of takes the fewest GPUs that work: larger counts never win
             if attempts:
-                out.append(across_nodes(_best_of(attempts), attempts[-1], lws,
-                                        lambda c, w=workload: _check(c, spec, w, limits, corrections)))
-                placed = True
+                tried.append(attempts)
+        # A replica spans nodes only when no node of the cluster holds the variant (whether or not that node's
+        # GPUs are free): one node is always the better way to run the same variant.
+        one_node_holds = any(c.estimate is not None and not out_of_one_node(c) for a in tried for c in a)
+        for attempts in tried:
+            best = _best_of(attempts)
+            out.append(best if one_node_holds else across_nodes(
+                best, attempts[-1], lws, lambda c, w=workload: _check(c, spec, w, limits, corrections)))
+        placed = bool(tried)
         if not placed:  # still a candidate, on a stand-in pool, saying why nothing could run it
             out.append(_unplaceable(spec, rung.model, quant, kv_dtype, index, bool(pools)))
     return out

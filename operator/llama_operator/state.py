@@ -261,7 +261,7 @@ class OperatorState:
         ]
         if self._inventory is None:
             nodes = [node for store in indexes.nodes.values() for node in store]
-            self._inventory = Inventory(nodes, [usage for _, usage, _ in pods])
+            self._inventory = Inventory(nodes, [usage for _, usage, _ in pods], leaderworkerset=self.leaderworkerset)
             self._all_reserved = None
         own = [usage for (ns, _), usage, owner in pods if ns == key[0] and owner == key[1]]
         bound: dict[Key, int] = {}
@@ -270,7 +270,8 @@ class OperatorState:
                 bound[(ns, owner)] = bound.get((ns, owner), 0) + 1
 
         def reserve(inv: Inventory, other: Key, promise: Promise) -> Inventory:
-            missing = promise.spec.replicas - bound.get(other, 0)  # replicas without a bound pod yet
+            # replicas without bound pods yet (a replica spanning nodes has a pod on each)
+            missing = promise.spec.replicas - bound.get(other, 0) // promise.plan.nodesPerReplica
             return placement.reserve_plan(inv, promise.spec, promise.plan, missing,
                                           forbidden_tolerations=self.settings.forbidden_tolerations) \
                 if missing > 0 else inv

@@ -25,7 +25,7 @@ from llama_operator.kube import Writer
 from llama_operator.kubeclient import load_client_configuration
 from llama_operator.ownership import FINALIZER
 from llama_operator.render import Owner, render
-from llama_operator.sandbox.demo import SandboxOperator, load_docs, wait_for
+from llama_operator.sandbox.demo import SandboxOperator, _install_leaderworkerset, load_docs, wait_for
 from llama_operator.sandbox.emulator import declare_crd
 from llama_operator.sandbox.kubelet import SimulatedKubelet, dynamic_client
 from llama_operator.sandbox.server import EmulatorThread
@@ -82,7 +82,7 @@ def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[t
         kubeconfig = str(emu.write_kubeconfig(Path(tempfile.mkdtemp()) / "kubeconfig"))
         api = dynamic_client(kubeconfig, user_agent="test")
         nodes = api.resources.get(api_version="v1", kind="Node")
-        for n in load_docs(ROOT / "examples" / "clusters" / "mixed.yaml"):
+        for n in [n for n in load_docs(ROOT / "examples" / "clusters" / "mixed.yaml") if n.get("kind") == "Node"]:
             nodes.create(body={**n, "metadata": {"name": n["metadata"]["name"], "labels": n["metadata"]["labels"]}})
         if peering and not namespaces:
             api.resources.get(api_version="kopf.dev/v1", kind="ClusterKopfPeering").create(
@@ -122,12 +122,42 @@ def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[t
                 lds.delete(name=name, namespace="default")
                 assert wait_for(lambda: not [i for i in lds.get(namespace="default").to_dict()["items"]
                                           if i["metadata"]["name"] == name], 30), name
+            _across_nodes(emu.emulator, api, lds)
             time.sleep(3)  # a resync pass
         finally:
             operator.stop()
             kubelet.stop()
         _apply_unwatched(kubeconfig, lds.get(name="chat", namespace="default").to_dict())
         return _observed(emu.emulator)
+
+
+def _across_nodes(emulator, api, lds) -> None:
+    """A replica spanning nodes (docs/multinode.md): LeaderWorkerSet installed, 405B on one 8x H100 node (FP8,
+    a Deployment), a second node (bf16 across both: a LeaderWorkerSet, the Deployment deleted), a spec change
+    (the LeaderWorkerSet patched), the second node gone (FP8 again: the LeaderWorkerSet deleted)."""
+    _install_leaderworkerset(emulator, api)
+    nodes = api.resources.get(api_version="v1", kind="Node")
+    pair = [n for n in load_docs(ROOT / "examples" / "clusters" / "h100-8x-pair.yaml") if n.get("kind") == "Node"]
+    doc = yaml.safe_load((ROOT / "examples" / "multinode-405b.yaml").read_text())
+
+    def plan() -> dict:
+        return (lds.get(name=doc["metadata"]["name"], namespace="default").to_dict().get("status") or {}) \
+            .get("plan") or {}
+
+    nodes.create(body={**pair[0], "metadata": {"name": pair[0]["metadata"]["name"],
+                                               "labels": pair[0]["metadata"]["labels"]}})
+    lds.create(body=doc, namespace="default")
+    assert wait_for(lambda: plan().get("quantization") == "fp8", 30)
+    nodes.create(body={**pair[1], "metadata": {"name": pair[1]["metadata"]["name"],
+                                               "labels": pair[1]["metadata"]["labels"]}})
+    assert wait_for(lambda: plan().get("nodesPerReplica") == 2, 30)
+    lds.patch(body={"spec": {"contextLength": 8192}}, name=doc["metadata"]["name"], namespace="default",
+              content_type="application/merge-patch+json")
+    assert wait_for(lambda: (lds.get(name=doc["metadata"]["name"], namespace="default").to_dict().get("status")
+                             or {}).get("observedGeneration") == 2, 30)
+    nodes.delete(name=pair[1]["metadata"]["name"])
+    groups = api.resources.get(api_version="leaderworkerset.x-k8s.io/v1", kind="LeaderWorkerSet")
+    assert wait_for(lambda: plan().get("nodesPerReplica") == 1 and not groups.get(namespace="default").items, 30)
 
 
 def _apply_unwatched(kubeconfig: str, ld: dict) -> None:

@@ -293,9 +293,26 @@ def test_plan_cli_on_the_example(capsys):
     assert code == 0 and d["chosen"]["nodesPerReplica"] == 2 and d["chosen"]["gpusPerReplica"] == 8
     # the example's SLO holds with the prediction (its comment says so)
     assert d["chosen"]["predicted"]["tpotSeconds"] < 0.1 and d["chosen"]["predicted"]["ttftSeconds"] < 5
-    code = main(["plan", "-f", str(EXAMPLES / "multinode-405b.yaml"), "--cluster", str(CLUSTERS / "h100-8x.yaml")])
-    assert code == 2
-    capsys.readouterr()
+    code = main(["plan", "-f", str(EXAMPLES / "multinode-405b.yaml"), "--cluster", str(CLUSTERS / "h100-8x.yaml"),
+                 "-o", "json"])
+    d = json.loads(capsys.readouterr().out)  # one node: FP8 there, a Deployment (the sandbox's story)
+    assert code == 0 and d["chosen"]["quantization"] == "fp8" and d["chosen"]["nodesPerReplica"] == 1
+
+
+def test_a_variant_some_node_holds_never_spans_nodes(make_node, make_pod):
+    """Spanning is for what no node holds: 8B bf16 fits one L40S, so it never spans two L4 nodes, even while
+    the L40S is taken (it falls to FP8 on an L4 instead)."""
+    nodes = [make_node("l40s", "NVIDIA-L40S", 1), make_node("l4-a", "NVIDIA-L4", 1), make_node("l4-b", "NVIDIA-L4", 1)]
+    # at 4 concurrent 8K contexts bf16 needs 22.7 GiB per GPU: more than an L4 holds, less than an L40S
+    spec = parse_spec({"model": "llama-3.1-8b-instruct", "slo": {"ttftP95": "10s", "tpotP95": "1s", "concurrency": 4},
+                       "memoryBudget": "200Gi", "runtime": "vllm"})
+    busy = make_pod("l40s", gpus=1, name="someone-else")
+    p = plan(spec, Inventory.from_manifests(nodes, [busy], leaderworkerset=True))
+    assert p.chosen is not None and p.chosen.nodes_per_replica == 1 and p.chosen.quant.id == "fp8"
+    assert all(c.nodes_per_replica == 1 for c in p.candidates)
+    # without the L40S no node holds it: the two L4 nodes are one replica
+    p = plan(spec, Inventory.from_manifests(nodes[1:], leaderworkerset=True))
+    assert p.chosen is not None and p.chosen.nodes_per_replica == 2 and p.chosen.quant.id == "bf16"
 
 
 def test_a_plan_spanning_nodes_reserves_every_node_it_takes(make_node):

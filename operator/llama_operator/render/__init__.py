@@ -31,7 +31,7 @@ from ..catalog import (GPU, GPU_PRODUCT_LABEL, GPU_PRODUCT_LABELS, GPU_RESOURCE,
 from ..engines import IMAGE_FLAVOURS, EngineRelease, kernel_for, release, release_for
 from ..estimate import LLAMACPP_GPU_THREADS, host_requests, weights_bytes
 from ..lora import peft_adapter_bytes
-from ..ownership import HASH_ANNOTATION, LABEL_RUNTIME, PORTS, content_hash, selector_labels
+from ..ownership import GPU_PRODUCT_ANNOTATION, HASH_ANNOTATION, LABEL_RUNTIME, PORTS, content_hash, selector_labels
 from ..placement import model_server_tolerations
 from ..status import ChosenPlan
 from ..ownership import group_name
@@ -411,7 +411,7 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "owner": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name, "uid": owner.uid},
         "labels": _labels(owner, plan),
         "selector": selector_labels(owner.name),
-        "annotations": {},
+        "annotations": {GPU_PRODUCT_ANNOTATION: plan.gpuProduct} if plan.gpuProduct else {},
         "pod_annotations": {"llama-operator.dev/variant": f"{plan.model}/{plan.quantization}"},
         "replicas": spec.replicas,
         "image": images.resolve(pinned),

@@ -323,11 +323,12 @@ def _group_summary(api, names: set[str]) -> str:
     return "\n".join(lines) or "  (no LeaderWorkerSet)"
 
 
-def _multinode_scenario(api, ld_res, deployments: Path, pair: Path, timeout: float) -> bool:
+def _multinode_scenario(emulator, api, ld_res, deployments: Path, pair: Path, timeout: float) -> bool:
     """Replicas that span nodes (docs/multinode.md): 405B in bf16 needs two 8x H100 nodes; they join, the
     operator runs it as one LeaderWorkerSet group; one leaves, it falls back at once to FP8 on the node left,
     a Deployment, and removes the group once that serves. Whether each step happened in time."""
     node_res = api.resources.get(api_version="v1", kind="Node")
+    _install_leaderworkerset(emulator, api)
     names = set()
     for doc in load_docs(deployments):
         if doc.get("kind") == KIND:
@@ -344,9 +345,11 @@ def _multinode_scenario(api, ld_res, deployments: Path, pair: Path, timeout: flo
 
     print()
     print(f"--- replicas across nodes: {', '.join(sorted(names))} from {display_path(deployments)}; "
-          "LeaderWorkerSet is installed (sandbox/lws.py plays its controller) ---")
+          "LeaderWorkerSet is installed now (its CRD appears; sandbox/lws.py plays its controller) ---")
     wait_for(lambda: phase("Unschedulable", None), timeout)
     print(printer_table(ours()))
+    # Nodes join one by one: the first takes FP8 (one node), and the plan moves up to bf16 across both once the
+    # second has stayed for the upgrade delay (the FP8 Deployment gives the GPUs it holds back at once).
     joined = _create_nodes(node_res, pair)
     print(f"--- {len(joined)} 8x H100 nodes join from {display_path(pair)} ---")
     spanned = wait_for(lambda: phase("Ready", 2), timeout)
@@ -373,7 +376,6 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
         declare_crd(emu.emulator, crd_manifest())
         kubeconfig = str(emu.write_kubeconfig(kubeconfig_path or Path(tempfile.mkdtemp()) / "kubeconfig"))
         api = dynamic_client(kubeconfig)
-        _install_leaderworkerset(emu.emulator, api)
         node_res = api.resources.get(api_version="v1", kind="Node")
         nodes = [d for d in load_docs(cluster) if d.get("kind") == "Node"]
         for n in nodes:
@@ -426,7 +428,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
             # Two rounds of waiting: the first plans, then the loop's window of breach and its reaction.
             slo_done = _slo_scenario(api, ld_res, *slo, 2 * timeout) if slo is not None else True
             finetunes_done = _finetune_scenario(api, ld_res, *finetunes, timeout) if finetunes is not None else True
-            multinode_done = _multinode_scenario(api, ld_res, *multinode, timeout) if multinode is not None else True
+            multinode_done = _multinode_scenario(emu.emulator, api, ld_res, *multinode, timeout) if multinode is not None else True
             if serve:
                 print()
                 print(f"Serving until Ctrl-C. Try: kubectl --kubeconfig {kubeconfig} get llamadeployments")

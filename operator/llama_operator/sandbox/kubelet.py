@@ -190,6 +190,10 @@ class SimulatedKubelet:
         want = int(d["spec"].get("replicas", 1))
         current = [p for p in pods if p["metadata"]["labels"].get("pod-template-hash") == revision]
         old = [p for p in pods if p not in current]
+        for p in [p for p in current if not (p.get("spec") or {}).get("nodeName")]:
+            # still unscheduled: made again below, bound where it fits now (the scheduler's retry)
+            pod_res.delete(name=p["metadata"]["name"], namespace=ns)
+            current.remove(p)
         if len(current) > want:  # scaled in (the SLO loop does): unbound pods go first, then the newest
             newest = sorted(current, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
             for p in sorted(newest, key=lambda p: bool((p.get("spec") or {}).get("nodeName")))[:len(current) - want]:

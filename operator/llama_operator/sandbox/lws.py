@@ -98,7 +98,9 @@ def _sync(lws: dict, pods: list[dict], place: Callable[[dict], str | None], pod_
     for p in pods:
         labels = p["metadata"]["labels"]
         group = int(labels.get(GROUP_INDEX_LABEL, "0"))
-        if labels.get(REVISION_LABEL) != revision or group >= replicas:  # a new template, or scaled in
+        unbound = not (p.get("spec") or {}).get("nodeName")
+        # a new template, scaled in, or still unscheduled (made again below, where it fits now: the scheduler's retry)
+        if labels.get(REVISION_LABEL) != revision or group >= replicas or unbound:
             pod_res.delete(name=p["metadata"]["name"], namespace=ns)
         else:
             groups.setdefault(group, []).append(p)
