@@ -205,9 +205,18 @@ def test_sandbox_runs_from_the_installed_package(installed: Installed):
     assert rows["legal"][2] == "llama-3.1-8b-instruct/fp8" and rows["edge"][-2:] == ["2", "Ready"], ft
     assert "--enable-lora --lora-modules support-en=/models/llama-operator/sources/" in ft, ft
     assert "--max-loras 2 --max-lora-rank 64" in ft and "--quantization fp8_per_tensor" in ft, ft
-    assert "--lora-init-without-apply" in ft and "--lora /sources/lora-adapters/faq/faq-lora-F16.gguf" in ft, ft
+    assert "--lora-scaled /sources/lora-adapters/faq/faq-lora-F16.gguf:0" in ft and "--no-cache-prompt" in ft, ft
     assert "init container fetch-sources fetches into the model cache: acme/llama-3.1-8b-legal@v2" in ft, ft
     assert 'support: support-de [Ready] "model": "support-de"' in ft, ft
+    # Replicas across nodes (docs/multinode.md): 405B bf16 on two 8x H100 nodes as one LeaderWorkerSet group,
+    # FP8 on the node left (a Deployment) when the other leaves, the group removed.
+    mn = out.split("--- replicas across nodes:", 1)[1]
+    spanned, fell_back = mn.split("leaves: the group has lost a node", 1)
+    assert "llama-3.1-405b-instruct/bf16" in spanned and "1/1" in spanned, mn
+    assert "LeaderWorkerSet assistant-405b-group: 1 group(s) of 2 pods, 1 ready" in spanned, mn
+    assert "--pipeline-parallel-size 2" in spanned and "--headless" in spanned, mn
+    assert "llama-3.1-405b-instruct/fp8" in fell_back and "Ready" in fell_back, mn
+    assert "assistant-405b: Replanned:" in fell_back, mn
 
 
 def test_plan_on_the_bundled_examples(installed: Installed):
