@@ -319,9 +319,15 @@ def cmd_sandbox(args) -> int:
     finetunes = None if args.no_scenario else (EXAMPLES / "adapters.yaml", EXAMPLES / "clusters" / "fine-tunes.yaml")
     multinode = None if args.no_scenario else (EXAMPLES / "multinode-405b.yaml",
                                                EXAMPLES / "clusters" / "h100-8x-pair.yaml")
-    return run_sandbox(cluster, files, serve=args.serve, kubeconfig_path=Path(args.kubeconfig) if args.kubeconfig
+    code = run_sandbox(cluster, files, serve=args.serve, kubeconfig_path=Path(args.kubeconfig) if args.kubeconfig
                        else None, upgrade_delay=args.upgrade_delay, timeout=args.timeout, join=join, slo=slo,
-                       finetunes=finetunes, multinode=multinode)
+                       finetunes=finetunes)
+    if multinode is None or args.serve:
+        return code
+    # Replicas across nodes on a sandbox of their own: the same cluster, LeaderWorkerSet installed as it starts.
+    print()
+    return run_sandbox(cluster, [], serve=False, kubeconfig_path=None, upgrade_delay=args.upgrade_delay,
+                       timeout=args.timeout, multinode=multinode) or code
 
 
 # --- main -----------------------------------------------------------------------------------------------

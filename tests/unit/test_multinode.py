@@ -34,6 +34,9 @@ def spec_405b(**overrides):
         "contextLength": 8192,
         "slo": {"ttftP95": "10s", "tpotP95": "200ms"},
         "fallback": {"allowQuantization": False, "allowSmallerModels": False},
+        # the example pair's nodes are the sandbox's multi-node pool (examples/clusters/h100-8x-pair.yaml)
+        "placement": {"tolerations": [{"key": "sandbox.llama-operator.dev/multinode", "operator": "Exists",
+                                       "effect": "NoSchedule"}]},
     }
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -281,7 +284,7 @@ def test_the_leaderworkerset_crd_is_recognised_by_name():
     assert Inventory.from_manifests([], leaderworkerset=True).release([]).leaderworkerset  # copies keep it
 
 
-def test_plan_cli_on_the_example(capsys):
+def test_plan_cli_on_the_example(capsys, tmp_path):
     code = main(["plan", "-f", str(EXAMPLES / "multinode-405b.yaml"), "--cluster", str(PAIR)])
     out = capsys.readouterr().out
     assert code == 0
@@ -293,7 +296,10 @@ def test_plan_cli_on_the_example(capsys):
     assert code == 0 and d["chosen"]["nodesPerReplica"] == 2 and d["chosen"]["gpusPerReplica"] == 8
     # the example's SLO holds with the prediction (its comment says so)
     assert d["chosen"]["predicted"]["tpotSeconds"] < 0.1 and d["chosen"]["predicted"]["ttftSeconds"] < 5
-    code = main(["plan", "-f", str(EXAMPLES / "multinode-405b.yaml"), "--cluster", str(CLUSTERS / "h100-8x.yaml"),
+    one = yaml.safe_load(PAIR.read_text())
+    one["items"] = [i for i in one["items"] if i["metadata"]["name"] != one["items"][1]["metadata"]["name"]]
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
+    code = main(["plan", "-f", str(EXAMPLES / "multinode-405b.yaml"), "--cluster", str(tmp_path / "one.yaml"),
                  "-o", "json"])
     d = json.loads(capsys.readouterr().out)  # one node: FP8 there, a Deployment (the sandbox's story)
     assert code == 0 and d["chosen"]["quantization"] == "fp8" and d["chosen"]["nodesPerReplica"] == 1

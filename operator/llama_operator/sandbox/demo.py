@@ -367,6 +367,25 @@ def _multinode_scenario(emulator, api, ld_res, deployments: Path, pair: Path, ti
     return spanned and fell_back
 
 
+def _print_first_plans(api, items: list[dict]) -> None:
+    """What the first plans came to: the printer table, the rendered workloads and why each fell back."""
+    print()
+    print("$ kubectl get llamadeployments")
+    print(printer_table(items))
+    print()
+    print("Rendered workloads (key arguments):")
+    deps = api.resources.get(api_version="apps/v1", kind="Deployment").get().to_dict()["items"]
+    print(workload_summary(deps))
+    print()
+    print("Why (status.fallback.reason of deployments in fallback):")
+    for i in sorted(items, key=lambda i: i["metadata"]["name"]):
+        st = i.get("status") or {}
+        fb = st.get("fallback") or {}
+        if fb.get("inForce") or st.get("phase") in ("Unschedulable", "Invalid"):
+            reason = fb.get("reason") or st.get("message") or ""
+            print(f"  {i['metadata']['name']}: " + reason.replace(" | ", "\n      "))
+
+
 def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconfig_path: Path | None,
                 upgrade_delay: float, timeout: float, join: Path | None = None,
                 slo: tuple[Path, Path] | None = None, finetunes: tuple[Path, Path] | None = None,
@@ -396,7 +415,8 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                         ns = doc["metadata"].get("namespace", "default")
                         ld_res.create(body=doc, namespace=ns)
                         names.append((ns, doc["metadata"]["name"]))
-            print(f"applied {len(names)} LlamaDeployments from {', '.join(display_path(p) for p in deployments)}")
+            if names:
+                print(f"applied {len(names)} LlamaDeployments from {', '.join(display_path(p) for p in deployments)}")
 
             def items() -> list[dict]:
                 return ld_res.get().to_dict()["items"]
@@ -408,21 +428,8 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                     for i in mine)
 
             wait_for(settled, timeout)
-            print()
-            print("$ kubectl get llamadeployments")
-            print(printer_table(items()))
-            print()
-            print("Rendered workloads (key arguments):")
-            deps = api.resources.get(api_version="apps/v1", kind="Deployment").get().to_dict()["items"]
-            print(workload_summary(deps))
-            print()
-            print("Why (status.fallback.reason of deployments in fallback):")
-            for i in sorted(items(), key=lambda i: i["metadata"]["name"]):
-                st = i.get("status") or {}
-                fb = st.get("fallback") or {}
-                if fb.get("inForce") or st.get("phase") in ("Unschedulable", "Invalid"):
-                    reason = fb.get("reason") or st.get("message") or ""
-                    print(f"  {i['metadata']['name']}: " + reason.replace(" | ", "\n      "))
+            if names:
+                _print_first_plans(api, items())
             if join is not None:
                 _scenario(api, join, items, upgrade_delay, timeout)
             # Two rounds of waiting: the first plans, then the loop's window of breach and its reaction.

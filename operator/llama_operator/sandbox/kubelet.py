@@ -24,10 +24,14 @@ from .engines import AddressPool, SimulatedEngines, traffic
 
 
 def dynamic_client(kubeconfig: str, user_agent: str = "llama-operator-sandbox"):
+    import urllib3
     from kubernetes import config, dynamic
 
     api = config.new_client_from_config(config_file=kubeconfig)
     api.user_agent = user_agent  # tells the operator's requests apart from the sandbox's own
+    # Every request bounded: a request the emulator drops (one racing a kind being declared, say) fails and
+    # the next round asks again, instead of holding the simulated kubelet for ever.
+    api.rest_client.pool_manager.connection_pool_kw["timeout"] = urllib3.Timeout(connect=5, read=30)
     return dynamic.DynamicClient(api)
 
 
@@ -138,7 +142,8 @@ class SimulatedKubelet:
             self._sync(d, [p for p in replica_set_pods if p["metadata"]["namespace"] == d["metadata"]["namespace"]
                            and p["metadata"]["labels"].get(LABEL_DEPLOYMENT) == d["metadata"]["labels"].get(
                                LABEL_DEPLOYMENT)], nodes, used, pod_res, dep_res)
-        lws.sync_leaderworkersets(self.dyn, pods, lambda spec: _place(spec, nodes, used), pod_res)
+        lws.sync_leaderworkersets(self.dyn, pods, lambda spec: _place(spec, nodes, used),
+                                  lambda pod: bind_if_it_fits(pod, nodes, used, pod_res), pod_res)
         self._run_engines(pod_res)
 
     def _run_engines(self, pod_res) -> None:
@@ -190,10 +195,8 @@ class SimulatedKubelet:
         want = int(d["spec"].get("replicas", 1))
         current = [p for p in pods if p["metadata"]["labels"].get("pod-template-hash") == revision]
         old = [p for p in pods if p not in current]
-        for p in [p for p in current if not (p.get("spec") or {}).get("nodeName")]:
-            # still unscheduled: made again below, bound where it fits now (the scheduler's retry)
-            pod_res.delete(name=p["metadata"]["name"], namespace=ns)
-            current.remove(p)
+        for p in current:
+            bind_if_it_fits(p, nodes, used, pod_res)  # still unscheduled: the scheduler's retry
         if len(current) > want:  # scaled in (the SLO loop does): unbound pods go first, then the newest
             newest = sorted(current, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
             for p in sorted(newest, key=lambda p: bool((p.get("spec") or {}).get("nodeName")))[:len(current) - want]:
@@ -240,6 +243,20 @@ def _place(pod_spec: dict, nodes: dict, used: dict) -> str | None:
         for i, v in enumerate(need):
             used[node][i] += v
     return node
+
+
+def bind_if_it_fits(pod: dict, nodes: dict, used: dict, pod_res) -> None:
+    """Bind a pod still unscheduled to a node it fits now (the scheduler retrying); left as it is otherwise, so
+    an unschedulable pod costs no writes."""
+    if (pod.get("spec") or {}).get("nodeName") or not pod["metadata"].get("name"):
+        return
+    node = _place(pod["spec"], nodes, used)
+    if node is not None:
+        pod_res.patch(body={"spec": {"nodeName": node}}, name=pod["metadata"]["name"],
+                      namespace=pod["metadata"]["namespace"], content_type="application/merge-patch+json")
+        pod_res.status.patch(body={"status": {"phase": "Running"}}, name=pod["metadata"]["name"],
+                             namespace=pod["metadata"]["namespace"], content_type="application/merge-patch+json")
+        pod["spec"]["nodeName"] = node
 
 
 def _capacity(node: dict) -> tuple[int, int, int]:

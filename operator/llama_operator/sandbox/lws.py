@@ -69,15 +69,23 @@ def _pod(lws: dict, group: int, worker: int, revision: str, node: str | None) ->
     }
 
 
-def sync_leaderworkersets(dyn, pods: list[dict], place: Callable[[dict], str | None], pod_res) -> None:
+def sync_leaderworkersets(dyn, pods: list[dict], place: Callable[[dict], str | None],
+                          bind: Callable[[dict], None], pod_res) -> None:
     """One round of the controller: groups made or recreated, pods of gone LeaderWorkerSets removed, status
-    reported. `pods`: every pod; `place(pod_spec)`: a node the pod fits (its resources then taken), or None."""
+    reported. `pods`: every pod; `place(pod_spec)`: a node the pod fits (its resources then taken), or None;
+    `bind(pod)`: bind a pod still unscheduled where it fits now."""
     from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+    # Looked up only once its CRD is listed: a kind the discovery does not know makes the dynamic client drop
+    # its whole discovery cache and fetch it again, which, on every round, would slow everything down.
+    crds = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
+    if not any(c["metadata"]["name"] == CRD_NAME for c in crds.get().to_dict()["items"]):
+        return  # LeaderWorkerSet is not installed
     try:
         res = dyn.resources.get(api_version=API_VERSION, kind=KIND)
-    except ResourceNotFoundError:
-        return  # LeaderWorkerSet is not installed
+    except ResourceNotFoundError:  # a discovery cached before the kind was declared
+        dyn.resources.invalidate_cache()
+        res = dyn.resources.get(api_version=API_VERSION, kind=KIND)
     sets = res.get().to_dict()["items"]
     live = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in sets}
     ours = [p for p in pods if NAME_LABEL in (p["metadata"].get("labels") or {})]
@@ -86,10 +94,11 @@ def sync_leaderworkersets(dyn, pods: list[dict], place: Callable[[dict], str | N
             pod_res.delete(name=p["metadata"]["name"], namespace=p["metadata"]["namespace"])
     for lws in sets:
         _sync(lws, [p for p in ours if p["metadata"]["namespace"] == lws["metadata"]["namespace"]
-                    and p["metadata"]["labels"][NAME_LABEL] == lws["metadata"]["name"]], place, pod_res, res)
+                    and p["metadata"]["labels"][NAME_LABEL] == lws["metadata"]["name"]], place, bind, pod_res, res)
 
 
-def _sync(lws: dict, pods: list[dict], place: Callable[[dict], str | None], pod_res, res) -> None:
+def _sync(lws: dict, pods: list[dict], place: Callable[[dict], str | None], bind: Callable[[dict], None],
+          pod_res, res) -> None:
     ns, name = lws["metadata"]["namespace"], lws["metadata"]["name"]
     revision = _revision(lws)
     replicas = int(lws["spec"].get("replicas", 1))
@@ -98,11 +107,10 @@ def _sync(lws: dict, pods: list[dict], place: Callable[[dict], str | None], pod_
     for p in pods:
         labels = p["metadata"]["labels"]
         group = int(labels.get(GROUP_INDEX_LABEL, "0"))
-        unbound = not (p.get("spec") or {}).get("nodeName")
-        # a new template, scaled in, or still unscheduled (made again below, where it fits now: the scheduler's retry)
-        if labels.get(REVISION_LABEL) != revision or group >= replicas or unbound:
+        if labels.get(REVISION_LABEL) != revision or group >= replicas:  # a new template, or scaled in
             pod_res.delete(name=p["metadata"]["name"], namespace=ns)
         else:
+            bind(p)  # still unscheduled: the scheduler's retry
             groups.setdefault(group, []).append(p)
     for group in range(replicas):
         have = {int(p["metadata"]["labels"][WORKER_INDEX_LABEL]) for p in groups.get(group, [])}
