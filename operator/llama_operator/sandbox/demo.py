@@ -222,15 +222,21 @@ def _slo_table(items: list[dict]) -> str:
     return "\n".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _apply(ld_res, path: Path) -> set[str]:
+    """Create every LlamaDeployment of a file (as `kubectl apply -f`); their names."""
+    names = set()
+    for doc in load_docs(path):
+        if doc.get("kind") == KIND:
+            ld_res.create(body=doc, namespace=doc["metadata"].get("namespace", "default"))
+            names.add(doc["metadata"]["name"])
+    return names
+
+
 def _slo_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -> bool:
     """The SLO loop: deployments whose simulated engines run slower or busier than planned; whether each did
     what the scenario shows in time."""
     _create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
-    names = set()
-    for doc in load_docs(deployments):
-        if doc.get("kind") == KIND:
-            ld_res.create(body=doc, namespace=doc["metadata"].get("namespace", "default"))
-            names.add(doc["metadata"]["name"])
+    names = _apply(ld_res, deployments)
     print()
     print(f"--- the SLO loop: {', '.join(sorted(names))} from {display_path(deployments)} on the nodes of "
           f"{display_path(nodes)}; their simulated engines serve /metrics on 127.0.x.y with latency = the plan's "
@@ -256,11 +262,7 @@ def _finetune_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: flo
     """Fine-tuned models (docs/adapters.md): LoRA adapters and a full fine-tune on their own nodes; whether
     every one of them was planned and rolled out in time."""
     _create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
-    names = set()
-    for doc in load_docs(deployments):
-        if doc.get("kind") == KIND:
-            ld_res.create(body=doc, namespace=doc["metadata"].get("namespace", "default"))
-            names.add(doc["metadata"]["name"])
+    names = _apply(ld_res, deployments)
     print()
     print(f"--- fine-tuned models: {', '.join(sorted(names))} from {display_path(deployments)} on the nodes of "
           f"{display_path(nodes)}; adapters and custom weights pin the base model ---")
@@ -329,11 +331,7 @@ def _multinode_scenario(emulator, api, ld_res, deployments: Path, pair: Path, ti
     a Deployment, and removes the group once that serves. Whether each step happened in time."""
     node_res = api.resources.get(api_version="v1", kind="Node")
     _install_leaderworkerset(emulator, api)
-    names = set()
-    for doc in load_docs(deployments):
-        if doc.get("kind") == KIND:
-            ld_res.create(body=doc, namespace=doc["metadata"].get("namespace", "default"))
-            names.add(doc["metadata"]["name"])
+    names = _apply(ld_res, deployments)
 
     def ours() -> list[dict]:
         return [i for i in ld_res.get().to_dict()["items"] if i["metadata"]["name"] in names]
