@@ -147,6 +147,7 @@ def test_notes_tell_the_next_step(helm):
     assert "kubectl apply" in notes
     assert "kubectl get llamad" in notes
     assert f"helm test llm -n {NAMESPACE}" in notes
+    assert "LeaderWorkerSet" in notes  # the optional prerequisite of replicas across nodes
 
 
 def _run_args(render, *values: str) -> list[str]:
