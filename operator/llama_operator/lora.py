@@ -220,7 +220,7 @@ def adapter_memory(arch: ModelArch, runtime: str, ranks: tuple[int, ...], *, gpu
                                               dtype_bytes=VLLM_LORA_DTYPE_BYTES, tensor_parallel=max(1, gpus))
         device = per_gpu * max(1, gpus)
         host = sum(peft_adapter_bytes(arch, r) for r in ranks)
-        read = device * min(s.max_loras, concurrency) // s.max_loras
-        return AdapterMemory(device, host, read)
+        # every slot may be in use: there are no more slots than requests running at once
+        return AdapterMemory(device, host, device)
     sizes = [llamacpp_adapter_bytes(arch, rank=r, dtype_bytes=GGUF_ADAPTER_DTYPE_BYTES) for r in ranks]
     return AdapterMemory(sum(sizes), 0, max(sizes))

@@ -36,7 +36,7 @@ from ..placement import model_server_tolerations
 from ..status import ChosenPlan
 from ..ownership import group_name
 from .multinode import GROUP_NAME_MARK, multinode_context
-from .sources import finetune_context
+from .sources import finetune_context, is_custom
 
 TEMPLATES = Path(__file__).resolve().parent
 GiB = 2**30
@@ -374,7 +374,7 @@ def _kernel_args(plan: ChosenPlan, rel: EngineRelease, model: Model, quant: Quan
 
 def _weights_location(plan: ChosenPlan, model: Model) -> tuple[str, str | None]:
     """(repository, file in it): vLLM loads a whole repository, llama.cpp one GGUF file of one."""
-    if plan.runtime == "vllm" or plan.weightsSource.startswith(("hf://", "pvc://")):
+    if plan.runtime == "vllm" or is_custom(plan.weightsSource):
         return plan.weightsSource, None
     assert model.gguf is not None
     return model.gguf.repo, plan.weightsSource[len(model.gguf.repo) + 1:]
