@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .status import ChosenPlan, Predicted
+from .status import ChosenPlan, Predicted, SpeculativePlan, variant_name
 from .catalog import Model, Quantization
+from .drafting import DraftChoice, DraftEstimate
 from .engines import kernel_for, release_for
 from .estimate import Estimate
 from .pipeline import PipelineEstimate
@@ -55,6 +56,16 @@ class Candidate:
     #: Nodes one replica spans (vLLM: pipeline parallel across them, `gpus_per_replica` GPUs tensor parallel on
     #: each); 1: one node.
     nodes_per_replica: int = 1
+    #: The draft it decodes with (speculative decoding, drafting.py); None: none.
+    draft: DraftChoice | None = None
+    #: The chosen draft's limits (planner.drafts.draft_limits): the acceptance rate and the requests per replica
+    #: beyond which it no longer pays, for the SLO loop.
+    draft_limits: tuple[float | None, int | None] = (None, None)
+
+    @property
+    def variant(self) -> str:
+        """As status names it (status.variant_name): corrections are kept per variant and hardware."""
+        return variant_name(self.model.id, self.quant.id, self.draft.model.id if self.draft else None)
 
     @property
     def runtime(self) -> str:
@@ -112,7 +123,14 @@ class Candidate:
 
     def describe(self) -> str:
         kv = f", {self.kv_cache_dtype} KV cache" if self.kv_cache_dtype != "auto" else ""
-        return f"{self.model.id} {self.quant.id} ({self.runtime}{kv}) on {self.hardware}"
+        return f"{self.model.id} {self.quant.id} ({self.runtime}{kv}){self.draft_text()} on {self.hardware}"
+
+    def draft_text(self) -> str:
+        """' with a llama-3.2-1b-instruct bf16 draft of 4 tokens', or '' without a draft."""
+        if self.draft is None:
+            return ""
+        k = self.estimate.draft_tokens if isinstance(self.estimate, DraftEstimate) else self.draft.tokens
+        return f" with a {self.draft.model.id} {self.draft.quant.id} draft" + (f" of {k} tokens" if k else "")
 
     def weights_source(self) -> str:
         if self.custom_weights is not None:
@@ -121,6 +139,32 @@ class Candidate:
             return self.model.vllm_repos[self.quant.id]
         assert self.model.gguf is not None and self.quant.gguf is not None
         return f"{self.model.gguf.repo}/{self.model.gguf.file_for(self.quant.gguf, self.quant.id)}"
+
+    def draft_weights_source(self) -> str:
+        assert self.draft is not None
+        d, q = self.draft.model, self.draft.quant
+        if q.runtime == "vllm":
+            return d.vllm_repos[q.id]
+        assert d.gguf is not None and q.gguf is not None
+        return f"{d.gguf.repo}/{d.gguf.file_for(q.gguf, q.id)}"
+
+    def speculative(self) -> dict | None:
+        """The draft as status (SpeculativePlan) and `plan -o json` show it; None without one."""
+        e = self.estimate
+        if self.draft is None or not isinstance(e, DraftEstimate):
+            return None
+        min_rate, pays_up_to = self.draft_limits
+        return {
+            "draftModel": self.draft.model.id,
+            "draftQuantization": self.draft.quant.id,
+            "draftWeightsSource": self.draft_weights_source(),
+            "numSpeculativeTokens": e.draft_tokens,
+            "acceptance": round(e.acceptance, 3),
+            "acceptanceSource": "measured" if self.draft.measured else "published",
+            "predictedSpeedup": round(e.speedup, 2),
+            "minAcceptanceRate": None if min_rate is None else round(min_rate, 3),
+            "paysUpToConcurrency": pays_up_to,
+        }
 
     def to_chosen_plan(self) -> ChosenPlan:
         """This candidate as status records it, and as the renderer consumes it."""
@@ -140,6 +184,7 @@ class Candidate:
             gpuMemoryUtilization=round(e.gpu_memory_utilization, 3) if e.gpu_memory_utilization is not None else None,
             cpuThreads=self.cpu_threads if self.pool.gpu is None else None,
             cpuMemoryBandwidthGbps=self.pool.cpu_bandwidth_gbps if self.pool.gpu is None else None,
+            speculative=SpeculativePlan(**spec) if (spec := self.speculative()) else None,
             predicted=Predicted(**self._predicted()),
         )
 
@@ -155,6 +200,7 @@ class Candidate:
             "gpusPerReplica": self.gpus_per_replica,
             "nodesPerReplica": self.nodes_per_replica,
             "kvCacheDtype": self.kv_cache_dtype,
+            "speculative": self.speculative() if self.draft is not None else None,
             "verdict": self.verdict,
             "reasons": list(self.reasons),
             # a format the hardware cannot run is not estimated
@@ -171,6 +217,7 @@ class Candidate:
             "ttftSeconds": round(e.ttft_seconds, 6),
             "tpotSeconds": round(e.tpot_seconds, 6),
             **({"adapterBytes": e.adapter_bytes} if e.adapter_bytes else {}),
+            **({"draftBytes": e.draft_bytes} if isinstance(e, DraftEstimate) else {}),
             # a replica spanning nodes (pipeline.PipelineEstimate): how long it takes to start
             **({"startupSeconds": round(e.startup_seconds, 1)} if isinstance(e, PipelineEstimate) else {}),
             **({"correctedBy": {"ttftFactor": self.correction[0], "tpotFactor": self.correction[1]}}

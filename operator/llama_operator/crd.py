@@ -17,6 +17,7 @@ from .catalog import load_catalog
 from .engines import releases
 from .fields import DNS1035_LABEL_PATTERN, MAX_NAME_LENGTH
 from .status import LlamaDeploymentStatus
+from .speculation import speculative_rules
 
 _DROP_KEYS = {"title"}
 #: Marks, between _inline and _default_empty_objects, a field whose model default is None.
@@ -106,7 +107,8 @@ def cel_rules() -> list[dict[str, str]]:
     sizes = "{" + ", ".join(f"'{m.id}': {int(m.published_parameters / 1e6)}" for m in catalog.models.values()) + "}"
     floor = "has(self.fallback) && has(self.fallback.minimumModel)"
     quants = "has(self.fallback) && has(self.fallback.quantizations)"
-    return [*_base_rules(no_gguf, vision_models, sizes, floor, quants), *finetune_rules(vision_models)]
+    return [*_base_rules(no_gguf, vision_models, sizes, floor, quants), *finetune_rules(vision_models),
+            *speculative_rules()]
 
 
 def finetune_rules(vision_models: str) -> list[dict[str, str]]:

@@ -51,6 +51,10 @@ class SloSignals:
     prompt_tokens: str | None = None
     predicted_seconds: str | None = None
     predicted_tokens: str | None = None
+    #: Drafted and accepted tokens (engines.yaml `speculative.metrics`): read when present, for the acceptance of
+    #: a plan's draft; a server without a draft may not export them (vLLM creates them only with one).
+    draft_tokens: str | None = None
+    draft_accepted: str | None = None
 
     def names(self) -> list[str]:
         """Every series named, as the release exports it."""
@@ -107,6 +111,20 @@ class InFlightQuantization:
     source: str
 
 
+@dataclass(frozen=True)
+class SpeculativeSupport:
+    """Decoding with a draft model (engines.yaml `speculative`, docs/speculative.md): the flags by role, the
+    method name vLLM takes, what the release refuses beside a draft (None: nothing), and its counters of drafted
+    and accepted tokens (None: it exports none)."""
+
+    flags: Mapping[str, str]
+    method: str | None = None
+    lora_refused: str | None = None
+    accepted_metric: str | None = None
+    drafted_metric: str | None = None
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, eq=False)  # one instance per release id: identity is equality (and hashable)
 class EngineRelease:
     id: str
@@ -133,6 +151,9 @@ class EngineRelease:
     fetch_command: tuple[str, ...] = ()
     #: One replica over several nodes (None: the release is not rendered over several).
     multi_node: MultiNodeSupport | None = None
+    #: Decoding with a draft model (None: the release does not; `speculative_refused` says why in its words).
+    speculative: SpeculativeSupport | None = None
+    speculative_refused: str | None = None
 
     @property
     def title(self) -> str:
@@ -184,7 +205,7 @@ def _release(raw: dict) -> EngineRelease:
         kv_min_compute_capability=str(kv["minComputeCapability"]) if kv.get("minComputeCapability") else None,
         kv_vendors=tuple(kv["vendors"]),
         metrics=frozenset(raw["metrics"]["names"]),
-        slo_signals=_slo_signals(raw["sloSignals"]),
+        slo_signals=_slo_signals(raw["sloSignals"], (raw.get("speculative") or {}).get("metrics") or {}),
         image_min_compute_capability=min(
             (raw.get("imageComputeCapabilities") or {}).get("cuda") or [None],  # type: ignore[type-var]
             key=lambda cc: capability_version(cc) if cc else (0, 0)),
@@ -195,6 +216,23 @@ def _release(raw: dict) -> EngineRelease:
         in_flight_refused=dict((raw.get("inFlightQuantization") or {}).get("refused") or {}),
         fetch_command=tuple((raw.get("fetch") or {}).get("command") or ()),
         multi_node=_multi_node(raw["multiNode"]) if raw.get("multiNode") else None,
+        speculative=_speculative(raw["speculative"]) if "flags" in (raw.get("speculative") or {}) else None,
+        speculative_refused=(raw.get("speculative") or {}).get("refused"),
+    )
+
+
+def _speculative(raw: dict) -> SpeculativeSupport:
+    """engines.yaml `speculative` -> SpeculativeSupport; `sources` keeps every fact's citation by its name."""
+    sources = {k: v["source"] for k, v in raw.items() if isinstance(v, dict) and "source" in v}
+    sources["flags"] = raw["flagsSource"]
+    metrics = raw.get("metrics") or {}
+    return SpeculativeSupport(
+        flags=dict(raw["flags"]),
+        method=(raw.get("method") or raw.get("type") or {}).get("value"),
+        lora_refused=(raw.get("lora") or {}).get("refused"),
+        accepted_metric=metrics.get("accepted"),
+        drafted_metric=metrics.get("drafted"),
+        sources=sources,
     )
 
 
@@ -240,8 +278,9 @@ _SIGNAL_FIELDS = {"ttft": "ttft", "tpot": "tpot", "running": "running", "waiting
                   "predictedTokens": "predicted_tokens"}
 
 
-def _slo_signals(raw: dict) -> SloSignals:
-    return SloSignals(kind=raw["kind"], **{field: raw[key] for key, field in _SIGNAL_FIELDS.items() if key in raw})
+def _slo_signals(raw: dict, draft_metrics: dict) -> SloSignals:
+    return SloSignals(kind=raw["kind"], **{field: raw[key] for key, field in _SIGNAL_FIELDS.items() if key in raw},
+                      draft_tokens=draft_metrics.get("drafted"), draft_accepted=draft_metrics.get("accepted"))
 
 
 @functools.cache

@@ -72,6 +72,9 @@ class Observation:
     requests_waiting: float | None = None
     requests_per_second: float | None = None
     tokens_per_second: float | None = None
+    #: Accepted over drafted tokens of the plan's draft, and drafted tokens per second; None without drafting.
+    draft_acceptance_rate: float | None = None
+    drafted_per_second: float | None = None
     pods: int = 0
     problem: str | None = None
 
@@ -158,6 +161,12 @@ def _counters(signals: SloSignals) -> list[str]:
                         signals.predicted_seconds, signals.predicted_tokens) if n]
 
 
+def _optional_counters(signals: SloSignals) -> list[str]:
+    """Counters read when present and never missed: drafted and accepted tokens (a server without a draft may
+    not export them)."""
+    return [n for n in (signals.draft_tokens, signals.draft_accepted) if n]
+
+
 def _histograms(signals: SloSignals) -> list[str]:
     return [n for n in (signals.ttft, signals.tpot) if n]
 
@@ -192,7 +201,7 @@ def rates_between(old: Scrape, new: Scrape, seconds: float, signals: SloSignals)
     if seconds <= 0:
         raise ValueError(f"scrapes must be apart in time, not {seconds!r} s")
     counters = {n: _increase(old.values[n], new.values[n]) / seconds
-                for n in _counters(signals) if n in old.values and n in new.values}
+                for n in _counters(signals) + _optional_counters(signals) if n in old.values and n in new.values}
     buckets = {}
     for name in _histograms(signals):
         before, after = old.buckets.get(name), new.buckets.get(name)
@@ -363,7 +372,8 @@ def observation(target: Target, rates: Rates | None, *, source: str, sampled_at:
     assert release is not None and rates is not None
     signals = release.slo_signals
     load = dict(source=source, sampled_at=sampled_at, window_seconds=window, pods=rates.pods,
-                requests_running=rates.gauges[signals.running], requests_waiting=rates.gauges[signals.waiting])
+                requests_running=rates.gauges[signals.running], requests_waiting=rates.gauges[signals.waiting],
+                **_drafting(rates, signals))
     if signals.kind == "histograms":
         assert signals.ttft and signals.tpot and signals.generated_tokens
         ttft, tpot = rates.buckets[signals.ttft], rates.buckets[signals.tpot]
@@ -385,6 +395,16 @@ def observation(target: Target, rates: Rates | None, *, source: str, sampled_at:
         # llama.cpp counts no requests (server-task.cpp exports tokens and seconds only): no rate of them.
         tokens_per_second=rates.counters[signals.predicted_tokens],
         **load)
+
+
+def _drafting(rates: Rates, signals: SloSignals) -> dict[str, float | None]:
+    """The draft's acceptance over the window (accepted over drafted tokens, as both engines count it), when the
+    servers drafted in it; unusable values leave it unknown (it only ever turns a draft off)."""
+    drafted = rates.counters.get(signals.draft_tokens or "")
+    accepted = rates.counters.get(signals.draft_accepted or "")
+    if drafted is None or accepted is None or _unusable(drafted) or _unusable(accepted) or drafted <= 0:
+        return {}
+    return {"draft_acceptance_rate": min(1.0, accepted / drafted), "drafted_per_second": drafted}
 
 
 def _statistic(release: engines.EngineRelease | None) -> str:

@@ -218,6 +218,7 @@ _ROLES = {
     "generated_tokens": "rate", "prompt_seconds": "rate", "prompt_tokens": "rate",
     "predicted_seconds": "rate", "predicted_tokens": "rate",
     "running": "gauge", "waiting": "gauge",
+    "draft_tokens": "rate", "draft_accepted": "rate",
 }
 _BY = "namespace, llamadeployment"
 #: Largest answer read: a bucket series per deployment and bound is some 200 bytes of JSON.

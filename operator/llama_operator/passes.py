@@ -196,12 +196,13 @@ def _plan_and_render(state: OperatorState, key: Key, meta: Mapping[str, Any], ob
     inventory = state.inventory_for(key)
     forbidden = state.settings.forbidden_tolerations
     judgement = _judge_slo(state, key, obs, spec, inventory)
-    corrections = judgement.planner_corrections() if judgement is not None else None
+    loop = dict(corrections=judgement.planner_corrections(), measured=judgement.measured_acceptance,
+                drafts_off=judgement.drafts_off) if judgement is not None else {}
     if judgement is not None and judgement.replicas != spec.replicas:
         spec = spec.model_copy(update={"replicas": judgement.replicas})  # scaled by the SLO loop
-    plan = planner.plan(spec, inventory, forbidden_tolerations=forbidden, corrections=corrections)
+    plan = planner.plan(spec, inventory, forbidden_tolerations=forbidden, **loop)
     problems = planner.check_choice(spec, inventory, current, forbidden_tolerations=forbidden,
-                                    corrections=corrections) if current is not None else None
+                                    **loop) if current is not None else None
 
     def decide_all(obs: Observed) -> Decision:
         decision = decide(obs, spec, plan, problems)
@@ -241,11 +242,12 @@ def _judge_slo(state: OperatorState, key: Key, obs: Observed, spec: api.LlamaDep
     current = obs.status.plan
     forbidden = state.settings.forbidden_tolerations
     kept = planner_corrections(obs.status.corrections)
+    off = obs.status.slo.draftsOff if obs.status.slo is not None else None
 
     def fits(n: int) -> bool:
         return current is not None and not planner.check_choice(
             spec.model_copy(update={"replicas": n}), inventory, current, forbidden_tolerations=forbidden,
-            corrections=kept)
+            corrections=kept, drafts_off=off)
 
     return judge(obs.status, state.observations.get(key), spec, obs.now, state.settings.slo, fits)
 

@@ -60,8 +60,10 @@ def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_la
                    f"{_nodes(c)}{flag}")
         e = c.estimate
         per_gpu = f", {format_bytes(e.per_gpu_bytes)} per GPU" if c.pool.gpu else " of RAM"
+        draft_bytes = getattr(e, "draft_bytes", 0)  # decoding with a draft (drafting.DraftEstimate)
         out.append(f"  Predicted  memory {format_bytes(e.total_bytes)}{per_gpu} (weights {format_bytes(e.weights_bytes)},"
-                   + (f" adapters {format_bytes(e.adapter_bytes)}," if e.adapter_bytes else "") +
+                   + (f" adapters {format_bytes(e.adapter_bytes)}," if e.adapter_bytes else "")
+                   + (f" draft {format_bytes(draft_bytes)}," if draft_bytes else "") +
                    f" KV cache {format_bytes(e.kv_cache_bytes)}, overhead {format_bytes(e.overhead_bytes)})")
         out.append(f"             TTFT {format_seconds(e.ttft_seconds)} (limit {slo.ttftP95}), "
                    f"TPOT {format_seconds(e.tpot_seconds)} (limit {slo.tpotP95})")
@@ -79,6 +81,16 @@ def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_la
         adapters = adapter_summary(spec, c)
         if adapters:
             out.append(f"  Adapters   {adapters}")
+        draft = c.speculative()
+        if draft:
+            rate, up_to = draft["minAcceptanceRate"], draft["paysUpToConcurrency"]
+            out.append(f"  Draft      {draft['draftModel']} {draft['draftQuantization']} ({draft['draftWeightsSource']}), "
+                       f"{draft['numSpeculativeTokens']} tokens per step: predicted {draft['predictedSpeedup']:g}x "
+                       f"faster at acceptance {draft['acceptance']:g} per token ({draft['acceptanceSource']})")
+            if rate is not None or up_to is not None:
+                out.append("             pays while " + " and ".join(
+                    ([f"more than {rate:.0%} of drafted tokens are accepted"] if rate is not None else [])
+                    + ([f"at most {up_to} requests run per replica"] if up_to is not None else [])))
     if plan.fallback_reason:
         out.append("  Why        " + plan.fallback_reason.replace(" | ", "\n             "))
     for note in plan.notes:
@@ -88,7 +100,8 @@ def render_plan_table(name: str, spec: api.LlamaDeploymentSpec, plan, cluster_la
     rows = []
     for cand in plan.candidates:
         mem, ttft, tpot = _predicted_cells(cand)
-        quant = cand.quant.id + (f"+kv:{cand.kv_cache_dtype}" if cand.kv_cache_dtype != "auto" else "")
+        quant = cand.quant.id + (f"+kv:{cand.kv_cache_dtype}" if cand.kv_cache_dtype != "auto" else "") \
+            + (f"+draft:{cand.draft.model.id.removeprefix('llama-')}" if cand.draft else "")
         rows.append(((cand.verdict, cand.model.id, quant, cand.runtime, cand.hardware, mem, ttft, tpot), cand.reasons))
     widths = [max([len(h)] + [len(r[0][i]) for r in rows]) for i, h in enumerate(headers)]
     out.append(f"  Candidates tried: {len(plan.candidates)}")

@@ -1,12 +1,8 @@
 """The planner: from a LlamaDeployment spec and the cluster's inventory, the variant to run and why.
 
-Pure and deterministic. It walks the fallback ladder rung by rung (docs/fallback.md):
-
-1. the requested model at its best quality tier (16-bit), then its lower tiers (8, 6, 5, 4 bits; 3 and
-   2 bits only when listed in fallback.quantizations);
-2. the same tiers again with an 8-bit KV cache (vLLM fp8, llama.cpp q8_0), when allowed;
-3. the next smaller model of the same capability (a vision request stays vision), never below the floor,
-   and so on down.
+Pure and deterministic. It walks the fallback ladder rung by rung (ladder.py, docs/fallback.md): the requested
+model's quality tiers best first, each followed by the same variants with a draft model when time per output
+token is what failed (drafts.py), then an 8-bit KV cache, then smaller models.
 
 Within a rung every candidate (variant x runtime x hardware pool x GPUs per replica) is estimated and
 checked against the hard limits: the support matrix, the memory budget, GPU memory, free GPUs, the SLO.
@@ -20,22 +16,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Collection, Iterable, Iterator, Mapping
+from typing import Collection, Mapping
 
 from .api import LlamaDeploymentSpec
 from .candidate import Candidate, Plan
 from .catalog import Model, Quantization, load_catalog
+from .drafting import DraftChoice
+from .drafts import MeasuredAcceptance, draft_for, draft_limits, gain_problem, with_draft
 from .engines import support_problem
-from .finetune import custom_weights_quantizations, finetune_support_problem, pins_base_model, source_problem
+from .finetune import finetune_support_problem, pins_base_model, source_problem
 from .estimate import VLLM_MAX_GPU_MEMORY_UTILIZATION, Estimate, Hardware, Workload, estimate, host_requests
 from .inventory import Inventory
-from .multinode import NO_SPAN_PREFIX, across_nodes, out_of_one_node, span_problem
+from .ladder import TPOT_MISSED, Rung, ladder_models, rungs
+from .ladder import kv_dtype as kv_dtype_of
+from .multinode import across_nodes, out_of_one_node, span_problem
 from .pipeline import estimate_pipeline
 from .placement import DEFAULT_FORBIDDEN_TOLERATIONS, NO_GPU_NODE, NO_NODE, Pool, build_pools
 from .units import format_bytes, format_seconds
 
-#: Bits below which a quantization is used only when the spec lists it ("down to 4-bit by default").
-DEFAULT_MIN_BITS = 4
+__all__ = ["Corrections", "Plan", "STATUS_REJECTED_LIMIT", "check_choice", "ladder_models", "plan", "rank"]
 #: llama.cpp on GPU loads everything it is given; leave the driver a little room.
 LLAMACPP_MAX_GPU_MEMORY_FRACTION = 0.95
 #: Tensor-parallel sizes vLLM supports for Llama (they must divide the KV heads).
@@ -50,64 +49,6 @@ STATUS_REJECTED_LIMIT = 20
 #: the estimates of exactly that variant on exactly that hardware by them, before judging the SLO.
 Corrections = Mapping[tuple[str, str], tuple[float, float]]
 NO_CORRECTION = (1.0, 1.0)
-
-
-# --- The ladder ---------------------------------------------------------------------------------------
-
-
-def ladder_models(spec: LlamaDeploymentSpec) -> list[Model]:
-    """The requested model, then smaller ones of the same capability down to the floor (largest first).
-
-    Models of one size share one rung (Llama 3.3 70B and 3.1 70B need the same memory), so only the
-    newest of a size is offered as a fallback.
-    """
-    catalog = load_catalog()
-    requested = catalog.model(spec.model)
-    out = [requested]
-    if not spec.fallback.allowSmallerModels or pins_base_model(spec):
-        return out
-    same = [m for m in catalog.models.values() if m.capability == requested.capability]
-    floor_id = spec.fallback.minimumModel
-    floor_size = catalog.model(floor_id).published_parameters if floor_id else 0.0
-    smaller = [m for m in same if floor_size <= m.published_parameters < requested.published_parameters * 0.95]
-    smaller.sort(key=lambda m: (-m.published_parameters, -float(m.family)))
-    seen_sizes: set[int] = set()
-    for m in smaller:
-        size = round(m.published_parameters / 1e9)
-        if size not in seen_sizes:
-            seen_sizes.add(size)
-            out.append(m)
-    return out
-
-
-def allowed_quantizations(spec: LlamaDeploymentSpec, model: Model) -> list[Quantization]:
-    """The model's variants the spec allows: published ones, or a fine-tune's own (spec.weights)."""
-    catalog = load_catalog()
-    listed = spec.fallback.quantizations
-    out = []
-    variants = model.variants() if spec.weights is None else custom_weights_quantizations(
-        spec, [q.id for q in catalog.quantizations.values() if q.runtime == "llamacpp"])
-    for qid in variants:
-        q = catalog.quantizations[qid]
-        if spec.runtime != "auto" and q.runtime != spec.runtime:
-            continue
-        if listed is not None:
-            if qid not in listed:
-                continue
-        elif q.bits < DEFAULT_MIN_BITS and spec.weights is None:  # (a fine-tune's GGUF file is the user's choice)
-            continue
-        if not spec.fallback.allowQuantization and q.bits < 16:
-            continue
-        out.append(q)
-    return out
-
-
-def quality_tiers(quants: Iterable[Quantization]) -> list[list[Quantization]]:
-    """Quantizations grouped by quality, best first (bf16 and f16 share a tier, fp8 and q8_0 another)."""
-    by_quality: dict[int, list[Quantization]] = {}
-    for q in quants:
-        by_quality.setdefault(q.quality, []).append(q)
-    return [by_quality[k] for k in sorted(by_quality, reverse=True)]
 
 
 # --- Checking one candidate ----------------------------------------------------------------------------
@@ -147,15 +88,22 @@ class _FixedVerdict:
 def _fixed_verdict(model: Model, quant: Quantization, hw: Hardware, workload: Workload,
                    limits: _Limits, correction: tuple[float, float] = NO_CORRECTION,
                    adapter_ranks: tuple[int, ...] = (), in_flight: bool = False, nodes: int = 1,
-                   network_gbps: float = 0.0) -> _FixedVerdict:
+                   network_gbps: float = 0.0, draft: DraftChoice | None = None,
+                   auto_draft: bool = False) -> _FixedVerdict:
+    """`draft`: decode with it (`auto_draft`: only when it gains the catalog's minimum, mode Auto)."""
     gpu, runtime = hw.gpu, quant.runtime
     problem = support_problem(model, quant, gpu, workload.kv_cache_dtype) or \
-        finetune_support_problem(model, quant, gpu, bool(adapter_ranks), in_flight)
+        finetune_support_problem(model, quant, gpu, bool(adapter_ranks), in_flight) or \
+        (support_problem(draft.model, draft.quant, gpu, workload.kv_cache_dtype) if draft else None)
     if problem:
         return _FixedVerdict(None, (problem,), (), float("inf"))
     e = estimate(model, quant, hw, workload, adapter_ranks=adapter_ranks, in_flight=in_flight) if nodes == 1 else \
         estimate_pipeline(model, quant, hw, workload, nodes, network_gbps, adapter_ranks=adapter_ranks,
                           in_flight=in_flight)
+    gain = None
+    if draft is not None:
+        e = with_draft(model, quant, hw, workload, draft, e)
+        gain = gain_problem(e, draft, workload.concurrency) if auto_draft else None
     if correction != NO_CORRECTION:
         e = replace(e, ttft_seconds=e.ttft_seconds * correction[0], tpot_seconds=e.tpot_seconds * correction[1])
     before, after = [], []
@@ -181,13 +129,20 @@ def _fixed_verdict(model: Model, quant: Quantization, hw: Hardware, workload: Wo
     if e.ttft_seconds > limits.ttft_seconds:
         after.append(f"predicted TTFT {format_seconds(e.ttft_seconds)}{observed} > SLO {limits.ttft_text}")
     if e.tpot_seconds > limits.tpot_seconds:
-        after.append(f"predicted TPOT {format_seconds(e.tpot_seconds)}{observed} > SLO {limits.tpot_text}")
+        after.append(f"{TPOT_MISSED}{format_seconds(e.tpot_seconds)}{observed} > SLO {limits.tpot_text}")
+    if gain:
+        after.append(gain)
     return _FixedVerdict(e, tuple(before), tuple(after), max(ratios), cpu_millis, memory_bytes)
 
 
 def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload, limits: _Limits | None = None,
-           corrections: Corrections | None = None) -> None:
+           corrections: Corrections | None = None, draft: DraftChoice | str | None = None) -> None:
+    """Estimate `c` and give its verdict, into it. `draft`: the draft it decodes with, or why it cannot."""
     gpu = c.pool.gpu
+    if isinstance(draft, str):
+        c.reasons.append(draft)
+        return
+    c.draft = draft
     if spec.weights is not None:
         c.custom_weights = spec.weights.source if c.runtime == "vllm" else spec.weights.gguf
     if spec.adapters or spec.weights is not None:
@@ -199,11 +154,12 @@ def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload, limits: 
         hw = Hardware(gpu=None, cpu_cores=c.cpu_threads, cpu_bandwidth_gbps=c.pool.cpu_bandwidth_gbps)
     else:
         hw = Hardware(gpu=gpu, gpu_count=c.gpus_per_replica)
-    if corrections:
-        c.correction = corrections.get((f"{c.model.id}/{c.quant.id}", c.hardware))
+    if corrections:  # a draft's own, else its variant's: a target slower than predicted verifies slower too
+        c.correction = corrections.get((c.variant, c.hardware)) or (
+            corrections.get((f"{c.model.id}/{c.quant.id}", c.hardware)) if c.draft else None)
     fixed = _fixed_verdict(c.model, c.quant, hw, workload, limits or _Limits.of(spec), c.correction or NO_CORRECTION,
                            tuple(a.rank for a in spec.adapters), spec.weights is not None, c.nodes_per_replica,
-                           c.pool.network_gbps)
+                           c.pool.network_gbps, draft, spec.speculative.mode == "Auto")
     c.reasons.extend(fixed.before)
     if fixed.estimate is None:  # the hardware cannot run the format: nothing else to say
         return
@@ -245,47 +201,18 @@ def _best_of(attempts: list[Candidate]) -> Candidate:
     return min(attempts, key=lambda a: (a.shortfall, a.gpus_per_replica))
 
 
-def _kv_dtype(quant: Quantization) -> str:
-    return "fp8" if quant.runtime == "vllm" else "q8_0"
-
-
-@dataclass(frozen=True)
-class _Rung:
-    """One rung of the ladder: the variants of one quality tier of a model, with the model's own KV cache
-    or an 8-bit one."""
-
-    model: Model
-    tier: list[Quantization]
-    kv_8bit: bool
-
-    @property
-    def label(self) -> str:
-        kv = " with 8-bit KV cache" if self.kv_8bit else ""
-        return f"{self.model.id} {'/'.join(q.id for q in self.tier)}{kv}"
-
-
-def _rungs(spec: LlamaDeploymentSpec, tried: list[Candidate]) -> Iterator[_Rung]:
-    """The ladder's rungs in order: each model's quality tiers (best first), then the same tiers with an
-    8-bit KV cache when the spec allows it and the candidates tried so far show that the cache is what does
-    not fit (`tried`: the caller's list, which it extends as it walks the rungs)."""
-    for model in ladder_models(spec):
-        tiers = quality_tiers(allowed_quantizations(spec, model))
-        for tier in tiers:
-            yield _Rung(model, tier, False)
-        if spec.fallback.allowKVCacheQuantization and _kv_is_the_problem(tried):
-            for tier in tiers:
-                yield _Rung(model, tier, True)
-
-
-def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: list[Pool], base: Workload,
-                     limits: _Limits, corrections: Corrections | None, lws: bool = False) -> list[Candidate]:
+def _rung_candidates(spec: LlamaDeploymentSpec, rung: Rung, index: int, pools: list[Pool], base: Workload,
+                     limits: _Limits, corrections: Corrections | None, lws: bool = False,
+                     measured: MeasuredAcceptance | None = None) -> list[Candidate]:
     """Every variant of the rung, checked: one candidate per pool that can run it (the fewest GPUs that
     work, else the count closest to working; when no node of any pool holds it, a replica spanning nodes,
     multinode.py),
-    or one on a stand-in pool saying why none can. `lws`: the cluster has LeaderWorkerSet."""
+    or one on a stand-in pool saying why none can. `lws`: the cluster has LeaderWorkerSet. A draft rung's
+    candidates decode with the draft (drafts.draft_for; `measured`: the SLO loop's acceptance) on one node."""
     out = []
     for quant in rung.tier:
-        kv_dtype = _kv_dtype(quant) if rung.kv_8bit else "auto"
+        draft = draft_for(spec, rung.model, quant, measured) if rung.draft else None
+        kv_dtype = kv_dtype_of(quant) if rung.kv_8bit else "auto"
         workload = base if kv_dtype == "auto" else Workload(
             base.context_length, base.concurrency, base.prompt_tokens, kv_dtype)  # type: ignore[arg-type]
         tried = []
@@ -295,7 +222,7 @@ def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: 
             attempts = []
             for n in _gpu_counts(quant, rung.model, pool):
                 c = Candidate(rung.model, quant, kv_dtype, pool, n, index)
-                _check(c, spec, workload, limits, corrections)
+                _check(c, spec, workload, limits, corrections, draft)
                 attempts.append(c)
                 if c.feasible:
                     break  # _best_of takes the fewest GPUs that work: larger counts never win
@@ -303,7 +230,8 @@ def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: 
                 tried.append(attempts)
         # A replica spans nodes only when no node of the cluster holds the variant (whether or not that node's
         # GPUs are free): one node is always the better way to run the same variant.
-        one_node_holds = any(c.estimate is not None and not out_of_one_node(c) for a in tried for c in a)
+        # A draft is planned on one node only (docs/speculative.md).
+        one_node_holds = rung.draft or any(c.estimate is not None and not out_of_one_node(c) for a in tried for c in a)
         for attempts in tried:
             best = _best_of(attempts)
             out.append(best if one_node_holds else across_nodes(
@@ -316,10 +244,13 @@ def _rung_candidates(spec: LlamaDeploymentSpec, rung: _Rung, index: int, pools: 
 
 def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
          forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS,
-         corrections: Corrections | None = None) -> Plan:
+         corrections: Corrections | None = None, measured: MeasuredAcceptance | None = None,
+         drafts_off: str | None = None) -> Plan:
     """Choose what to run for `spec` on `inventory`, with the verdict and reasons for every candidate tried.
     `forbidden_tolerations`: taint keys the spec's tolerations do not count for (placement.effective_tolerations);
-    `corrections`: observed over estimated latency of variants on hardware (the SLO loop's)."""
+    `corrections`: observed over estimated latency of variants on hardware (the SLO loop's); `measured`: per-token
+    acceptance of draft pairs the SLO loop measured; `drafts_off`: why the SLO loop turned drafts off (mode Auto:
+    no draft rung is tried)."""
     pools, notes = build_pools(spec, inventory, forbidden_tolerations)
     base = Workload(context_length=spec.contextLength, concurrency=spec.slo.concurrency,
                     prompt_tokens=spec.slo.promptTokens)
@@ -332,10 +263,15 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
     pinned = pins_base_model(spec)
     if pinned:
         notes.append(f"{spec.model} is pinned: {pinned}; no smaller model is tried")
-    for index, rung in enumerate(_rungs(spec, candidates)):
+    off = bool(drafts_off) and spec.speculative.mode == "Auto"
+    if off:
+        notes.append(f"drafts are off: {drafts_off}")
+    walked: list[Rung] = []
+    for index, rung in enumerate(rungs(spec, candidates, off)):
+        walked.append(rung)
         rung_labels.append(rung.label)
         rung_candidates = _rung_candidates(spec, rung, index, pools, base, limits, corrections,
-                                           inventory.leaderworkerset)
+                                           inventory.leaderworkerset, measured)
         rung_candidates.sort(key=Candidate.cost_key)
         candidates.extend(rung_candidates)
         feasible = [c for c in rung_candidates if c.feasible]
@@ -344,17 +280,31 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
             chosen.verdict = "chosen"
             for other in feasible[1:]:
                 other.verdict = "feasible"
+            if chosen.draft is not None:
+                chosen.draft_limits = _draft_limits(chosen, spec, base)
             break
     return Plan(
         requested_model=spec.model,
         feasible=chosen is not None,
         chosen=chosen,
         candidates=candidates,
-        fallback=chosen is not None and chosen.rung > 0,
+        # A draft on the first rung's variants changes no answer: not a fallback (though the reason says why).
+        fallback=chosen is not None and chosen.rung > (1 if walked[chosen.rung].draft and not walked[0].draft else 0),
         fallback_reason=_fallback_reason(candidates, chosen, rung_labels, notes)
         + (f" | {spec.model} is pinned: {pinned}" if pinned and chosen is None else ""),
         notes=notes,
     )
+
+
+def _draft_limits(c: Candidate, spec: LlamaDeploymentSpec, base: Workload) -> tuple[float | None, int | None]:
+    """The chosen draft's limits for the SLO loop (drafts.draft_limits), on the estimates without corrections."""
+    hw = Hardware(gpu=c.pool.gpu, gpu_count=c.gpus_per_replica) if c.pool.gpu else \
+        Hardware(gpu=None, cpu_cores=c.cpu_threads, cpu_bandwidth_gbps=c.pool.cpu_bandwidth_gbps)
+    workload = Workload(base.context_length, base.concurrency, base.prompt_tokens, c.kv_cache_dtype)  # type: ignore
+
+    def base_of(w: Workload) -> Estimate:
+        return estimate(c.model, c.quant, hw, w, in_flight=spec.weights is not None)
+    return draft_limits(c.model, c.quant, hw, workload, c.estimate, c.draft, base_of)  # type: ignore[arg-type]
 
 
 def _unplaceable(spec: LlamaDeploymentSpec, model: Model, quant: Quantization, kv_dtype: str, rung: int,
@@ -375,20 +325,6 @@ def _unplaceable(spec: LlamaDeploymentSpec, model: Model, quant: Quantization, k
         assert not any_pool  # with a CPU or GPU pool, llama.cpp always has an attempt
         reasons.append("no ready node matches the placement")
     return Candidate(model, quant, kv_dtype, NO_GPU_NODE if needs_gpu else NO_NODE, 0, rung, reasons=reasons)
-
-
-def _kv_is_the_problem(candidates: list[Candidate]) -> bool:
-    """True when some candidate failed on memory alone and its KV cache is a large share of its memory: an
-    8-bit KV cache only helps when the cache is what does not fit. A replica spanning nodes stands for the
-    one-node attempt no node held: whatever kept it out (LeaderWorkerSet, free nodes) but the SLO counts so."""
-    for c in candidates:
-        if c.estimate is None or c.kv_cache_dtype != "auto":
-            continue
-        memory_only = all(r.startswith(("needs ", NO_SPAN_PREFIX)) or "per GPU" in r  # a replica spanning nodes
-                          or (c.nodes_per_replica > 1 and not r.startswith("predicted ")) for r in c.reasons)
-        if memory_only and c.estimate.kv_cache_bytes >= 0.25 * c.estimate.total_bytes:
-            return True
-    return False
 
 
 def _fallback_reason(candidates: list[Candidate], chosen: Candidate | None, rung_labels: list[str],
@@ -417,18 +353,22 @@ def _fallback_reason(candidates: list[Candidate], chosen: Candidate | None, rung
 def rank(spec: LlamaDeploymentSpec, chosen) -> tuple:
     """Where a plan (status.ChosenPlan) stands on this spec's ladder: smaller is better.
 
-    (model position, 8-bit KV cache, quality tier, nodes, GPUs, GPU memory): on one rung, one node before
-    several; a plan off the ladder (the spec changed since) ranks last.
+    (model position, 8-bit KV cache, quality tier, draft, nodes, GPUs, GPU memory): on one rung, one node before
+    several; a tier's variant before the same with a draft (mode Auto; mode On the other way round); a plan off
+    the ladder (the spec changed since, or drafts where mode is Off) ranks last.
     """
     catalog = load_catalog()
     models = [m.id for m in ladder_models(spec)]
-    if chosen.model not in models or chosen.quantization not in catalog.quantizations:
-        return (len(models), 1, 0, 0, 0, 0.0)
+    drafting = chosen.speculative is not None
+    if chosen.model not in models or chosen.quantization not in catalog.quantizations or \
+            (drafting and spec.speculative.mode == "Off"):
+        return (len(models), 1, 0, 0, 0, 0, 0.0)
     gpu = catalog.find_gpu(chosen.gpuProduct) if chosen.gpuProduct else None
     return (
         models.index(chosen.model),
         0 if chosen.kvCacheDtype == "auto" else 1,
         -catalog.quantizations[chosen.quantization].quality,
+        int(drafting) if spec.speculative.mode != "On" else int(not drafting),
         chosen.nodesPerReplica,
         chosen.gpusPerReplica if chosen.gpuProduct else 0,
         gpu.memory_gib if gpu else 0.0,
@@ -437,11 +377,13 @@ def rank(spec: LlamaDeploymentSpec, chosen) -> tuple:
 
 def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen, *,
                  forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS,
-                 corrections: Corrections | None = None) -> list[str]:
+                 corrections: Corrections | None = None, measured: MeasuredAcceptance | None = None,
+                 drafts_off: str | None = None) -> list[str]:
     """Reasons the plan in force (status.ChosenPlan) no longer works on `inventory`; empty while it does.
 
     The operator keeps a working plan until a better one has been stable for a while, but moves at once
-    when the one in force has lost its hardware.
+    when the one in force has lost its hardware, or its draft (`drafts_off`: the SLO loop turned drafts off;
+    `measured`: the acceptance it measured, which the draft's gain is judged with).
     """
     catalog = load_catalog()
     if chosen.model not in catalog.models or chosen.quantization not in catalog.quantizations:
@@ -460,6 +402,15 @@ def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen, *,
                         chosen.kvCacheDtype)  # type: ignore[arg-type]
     c = Candidate(model, quant, chosen.kvCacheDtype, pool, chosen.gpusPerReplica, rung=0,
                   nodes_per_replica=chosen.nodesPerReplica)
-    _check(c, spec, workload, corrections=corrections)
+    draft = None
+    if chosen.speculative is not None:
+        if drafts_off and spec.speculative.mode == "Auto":
+            return [f"the draft was turned off: {drafts_off}"]
+        draft = draft_for(spec, model, quant, measured)
+        if not isinstance(draft, str):
+            if draft.model.id != chosen.speculative.draftModel:
+                return [f"spec.speculative asks for another draft than {chosen.speculative.draftModel}"]
+            draft = replace(draft, tokens=chosen.speculative.numSpeculativeTokens)
+    _check(c, spec, workload, corrections=corrections, draft=draft)
     problem = span_problem(c, inventory.leaderworkerset)
     return ([problem] if problem else []) + c.reasons

@@ -21,6 +21,11 @@ docs/slo-loop.md is the readable version. Rules:
   the first rung that meets the SLO with corrected estimates, or, when none does, the phase is
   Degraded, naming observed versus predicted. Calm (SLO met, the load would fit in one replica fewer
   with headroom) for the calm window: scale in by one, never below spec.replicas.
+* **Drafts that do not pay** (a plan decoding with a draft, spec.speculative.mode Auto; docs/speculative.md):
+  accepted over drafted tokens below the plan's minAcceptanceRate, or more requests per replica than its
+  paysUpToConcurrency with no replica to add, for the window: drafts are turned off (an Event says why) and
+  the planner walks the ladder without them; after the correction TTL they may be planned again. The
+  acceptance measured replaces the catalog's figure in the planner's predictions meanwhile.
 * **Observe mode** (spec.sloPolicy observe) reports the same and does nothing.
 * **Forgetting.** A correction older than the correction TTL is dropped, so the planner may try the
   better variant again (after the upgrade delay, like any upgrade); if it is still slow, the next
@@ -35,6 +40,8 @@ from typing import Callable
 
 from .api import LlamaDeploymentSpec
 from .candidate import plan_hardware
+from .drafting import alpha_for_rate
+from .drafts import MeasuredAcceptance
 from .observe import MEAN_FROM_COUNTERS, Observation, format_window
 from .planner import Corrections
 from .status import ChosenPlan, Correction, LlamaDeploymentStatus, Observed, SLOState
@@ -86,13 +93,21 @@ class Judgement:
     #: A sustained breach without a remedy here (at maxReplicas, no capacity), or the correction just
     #: recorded: observed against target and prediction, for the phase (Degraded) when nothing is left to try.
     breach_message: str | None = None
-    action: str | None = None  # ScaledOut | ScaledIn | Replanned, for the metrics
+    action: str | None = None  # ScaledOut | ScaledIn | Replanned | DraftOff, for the metrics
     #: False: what was seen is close to what status shows (_worth_writing); a verdict that did not change
     #: keeps its message too, so a steady deployment's status is not rewritten every interval.
     observed_fresh: bool = True
 
     def planner_corrections(self) -> Corrections:
         return planner_corrections(self.corrections)
+
+    @property
+    def drafts_off(self) -> str | None:
+        """Why drafts are off (the planner tries none), or None."""
+        return self.state.draftsOff
+
+    #: Per-token acceptance of the draft in force, from what was measured (the planner predicts with it).
+    measured_acceptance: MeasuredAcceptance = field(default_factory=dict)
 
 
 def planner_corrections(corrections: list[Correction]) -> Corrections:
@@ -112,6 +127,7 @@ def _observed_status(obs: Observation) -> Observed:
         ttftOverTarget=r(obs.ttft_over_target), tpotOverTarget=r(obs.tpot_over_target),
         requestsRunning=r(obs.requests_running), requestsWaiting=r(obs.requests_waiting),
         requestsPerSecond=r(obs.requests_per_second), tokensPerSecond=r(obs.tokens_per_second),
+        draftAcceptanceRate=r(obs.draft_acceptance_rate), draftedTokensPerSecond=r(obs.drafted_per_second),
         window=format_window(obs.window_seconds),
         source=obs.source, sampledAt=format_time(obs.sampled_at))
 
@@ -209,6 +225,8 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     corrections = _fresh_corrections(status, now, settings.correction_ttl)
     state = SLOState(replicas=replicas if replicas != spec.replicas else None, lastAction=prev.lastAction,
                      lastActionAt=prev.lastActionAt)
+    if prev.draftsOff and prev.draftsOffAt and _since(prev.draftsOffAt, now) < settings.correction_ttl:
+        state.draftsOff, state.draftsOffAt = prev.draftsOff, prev.draftsOffAt  # (forgotten after the TTL)
     plan = status.plan
     before = next((c for c in status.conditions if c.type == SLO_MET), None)
 
@@ -274,12 +292,21 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
                              f"{seen}; {load_text}"))
     if not breached and not overloaded:
         state.calmSince = prev.calmSince or format_time(now)
+    j.measured_acceptance = _measured_acceptance(obs, plan, settings)
+    unpaid = _draft_unpaid(obs, plan, spec, replicas, j.measured_acceptance)
+    state.draftUnpaidSince = (prev.draftUnpaidSince or format_time(now)) if unpaid and not settling else None
+    unpaid_sustained = state.draftUnpaidSince is not None and _since(state.draftUnpaidSince, now) >= settings.window
     cooling = prev.lastActionAt is not None and _since(prev.lastActionAt, now) < settings.cooldown
     if spec.sloPolicy != "enforce" or cooling:
         return j
+    if unpaid_sustained and unpaid[0] == "acceptance":  # the draft costs more than it saves, whatever the load
+        _draft_off(j, plan, unpaid[1], now, settings)
+        return j
     if overloaded and _since(state.overloadedSince, now) >= settings.window:
         why_not = _scale_out(j, spec, total, load_text, now, fits)
-        if why_not is not None and sustained:  # the latency breach comes with more load than can be served
+        if why_not is not None and unpaid_sustained:  # more load than the draft pays at, and no replica to add
+            _draft_off(j, plan, f"{unpaid[1]}, and no replica could be added ({why_not})", now, settings)
+        elif why_not is not None and sustained:  # the latency breach comes with more load than can be served
             j.breach_message = f"SLO breached: {seen}; {load_text}; {why_not}"
         return j
     if sustained and not overloaded:  # the engine is slower than predicted at the planned load
@@ -296,6 +323,55 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     if not sustained:
         _maybe_scale_in(j, spec, prev, now, settings, total, f"SLO met: {seen}")
     return j
+
+
+def _enough_drafted(obs: Observation, plan: ChosenPlan, settings: SloSettings) -> bool:
+    """Whether the window drafted enough to judge the acceptance on: min_samples drafting steps' worth (the draft
+    length times the loop's min_samples), since a rate over a handful of drafts is noise."""
+    assert plan.speculative is not None
+    drafted = (obs.drafted_per_second or 0.0) * obs.window_seconds
+    return drafted >= settings.min_samples * plan.speculative.numSpeculativeTokens
+
+
+def _measured_acceptance(obs: Observation, plan: ChosenPlan | None, settings: SloSettings) -> MeasuredAcceptance:
+    """The per-token acceptance of the draft in force, from accepted over drafted tokens at its draft length
+    (drafting.alpha_for_rate); empty without a draft or without enough drafted tokens to say."""
+    if plan is None or plan.speculative is None or obs.draft_acceptance_rate is None \
+            or not _enough_drafted(obs, plan, settings):
+        return {}
+    s = plan.speculative
+    return {(plan.model, s.draftModel): float(f"{alpha_for_rate(obs.draft_acceptance_rate, s.numSpeculativeTokens):.3g}")}
+
+
+def _draft_unpaid(obs: Observation, plan: ChosenPlan | None, spec: LlamaDeploymentSpec, replicas: int,
+                  measured: MeasuredAcceptance) -> tuple[str, str] | None:
+    """Why the draft in force does not pay, ("acceptance" | "load", what was seen); None when it does, when there
+    is none, or when the mode is not Auto (On keeps its draft; the loop only reports)."""
+    if plan is None or plan.speculative is None or spec.speculative.mode != "Auto":
+        return None
+    s = plan.speculative
+    if measured and s.minAcceptanceRate is not None and obs.draft_acceptance_rate is not None \
+            and obs.draft_acceptance_rate < s.minAcceptanceRate:
+        return ("acceptance", f"{obs.draft_acceptance_rate:.0%} of drafted tokens were accepted, below the "
+                f"{s.minAcceptanceRate:.0%} at which the {s.draftModel} draft gains what it costs at concurrency "
+                f"{spec.slo.concurrency} (predicted {s.predictedSpeedup:g}x at {s.acceptance:g} per token)")
+    per_replica = (obs.requests_running or 0.0) / max(1, replicas)
+    if s.paysUpToConcurrency is not None and per_replica > s.paysUpToConcurrency:
+        return ("load", f"{per_replica:.3g} requests run per replica, more than the {s.paysUpToConcurrency} up to "
+                f"which the {s.draftModel} draft pays")
+    return None
+
+
+def _draft_off(j: Judgement, plan: ChosenPlan, why: str, now: datetime, settings: SloSettings) -> None:
+    """Turn drafts off (the planner re-plans without them in this pass), with the Event saying why."""
+    assert plan.speculative is not None
+    hours = settings.correction_ttl.total_seconds() / 3600
+    j.events.append((WARNING, "DraftOff", f"Turning the {plan.speculative.draftModel} draft off: {why}; planning "
+                     f"without drafts for {hours:g}h"))
+    j.action = "DraftOff"
+    j.state.draftsOff, j.state.draftsOffAt = why, format_time(now)
+    j.state.draftUnpaidSince = None
+    j.state.lastAction, j.state.lastActionAt = "DraftOff", format_time(now)
 
 
 def _scale_out(j: Judgement, spec: LlamaDeploymentSpec, total: float, load_text: str, now: datetime,

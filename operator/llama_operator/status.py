@@ -35,6 +35,8 @@ class Predicted(ApiModel):
     adapterBytes: int | None = Field(default=None, description=(
         "Of memoryBytes, what the LoRA adapters take (vLLM's reservation of --max-loras slots at --max-lora-rank "
         "on every GPU; llama.cpp's adapter files). docs/adapters.md."))
+    draftBytes: int | None = Field(default=None, description=(
+        "Of memoryBytes, what the draft model takes (its weights, its KV cache, llama.cpp's compute buffer for it)."))
     perGpuBytes: int | None = Field(default=None, description="Memory needed on each GPU (null on CPU).")
     ttftSeconds: float = Field(description="Predicted p95 time to first token (the estimate times correctedBy).")
     tpotSeconds: float = Field(description="Predicted time per output token (the estimate times correctedBy).")
@@ -44,6 +46,27 @@ class Predicted(ApiModel):
     correctedBy: Factors | None = Field(default=None, description=(
         "The correction (status.corrections) the prediction includes: the estimator's figures times these. "
         "Null: the estimate as it is."))
+
+
+class SpeculativePlan(ApiModel):
+    """The draft a plan decodes with (docs/speculative.md)."""
+
+    draftModel: str = Field(description="The draft, by catalog id.")
+    draftQuantization: str = Field(description="The draft's variant (its checkpoint or GGUF file).")
+    draftWeightsSource: str = Field(default="", description="Where the draft's weights come from.")
+    numSpeculativeTokens: int = Field(description="Tokens drafted per step.")
+    acceptance: float = Field(description=(
+        "Per-token acceptance the prediction assumes: the chance the model accepts a drafted token, given it "
+        "accepted the ones before (the catalog's published figure for the pair, or what the SLO loop measured)."))
+    acceptanceSource: str = Field(default="", description="published (catalog speculation.yaml) or measured.")
+    predictedSpeedup: float = Field(description=(
+        "Time per output token without the draft over with it, at slo.concurrency (predicted)."))
+    minAcceptanceRate: float | None = Field(default=None, description=(
+        "Accepted over drafted tokens (what the engines count) below which the draft is predicted to gain less than "
+        "the catalog's minimum at slo.concurrency: the SLO loop turns the draft off below it (mode Auto)."))
+    paysUpToConcurrency: int | None = Field(default=None, description=(
+        "The most requests per replica at which the draft is still predicted to gain the minimum: the SLO loop turns "
+        "it off when more run (mode Auto)."))
 
 
 class ChosenPlan(ApiModel):
@@ -71,11 +94,14 @@ class ChosenPlan(ApiModel):
     cpuThreads: int | None = Field(default=None, description="llama.cpp threads on a CPU node.")
     cpuMemoryBandwidthGbps: float | None = Field(
         default=None, description="Memory bandwidth of the CPU nodes planned on (GB/s); pods are pinned to them.")
+    speculative: SpeculativePlan | None = Field(default=None, description=(
+        "The draft model the plan decodes with (speculative decoding); null: none. docs/speculative.md."))
     predicted: Predicted
 
     @property
     def variant(self) -> str:
-        return f"{self.model}/{self.quantization}"
+        """model/quantization, and '+draft' when it decodes with one (corrections are kept per variant)."""
+        return variant_name(self.model, self.quantization, self.speculative.draftModel if self.speculative else None)
 
     def same_choice(self, other: "ChosenPlan | None") -> bool:
         """Whether two plans run the same thing (predictions aside)."""
@@ -83,7 +109,18 @@ class ChosenPlan(ApiModel):
             return False
         keys = ("model", "quantization", "runtime", "gpuProduct", "gpusPerReplica", "nodesPerReplica", "kvCacheDtype",
                 "cpuThreads", "cpuMemoryBandwidthGbps")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
+        return all(getattr(self, k) == getattr(other, k) for k in keys) and _draft(self) == _draft(other)
+
+
+def variant_name(model: str, quantization: str, draft: str | None = None) -> str:
+    """How status, corrections and metrics name a variant: 'llama-3.1-8b-instruct/bf16', with
+    '+llama-3.2-1b-instruct' when it decodes with that draft."""
+    return f"{model}/{quantization}" + (f"+{draft}" if draft else "")
+
+
+def _draft(plan: ChosenPlan) -> tuple | None:
+    s = plan.speculative
+    return (s.draftModel, s.draftQuantization, s.numSpeculativeTokens) if s else None
 
 
 class RejectedCandidate(ApiModel):
@@ -122,6 +159,10 @@ class Observed(ApiModel):
     requestsWaiting: float | None = Field(default=None, description="Requests queued, all replicas.")
     requestsPerSecond: float | None = None
     tokensPerSecond: float | None = Field(default=None, description="Output tokens per second, all replicas.")
+    draftAcceptanceRate: float | None = Field(default=None, description=(
+        "A plan with a draft: accepted over drafted tokens in the window, all replicas (the engines' counters); "
+        "compare plan.speculative.minAcceptanceRate."))
+    draftedTokensPerSecond: float | None = Field(default=None, description="Drafted tokens per second, all replicas.")
     window: str | None = Field(default=None, description="The window the figures cover (e.g. 5m).")
     source: str | None = Field(default=None, description="prometheus or pods (a direct scrape of /metrics).")
     sampledAt: str | None = Field(default=None, description="When (RFC 3339).")
@@ -147,8 +188,15 @@ class SLOState(ApiModel):
     breachedSince: str | None = Field(default=None, description="When the current breach began (RFC 3339).")
     overloadedSince: str | None = Field(default=None, description="When load above the plan began.")
     calmSince: str | None = Field(default=None, description="When the current calm (SLO met, load low) began.")
-    lastAction: str | None = Field(default=None, description="ScaledOut, ScaledIn or Replanned.")
+    lastAction: str | None = Field(default=None, description="ScaledOut, ScaledIn, Replanned or DraftOff.")
     lastActionAt: str | None = Field(default=None, description="When (RFC 3339); the cooldown counts from it.")
+    draftUnpaidSince: str | None = Field(default=None, description=(
+        "When the draft in force stopped paying (acceptance below plan.speculative.minAcceptanceRate, or more "
+        "requests per replica than plan.speculative.paysUpToConcurrency with none to add)."))
+    draftsOff: str | None = Field(default=None, description=(
+        "Why the loop turned drafts off (spec.speculative.mode Auto): the planner tries no draft until it expires."))
+    draftsOffAt: str | None = Field(default=None, description=(
+        "When (RFC 3339); drafts may be planned again after the correction TTL (run --correction-ttl)."))
 
 
 class AdapterStatus(ApiModel):

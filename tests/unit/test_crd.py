@@ -304,6 +304,13 @@ BAD_FOR_CEL = [
     (".weights", {"weights": {}}),
     (".runtime", {"runtime": "llamacpp", "weights": {"source": "hf://acme/ft"}}),
     (".runtime", {"runtime": "vllm", "weights": {"gguf": "hf://acme/ft/ft-Q4_K_M.gguf"}}),
+    (".speculative.draftModel", {"speculative": {"draftModel": "llama-3.1-70b-instruct"}}),  # larger than the target
+    (".speculative.draftModel", {"model": "llama-3.2-1b-instruct", "speculative": {"draftModel": "llama-3.2-1b-instruct"}}),
+    (".speculative.draftModel", {"speculative": {"draftModel": "llama-3.2-11b-vision-instruct"}}),
+    (".speculative.draftModel", {"model": "llama-3.2-11b-vision-instruct",
+                                 "speculative": {"draftModel": "llama-3.2-1b-instruct"}}),
+    (".speculative.mode", {"model": "llama-3.2-1b-instruct", "speculative": {"mode": "On"}}),
+    (".speculative.mode", {"model": "llama-3.2-90b-vision-instruct", "speculative": {"mode": "On"}}),
 ]
 
 

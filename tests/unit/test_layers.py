@@ -12,13 +12,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "llama_operator"
 #: Bottom-up. A module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, set[str]]] = [
     ("ground floor", {"catalog", "units", "ownership"}),
-    ("api and engine facts", {"api", "fields", "finetune", "status", "engines", "crd", "reference"}),
-    ("estimate", {"estimate", "prefill", "lora", "pipeline"}),
+    ("api and engine facts", {"api", "fields", "finetune", "speculation", "status", "engines", "crd", "reference"}),
+    ("estimate", {"estimate", "prefill", "lora", "pipeline", "drafting"}),
     ("observation", {"observe"}),
     ("inventory", {"inventory"}),
     ("placement", {"placement"}),
     ("candidates", {"candidate"}),
-    ("planner", {"planner", "multinode"}),
+    ("planner", {"planner", "ladder", "drafts", "multinode"}),
     ("SLO decisions", {"slo"}),
     ("render", {"render"}),
     ("reconcile decisions", {"reconcile"}),

@@ -228,7 +228,8 @@ def test_infeasible_is_unschedulable_with_one_warning_and_no_spam(make_spec, clu
 
 
 def test_infeasible_after_a_cluster_change_keeps_what_runs(make_spec, clusters):
-    spec = make_spec(**SPEC_70B, fallback={"allowSmallerModels": False})
+    # (no draft either: on the L40S pair an AWQ 70B with a 1B draft would meet it)
+    spec = make_spec(**SPEC_70B, fallback={"allowSmallerModels": False}, speculative={"mode": "Off"})
     running = converge(spec, clusters["small"])
     # The A10G node is cordoned or gone and nothing else can serve the SLO.
     inv = clusters["l40s-only"]

@@ -103,6 +103,8 @@ class Model:
     vllm_kernels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # quantization id -> its own kernels
     # quantization id -> the modules its checkpoint leaves in 16 bits beyond embeddings, lm_head and norms
     vllm_unconverted: dict[str, "Unconverted"] = field(default_factory=dict)
+    #: The vocabulary it reads and writes (models.yaml `tokenizer`): models sharing one may draft for each other.
+    tokenizer: str | None = None
 
     def variants(self) -> list[str]:
         """Quantization ids published for this model, vLLM ones first."""
@@ -190,6 +192,30 @@ class NetworkDefaults:
 
 
 @dataclass(frozen=True)
+class DraftPair:
+    """What the planner assumes of one draft model drafting for one target (speculation.yaml `pairs`)."""
+
+    target: str
+    draft: str
+    alpha: float  # per-token acceptance: the chance the target accepts a drafted token, given the ones before
+    source: str
+
+
+@dataclass(frozen=True)
+class SpeculationFacts:
+    """speculation.yaml: acceptance per draft/target pair, and the planner's rules for drafts."""
+
+    pairs: dict[tuple[str, str], DraftPair]  # (target id, draft id) -> pair
+    default_alpha: float  # for a pair the file does not list
+    default_source: str
+    min_speedup: float  # Auto drafts only when predicted this much faster at the planned concurrency
+    max_draft_tokens: int  # the longest draft the planner tries when spec.speculative leaves the length to it
+
+    def pair(self, target: str, draft: str) -> DraftPair:
+        return self.pairs.get((target, draft)) or DraftPair(target, draft, self.default_alpha, self.default_source)
+
+
+@dataclass(frozen=True)
 class Catalog:
     models: dict[str, Model]
     quantizations: dict[str, Quantization]
@@ -199,6 +225,7 @@ class Catalog:
     gpu_index: dict[str, GPU]  # lower-cased product or alias -> GPU
     cpu: CpuDefaults
     network: NetworkDefaults
+    speculation: SpeculationFacts
 
     def model(self, model_id: str) -> Model:
         return self.models[model_id]
@@ -242,6 +269,7 @@ def _load_models() -> dict[str, Model]:
             family=str(raw["family"]),
             capability=raw["capability"],
             architecture=raw["architecture"],
+            tokenizer=raw.get("tokenizer"),
             published_parameters=float(raw["publishedParameters"]),
             arch=ModelArch(**arch_kwargs),
             source=raw["source"],
@@ -297,6 +325,17 @@ def _load_hardware() -> tuple[dict[str, GPU], dict[str, GPU], CpuDefaults, Netwo
     return gpus, index, cpu, network
 
 
+def _load_speculation() -> SpeculationFacts:
+    raw = load_yaml("speculation.yaml")
+    pairs = {}
+    for entry in raw["pairs"]:
+        for target in entry["targets"]:
+            pairs[(target, entry["draft"])] = DraftPair(target, entry["draft"], float(entry["alpha"]), entry["source"])
+    return SpeculationFacts(pairs=pairs, default_alpha=float(raw["default"]["alpha"]),
+                            default_source=raw["default"]["source"], min_speedup=float(raw["minSpeedup"]),
+                            max_draft_tokens=int(raw["maxDraftTokens"]))
+
+
 @functools.cache
 def load_catalog() -> Catalog:
     """The catalogs shipped with the package (read once; they are immutable)."""
@@ -316,6 +355,7 @@ def load_catalog() -> Catalog:
         gpu_index=index,
         cpu=cpu,
         network=network,
+        speculation=_load_speculation(),
     )
 
 

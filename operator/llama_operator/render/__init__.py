@@ -37,6 +37,7 @@ from ..status import ChosenPlan
 from ..ownership import group_name
 from .multinode import GROUP_NAME_MARK, multinode_context
 from .sources import finetune_context, is_custom
+from .speculative import draft_args, draft_weights_bytes
 
 TEMPLATES = Path(__file__).resolve().parent
 GiB = 2**30
@@ -388,7 +389,7 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
     on_gpu = plan.gpuProduct is not None
     gpu, vendor = _accelerator(plan)
     gpu_resource = GPU_RESOURCE[vendor] if on_gpu else None
-    weights = weights_bytes(model, quant)
+    weights = weights_bytes(model, quant) + draft_weights_bytes(plan)  # downloaded, and loaded, together
     threads = _llamacpp_threads(plan)
     claim = cache_claim_name(owner, spec)
     requests, limits = _resources(plan, gpu_resource, threads, weights, claim)
@@ -417,6 +418,7 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "image": images.resolve(pinned),
         "command": list(rel.command),
         "kernel_args": list(_kernel_args(plan, rel, model, quant, gpu)),
+        "draft_args": draft_args(plan, rel),
         "port": PORTS[plan.runtime],
         "weights_repo": weights_repo,
         "weights_file": weights_file,
