@@ -202,7 +202,8 @@ def _plan_and_render(state: OperatorState, key: Key, meta: Mapping[str, Any], ob
         spec = spec.model_copy(update={"replicas": judgement.replicas})  # scaled by the SLO loop
     plan = planner.plan(spec, inventory, forbidden_tolerations=forbidden, **loop)
     problems = planner.check_choice(spec, inventory, current, forbidden_tolerations=forbidden,
-                                    **loop) if current is not None else None
+                                    corrections=loop.get("corrections"), drafts_off=loop.get("drafts_off")) \
+        if current is not None else None
 
     def decide_all(obs: Observed) -> Decision:
         decision = decide(obs, spec, plan, problems)

@@ -377,13 +377,13 @@ def rank(spec: LlamaDeploymentSpec, chosen) -> tuple:
 
 def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen, *,
                  forbidden_tolerations: Collection[str] = DEFAULT_FORBIDDEN_TOLERATIONS,
-                 corrections: Corrections | None = None, measured: MeasuredAcceptance | None = None,
-                 drafts_off: str | None = None) -> list[str]:
+                 corrections: Corrections | None = None, drafts_off: str | None = None) -> list[str]:
     """Reasons the plan in force (status.ChosenPlan) no longer works on `inventory`; empty while it does.
 
     The operator keeps a working plan until a better one has been stable for a while, but moves at once
-    when the one in force has lost its hardware, or its draft (`drafts_off`: the SLO loop turned drafts off;
-    `measured`: the acceptance it measured, which the draft's gain is judged with).
+    when the one in force has lost its hardware, or its draft (`drafts_off`: the SLO loop turned drafts off).
+    A draft in force is judged with the catalog's acceptance: the acceptance measured takes a draft away only
+    through the SLO loop, once it has lasted the loop's window (slo.judge), never on one reading.
     """
     catalog = load_catalog()
     if chosen.model not in catalog.models or chosen.quantization not in catalog.quantizations:
@@ -406,7 +406,7 @@ def check_choice(spec: LlamaDeploymentSpec, inventory: Inventory, chosen, *,
     if chosen.speculative is not None:
         if drafts_off and spec.speculative.mode == "Auto":
             return [f"the draft was turned off: {drafts_off}"]
-        draft = draft_for(spec, model, quant, measured)
+        draft = draft_for(spec, model, quant)
         if not isinstance(draft, str):
             if draft.model.id != chosen.speculative.draftModel:
                 return [f"spec.speculative asks for another draft than {chosen.speculative.draftModel}"]
