@@ -379,6 +379,7 @@ class OperatorMetrics:
         slo_met: Optional[bool],
         statistic: Optional[str],
         corrections: Sequence[tuple[str, str, float, float]],
+        draft_acceptance: Optional[float] = None,
     ) -> None:
         """Publish what the SLO loop last observed of one LlamaDeployment and what it concluded.
 
@@ -387,12 +388,13 @@ class OperatorMetrics:
         all, so nothing alerts on missing data), and a correction left out of `corrections` (tuples
         of (variant, hardware, ttft_factor, tpot_factor), status.corrections) disappears.
         `statistic` is "p95" or "mean" (or observe.Observation.statistic); it labels both latencies.
+        `draft_acceptance`: accepted over drafted tokens of the plan's draft (status.observed.draftAcceptanceRate).
         The action counters start at 0 here so the first action is visible to increase().
         """
         record = slo_record(
             observed_ttft_s=observed_ttft_s, observed_tpot_s=observed_tpot_s,
             requests_running=requests_running, requests_waiting=requests_waiting,
-            slo_met=slo_met, statistic=statistic, corrections=corrections,
+            slo_met=slo_met, statistic=statistic, corrections=corrections, draft_acceptance=draft_acceptance,
         )
         self._slo.put((namespace, name), record)
         for action in SLO_ACTIONS:

@@ -403,4 +403,5 @@ def _publish(state: OperatorState, key: Key, spec: api.LlamaDeploymentSpec | Non
             requests_waiting=seen.requestsWaiting if seen else None,
             slo_met=None if met == "Unknown" else met == "True",
             statistic=seen.statistic if seen else None,
-            corrections=[(c.variant, c.hardware, c.ttftFactor, c.tpotFactor) for c in status.corrections])
+            corrections=[(c.variant, c.hardware, c.ttftFactor, c.tpotFactor) for c in status.corrections],
+            draft_acceptance=seen.draftAcceptanceRate if seen else None)

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from . import observe
 
 #: What the SLO loop does on its own (`llama_operator_slo_actions_total{action}`; status.slo.lastAction).
-SLO_ACTIONS: tuple[str, ...] = ("ScaledOut", "ScaledIn", "Replanned")
+SLO_ACTIONS: tuple[str, ...] = ("ScaledOut", "ScaledIn", "Replanned", "DraftOff")
 
 #: The `statistic` label, from what the caller has: the label itself, or observe.Observation.statistic.
 #: Short values, because vLLM's figures are p95s and llama.cpp's are means and dashboards must tell.
@@ -45,6 +45,7 @@ class SLORecord:
     slo_met: Optional[bool]
     statistic: str  # "p95" | "mean"; "" only when no latency was observed
     corrections: tuple[tuple[str, str, float, float], ...]
+    draft_acceptance: Optional[float] = None  # accepted over drafted tokens of the plan's draft
 
 
 def slo_record(
@@ -56,6 +57,7 @@ def slo_record(
     slo_met: Optional[bool],
     statistic: Optional[str],
     corrections: Sequence[tuple[str, str, float, float]],
+    draft_acceptance: Optional[float] = None,
 ) -> SLORecord:
     """Check the loop's figures and freeze them into a record.
 
@@ -64,7 +66,8 @@ def slo_record(
     a non-positive factor, and the same (variant, hardware) twice (two samples with one label set).
     """
     for label, value in (("observed_ttft_s", observed_ttft_s), ("observed_tpot_s", observed_tpot_s),
-                         ("requests_running", requests_running), ("requests_waiting", requests_waiting)):
+                         ("requests_running", requests_running), ("requests_waiting", requests_waiting),
+                         ("draft_acceptance", draft_acceptance)):
         if value is not None and (not math.isfinite(value) or value < 0):
             raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
     latency_known = observed_ttft_s is not None or observed_tpot_s is not None
@@ -89,6 +92,7 @@ def slo_record(
         slo_met=None if slo_met is None else bool(slo_met),
         statistic=_STATISTIC_LABELS[statistic] if latency_known else "",
         corrections=tuple(sorted(frozen)),
+        draft_acceptance=None if draft_acceptance is None else float(draft_acceptance),
     )
 
 
@@ -126,6 +130,8 @@ class SLOCollector(Collector):
                 by_name["llama_operator_observed_requests_running"].add_metric(key, rec.requests_running)
             if rec.requests_waiting is not None:
                 by_name["llama_operator_observed_requests_waiting"].add_metric(key, rec.requests_waiting)
+            if rec.draft_acceptance is not None:
+                by_name["llama_operator_observed_draft_acceptance_ratio"].add_metric(key, rec.draft_acceptance)
             # Unknown renders nothing: an alert on `== 0` must not fire on missing data, and a 0.5
             # or a NaN would mean something to PromQL that nobody intended.
             if rec.slo_met is not None:
@@ -155,6 +161,10 @@ def slo_families() -> list[GaugeMetricFamily]:
         GaugeMetricFamily(
             "llama_operator_observed_requests_waiting",
             "Requests queued, all replicas, mean over the SLO loop's window.", labels=dl),
+        GaugeMetricFamily(
+            "llama_operator_observed_draft_acceptance_ratio",
+            "A plan decoding with a draft model: accepted over drafted tokens, all replicas, over the SLO loop's "
+            "window (absent without drafting; compare status.plan.speculative.minAcceptanceRate).", labels=dl),
         GaugeMetricFamily(
             "llama_operator_slo_met",
             "The SLOMet condition: 1 met, 0 breached; absent while unknown (no traffic, no data).", labels=dl),

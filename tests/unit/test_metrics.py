@@ -49,6 +49,7 @@ def _slo(m: OperatorMetrics, namespace: str = "team-a", name: str = "chat", **ov
         slo_met=False,
         statistic="p95",
         corrections=[("meta-llama/Llama-3.1-70B-Instruct/fp8", "2x NVIDIA-H100-80GB-HBM3", 1.4, 1.1)],
+        draft_acceptance=0.55,
     )
     args.update(overrides)
     m.set_slo(namespace, name, **args)
@@ -97,7 +98,7 @@ def test_all_contract_metrics_are_exposed_with_their_types():
         "llama_operator_replicas_desired", "llama_operator_replicas_ready", "llama_operator_slo_bucket_info",
         "llama_operator_observed_ttft_seconds", "llama_operator_observed_tpot_seconds",
         "llama_operator_observed_requests_running", "llama_operator_observed_requests_waiting",
-        "llama_operator_slo_met", "llama_operator_correction_factor",
+        "llama_operator_observed_draft_acceptance_ratio", "llama_operator_slo_met", "llama_operator_correction_factor",
     ):
         assert types[gauge] == "gauge", gauge
     # METRIC_NAMES (used by the dashboard test) lists what is really exposed.
@@ -280,6 +281,7 @@ def test_bucket_info_only_for_vllm_and_follows_the_target():
 _SLO_SERIES = (
     "llama_operator_observed_ttft_seconds", "llama_operator_observed_tpot_seconds",
     "llama_operator_observed_requests_running", "llama_operator_observed_requests_waiting",
+    "llama_operator_observed_draft_acceptance_ratio",
     "llama_operator_slo_met", "llama_operator_correction_factor",
 )
 
@@ -303,6 +305,7 @@ def test_set_slo_renders_exactly_the_expected_series():
         ("llama_operator_observed_tpot_seconds", (("statistic", "p95"),), 0.04),
         ("llama_operator_observed_requests_running", (), 6.5),
         ("llama_operator_observed_requests_waiting", (), 1.0),
+        ("llama_operator_observed_draft_acceptance_ratio", (), 0.55),
         ("llama_operator_slo_met", (), 0.0),
         ("llama_operator_correction_factor", (("hardware", hardware), ("sli", "ttft"), ("variant", variant)), 1.4),
         ("llama_operator_correction_factor", (("hardware", hardware), ("sli", "tpot"), ("variant", variant)), 1.1),
@@ -322,10 +325,11 @@ def test_slo_met_true_is_1_and_unknown_is_absent():
 def test_replacing_the_slo_record_drops_old_label_sets():
     m = OperatorMetrics()
     _slo(m)
-    # The deployment moved to llama.cpp: means instead of p95s, no TPOT yet, no load figures, the old
+    # The deployment moved to llama.cpp: means instead of p95s, no TPOT yet, no load figures, no draft, the old
     # correction expired and another one was measured.
     _slo(m, observed_ttft_s=2.0, observed_tpot_s=None, requests_running=None, requests_waiting=None,
-         slo_met=True, statistic="mean", corrections=[("meta-llama/Llama-3.1-8B-Instruct/q4_k_m", "cpu", 2.0, 1.5)])
+         slo_met=True, statistic="mean", corrections=[("meta-llama/Llama-3.1-8B-Instruct/q4_k_m", "cpu", 2.0, 1.5)],
+         draft_acceptance=None)
     assert _slo_series(m.render()) == {
         ("llama_operator_observed_ttft_seconds", (("statistic", "mean"),), 2.0),
         ("llama_operator_slo_met", (), 1.0),
@@ -336,7 +340,7 @@ def test_replacing_the_slo_record_drops_old_label_sets():
     }
     # Nothing observed at all (no traffic): every gauge goes, whatever statistic is passed.
     _slo(m, observed_ttft_s=None, observed_tpot_s=None, requests_running=None, requests_waiting=None,
-         slo_met=None, statistic=None, corrections=[])
+         slo_met=None, statistic=None, corrections=[], draft_acceptance=None)
     assert _slo_series(m.render()) == set()
 
 
@@ -383,13 +387,14 @@ def test_slo_actions_start_at_zero_and_count():
     assert _samples(m.render(), "llama_operator_slo_actions_total") == []
     _slo(m)
     actions = {labels["action"]: v for labels, v in _of(m.render(), "llama_operator_slo_actions_total")}
-    assert actions == {a: 0.0 for a in SLO_ACTIONS} == {"ScaledOut": 0.0, "ScaledIn": 0.0, "Replanned": 0.0}
+    assert actions == {a: 0.0 for a in SLO_ACTIONS} == {"ScaledOut": 0.0, "ScaledIn": 0.0, "Replanned": 0.0,
+                                                              "DraftOff": 0.0}
     m.record_slo_action("team-a", "chat", "ScaledOut")
     m.record_slo_action("team-a", "chat", "ScaledOut")
     m.record_slo_action("team-a", "chat", "Replanned")
     _slo(m, slo_met=True)  # a new record does not reset the counter
     actions = {labels["action"]: v for labels, v in _of(m.render(), "llama_operator_slo_actions_total")}
-    assert actions == {"ScaledOut": 2.0, "ScaledIn": 0.0, "Replanned": 1.0}
+    assert actions == {"ScaledOut": 2.0, "ScaledIn": 0.0, "Replanned": 1.0, "DraftOff": 0.0}
     with pytest.raises(ValueError):
         m.record_slo_action("team-a", "chat", "Restarted")
 
