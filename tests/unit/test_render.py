@@ -151,6 +151,16 @@ CASES: dict[str, tuple[dict, list[dict]]] = {
                                "weights": {"gguf": "hf://acme/llama-1b-support/llama-1b-support-Q8_0.gguf"},
                                "adapters": [{"name": "support", "source": "hf://acme/tiny-lora/support.gguf"}]},
                               [dict(name="cpu-1", cpu="32", memory="128Gi")]),
+    # Speculative decoding (issue 18): a draft the planner adds where bf16 misses its time per output token, and
+    # llama.cpp drafting on a GPU, with an 8-bit KV cache (the draft's cache types follow the target's).
+    "vllm-draft": ({"slo": {"tpotP95": "16.5ms"}, "fallback": {"quantizations": ["bf16"], "allowSmallerModels": False}},
+                   [dict(name="l40s", product="NVIDIA-L40S", gpus=1)]),
+    "llamacpp-cuda-draft": ({"runtime": "llamacpp", "slo": {"concurrency": 2}, "speculative": {"mode": "On"}},
+                            [dict(name="l4", product="NVIDIA-L4", gpus=1, cpu="8", memory="32Gi")]),
+    "llamacpp-cuda-kv8-draft": (
+        {"runtime": "llamacpp", "contextLength": 65536, "slo": {"concurrency": 4}, "speculative": {"mode": "On"},
+         "fallback": {"allowSmallerModels": False, "quantizations": ["f16"]}},
+        [dict(name="l40s", product="NVIDIA-L40S", gpus=1)]),
 }
 
 
@@ -907,3 +917,30 @@ def test_fine_tunes_render_their_weights_and_adapters_as_local_paths(case: Case,
         if len(lora) > 1:  # loaded at scale 0: applied only when a request names the adapter by id
             assert all(v.endswith(":0") for v in lora) and "--lora" not in args
         assert "--lora-init-without-apply" not in args  # no effect on requests (tests/engines)
+
+
+@pytest.mark.parametrize("name", ["vllm-draft", "llamacpp-cuda-draft", "llamacpp-cuda-kv8-draft"])
+def test_a_plan_with_a_draft_tells_the_server_and_sizes_the_download(all_cases, name):
+    """The draft's arguments are the pinned release's (render/speculative.py); the pod's scratch for the download
+    and its start-up allowance count the draft's weights too."""
+    c = all_cases[name]
+    s = c.plan.speculative
+    assert s is not None, name
+    args = c.container["args"]
+    if c.plan.runtime == "vllm":
+        config = json.loads(args[args.index("--speculative-config") + 1])
+        assert config["method"] == "draft_model" and config["model"] == s.draftWeightsSource
+    else:
+        assert args[args.index("--spec-type") + 1] == "draft-simple"
+        assert args[args.index("--spec-draft-n-max") + 1] == str(s.numSpeculativeTokens)
+        assert args[args.index("--spec-draft-ngl") + 1] == "999"
+        kv = c.plan.kvCacheDtype
+        assert ("--spec-draft-type-k" in args) is (kv != "auto")
+        if kv != "auto":
+            assert args[args.index("--spec-draft-type-v") + 1] == kv
+    assert rejected_arguments(release(c.plan.engine), args) == []
+    without = c.plan.model_copy(update={"speculative": None})
+    plain = Case(c.spec, without, render(OWNER, c.spec, without))
+    probe = lambda case: case.container["startupProbe"]["failureThreshold"]  # noqa: E731
+    assert probe(c) >= probe(plain)
+
