@@ -5,9 +5,10 @@
   lives in one place; LLAMA_SERVER_BIN (and LLAMA_VOCAB_GGUF) override. Missing: a failure under CI=true
   (kit.tools.missing, the rule for promtool and helm too), a skip naming the build command elsewhere.
 * tiny_gguf: a 2-layer random-weight Llama GGUF with Llama 3's tokenizer (tiny_gguf.py), cached.
-* servers.get(kind): one llama-server per distinct rendered command line (rendered_cases.SPECS and
-  FINETUNE_SPECS; adapters played by tiny_lora_gguf.py's files), started on first use and kept for the
-  session; stopped at its end, whatever happens.
+* servers.get(kind): one llama-server per distinct rendered command line (rendered_cases.SPECS,
+  FINETUNE_SPECS and SPECULATIVE_SPECS; adapters played by tiny_lora_gguf.py's files, a draft model by
+  tiny_draft_gguf.py's one-layer draft), started on first use and kept for the session; stopped at its end,
+  whatever happens.
 * start_server(args, port): a one-off server, stopped at the end of the test.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kit.paths import ROOT
 from kit.tools import missing
 
 from llama_server import LlamaServer, free_port, local_args
-from rendered_cases import adapter_stand_ins, render_kind
+from rendered_cases import adapter_stand_ins, draft_stand_in, render_kind
 from tiny_gguf import tiny_llama_gguf
 
 BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
@@ -73,7 +74,8 @@ class Servers:
             port = free_port()
             # The image runs /app/llama-server (the release's `command`); here the same release's local build.
             rendered = render_kind(kind)
-            args = local_args(rendered.args, self.model, port, adapter_stand_ins(rendered))
+            args = local_args(rendered.args, self.model, port, adapter_stand_ins(rendered),
+                              draft_stand_in(rendered, self.model))
             server = LlamaServer(str(self.engine.binary), args, self.workdir / kind, port)
             self._by_kind[kind] = self._stack.enter_context(server)
         return self._by_kind[kind]

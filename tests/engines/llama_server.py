@@ -42,12 +42,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_args(rendered: list[str], model: Path, port: int, adapters: dict[str, Path] | None = None) -> list[str]:
+def local_args(rendered: list[str], model: Path, port: int, adapters: dict[str, Path] | None = None,
+               draft: Path | None = None) -> list[str]:
     """The operator's rendered llama-server arguments, runnable here. Only these swaps, nothing else:
     the weights: `--hf-repo R --hf-file F` (a download from Hugging Face) becomes `--model <local gguf>` in the
     same place, and so does the value of `--model` (a fine-tune's GGUF, fetched into the pod's model cache);
     the file of each `--lora FILE` and `--lora-scaled FILE:SCALE` becomes its local stand-in in `adapters`
-    (rendered path -> local file; every rendered adapter must have one), the scale kept; the `--host` value
+    (rendered path -> local file; every rendered adapter must have one), the scale kept; the draft model's
+    `--spec-draft-hf R --spec-draft-model F` (the draft's file in a Hugging Face repository) becomes
+    `--spec-draft-model <draft>`, in the place of the rendered --spec-draft-model (a rendered draft must have a
+    stand-in; the other draft flags, --spec-type and --spec-draft-n-max among them, stay); the `--host` value
     becomes 127.0.0.1 (the pod listens on 0.0.0.0; a test must not); and the `--port` value becomes a free
     port (the pod's 8080 may be taken here). Every other flag and value stays as rendered."""
     adapters = adapters or {}
@@ -74,6 +78,14 @@ def local_args(rendered: list[str], model: Path, port: int, adapters: dict[str, 
             assert sep and path in adapters, f"no local stand-in for the rendered adapter {rendered[i + 1]}: {adapters}"
             out += [flag, f"{adapters[path]}:{scale}"]
             i += 2
+        elif flag == "--spec-draft-model":
+            assert draft is not None, f"no local stand-in for the rendered draft {rendered[i + 1]}"
+            out += [flag, str(draft)]
+            seen.add(flag)
+            i += 2
+        elif flag == "--spec-draft-hf":
+            seen.add(flag)
+            i += 2
         elif flag == "--host":
             out += [flag, HOST]
             seen.add(flag)
@@ -85,7 +97,8 @@ def local_args(rendered: list[str], model: Path, port: int, adapters: dict[str, 
         else:
             out.append(flag)
             i += 1
-    wanted = {"weights", "--host", "--port"} | ({"--hf-file"} if "--hf-repo" in seen else set())
+    wanted = {"weights", "--host", "--port"} | ({"--hf-file"} if "--hf-repo" in seen else set()) | (
+        {"--spec-draft-model"} if "--spec-draft-hf" in seen else set())
     missing = wanted - seen
     assert not missing, f"the rendered args lack {sorted(missing)}: {rendered}"
     return out

@@ -13,6 +13,7 @@ from llama_operator.render.sources import pod_sources
 
 from kit.examples import cluster_nodes
 
+from tiny_draft_gguf import tiny_draft_gguf
 from tiny_lora_gguf import tiny_lora_gguf
 
 OWNER = Owner(name="tiny", namespace="default", uid="0b7e6e2c-0000-4000-8000-000000000001")
@@ -54,6 +55,31 @@ FINETUNE_SPECS: dict[str, dict] = {
     },
 }
 
+#: Speculative decoding (issue 18), planned and rendered the same way: llama-3.2-3b-instruct with speculative mode
+#: On, which the planner gives the catalog's draft for it (llama-3.2-1b-instruct's GGUF; the 1B of SPECS has none),
+#: one kind per KV-cache setting as in SPECS. "draft": a 16-bit cache, so no draft cache flags. "draft-q8_0": the
+#: planner's own choice again (a context whose 16-bit caches, the target's and the draft's, do not fit with f16
+#: weights only), and the renderer gives the draft's cache the target's 8-bit type
+#: (--spec-draft-type-k/-v q8_0, since the target's --cache-type-k/-v do not carry over). Kept apart from SPECS,
+#: whose kinds are the 1B's.
+SPECULATIVE_SPECS: dict[str, dict] = {
+    "draft": {
+        "model": "llama-3.2-3b-instruct", "runtime": "llamacpp", "contextLength": 4096, "memoryBudget": "12Gi",
+        "slo": {"ttftP95": "10s", "tpotP95": "1s", "concurrency": 2},
+        "speculative": {"mode": "On"},
+    },
+    "draft-q8_0": {
+        "model": "llama-3.2-3b-instruct", "runtime": "llamacpp", "contextLength": 32768, "memoryBudget": "14Gi",
+        "slo": {"ttftP95": "30s", "tpotP95": "2s", "concurrency": 2},
+        "fallback": {"allowSmallerModels": False, "quantizations": ["f16"]},
+        "speculative": {"mode": "On"},
+    },
+}
+
+#: Every kind render_kind knows (the three dicts' keys do not overlap).
+ALL_SPECS: dict[str, dict] = {**SPECS, **FINETUNE_SPECS, **SPECULATIVE_SPECS}
+assert len(ALL_SPECS) == len(SPECS) + len(FINETUNE_SPECS) + len(SPECULATIVE_SPECS)
+
 
 @dataclass(frozen=True)
 class Rendered:
@@ -77,9 +103,9 @@ class Rendered:
 
 
 def render_kind(kind: str) -> Rendered:
-    """Plan SPECS[kind] (or FINETUNE_SPECS[kind]) on the CPU-only example cluster and render it, as the
-    operator does."""
-    return render_spec(SPECS[kind] if kind in SPECS else FINETUNE_SPECS[kind])
+    """Plan SPECS[kind] (or FINETUNE_SPECS[kind], SPECULATIVE_SPECS[kind]) on the CPU-only example cluster and
+    render it, as the operator does."""
+    return render_spec(ALL_SPECS[kind])
 
 
 def render_spec(document: dict, cluster: str = "cpu-only.yaml") -> Rendered:
@@ -105,3 +131,9 @@ def adapter_paths(rendered: Rendered) -> list[str]:
 def adapter_stand_ins(rendered: Rendered) -> dict[str, Path]:
     """Each adapter's path in the pod -> the tiny adapter file named like it (tiny_lora_gguf.ADAPTERS)."""
     return {path: tiny_lora_gguf(a.name) for a, path in zip(rendered.spec.adapters, adapter_paths(rendered))}
+
+
+def draft_stand_in(rendered: Rendered, model: Path, name: str = "one-layer") -> Path | None:
+    """The local file for the plan's draft model (None without one): a tiny draft of the tiny model `model`
+    (tiny_draft_gguf.DRAFTS[name]; one-layer shares its vocabulary, so llama-server speculates with it)."""
+    return tiny_draft_gguf(model, name) if rendered.plan.speculative is not None else None

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from llama_operator import planner
+from llama_operator import ladder
 from llama_operator.catalog import load_catalog
 from llama_operator.engines import release
 from kit.paths import ROOT
@@ -52,7 +52,7 @@ def series_the_chart_reads() -> set[str]:
 def test_the_kinds_cover_every_kv_cache_setting_the_planner_emits_for_llamacpp():
     quants = [q for q in load_catalog().quantizations.values() if q.runtime == "llamacpp"]
     assert quants
-    assert {"auto"} | {planner._kv_dtype(q) for q in quants} == set(KINDS)
+    assert {"auto"} | {ladder.kv_dtype(q) for q in quants} == set(KINDS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
