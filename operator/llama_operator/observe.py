@@ -402,8 +402,10 @@ def _drafting(rates: Rates, signals: SloSignals) -> dict[str, float | None]:
     servers drafted in it; unusable values leave it unknown (it only ever turns a draft off)."""
     drafted = rates.counters.get(signals.draft_tokens or "")
     accepted = rates.counters.get(signals.draft_accepted or "")
-    if drafted is None or accepted is None or _unusable(drafted) or _unusable(accepted) or drafted <= 0:
+    if drafted is None or accepted is None or _unusable(drafted) or _unusable(accepted):
         return {}
+    if drafted == 0:  # counted, and nothing drafted: no acceptance, and a server that may not be drafting at all
+        return {"drafted_per_second": 0.0}
     return {"draft_acceptance_rate": min(1.0, accepted / drafted), "drafted_per_second": drafted}
 
 

@@ -293,7 +293,7 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     if not breached and not overloaded:
         state.calmSince = prev.calmSince or format_time(now)
     j.measured_acceptance = _measured_acceptance(obs, plan, settings)
-    unpaid = _draft_unpaid(obs, plan, spec, replicas, j.measured_acceptance)
+    unpaid = _draft_unpaid(obs, plan, spec, replicas, j.measured_acceptance, settings)
     state.draftUnpaidSince = (prev.draftUnpaidSince or format_time(now)) if unpaid and not settling else None
     unpaid_sustained = state.draftUnpaidSince is not None and _since(state.draftUnpaidSince, now) >= settings.window
     cooling = prev.lastActionAt is not None and _since(prev.lastActionAt, now) < settings.cooldown
@@ -344,12 +344,18 @@ def _measured_acceptance(obs: Observation, plan: ChosenPlan | None, settings: Sl
 
 
 def _draft_unpaid(obs: Observation, plan: ChosenPlan | None, spec: LlamaDeploymentSpec, replicas: int,
-                  measured: MeasuredAcceptance) -> tuple[str, str] | None:
+                  measured: MeasuredAcceptance, settings: SloSettings) -> tuple[str, str] | None:
     """Why the draft in force does not pay, ("acceptance" | "load", what was seen); None when it does, when there
-    is none, or when the mode is not Auto (On keeps its draft; the loop only reports)."""
+    is none, or when the mode is not Auto (On keeps its draft; the loop only reports). Servers that wrote tokens
+    and drafted none are not drafting (llama.cpp drops a draft whose vocabulary it refuses, and serves on):
+    the gain planned is not there."""
     if plan is None or plan.speculative is None or spec.speculative.mode != "Auto":
         return None
     s = plan.speculative
+    written = (obs.tokens_per_second or 0.0) * obs.window_seconds
+    if obs.drafted_per_second == 0 and written >= settings.min_samples * s.numSpeculativeTokens:
+        return ("acceptance", f"the servers wrote {written:.0f} tokens and drafted none: the {s.draftModel} draft "
+                "is not in use (an engine drops a draft it cannot load or whose vocabulary it refuses)")
     if measured and s.minAcceptanceRate is not None and obs.draft_acceptance_rate is not None \
             and obs.draft_acceptance_rate < s.minAcceptanceRate:
         return ("acceptance", f"{obs.draft_acceptance_rate:.0%} of drafted tokens were accepted, below the "

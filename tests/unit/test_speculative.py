@@ -352,3 +352,12 @@ def test_judge_without_a_draft_reports_no_acceptance(l40s):
     loop = DraftLoop(spec_of(slo={"tpotP95": "30ms"}), l40s)
     j = judge(loop.status, seen(T0), loop.spec, T0, SETTINGS, always_fits)
     assert j.measured_acceptance == {} and j.observed.draftAcceptanceRate is None
+
+
+def test_servers_that_write_tokens_and_draft_none_lose_the_draft(l40s):
+    """llama.cpp serves on without a draft it refused (tests/engines shows it): the gain planned is not there."""
+    loop = DraftLoop(spec_of(fallback={"quantizations": ["bf16", "fp8"]}), l40s)
+    for t in (0, 30, 60):
+        j, _ = loop.step(dataclasses.replace(seen(T0, tpot=0.02), drafted_per_second=0.0), T0 + timedelta(seconds=t))
+    assert j.action == "DraftOff" and "drafted none" in loop.status.slo.draftsOff
+    assert loop.status.plan.speculative is None
