@@ -121,3 +121,15 @@ def draft_limits(model: Model, quant: Quantization, hw: Hardware, workload: Work
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if gain(choice.alpha, at(mid)) >= minimum else (lo, mid)
     return min_rate, lo
+
+
+def keep_draft_length(spec: LlamaDeploymentSpec, in_force) -> LlamaDeploymentSpec:
+    """The spec to plan with while a plan with a draft is in force (status.ChosenPlan): its draft length, when the
+    spec leaves the length to the planner. The length is chosen when a draft is planned and kept while it runs,
+    so an acceptance measured a little higher or lower refreshes the prediction without rolling the servers out
+    for another length."""
+    if in_force is None or in_force.speculative is None or spec.speculative.numSpeculativeTokens is not None:
+        return spec
+    kept = spec.speculative.model_copy(update={"numSpeculativeTokens": in_force.speculative.numSpeculativeTokens})
+    return spec.model_copy(update={"speculative": kept})
+

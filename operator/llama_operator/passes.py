@@ -38,6 +38,7 @@ from .live import Live, is_current, rendered_fingerprint
 from .ownership import canonical, group_name
 from .reconcile import (OWNERSHIP_CONFLICT, WAITING_FOR_GC, WARNING, Decision, ObjectIssue, Observed, decide,
                         decide_invalid, decide_objects, decide_slo)
+from .drafts import keep_draft_length
 from .slo import SLO_MET, Judgement, judge, planner_corrections
 from .render import Owner, render
 from .state import WATCHED_KINDS, Key, OperatorState, Promise, Settings
@@ -200,7 +201,7 @@ def _plan_and_render(state: OperatorState, key: Key, meta: Mapping[str, Any], ob
                 drafts_off=judgement.drafts_off) if judgement is not None else {}
     if judgement is not None and judgement.replicas != spec.replicas:
         spec = spec.model_copy(update={"replicas": judgement.replicas})  # scaled by the SLO loop
-    plan = planner.plan(spec, inventory, forbidden_tolerations=forbidden, **loop)
+    plan = planner.plan(keep_draft_length(spec, current), inventory, forbidden_tolerations=forbidden, **loop)
     problems = planner.check_choice(spec, inventory, current, forbidden_tolerations=forbidden,
                                     corrections=loop.get("corrections"), drafts_off=loop.get("drafts_off")) \
         if current is not None else None

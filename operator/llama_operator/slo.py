@@ -340,7 +340,8 @@ def _measured_acceptance(obs: Observation, plan: ChosenPlan | None, settings: Sl
             or not _enough_drafted(obs, plan, settings):
         return {}
     s = plan.speculative
-    return {(plan.model, s.draftModel): float(f"{alpha_for_rate(obs.draft_acceptance_rate, s.numSpeculativeTokens):.3g}")}
+    # two decimals: a prediction refreshed on every reading would rewrite status on every pass
+    return {(plan.model, s.draftModel): round(alpha_for_rate(obs.draft_acceptance_rate, s.numSpeculativeTokens), 2)}
 
 
 def _draft_unpaid(obs: Observation, plan: ChosenPlan | None, spec: LlamaDeploymentSpec, replicas: int,

@@ -11,6 +11,7 @@ import pytest
 from llama_operator import planner
 from llama_operator.api import SpecError, parse_spec
 from llama_operator.catalog import load_catalog
+from llama_operator.drafts import keep_draft_length
 from llama_operator.drafting import acceptance_rate, alpha_for_rate, estimate_with_draft, tokens_per_pass
 from llama_operator.engines import rejected_arguments, release
 from llama_operator.estimate import Hardware, Workload, estimate
@@ -277,7 +278,7 @@ class DraftLoop(Loop):
         j = judge(self.status, obs, self.spec, now, SETTINGS, fits)
         spec = self.spec.model_copy(update={"replicas": j.replicas})
         loop = dict(corrections=j.planner_corrections(), measured=j.measured_acceptance, drafts_off=j.drafts_off)
-        plan = planner.plan(spec, self.inventory, **loop)
+        plan = planner.plan(keep_draft_length(spec, self.status.plan), self.inventory, **loop)
         problems = planner.check_choice(spec, self.inventory, self.status.plan, corrections=loop["corrections"],
                                         drafts_off=loop["drafts_off"])
         replicas = {**READY, "replicas": j.replicas, "updatedReplicas": j.replicas, "readyReplicas": j.replicas}
@@ -361,3 +362,18 @@ def test_servers_that_write_tokens_and_draft_none_lose_the_draft(l40s):
         j, _ = loop.step(dataclasses.replace(seen(T0, tpot=0.02), drafted_per_second=0.0), T0 + timedelta(seconds=t))
     assert j.action == "DraftOff" and "drafted none" in loop.status.slo.draftsOff
     assert loop.status.plan.speculative is None
+
+
+def test_a_draft_keeps_its_length_while_it_runs(l40s):
+    """A measured acceptance refreshes the prediction; the servers are not rolled out for another draft length."""
+    loop = DraftLoop(spec_of(), l40s)
+    k = loop.status.plan.speculative.numSpeculativeTokens
+    free = planner.plan(spec_of(), l40s, measured={("llama-3.1-8b-instruct", "llama-3.2-1b-instruct"): 0.95}).chosen
+    assert free.estimate.draft_tokens != k  # left to itself, the planner would pick a longer draft at 0.95
+    for t in (0, 30, 60, 90):
+        loop.step(drafting(T0, rate=acceptance_rate(0.95, k), tpot=0.01), T0 + timedelta(seconds=t))
+        assert loop.status.plan.speculative.numSpeculativeTokens == k and loop.status.pendingChange is None
+    assert loop.status.plan.speculative.acceptanceSource == "measured"
+    assert loop.status.plan.speculative.acceptance == 0.95
+    assert keep_draft_length(spec_of(speculative={"numSpeculativeTokens": 5}), loop.status.plan).speculative \
+        .numSpeculativeTokens == 5  # a length the spec asks for is the spec's
