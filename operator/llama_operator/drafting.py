@@ -143,8 +143,7 @@ def estimate_with_draft(target: Model, quant: Quantization, draft: Model, draft_
     drafted per step at per-token acceptance `alpha` (see the module's docstring). `base`: the target's estimate
     without the draft (its LoRA adapters or fine-tune counted), when the caller has it."""
     base = base or estimate(target, quant, hw, workload)
-    d = estimate(draft, draft_quant, hw, Workload(workload.context_length, workload.concurrency,
-                                                   workload.prompt_tokens, workload.kv_cache_dtype))
+    d = estimate(draft, draft_quant, hw, workload)  # the same sequences, in the same kind of cache
     tpot, verify, per_pass = speculative_step(base, d, target, quant, hw, workload.concurrency, alpha, k)
     buffer = 0
     if quant.runtime == "llamacpp":  # a second context: its own compute buffer (the CUDA context is the process's)

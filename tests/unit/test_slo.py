@@ -9,6 +9,7 @@ import pytest
 
 from llama_operator import planner
 from llama_operator.candidate import plan_hardware
+from llama_operator.drafts import keep_draft_length
 from llama_operator.observe import MEAN_FROM_COUNTERS, P95_FROM_BUCKETS, Observation
 from llama_operator.reconcile import Observed, decide, decide_slo
 from llama_operator.slo import SLO_MET, SloSettings, judge
@@ -59,7 +60,8 @@ def always_fits(n: int) -> bool:
 
 
 class Loop:
-    """Passes of one deployment: judge, plan with the corrections, decide, decide_slo, as passes.py runs them."""
+    """Passes of one deployment: judge, plan with what the loop concluded (corrections, the acceptance measured,
+    drafts off), decide, decide_slo, as passes.py runs them."""
 
     def __init__(self, spec, inventory, status=None):
         self.spec, self.inventory = spec, inventory
@@ -70,8 +72,10 @@ class Loop:
         j = judge(self.status, obs, self.spec, now, SETTINGS, fits)
         spec = self.spec.model_copy(update={"replicas": j.replicas})
         corrections = j.planner_corrections()
-        plan = planner.plan(spec, self.inventory, corrections=corrections)
-        problems = planner.check_choice(spec, self.inventory, self.status.plan, corrections=corrections)
+        plan = planner.plan(keep_draft_length(spec, self.status.plan), self.inventory, corrections=corrections,
+                            measured=j.measured_acceptance, drafts_off=j.drafts_off)
+        problems = planner.check_choice(spec, self.inventory, self.status.plan, corrections=corrections,
+                                        drafts_off=j.drafts_off)
         replicas = {**READY, "replicas": j.replicas, "updatedReplicas": j.replicas, "readyReplicas": j.replicas}
         o = Observed("chat", "team-a", 1, self.status, replicas, now, deployment_runs_plan=True)
         decision = decide_slo(o, decide(o, spec, plan, problems), j)

@@ -20,9 +20,7 @@ from llama_operator.observe import Observation
 from llama_operator.render import Owner, render
 from llama_operator.slo import judge
 
-from llama_operator.reconcile import Observed, decide, decide_slo
-
-from test_slo import READY, SETTINGS, T0, Loop, always_fits, seen
+from test_slo import SETTINGS, T0, Loop, always_fits, seen
 
 OWNER = Owner(name="chat", namespace="team-a", uid="0b7e6e2c-0000-4000-8000-00000000aaaa")
 #: The issue's case: Llama 3.1 8B at bf16 only, on one L40S, with a TPOT limit bf16 alone misses by about a
@@ -270,25 +268,6 @@ def test_rank_and_check_choice_know_the_draft(l40s):
 # --- the SLO loop ------------------------------------------------------------------------------------------------
 
 
-class DraftLoop(Loop):
-    """Loop's passes, with what passes.py hands the planner from the judgement: the acceptance measured and
-    whether drafts are off."""
-
-    def step(self, obs, now, fits=always_fits):
-        j = judge(self.status, obs, self.spec, now, SETTINGS, fits)
-        spec = self.spec.model_copy(update={"replicas": j.replicas})
-        loop = dict(corrections=j.planner_corrections(), measured=j.measured_acceptance, drafts_off=j.drafts_off)
-        plan = planner.plan(keep_draft_length(spec, self.status.plan), self.inventory, **loop)
-        problems = planner.check_choice(spec, self.inventory, self.status.plan, corrections=loop["corrections"],
-                                        drafts_off=loop["drafts_off"])
-        replicas = {**READY, "replicas": j.replicas, "updatedReplicas": j.replicas, "readyReplicas": j.replicas}
-        o = Observed("chat", "team-a", 1, self.status, replicas, now, deployment_runs_plan=True)
-        decision = decide_slo(o, decide(o, spec, plan, problems), j)
-        self.status = decision.status
-        self.events += decision.events
-        return j, decision
-
-
 def drafting(at, *, rate: float, drafted_per_second=50.0, running=1.0, **kw) -> Observation:
     return dataclasses.replace(seen(at, running=running, **kw), draft_acceptance_rate=rate,
                                drafted_per_second=drafted_per_second)
@@ -296,7 +275,7 @@ def drafting(at, *, rate: float, drafted_per_second=50.0, running=1.0, **kw) -> 
 
 def test_low_acceptance_turns_the_draft_off_after_the_window_and_the_ladder_moves_on(l40s):
     spec = spec_of(fallback={"quantizations": ["bf16", "fp8"]})
-    loop = DraftLoop(spec, l40s)
+    loop = Loop(spec, l40s)
     s = loop.status.plan.speculative
     assert s is not None and s.minAcceptanceRate is not None
     low = s.minAcceptanceRate / 2
@@ -317,7 +296,7 @@ def test_low_acceptance_turns_the_draft_off_after_the_window_and_the_ladder_move
 
 
 def test_good_acceptance_keeps_the_draft_and_is_what_the_planner_predicts_with(l40s):
-    loop = DraftLoop(spec_of(), l40s)
+    loop = Loop(spec_of(), l40s)
     j, _ = loop.step(drafting(T0, rate=0.7, tpot=0.01), T0)
     assert j.action is None
     k = loop.status.plan.speculative.numSpeculativeTokens
@@ -331,7 +310,7 @@ def test_too_few_drafted_tokens_or_mode_on_or_observe_never_turn_it_off(l40s):
     for spec, obs in [(spec_of(), dict(drafted_per_second=0.01)),
                       (spec_of(speculative={"mode": "On"}), {}),
                       (spec_of(sloPolicy="observe"), {})]:
-        loop = DraftLoop(spec, l40s)
+        loop = Loop(spec, l40s)
         for t in range(0, 181, 30):
             j, _ = loop.step(drafting(T0, rate=0.01, tpot=0.012, **obs), T0 + timedelta(seconds=t))
             assert j.action != "DraftOff"
@@ -340,7 +319,7 @@ def test_too_few_drafted_tokens_or_mode_on_or_observe_never_turn_it_off(l40s):
 
 def test_load_above_where_the_draft_pays_turns_it_off_only_when_no_replica_can_be_added(l40s):
     spec = spec_of(fallback={"quantizations": ["bf16", "fp8"]})
-    loop = DraftLoop(spec, l40s)
+    loop = Loop(spec, l40s)
     busy = loop.status.plan.speculative.paysUpToConcurrency + 5
     for t in (0, 30, 60):
         j, _ = loop.step(drafting(T0, rate=0.6, running=busy, tpot=0.012), T0 + timedelta(seconds=t),
@@ -350,14 +329,14 @@ def test_load_above_where_the_draft_pays_turns_it_off_only_when_no_replica_can_b
 
 
 def test_judge_without_a_draft_reports_no_acceptance(l40s):
-    loop = DraftLoop(spec_of(slo={"tpotP95": "30ms"}), l40s)
+    loop = Loop(spec_of(slo={"tpotP95": "30ms"}), l40s)
     j = judge(loop.status, seen(T0), loop.spec, T0, SETTINGS, always_fits)
     assert j.measured_acceptance == {} and j.observed.draftAcceptanceRate is None
 
 
 def test_servers_that_write_tokens_and_draft_none_lose_the_draft(l40s):
     """llama.cpp serves on without a draft it refused (tests/engines shows it): the gain planned is not there."""
-    loop = DraftLoop(spec_of(fallback={"quantizations": ["bf16", "fp8"]}), l40s)
+    loop = Loop(spec_of(fallback={"quantizations": ["bf16", "fp8"]}), l40s)
     for t in (0, 30, 60):
         j, _ = loop.step(dataclasses.replace(seen(T0, tpot=0.02), drafted_per_second=0.0), T0 + timedelta(seconds=t))
     assert j.action == "DraftOff" and "drafted none" in loop.status.slo.draftsOff
@@ -366,7 +345,7 @@ def test_servers_that_write_tokens_and_draft_none_lose_the_draft(l40s):
 
 def test_a_draft_keeps_its_length_while_it_runs(l40s):
     """A measured acceptance refreshes the prediction; the servers are not rolled out for another draft length."""
-    loop = DraftLoop(spec_of(), l40s)
+    loop = Loop(spec_of(), l40s)
     k = loop.status.plan.speculative.numSpeculativeTokens
     free = planner.plan(spec_of(), l40s, measured={("llama-3.1-8b-instruct", "llama-3.2-1b-instruct"): 0.95}).chosen
     assert free.estimate.draft_tokens != k  # left to itself, the planner would pick a longer draft at 0.95
