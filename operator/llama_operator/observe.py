@@ -33,6 +33,7 @@ class Target:
     ttft_target_seconds: float
     tpot_target_seconds: float
     prompt_tokens: int  # the SLO's prompt length: llama.cpp's mean TTFT is its per-token prefill time x this
+    drafting: bool = False  # the plan in force decodes with a draft: its drafted and accepted tokens are read
 
 
 @dataclass

@@ -220,6 +220,8 @@ _ROLES = {
     "running": "gauge", "waiting": "gauge",
     "draft_tokens": "rate", "draft_accepted": "rate",
 }
+#: Read only for deployments whose plan has a draft: no query for them otherwise.
+_DRAFT_ROLES = ("draft_tokens", "draft_accepted")
 _BY = "namespace, llamadeployment"
 #: Largest answer read: a bucket series per deployment and bound is some 200 bytes of JSON.
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
@@ -239,6 +241,11 @@ def _role_query(kind: str, names: list[str], window: str) -> str:
     }[kind]
     return " or ".join(e if i == 0 else f"({e} unless on ({_BY}) ({' or '.join(exprs[:i])}))"
                        for i, e in enumerate(exprs))
+
+
+def _roles(signals: engines.SloSignals, drafting: bool) -> list[str]:
+    """The signals read for one deployment: those its release names, the draft's counters only while it drafts."""
+    return [r for r in _ROLES if getattr(signals, r) and (drafting or r not in _DRAFT_ROLES)]
 
 
 def _names(role: str) -> list[str]:
@@ -265,7 +272,8 @@ class PrometheusSource:
                       window_seconds: float) -> dict[Key, Observation]:
         sampled_at = _sampled_at()
         known = {(t.namespace, t.name): s for t in targets if (s := _signals(t)) is not None}
-        roles = sorted({role for s in known.values() for role in _ROLES if getattr(s, role)})
+        roles = sorted({role for t in targets if (s := known.get((t.namespace, t.name))) is not None
+                        for role in _roles(s, t.drafting)})
         answers: dict[str, dict | str] = {}
         if roles:
             try:
@@ -319,15 +327,15 @@ class PrometheusSource:
         where = f"Prometheus {self.url}"
         if signals is None:
             return observation(target, None, source=self.name, sampled_at=sampled_at, window_seconds=window_seconds)
-        for role in [r for r in _ROLES if getattr(signals, r)] + ["pods"]:
+        for role in _roles(signals, target.drafting) + ["pods"]:
             if isinstance(answers[role], str):
                 return observation(target, None, source=self.name, sampled_at=sampled_at,
                                    window_seconds=window_seconds, problem=f"{where}: {answers[role]}")
         pods = answers["pods"].get(key, 0.0)
         rates = Rates(window_seconds=window_seconds, pods=int(pods) if math.isfinite(pods) else 0)
-        for role, kind in _ROLES.items():
-            name = getattr(signals, role)
-            if name and key in answers[role]:
+        for role in _roles(signals, target.drafting):
+            kind, name = _ROLES[role], getattr(signals, role)
+            if key in answers[role]:
                 into = {"buckets": rates.buckets, "rate": rates.counters, "gauge": rates.gauges}[kind]
                 into[name] = answers[role][key]
         seen = observation(target, rates, source=self.name, sampled_at=sampled_at)

@@ -29,7 +29,7 @@ def targets(state: OperatorState) -> list[Target]:
         slo = promise.spec.slo
         out.append(Target(namespace=namespace, name=name, runtime=promise.plan.runtime, engine=promise.plan.engine,
                           ttft_target_seconds=slo.ttft_seconds, tpot_target_seconds=slo.tpot_seconds,
-                          prompt_tokens=slo.promptTokens))
+                          prompt_tokens=slo.promptTokens, drafting=promise.plan.speculative is not None))
     return out
 
 

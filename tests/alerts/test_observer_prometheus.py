@@ -27,9 +27,9 @@ from kit.prometheus import running_prometheus
 WINDOW_S = 10
 BUDGET_S = 60.0
 CHAT = Target("team-a", "chat", "vllm", "vllm-0.34.0", ttft_target_seconds=0.5, tpot_target_seconds=0.05,
-              prompt_tokens=1000)
+              prompt_tokens=1000, drafting=True)
 LEGACY = Target("team-a", "legacy", "vllm", "vllm-0.10.2", 0.5, 0.05, 1000)
-TINY = Target("team-b", "tiny", "llamacpp", "llamacpp-b11434", 2.0, 0.1, prompt_tokens=500)
+TINY = Target("team-b", "tiny", "llamacpp", "llamacpp-b11434", 2.0, 0.1, prompt_tokens=500, drafting=True)
 GHOST = Target("team-c", "ghost", "vllm", "vllm-0.34.0", 0.5, 0.05, 1000)  # nothing scrapes it
 
 
@@ -43,22 +43,27 @@ def _histogram(name: str, requests: float, shares: dict[str, float]) -> list[str
     return lines
 
 
-def vllm_text(elapsed: float, tpot_name: str, ttft_shares: dict[str, float]) -> str:
-    """4 requests a second since start, 20 output tokens each; 2 running, 1 waiting."""
+def vllm_text(elapsed: float, tpot_name: str, ttft_shares: dict[str, float], drafting: bool = False) -> str:
+    """4 requests a second since start, 20 output tokens each; 2 running, 1 waiting; drafting: 30 tokens drafted
+    a second, 18 of them accepted."""
     requests = 4 * elapsed
     labels = 'engine="0",model_name="m"'
     lines = [f"vllm:num_requests_running{{{labels}}} 2", f"vllm:num_requests_waiting{{{labels}}} 1",
              f"vllm:generation_tokens_total{{{labels}}} {20 * requests}"]
+    if drafting:
+        lines += [f"vllm:spec_decode_num_draft_tokens_total{{{labels}}} {30 * elapsed}",
+                  f"vllm:spec_decode_num_accepted_tokens_total{{{labels}}} {18 * elapsed}"]
     lines += _histogram("vllm:time_to_first_token_seconds", requests, ttft_shares)
     lines += _histogram(tpot_name, requests, {"0.01": 0.0, "0.025": 0.5, "0.05": 1.0, "0.1": 1.0})
     return "\n".join(lines) + "\n"
 
 
 def llamacpp_text(elapsed: float) -> str:
-    """1000 prompt tokens in 0.5 s and 50 tokens predicted in 1 s, every second."""
+    """1000 prompt tokens in 0.5 s and 50 tokens predicted in 1 s, every second; 20 tokens drafted, 5 accepted."""
     values = {"prompt_tokens_total": 1000 * elapsed, "prompt_seconds_total": 0.5 * elapsed,
               "tokens_predicted_total": 50 * elapsed, "tokens_predicted_seconds_total": 1.0 * elapsed,
-              "requests_processing": 1, "requests_deferred": 3}
+              "requests_processing": 1, "requests_deferred": 3,
+              "spec_decode_num_draft_tokens_total": 20 * elapsed, "spec_decode_num_accepted_tokens_total": 5 * elapsed}
     return "".join(f"# HELP llamacpp:{k} .\n# TYPE llamacpp:{k} counter\nllamacpp:{k} {v}\n" for k, v in values.items())
 
 
@@ -77,9 +82,9 @@ def exporters():
     with stub_servers() as serve:
         yield {
             ("team-a", "chat", "chat-0"): serve(exporter(
-                lambda t: vllm_text(t, "vllm:request_time_per_output_token_seconds", CHAT_SHARES))),
+                lambda t: vllm_text(t, "vllm:request_time_per_output_token_seconds", CHAT_SHARES, drafting=True))),
             ("team-a", "chat", "chat-1"): serve(exporter(
-                lambda t: vllm_text(t, "vllm:request_time_per_output_token_seconds", CHAT_SHARES))),
+                lambda t: vllm_text(t, "vllm:request_time_per_output_token_seconds", CHAT_SHARES, drafting=True))),
             ("team-a", "legacy", "legacy-0"): serve(exporter(
                 lambda t: vllm_text(t, "vllm:time_per_output_token_seconds", LEGACY_SHARES))),
             ("team-b", "tiny", "tiny-0"): serve(exporter(llamacpp_text)),
@@ -140,7 +145,12 @@ async def test_one_query_per_signal_gives_each_deployment_its_figures(prometheus
                                  f"(rate(vllm:time_to_first_token_seconds_bucket[{WINDOW_S}s])))")
     assert chat.ttft_seconds == pytest.approx(theirs["chat"], rel=1e-6)
 
+    # The draft's acceptance: accepted over drafted tokens, both pods (60 drafted a second, 36 accepted).
+    assert chat.draft_acceptance_rate == pytest.approx(0.6, rel=1e-6)
+    assert chat.drafted_per_second == pytest.approx(60.0, rel=0.25)
+
     legacy = seen[("team-a", "legacy")]  # vLLM 0.10.2: its own name for time per output token
+    assert legacy.draft_acceptance_rate is None and legacy.drafted_per_second is None
     assert legacy.ttft_seconds == pytest.approx(0.1 + 0.4 * 0.95)
     assert legacy.tpot_seconds == pytest.approx(chat.tpot_seconds)
     assert legacy.pods == 1
@@ -150,18 +160,20 @@ async def test_one_query_per_signal_gives_each_deployment_its_figures(prometheus
     assert tiny.ttft_seconds == pytest.approx(0.5 / 1000 * 500, rel=0.02)  # two queries: two instants
     assert tiny.tpot_seconds == pytest.approx(1.0 / 50, rel=0.02)
     assert (tiny.requests_running, tiny.requests_waiting) == (pytest.approx(1.0), pytest.approx(3.0))
+    assert tiny.draft_acceptance_rate == pytest.approx(0.25, rel=0.02)
 
     ghost = seen[("team-c", "ghost")]
     assert ghost.problem == (f"Prometheus {prometheus}: no vllm:time_to_first_token_seconds series for "
                              f"team-c/ghost in the last {WINDOW_S}s")
 
     per_collect = []
-    for targets in ([CHAT], [CHAT, LEGACY, GHOST], [CHAT, LEGACY, TINY, GHOST]):
+    for targets in ([LEGACY], [CHAT], [CHAT, LEGACY, GHOST], [CHAT, LEGACY, TINY, GHOST]):
         before = source.queries_sent
         await observer.collect(targets, {})
         per_collect.append(source.queries_sent - before)
-    # vLLM alone: ttft, tpot, tokens, running, waiting, pods; llama.cpp's four counters on top.
-    assert per_collect == [6, 6, 10]
+    # vLLM alone: ttft, tpot, tokens, running, waiting, pods; drafted and accepted tokens while a plan drafts (one
+    # query each for both engines' names); llama.cpp's four counters on top.
+    assert per_collect == [6, 8, 8, 12]
 
 
 # --- A Prometheus that answers badly ---------------------------------------------------------------------
