@@ -32,6 +32,9 @@ VLLM_METRICS: set[str] = {
     "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
     "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
     "vllm:cache_config_info",
+    # speculative decoding (vllm/v1/spec_decode/metrics.py:228-264, 0.34.0)
+    "vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+    "vllm:spec_decode_num_accepted_tokens_total",
 }
 for _h in (
     "vllm:time_to_first_token_seconds",
@@ -57,6 +60,9 @@ LLAMACPP_METRICS: set[str] = {
     "llamacpp:prompt_tokens_seconds", "llamacpp:predicted_tokens_seconds",
     "llamacpp:kv_cache_usage_ratio", "llamacpp:kv_cache_tokens",
     "llamacpp:requests_processing", "llamacpp:requests_deferred",
+    # speculative decoding (tools/server/server-task.cpp:1564-1625, b11434)
+    "llamacpp:spec_decode_num_draft_tokens_total", "llamacpp:spec_decode_num_accepted_tokens_total",
+    "llamacpp:spec_decode_num_drafts_total",
 }
 
 KNOWN_METRICS = set(OPERATOR_METRICS) | VLLM_METRICS | LLAMACPP_METRICS
