@@ -24,8 +24,11 @@ docs/slo-loop.md is the readable version. Rules:
 * **Drafts that do not pay** (a plan decoding with a draft, spec.speculative.mode Auto; docs/speculative.md):
   accepted over drafted tokens below the plan's minAcceptanceRate, or more requests per replica than its
   paysUpToConcurrency with no replica to add, for the window: drafts are turned off (an Event says why) and
-  the planner walks the ladder without them; after the correction TTL they may be planned again. The
-  acceptance measured replaces the catalog's figure in the planner's predictions meanwhile.
+  the planner walks the ladder without them; after the correction TTL they may be planned again. In mode On
+  (whose draft is never turned off) the acceptance measured replaces the catalog's figure in the planner's
+  predictions; in Auto it acts through DraftOff only: handed to the planner, it would fail the plan in force
+  at once, without the window, and be forgotten as soon as a plan without the draft ran (nothing drafts to
+  measure), so the draft would come back after the upgrade delay, and go again.
 * **Observe mode** (spec.sloPolicy observe) reports the same and does nothing.
 * **Forgetting.** A correction older than the correction TTL is dropped, so the planner may try the
   better variant again (after the upgrade delay, like any upgrade); if it is still slow, the next
@@ -106,7 +109,8 @@ class Judgement:
         """Why drafts are off (the planner tries none), or None."""
         return self.state.draftsOff
 
-    #: Per-token acceptance of the draft in force, from what was measured (the planner predicts with it).
+    #: Per-token acceptance of the draft in force, from what was measured, for the planner to predict with (mode
+    #: On only: in Auto a low acceptance acts through DraftOff, see the module's docstring).
     measured_acceptance: MeasuredAcceptance = field(default_factory=dict)
 
 
@@ -292,8 +296,9 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
                              f"{seen}; {load_text}"))
     if not breached and not overloaded:
         state.calmSince = prev.calmSince or format_time(now)
-    j.measured_acceptance = _measured_acceptance(obs, plan, settings)
-    unpaid = _draft_unpaid(obs, plan, spec, replicas, j.measured_acceptance)
+    measured = _measured_acceptance(obs, plan, settings)
+    j.measured_acceptance = measured if spec.speculative.mode == "On" else {}
+    unpaid = _draft_unpaid(obs, plan, spec, replicas, measured)
     state.draftUnpaidSince = (prev.draftUnpaidSince or format_time(now)) if unpaid and not settling else None
     unpaid_sustained = state.draftUnpaidSince is not None and _since(state.draftUnpaidSince, now) >= settings.window
     cooling = prev.lastActionAt is not None and _since(prev.lastActionAt, now) < settings.cooldown
