@@ -18,8 +18,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from ..api import API_VERSION, KIND
 from ..catalog import GPU_RESOURCES
 from ..ownership import LABEL_DEPLOYMENT
@@ -31,18 +29,8 @@ from .emulator import declare_crd
 from . import lws
 from .kubelet import SimulatedKubelet, dynamic_client
 from .server import EmulatorThread
-
-#: The example LlamaDeployments and clusters the sandbox uses by default: package data, so an installed
-#: package has them too (the repository's top-level examples/ links to these files).
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def display_path(path: Path) -> str:
-    """How the sandbox names a file it read: a bundled example by its place among the examples."""
-    try:
-        return f"examples/{path.resolve().relative_to(EXAMPLES).as_posix()}"
-    except ValueError:
-        return str(path)
+from .show import (EXAMPLES, apply_file, create_nodes, display_path, events, load_docs, printer_table,  # noqa: F401
+                   wait_for, workload_summary)  # EXAMPLES, load_docs, wait_for: the sandbox's, for cli.py and tests
 
 
 class SandboxOperator:
@@ -71,58 +59,6 @@ class SandboxOperator:
         self._thread.join(timeout=20)
 
 
-def printer_table(items: list[dict]) -> str:
-    """What `kubectl get llamadeployments` prints (the CRD's printer columns; kubectl shows a field that is not
-    set as <none>)."""
-    rows = [("NAME", "MODEL", "VARIANT", "RUNTIME", "READY", "ADAPTERS", "PHASE")]
-    for item in sorted(items, key=lambda i: i["metadata"]["name"]):
-        st = item.get("status") or {}
-        cells = [st.get(key) for key in ("variant", "runtime", "ready", "adapterCount", "phase")]
-        rows.append((item["metadata"]["name"], item["spec"]["model"],
-                     *("<none>" if cell is None else str(cell) for cell in cells)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def workload_summary(deployments: list[dict]) -> str:
-    lines = []
-    for d in sorted(deployments, key=lambda x: x["metadata"]["name"]):
-        c = d["spec"]["template"]["spec"]["containers"][0]
-        limits = (c.get("resources") or {}).get("limits") or {}
-        gpus = next((f"{v} {k}" for k, v in limits.items() if k in GPU_RESOURCES), "no GPU")
-        lines.append(f"{d['metadata']['name']}: {c['image']} ({gpus})")
-        args = c.get("args") or []
-        pairs = []
-        i = 0
-        while i < len(args):
-            if i + 1 < len(args) and not str(args[i + 1]).startswith("--"):
-                pairs.append(f"{args[i]} {args[i + 1]}")
-                i += 2
-            else:
-                pairs.append(str(args[i]))
-                i += 1
-        lines.append("    " + " ".join([*(c.get("command") or []), *pairs]))
-    return "\n".join(lines)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    """Poll `predicate` every `interval` seconds until it is true or `timeout` has passed; its last answer."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def load_docs(path: Path) -> list[dict]:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    out = []
-    for d in docs:
-        out.extend(d["items"] if d.get("kind", "").endswith("List") else [d])
-    return out
-
-
 #: The SLO loop with short windows, so a breach and the reaction to it show within a minute (docs/slo-loop.md).
 SANDBOX_SLO = SloSettings(window=timedelta(seconds=6), cooldown=timedelta(seconds=10),
                           calm_window=timedelta(seconds=20), correction_ttl=timedelta(hours=1), min_samples=5)
@@ -132,18 +68,11 @@ SANDBOX_SLO_INTERVAL = 1.0
 MOVE_REASONS = ("Upgraded", "Replanned", "UpgradePending")
 
 
-def _events(api, reasons: tuple[str, ...]) -> list[str]:
-    evs = api.resources.get(api_version="v1", kind="Event").get().to_dict()["items"]
-    evs.sort(key=lambda e: (e.get("metadata") or {}).get("resourceVersion", "0").zfill(20))
-    return [f"  {e['involvedObject']['name']}: {e['reason']}: {e['message']}" for e in evs
-            if e.get("reason") in reasons]
-
-
 def _scenario(api, join: Path, items: Callable[[], list[dict]], upgrade_delay: float, timeout: float) -> None:
     """Nodes join, the deployments move up once the capacity has been stable; the nodes leave, they fall back."""
     node_res = api.resources.get(api_version="v1", kind="Node")
     joined = load_docs(join)
-    seen = len(_events(api, MOVE_REASONS))
+    seen = len(events(api, MOVE_REASONS))
     before = {i["metadata"]["name"]: (i.get("status") or {}).get("variant") for i in items()}
     for n in joined:
         node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
@@ -164,8 +93,8 @@ def _scenario(api, join: Path, items: Callable[[], list[dict]], upgrade_delay: f
     print("$ kubectl get llamadeployments")
     print(printer_table(items()))
     print("Events:")
-    print("\n".join(_events(api, MOVE_REASONS)[seen:]) or "  (none)")
-    seen = len(_events(api, MOVE_REASONS))
+    print("\n".join(events(api, MOVE_REASONS)[seen:]) or "  (none)")
+    seen = len(events(api, MOVE_REASONS))
     for n in joined:
         node_res.delete(name=n["metadata"]["name"])
     print()
@@ -175,21 +104,13 @@ def _scenario(api, join: Path, items: Callable[[], list[dict]], upgrade_delay: f
     print("$ kubectl get llamadeployments")
     print(printer_table(items()))
     print("Events:")
-    print("\n".join(_events(api, MOVE_REASONS)[seen:]) or "  (none)")
+    print("\n".join(events(api, MOVE_REASONS)[seen:]) or "  (none)")
 
 
 #: The SLO loop's Events, which the SLO scenario shows.
 SLO_REASONS = ("SLOBreached", "ScaledOut", "ScaledIn", "Replanned", "Degraded")
 LATENCY_FACTOR = "sandbox.llama-operator.dev/latency-factor"
 LOAD_FACTOR = "sandbox.llama-operator.dev/load-factor"
-
-
-def _create_nodes(node_res, path: Path) -> list[dict]:
-    nodes = [d for d in load_docs(path) if d.get("kind") == "Node"]
-    for n in nodes:
-        node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
-            "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
-    return nodes
 
 
 def _slo_settled(item: dict) -> bool:
@@ -222,21 +143,11 @@ def _slo_table(items: list[dict]) -> str:
     return "\n".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def _apply(ld_res, path: Path) -> set[str]:
-    """Create every LlamaDeployment of a file (as `kubectl apply -f`); their names."""
-    names = set()
-    for doc in load_docs(path):
-        if doc.get("kind") == KIND:
-            ld_res.create(body=doc, namespace=doc["metadata"].get("namespace", "default"))
-            names.add(doc["metadata"]["name"])
-    return names
-
-
 def _slo_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -> bool:
     """The SLO loop: deployments whose simulated engines run slower or busier than planned; whether each did
     what the scenario shows in time."""
-    _create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
-    names = _apply(ld_res, deployments)
+    create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
+    names = apply_file(ld_res, deployments)
     print()
     print(f"--- the SLO loop: {', '.join(sorted(names))} from {display_path(deployments)} on the nodes of "
           f"{display_path(nodes)}; their simulated engines serve /metrics on 127.0.x.y with latency = the plan's "
@@ -250,7 +161,7 @@ def _slo_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -
     print("$ kubectl get llamadeployments (with status.observed and the SLOMet condition)")
     print(_slo_table(ours()))
     print("Events:")
-    print("\n".join(line for line in _events(api, SLO_REASONS) if line.split(":")[0].strip() in names) or "  (none)")
+    print("\n".join(line for line in events(api, SLO_REASONS) if line.split(":")[0].strip() in names) or "  (none)")
     for i in sorted(ours(), key=lambda i: i["metadata"]["name"]):
         for c in (i.get("status") or {}).get("corrections") or []:
             print(f"  {i['metadata']['name']}: correction {c['variant']} on {c['hardware']}: TTFT x{c['ttftFactor']:g}, "
@@ -261,8 +172,8 @@ def _slo_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -
 def _finetune_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -> bool:
     """Fine-tuned models (docs/adapters.md): LoRA adapters and a full fine-tune on their own nodes; whether
     every one of them was planned and rolled out in time."""
-    _create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
-    names = _apply(ld_res, deployments)
+    create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
+    names = apply_file(ld_res, deployments)
     print()
     print(f"--- fine-tuned models: {', '.join(sorted(names))} from {display_path(deployments)} on the nodes of "
           f"{display_path(nodes)}; adapters and custom weights pin the base model ---")
@@ -331,7 +242,7 @@ def _multinode_scenario(emulator, api, ld_res, deployments: Path, pair: Path, ti
     a Deployment, and removes the group once that serves. Whether each step happened in time."""
     node_res = api.resources.get(api_version="v1", kind="Node")
     _install_leaderworkerset(emulator, api)
-    names = _apply(ld_res, deployments)
+    names = apply_file(ld_res, deployments)
 
     def ours() -> list[dict]:
         return [i for i in ld_res.get().to_dict()["items"] if i["metadata"]["name"] in names]
@@ -348,7 +259,7 @@ def _multinode_scenario(emulator, api, ld_res, deployments: Path, pair: Path, ti
     print(printer_table(ours()))
     # Nodes join one by one: the first takes FP8 (one node), and the plan moves up to bf16 across both once the
     # second has stayed for the upgrade delay (the FP8 Deployment gives the GPUs it holds back at once).
-    joined = _create_nodes(node_res, pair)
+    joined = create_nodes(node_res, pair)
     print(f"--- {len(joined)} 8x H100 nodes join from {display_path(pair)} ---")
     spanned = wait_for(lambda: phase("Ready", 2), timeout)
     print(printer_table(ours()))
@@ -360,7 +271,7 @@ def _multinode_scenario(emulator, api, ld_res, deployments: Path, pair: Path, ti
                          timeout)
     print(printer_table(ours()))
     print("Events:")
-    print("\n".join(line for line in _events(api, MOVE_REASONS + ("Planned", "Unschedulable"))
+    print("\n".join(line for line in events(api, MOVE_REASONS + ("Planned", "Unschedulable"))
                     if line.split(":")[0].strip() in names) or "  (none)")
     return spanned and fell_back
 
