@@ -418,3 +418,20 @@ def test_a_draft_accepted_as_predicted_is_kept(make_spec, make_node, make_invent
         assert j.action is None
     assert loop.status.plan.same_choice(first) and loop.reasons() == []
     assert loop.status.observed.draftAcceptanceRate == 0.62
+
+
+def test_few_requests_with_plenty_of_drafted_tokens_still_judge_the_draft(make_spec, make_node, make_inventory):
+    """Three long requests in the window: too few to judge the latency on, but thousands of drafted tokens, which
+    the acceptance rests on. A draft at one request per replica (where drafts pay) is judged all the same."""
+    loop = Loop(make_spec(**DRAFTED), make_inventory(make_node("l40s", "NVIDIA-L40S", 1)))
+    for t in (0, 30):
+        j, _ = loop.step(drafting(T0, 0.2, rps=0.05), T0 + timedelta(seconds=t))
+        assert j.action is None and loop.condition().reason == "FewSamples"
+    j, _ = loop.step(drafting(T0, 0.2, rps=0.05), T0 + timedelta(seconds=60))
+    assert j.action == "DraftOff" and loop.status.plan.speculative is None
+    assert loop.condition().reason == "FewSamples"  # the latency is still not judged
+    few = Loop(make_spec(**DRAFTED), make_inventory(make_node("l40s", "NVIDIA-L40S", 1)))
+    for t in range(0, 300, 30):  # and few drafted tokens are not judged either
+        obs = Observation(**{**drafting(T0, 0.2, rps=0.05).__dict__, "drafted_per_second": 0.5})
+        j, _ = few.step(obs, T0 + timedelta(seconds=t))
+        assert j.action is None and few.status.plan.speculative is not None
