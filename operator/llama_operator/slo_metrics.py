@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from . import observe
 
 #: What the SLO loop does on its own (`llama_operator_slo_actions_total{action}`; status.slo.lastAction).
-SLO_ACTIONS: tuple[str, ...] = ("ScaledOut", "ScaledIn", "Replanned")
+SLO_ACTIONS: tuple[str, ...] = ("ScaledOut", "ScaledIn", "Replanned", "DraftOff")
 
 #: The `statistic` label, from what the caller has: the label itself, or observe.Observation.statistic.
 #: Short values, because vLLM's figures are p95s and llama.cpp's are means and dashboards must tell.

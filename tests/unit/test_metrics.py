@@ -383,13 +383,14 @@ def test_slo_actions_start_at_zero_and_count():
     assert _samples(m.render(), "llama_operator_slo_actions_total") == []
     _slo(m)
     actions = {labels["action"]: v for labels, v in _of(m.render(), "llama_operator_slo_actions_total")}
-    assert actions == {a: 0.0 for a in SLO_ACTIONS} == {"ScaledOut": 0.0, "ScaledIn": 0.0, "Replanned": 0.0}
+    assert actions == {a: 0.0 for a in SLO_ACTIONS} == {"ScaledOut": 0.0, "ScaledIn": 0.0, "Replanned": 0.0,
+                                                             "DraftOff": 0.0}
     m.record_slo_action("team-a", "chat", "ScaledOut")
     m.record_slo_action("team-a", "chat", "ScaledOut")
     m.record_slo_action("team-a", "chat", "Replanned")
     _slo(m, slo_met=True)  # a new record does not reset the counter
     actions = {labels["action"]: v for labels, v in _of(m.render(), "llama_operator_slo_actions_total")}
-    assert actions == {"ScaledOut": 2.0, "ScaledIn": 0.0, "Replanned": 1.0}
+    assert actions == {"ScaledOut": 2.0, "ScaledIn": 0.0, "Replanned": 1.0, "DraftOff": 0.0}
     with pytest.raises(ValueError):
         m.record_slo_action("team-a", "chat", "Restarted")
 
