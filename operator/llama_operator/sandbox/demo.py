@@ -5,7 +5,9 @@ applies example LlamaDeployments, prints what `kubectl get llamadeployments` wou
 rendered and why some fell back, then plays a scenario: nodes join (deployments move up once the
 capacity has stayed), the nodes leave (they fall back at once); then the SLO loop (docs/slo-loop.md) on
 examples/slo-loop.yaml: a slow engine corrected and re-planned, a busy one scaled out, one left alone; then
-fine-tuned models (docs/adapters.md) on examples/adapters.yaml: LoRA adapters and a full fine-tune.
+fine-tuned models (docs/adapters.md) on examples/adapters.yaml: LoRA adapters and a full fine-tune; then
+speculative decoding (docs/speculative.md) on examples/speculative.yaml: two deployments planned with a draft, the
+SLO loop turning off the one whose engine accepts too few drafted tokens (DraftOff) and re-planning it.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ..slo import SloSettings
 from ..state import Settings
 from .emulator import declare_crd
 from . import lws
+from .engines import DRAFT_ACCEPTANCE
 from .kubelet import SimulatedKubelet, dynamic_client
 from .server import EmulatorThread
 from .show import (EXAMPLES, apply_file, create_nodes, display_path, events, load_docs, printer_table,  # noqa: F401
@@ -208,6 +211,97 @@ def _finetune_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: flo
     return settled
 
 
+#: The Events of a deployment's draft, which the speculative scenario shows.
+DRAFT_REASONS = ("Planned", "DraftOff", "Replanned", "UpgradePending", "Upgraded", "SLOBreached")
+
+
+def _speculative_config(api, names: set[str]) -> list[str]:
+    """Each Deployment's draft arguments, as rendered (vLLM --speculative-config, llama.cpp --spec-*)."""
+    lines = []
+    for d in sorted(api.resources.get(api_version="apps/v1", kind="Deployment").get().to_dict()["items"],
+                    key=lambda d: d["metadata"]["name"]):
+        if d["metadata"]["name"] in names:
+            args = [str(a) for a in d["spec"]["template"]["spec"]["containers"][0].get("args") or []]
+            draft = [f"{a} {b}" for a, b in zip(args, args[1:]) if a.startswith(("--speculative", "--spec-"))]
+            lines.append(f"  {d['metadata']['name']}: {' '.join(draft) or 'no draft'}")
+    return lines
+
+
+def _draft_figures(item: dict, rates: dict[str, float]) -> str:
+    """status.plan.speculative and status.observed's draft figures (or status.slo.draftsOff) of one deployment."""
+    st = item.get("status") or {}
+    s, ob, name = (st.get("plan") or {}).get("speculative"), st.get("observed") or {}, item["metadata"]["name"]
+    if s is None:
+        seen = f"; last observed {rates[name]:.0%} of drafted tokens accepted" if name in rates else ""
+        return f"  {name}: {st.get('variant')}, no draft{seen}; status.slo.draftsOff: " \
+               f"{(st.get('slo') or {}).get('draftsOff') or '-'}"
+    rate, drafted = ob.get("draftAcceptanceRate"), ob.get("draftedTokensPerSecond")
+    least = f"{s['minAcceptanceRate']:.0%}" if s.get("minAcceptanceRate") is not None else "-"
+    return (f"  {name}: {st.get('variant')}, {s['numSpeculativeTokens']} tokens per step, predicted "
+            f"{s['predictedSpeedup']:g}x at {s['acceptance']:g} per token ({s.get('acceptanceSource') or '-'}); pays "
+            f"above {least} accepted, up to {s.get('paysUpToConcurrency') or '-'} requests per replica; observed "
+            + (f"{rate:.0%} accepted, {drafted or 0:.4g} drafted tokens/s" if rate is not None else "-"))
+
+
+def _speculative_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -> bool:
+    """Speculative decoding (docs/speculative.md): deployments planned with a draft; the one whose engine accepts
+    few drafted tokens (DRAFT_ACCEPTANCE) has its draft turned off by the SLO loop and re-planned, the others keep
+    theirs. Whether both steps happened in time."""
+    create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
+    names = apply_file(ld_res, deployments)
+    print()
+    print(f"--- speculative decoding: {', '.join(sorted(names))} from {display_path(deployments)} on the nodes of "
+          f"{display_path(nodes)}; their simulated engines count drafted and accepted tokens at the plan's "
+          f"predicted acceptance, or {DRAFT_ACCEPTANCE} ---")
+
+    def ours() -> list[dict]:
+        return [i for i in ld_res.get().to_dict()["items"] if i["metadata"]["name"] in names]
+
+    def poor(item: dict) -> bool:  # the engine accepts fewer drafted tokens than the plan predicts
+        return DRAFT_ACCEPTANCE in (item["metadata"].get("annotations") or {})
+
+    first: list[dict] = []  # the deployments as they were when all served with a draft
+
+    def drafting() -> bool:
+        items = ours()
+        if len(items) == len(names) and all((i.get("status") or {}).get("phase") == "Ready" and (
+                (i.get("status") or {}).get("plan") or {}).get("speculative") for i in items):
+            first[:] = items
+        return bool(first)
+
+    planned = wait_for(drafting, timeout)
+    print("$ kubectl get llamadeployments")
+    print(printer_table(first or ours()))
+    print("Rendered draft arguments:")
+    print("\n".join(_speculative_config(api, names)))
+    print(f"--- the SLO loop counts accepted over drafted tokens every {SANDBOX_SLO_INTERVAL:g}s over a "
+          f"{SANDBOX_SLO.window.total_seconds():g}s window; below the plan's minAcceptanceRate for the window, it "
+          "turns the draft off ---")
+    rates: dict[str, float] = {}
+
+    def settled() -> bool:
+        items = ours()
+        for i in items:
+            rate = ((i.get("status") or {}).get("observed") or {}).get("draftAcceptanceRate")
+            if rate is not None:
+                rates[i["metadata"]["name"]] = rate
+        off = {line.split(":")[0].strip() for line in events(api, ("DraftOff",))}
+        return all((i.get("status") or {}).get("phase") == "Ready" and not (i.get("status") or {}).get(
+            "pendingChange") and (
+            (i["metadata"]["name"] in off and not (i["status"].get("plan") or {}).get("speculative")) if poor(i) else
+            (i["metadata"]["name"] not in off and (i["status"].get("plan") or {}).get("speculative")
+             and i["metadata"]["name"] in rates)) for i in items)
+
+    done = wait_for(settled, timeout)
+    print("$ kubectl get llamadeployments")
+    print(printer_table(ours()))
+    print("Events:")
+    print("\n".join(line for line in events(api, DRAFT_REASONS) if line.split(":")[0].strip() in names) or "  (none)")
+    print("Drafts (status.plan.speculative, status.observed):")
+    print("\n".join(_draft_figures(i, rates) for i in sorted(ours(), key=lambda i: i["metadata"]["name"])))
+    return planned and done
+
+
 def _install_leaderworkerset(emulator, api) -> None:
     """LeaderWorkerSet, as `kubectl apply` of its release makes it: the kind served, its CRD listed (which the
     operator watches to know it may plan replicas across nodes); sandbox/lws.py plays its controller."""
@@ -298,7 +392,7 @@ def _print_first_plans(api, items: list[dict]) -> None:
 def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconfig_path: Path | None,
                 upgrade_delay: float, timeout: float, join: Path | None = None,
                 slo: tuple[Path, Path] | None = None, finetunes: tuple[Path, Path] | None = None,
-                multinode: tuple[Path, Path] | None = None) -> int:
+                speculative: tuple[Path, Path] | None = None, multinode: tuple[Path, Path] | None = None) -> int:
     logging.getLogger("kopf").setLevel(logging.ERROR)  # the sandbox prints its own story
     with EmulatorThread() as emu:
         declare_crd(emu.emulator, crd_manifest())
@@ -344,6 +438,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
             # Two rounds of waiting: the first plans, then the loop's window of breach and its reaction.
             slo_done = _slo_scenario(api, ld_res, *slo, 2 * timeout) if slo is not None else True
             finetunes_done = _finetune_scenario(api, ld_res, *finetunes, timeout) if finetunes is not None else True
+            drafts_done = _speculative_scenario(api, ld_res, *speculative, timeout) if speculative is not None else True
             multinode_done = _multinode_scenario(emu.emulator, api, ld_res, *multinode, timeout) if multinode is not None else True
             if serve:
                 print()
@@ -353,7 +448,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                         time.sleep(3600)
                 except KeyboardInterrupt:
                     pass
-            return 0 if settled() and slo_done and finetunes_done and multinode_done else 1
+            return 0 if settled() and slo_done and finetunes_done and drafts_done and multinode_done else 1
         finally:
             operator.stop()
             kubelet.stop()
