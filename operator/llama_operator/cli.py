@@ -322,13 +322,15 @@ def cmd_sandbox(args) -> int:
                                                EXAMPLES / "clusters" / "h100-8x-pair.yaml")
     code = run_sandbox(cluster, files, serve=args.serve, kubeconfig_path=Path(args.kubeconfig) if args.kubeconfig
                        else None, upgrade_delay=args.upgrade_delay, timeout=args.timeout, join=join, slo=slo,
-                       finetunes=finetunes, speculative=speculative)
+                       finetunes=finetunes)
     if multinode is None or args.serve:
         return code
-    # Replicas across nodes on a sandbox of their own: the same cluster, LeaderWorkerSet installed as it starts.
+    # Speculative decoding, then replicas across nodes, on a sandbox of their own: the same cluster, LeaderWorkerSet
+    # installed as the second starts. There the SLO loop watches only their few deployments (in the first, a dozen
+    # keep the emulator busy and a draft takes minutes to be judged, not seconds).
     print()
     return run_sandbox(cluster, [], serve=False, kubeconfig_path=None, upgrade_delay=args.upgrade_delay,
-                       timeout=args.timeout, multinode=multinode) or code
+                       timeout=args.timeout, speculative=speculative, multinode=multinode) or code
 
 
 # --- main -----------------------------------------------------------------------------------------------
