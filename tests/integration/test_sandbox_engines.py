@@ -267,9 +267,9 @@ def test_a_pod_started_with_a_draft_counts_drafted_and_accepted_tokens(cluster, 
     """The pod's --speculative-config makes its engine draft; the plan's acceptance, or the annotation's."""
     rel = release("vllm-0.34.0")
     config = '{"method":"draft_model","model":"meta-llama/Llama-3.2-1B-Instruct","num_speculative_tokens":3}'
-    for name, annotations, rate in (("predicted", {}, acceptance_rate(0.78, 3)),
-                                    ("guessed-badly", {DRAFT_ACCEPTANCE: "0.2"}, 0.2)):
-        _llama(cluster, name, concurrency=8, annotations=annotations, engine=rel.id,
+    for name, notes, rate in (("predicted", {}, acceptance_rate(0.78, 3)),
+                              ("guessed-badly", {DRAFT_ACCEPTANCE: "0.2"}, 0.2)):
+        _llama(cluster, name, concurrency=8, annotations=notes, engine=rel.id,
                predicted={"memoryBytes": 1, "ttftSeconds": 0.1, "tpotSeconds": 0.012},
                speculative={"draftModel": "llama-3.2-1b-instruct", "draftQuantization": "bf16",
                             "numSpeculativeTokens": 3, "acceptance": 0.78, "predictedSpeedup": 1.7})
