@@ -317,6 +317,7 @@ def cmd_sandbox(args) -> int:
         raise UserError(f"{join}: no such file")
     slo = None if args.no_scenario else (EXAMPLES / "slo-loop.yaml", EXAMPLES / "clusters" / "slo-loop.yaml")
     finetunes = None if args.no_scenario else (EXAMPLES / "adapters.yaml", EXAMPLES / "clusters" / "fine-tunes.yaml")
+    speculative = None if args.no_scenario else (EXAMPLES / "speculative.yaml", EXAMPLES / "clusters" / "l40s.yaml")
     multinode = None if args.no_scenario else (EXAMPLES / "multinode-405b.yaml",
                                                EXAMPLES / "clusters" / "h100-8x-pair.yaml")
     code = run_sandbox(cluster, files, serve=args.serve, kubeconfig_path=Path(args.kubeconfig) if args.kubeconfig
@@ -324,10 +325,12 @@ def cmd_sandbox(args) -> int:
                        finetunes=finetunes)
     if multinode is None or args.serve:
         return code
-    # Replicas across nodes on a sandbox of their own: the same cluster, LeaderWorkerSet installed as it starts.
+    # Speculative decoding, then replicas across nodes, on a sandbox of their own: the same cluster, LeaderWorkerSet
+    # installed as the second starts. There the SLO loop watches only their few deployments (in the first, a dozen
+    # keep the emulator busy and a draft takes minutes to be judged, not seconds).
     print()
     return run_sandbox(cluster, [], serve=False, kubeconfig_path=None, upgrade_delay=args.upgrade_delay,
-                       timeout=args.timeout, multinode=multinode) or code
+                       timeout=args.timeout, speculative=speculative, multinode=multinode) or code
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -409,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--join", help="nodes that join after the first plans, then leave again (default: the "
                     "bundled examples/clusters/h100-8x.yaml)")
     sb.add_argument("--no-scenario", action="store_true", help="skip the scenarios (nodes join and leave; the SLO "
-                    "loop; fine-tuned models; replicas across nodes)")
+                    "loop; fine-tuned models; speculative decoding; replicas across nodes)")
     sb.add_argument("--serve", action="store_true", help="keep running for kubectl (needs --kubeconfig)")
     sb.add_argument("--kubeconfig", help="write the emulator's kubeconfig here once the API answers")
     sb.add_argument("--upgrade-delay", type=float, default=5.0, help="seconds before moving up to a better variant")

@@ -286,7 +286,7 @@ class OperatorMetrics:
             self.plans.labels(outcome=outcome)
         self.slo_actions = Counter(
             "llama_operator_slo_actions",
-            "What the SLO loop did on its own: ScaledOut, ScaledIn, Replanned.",
+            "What the SLO loop did on its own: ScaledOut, ScaledIn, Replanned, DraftOff.",
             labelnames=_DEPLOYMENT_LABELS + ("action",),
             registry=self.registry,
         )

@@ -22,10 +22,14 @@ docs/slo-loop.md is the readable version. Rules:
   Degraded, naming observed versus predicted. Calm (SLO met, the load would fit in one replica fewer
   with headroom) for the calm window: scale in by one, never below spec.replicas.
 * **Drafts that do not pay** (a plan decoding with a draft, spec.speculative.mode Auto; docs/speculative.md):
-  accepted over drafted tokens below the plan's minAcceptanceRate, or more requests per replica than its
+  accepted over drafted tokens below the plan's minAcceptanceRate (judged on enough drafted tokens, even when
+  too few requests came to judge the latency on), or more requests per replica than its
   paysUpToConcurrency with no replica to add, for the window: drafts are turned off (an Event says why) and
-  the planner walks the ladder without them; after the correction TTL they may be planned again. The
-  acceptance measured replaces the catalog's figure in the planner's predictions meanwhile.
+  the planner walks the ladder without them; after the correction TTL they may be planned again. In mode On
+  (whose draft is never turned off) the acceptance measured replaces the catalog's figure in the planner's
+  predictions; in Auto it acts through DraftOff only: handed to the planner, it would fail the plan in force
+  at once, without the window, and be forgotten as soon as a plan without the draft ran (nothing drafts to
+  measure), so the draft would come back after the upgrade delay, and go again.
 * **Observe mode** (spec.sloPolicy observe) reports the same and does nothing.
 * **Forgetting.** A correction older than the correction TTL is dropped, so the planner may try the
   better variant again (after the upgrade delay, like any upgrade); if it is still slow, the next
@@ -106,7 +110,8 @@ class Judgement:
         """Why drafts are off (the planner tries none), or None."""
         return self.state.draftsOff
 
-    #: Per-token acceptance of the draft in force, from what was measured (the planner predicts with it).
+    #: Per-token acceptance of the draft in force, from what was measured, for the planner to predict with (mode
+    #: On only: in Auto a low acceptance acts through DraftOff, see the module's docstring).
     measured_acceptance: MeasuredAcceptance = field(default_factory=dict)
 
 
@@ -252,11 +257,22 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     if not obs.traffic:
         return unknown("NoTraffic", f"No requests in the last {observed.window}; latency unknown", observed,
                        calm=True)
+    # After an action the window still holds what ran before it (the old pods, the old replicas): a breach
+    # or an overload is only counted once the window is clear of it.
+    settling = prev.lastActionAt is not None and _since(prev.lastActionAt, now) < settings.window
+    cooling = prev.lastActionAt is not None and _since(prev.lastActionAt, now) < settings.cooldown
     samples = _samples(obs)
     if samples < settings.min_samples:
         what = "requests" if obs.requests_per_second is not None else "output tokens"
-        return unknown("FewSamples", f"Only {samples} {what} in the last {observed.window}; at least "
-                       f"{settings.min_samples} are needed to judge the latency", observed, calm=True)
+        j = unknown("FewSamples", f"Only {samples} {what} in the last {observed.window}; at least "
+                    f"{settings.min_samples} are needed to judge the latency", observed, calm=True)
+        # The draft's acceptance rests on drafted tokens (_enough_drafted), which a few long requests give plenty
+        # of: at one request per replica, where drafts pay, requests are few. It is judged all the same.
+        unpaid = _judge_draft(j, obs, plan, spec, replicas, prev, now, settings, settling)
+        if unpaid and unpaid[0] == "acceptance" and j.action is None and spec.sloPolicy == "enforce" \
+                and not cooling:
+            _draft_off(j, plan, unpaid[1], now, settings)
+        return j
 
     breached_now, met_now, seen = _latency(obs, spec)
     total, overloaded, load_text = _load(obs, spec.slo.concurrency, replicas)
@@ -264,9 +280,6 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     # Hysteresis: a breach starts only when it is sure, and lasts until the SLO is surely met again. An action
     # ends the breach it answered: the next one must be seen afresh, of what runs after it.
     breached = breached_now or (prev.breachedSince is not None and not met_now)
-    # After an action the window still holds what ran before it (the old pods, the old replicas): a breach
-    # or an overload is only counted once the window is clear of it.
-    settling = prev.lastActionAt is not None and _since(prev.lastActionAt, now) < settings.window
     state.breachedSince = (prev.breachedSince or format_time(now)) if breached and not settling else None
     state.overloadedSince = (prev.overloadedSince or format_time(now)) if overloaded and not settling else None
     sustained = state.breachedSince is not None and _since(state.breachedSince, now) >= settings.window
@@ -292,19 +305,15 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
                              f"{seen}; {load_text}"))
     if not breached and not overloaded:
         state.calmSince = prev.calmSince or format_time(now)
-    j.measured_acceptance = _measured_acceptance(obs, plan, settings)
-    unpaid = _draft_unpaid(obs, plan, spec, replicas, j.measured_acceptance, settings)
-    state.draftUnpaidSince = (prev.draftUnpaidSince or format_time(now)) if unpaid and not settling else None
-    unpaid_sustained = state.draftUnpaidSince is not None and _since(state.draftUnpaidSince, now) >= settings.window
-    cooling = prev.lastActionAt is not None and _since(prev.lastActionAt, now) < settings.cooldown
+    unpaid = _judge_draft(j, obs, plan, spec, replicas, prev, now, settings, settling)
     if spec.sloPolicy != "enforce" or cooling:
         return j
-    if unpaid_sustained and unpaid[0] == "acceptance":  # the draft costs more than it saves, whatever the load
+    if unpaid and unpaid[0] == "acceptance":  # the draft costs more than it saves, whatever the load
         _draft_off(j, plan, unpaid[1], now, settings)
         return j
     if overloaded and _since(state.overloadedSince, now) >= settings.window:
         why_not = _scale_out(j, spec, total, load_text, now, fits)
-        if why_not is not None and unpaid_sustained:  # more load than the draft pays at, and no replica to add
+        if why_not is not None and unpaid:  # more load than the draft pays at, and no replica to add
             _draft_off(j, plan, f"{unpaid[1]}, and no replica could be added ({why_not})", now, settings)
         elif why_not is not None and sustained:  # the latency breach comes with more load than can be served
             j.breach_message = f"SLO breached: {seen}; {load_text}; {why_not}"
@@ -323,6 +332,18 @@ def judge(status: LlamaDeploymentStatus, obs: Observation | None, spec: LlamaDep
     if not sustained:
         _maybe_scale_in(j, spec, prev, now, settings, total, f"SLO met: {seen}")
     return j
+
+
+def _judge_draft(j: Judgement, obs: Observation, plan: ChosenPlan, spec: LlamaDeploymentSpec, replicas: int,
+                 prev: SLOState, now: datetime, settings: SloSettings, settling: bool) -> tuple[str, str] | None:
+    """The draft in force: its measured acceptance (for the planner, mode On only: see the module's docstring),
+    since when it has not paid; why it does not pay once that has lasted the window, else None."""
+    measured = _measured_acceptance(obs, plan, settings)
+    j.measured_acceptance = measured if spec.speculative.mode == "On" else {}
+    unpaid = _draft_unpaid(obs, plan, spec, replicas, measured, settings)
+    j.state.draftUnpaidSince = (prev.draftUnpaidSince or format_time(now)) if unpaid and not settling else None
+    sustained = j.state.draftUnpaidSince is not None and _since(j.state.draftUnpaidSince, now) >= settings.window
+    return unpaid if sustained else None
 
 
 def _enough_drafted(obs: Observation, plan: ChosenPlan, settings: SloSettings) -> bool:

@@ -22,7 +22,9 @@ from llama_operator.api import API_VERSION, KIND
 from llama_operator.engines import release
 from llama_operator.metrics import VLLM_TPOT_BUCKETS, VLLM_TTFT_BUCKETS
 from llama_operator.ownership import LABEL_DEPLOYMENT, LABEL_RUNTIME, MANAGED_BY, PORTS
-from llama_operator.sandbox.engines import HIGH, LATENCY_FACTOR, LOAD_FACTOR, LOW, OUTPUT_TOKENS, traffic
+from llama_operator.drafting import acceptance_rate
+from llama_operator.sandbox.engines import (DRAFT_ACCEPTANCE, HIGH, LATENCY_FACTOR, LOAD_FACTOR, LOW, OUTPUT_TOKENS,
+                                            traffic)
 from llama_operator.sandbox.kubelet import SimulatedKubelet
 
 from kit.cluster import Cluster
@@ -44,8 +46,9 @@ def cluster(llama_cluster: Cluster) -> Cluster:
 
 
 def _llama(cluster: Cluster, name: str, *, concurrency: int, annotations: dict[str, str],
-           predicted: dict | None, engine: str) -> None:
-    """A LlamaDeployment with `predicted` as its plan's prediction (none: no plan in status)."""
+           predicted: dict | None, engine: str, speculative: dict | None = None) -> None:
+    """A LlamaDeployment with `predicted` as its plan's prediction (none: no plan in status), and `speculative`
+    as its plan's draft."""
     body = {"apiVersion": API_VERSION, "kind": KIND,
             "metadata": {"name": name, "annotations": annotations},
             "spec": {"model": "llama-3.1-8b-instruct", "memoryBudget": "40Gi", "replicas": 1,
@@ -55,17 +58,19 @@ def _llama(cluster: Cluster, name: str, *, concurrency: int, annotations: dict[s
     if predicted is not None:
         rel = release(engine)
         plan = {"model": "llama-3.1-8b-instruct", "quantization": "bf16" if rel.engine == "vllm" else "q8_0",
-                "runtime": rel.engine, "engine": engine, "gpusPerReplica": 1, "predicted": predicted}
+                "runtime": rel.engine, "engine": engine, "gpusPerReplica": 1, "predicted": predicted,
+                **({"speculative": speculative} if speculative else {})}
         cluster.llamas.status.patch(name=name, namespace="default", body={"status": {"plan": plan}},
                                     content_type="application/merge-patch+json")
 
 
-def _deployment(cluster: Cluster, name: str, engine: str) -> None:
-    """The Deployment of LlamaDeployment `name` as the renderer labels it, running `engine`'s image."""
+def _deployment(cluster: Cluster, name: str, engine: str, args: tuple[str, ...] = ()) -> None:
+    """The Deployment of LlamaDeployment `name` as the renderer labels it, running `engine`'s image (with
+    `args` besides the served name)."""
     rel = release(engine)
     labels = {**MANAGED_BY, LABEL_DEPLOYMENT: name, LABEL_RUNTIME: rel.engine}
     flag = "--served-model-name" if rel.engine == "vllm" else "--alias"
-    container = {"name": "server", "image": next(iter(rel.images.values())), "args": [flag, name],
+    container = {"name": "server", "image": next(iter(rel.images.values())), "args": [flag, name, *args],
                  "ports": [{"name": "http", "containerPort": PORTS[rel.engine]}],
                  "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}
     cluster.resource("apps/v1", "Deployment").create(namespace="default", body={
@@ -154,7 +159,8 @@ def test_a_vllm_pod_serves_its_releases_histograms_at_the_plans_latency_times_th
     status, content_type, first = _get(f"{base}/metrics")
     assert status == 200 and content_type == "text/plain; version=0.0.4"
     signals = rel.slo_signals
-    assert set(_families(first)) == rel.metrics, "the release's series, as the catalog names them"
+    # the release's series, as the catalog names them; the draft's only with a draft (vLLM creates them then)
+    assert set(_families(first)) == rel.metrics - {signals.draft_tokens, signals.draft_accepted}
     assert _families(first)[signals.ttft] == _families(first)[signals.tpot] == "histogram"
     assert _families(first)[signals.generated_tokens] == "counter"
     assert _families(first)[signals.running] == _families(first)[signals.waiting] == "gauge"
@@ -250,8 +256,33 @@ def test_the_operators_pod_serves_the_planned_release(cluster, run_operator, kub
     plan = cluster.wait_phase("chat", "Ready", timeout=30)["plan"]
     ip = _serving_pod(cluster, "chat")["status"]["podIP"]
     text = _get(f"http://{ip}:{PORTS[plan['runtime']]}/metrics")[2]
-    assert set(_families(text)) >= release(plan["engine"]).metrics
+    signals = release(plan["engine"]).slo_signals
+    drafting = set() if plan.get("speculative") or plan["runtime"] == "llamacpp" else \
+        {signals.draft_tokens, signals.draft_accepted}
+    assert set(_families(text)) >= release(plan["engine"]).metrics - drafting
     assert not math.isnan(sum(_samples(text).values()))
+
+
+def test_a_pod_started_with_a_draft_counts_drafted_and_accepted_tokens(cluster, kubelet):
+    """The pod's --speculative-config makes its engine draft; the plan's acceptance, or the annotation's."""
+    rel = release("vllm-0.34.0")
+    config = '{"method":"draft_model","model":"meta-llama/Llama-3.2-1B-Instruct","num_speculative_tokens":3}'
+    for name, notes, rate in (("predicted", {}, acceptance_rate(0.78, 3)),
+                              ("guessed-badly", {DRAFT_ACCEPTANCE: "0.2"}, 0.2)):
+        _llama(cluster, name, concurrency=8, annotations=notes, engine=rel.id,
+               predicted={"memoryBytes": 1, "ttftSeconds": 0.1, "tpotSeconds": 0.012},
+               speculative={"draftModel": "llama-3.2-1b-instruct", "draftQuantization": "bf16",
+                            "numSpeculativeTokens": 3, "acceptance": 0.78, "predictedSpeedup": 1.7})
+        _deployment(cluster, name, rel.id, ("--speculative-config", config))
+        url = f"http://{_serving_pod(cluster, name)['status']['podIP']}:{PORTS['vllm']}/metrics"
+        first = _get(url)[2]
+        assert set(_families(first)) == rel.metrics
+        time.sleep(WINDOW)
+        before, after = _samples(first), _samples(_get(url)[2])
+        labels = f'{{engine="0",model_name="{name}"}}'
+        drafted, accepted = (after[n + labels] - before[n + labels] for n in (rel.slo_signals.draft_tokens,
+                                                                              rel.slo_signals.draft_accepted))
+        assert drafted > 100 and accepted / drafted == pytest.approx(rate, abs=0.02), name
 
 
 def test_traffic_reads_the_plan_without_its_correction_and_ignores_bad_factors():

@@ -208,6 +208,27 @@ def test_sandbox_runs_from_the_installed_package(installed: Installed):
     assert "--lora-scaled /sources/lora-adapters/faq/faq-lora-F16.gguf:0" in ft and "--no-cache-prompt" in ft, ft
     assert "init container fetch-sources fetches into the model cache: acme/llama-3.1-8b-legal@v2" in ft, ft
     assert 'support: support-de [Ready] "model": "support-de"' in ft, ft
+    # Speculative decoding (docs/speculative.md): both planned bf16 with a 1B draft; the SLO loop turns off the
+    # draft of the one whose engine accepts 20% of drafted tokens (DraftOff) and re-plans it to FP8; the other
+    # keeps its draft.
+    sd = out.split("--- speculative decoding:", 1)[1].split("--- replicas across nodes:", 1)[0]
+    planned, looped = sd.split("--- the SLO loop counts accepted over drafted tokens", 1)
+    rows = {r.split()[0]: r.split() for r in planned.split("$ kubectl get llamadeployments\n", 1)[1]
+            .split("Rendered draft arguments:", 1)[0].splitlines()[1:]}
+    draft = "llama-3.1-8b-instruct/bf16+llama-3.2-1b-instruct"
+    assert rows["chat-8b-draft"][2] == rows["code-8b-draft"][2] == draft, sd
+    assert rows["chat-8b-draft"][-1] == rows["code-8b-draft"][-1] == "Ready", sd
+    assert planned.count('--speculative-config {"method":"draft_model","model":"meta-llama/Llama-3.2-1B-Instruct",'
+                         '"num_speculative_tokens":') == 2, sd
+    rows = {r.split()[0]: r.split() for r in looped.split("$ kubectl get llamadeployments\n", 1)[1]
+            .split("Events:", 1)[0].splitlines()[1:]}
+    assert rows["chat-8b-draft"][2] == draft and rows["code-8b-draft"][2] == "llama-3.1-8b-instruct/fp8", sd
+    assert rows["code-8b-draft"][-1] == "Ready", sd
+    assert re.search(r"code-8b-draft: DraftOff: Turning the llama-3\.2-1b-instruct draft off: 2\d% of drafted "
+                     r"tokens were accepted, below the 3\d%", looped), sd
+    assert "code-8b-draft: Replanned:" in looped and "chat-8b-draft: DraftOff" not in looped, sd
+    assert re.search(r"chat-8b-draft: .*observed 6\d% accepted", looped), sd
+    assert "code-8b-draft: llama-3.1-8b-instruct/fp8, no draft" in looped, sd
     # Replicas across nodes (docs/multinode.md): 405B bf16 on two 8x H100 nodes as one LeaderWorkerSet group,
     # FP8 on the node left (a Deployment) when the other leaves, the group removed.
     mn = out.split("--- replicas across nodes:", 1)[1]

@@ -295,8 +295,13 @@ def test_low_acceptance_turns_the_draft_off_after_the_window_and_the_ladder_move
     assert j.drafts_off is None
 
 
-def test_good_acceptance_keeps_the_draft_and_is_what_the_planner_predicts_with(l40s):
-    loop = Loop(spec_of(), l40s)
+def test_the_acceptance_measured_is_what_the_planner_predicts_with_in_mode_on_only(l40s):
+    """Mode On keeps its draft: the measured acceptance corrects its prediction. In Auto a low one acts through
+    DraftOff only (slo.py): handed to the planner, it would fail the plan in force on one reading."""
+    auto = Loop(spec_of(), l40s)
+    j, _ = auto.step(drafting(T0, rate=0.7, tpot=0.01), T0)
+    assert j.action is None and j.measured_acceptance == {}
+    loop = Loop(spec_of(speculative={"mode": "On"}), l40s)
     j, _ = loop.step(drafting(T0, rate=0.7, tpot=0.01), T0)
     assert j.action is None
     k = loop.status.plan.speculative.numSpeculativeTokens
@@ -344,10 +349,12 @@ def test_servers_that_write_tokens_and_draft_none_lose_the_draft(l40s):
 
 
 def test_a_draft_keeps_its_length_while_it_runs(l40s):
-    """A measured acceptance refreshes the prediction; the servers are not rolled out for another draft length."""
-    loop = Loop(spec_of(), l40s)
+    """A measured acceptance refreshes the prediction (mode On); the servers are not rolled out for another draft
+    length."""
+    on = spec_of(speculative={"mode": "On"})
+    loop = Loop(on, l40s)
     k = loop.status.plan.speculative.numSpeculativeTokens
-    free = planner.plan(spec_of(), l40s, measured={("llama-3.1-8b-instruct", "llama-3.2-1b-instruct"): 0.95}).chosen
+    free = planner.plan(on, l40s, measured={("llama-3.1-8b-instruct", "llama-3.2-1b-instruct"): 0.95}).chosen
     assert free.estimate.draft_tokens != k  # left to itself, the planner would pick a longer draft at 0.95
     for t in (0, 30, 60, 90):
         loop.step(drafting(T0, rate=acceptance_rate(0.95, k), tpot=0.01), T0 + timedelta(seconds=t))

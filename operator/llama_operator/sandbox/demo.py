@@ -5,7 +5,10 @@ applies example LlamaDeployments, prints what `kubectl get llamadeployments` wou
 rendered and why some fell back, then plays a scenario: nodes join (deployments move up once the
 capacity has stayed), the nodes leave (they fall back at once); then the SLO loop (docs/slo-loop.md) on
 examples/slo-loop.yaml: a slow engine corrected and re-planned, a busy one scaled out, one left alone; then
-fine-tuned models (docs/adapters.md) on examples/adapters.yaml: LoRA adapters and a full fine-tune.
+fine-tuned models (docs/adapters.md) on examples/adapters.yaml: LoRA adapters and a full fine-tune. On a sandbox
+of their own (cli.py): speculative decoding (docs/speculative.md) on examples/speculative.yaml, two deployments
+planned with a draft, the SLO loop turning off the one whose engine accepts too few drafted tokens (DraftOff) and
+re-planning it; then replicas across nodes (docs/multinode.md).
 """
 from __future__ import annotations
 
@@ -18,8 +21,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from ..api import API_VERSION, KIND
 from ..catalog import GPU_RESOURCES
 from ..ownership import LABEL_DEPLOYMENT
@@ -29,20 +30,11 @@ from ..slo import SloSettings
 from ..state import Settings
 from .emulator import declare_crd
 from . import lws
+from .engines import DRAFT_ACCEPTANCE
 from .kubelet import SimulatedKubelet, dynamic_client
 from .server import EmulatorThread
-
-#: The example LlamaDeployments and clusters the sandbox uses by default: package data, so an installed
-#: package has them too (the repository's top-level examples/ links to these files).
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def display_path(path: Path) -> str:
-    """How the sandbox names a file it read: a bundled example by its place among the examples."""
-    try:
-        return f"examples/{path.resolve().relative_to(EXAMPLES).as_posix()}"
-    except ValueError:
-        return str(path)
+from .show import (EXAMPLES, apply_file, create_nodes, display_path, events, load_docs, printer_table,  # noqa: F401
+                   wait_for, workload_summary)  # EXAMPLES, load_docs, wait_for: the sandbox's, for cli.py and tests
 
 
 class SandboxOperator:
@@ -71,58 +63,6 @@ class SandboxOperator:
         self._thread.join(timeout=20)
 
 
-def printer_table(items: list[dict]) -> str:
-    """What `kubectl get llamadeployments` prints (the CRD's printer columns; kubectl shows a field that is not
-    set as <none>)."""
-    rows = [("NAME", "MODEL", "VARIANT", "RUNTIME", "READY", "ADAPTERS", "PHASE")]
-    for item in sorted(items, key=lambda i: i["metadata"]["name"]):
-        st = item.get("status") or {}
-        cells = [st.get(key) for key in ("variant", "runtime", "ready", "adapterCount", "phase")]
-        rows.append((item["metadata"]["name"], item["spec"]["model"],
-                     *("<none>" if cell is None else str(cell) for cell in cells)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def workload_summary(deployments: list[dict]) -> str:
-    lines = []
-    for d in sorted(deployments, key=lambda x: x["metadata"]["name"]):
-        c = d["spec"]["template"]["spec"]["containers"][0]
-        limits = (c.get("resources") or {}).get("limits") or {}
-        gpus = next((f"{v} {k}" for k, v in limits.items() if k in GPU_RESOURCES), "no GPU")
-        lines.append(f"{d['metadata']['name']}: {c['image']} ({gpus})")
-        args = c.get("args") or []
-        pairs = []
-        i = 0
-        while i < len(args):
-            if i + 1 < len(args) and not str(args[i + 1]).startswith("--"):
-                pairs.append(f"{args[i]} {args[i + 1]}")
-                i += 2
-            else:
-                pairs.append(str(args[i]))
-                i += 1
-        lines.append("    " + " ".join([*(c.get("command") or []), *pairs]))
-    return "\n".join(lines)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    """Poll `predicate` every `interval` seconds until it is true or `timeout` has passed; its last answer."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def load_docs(path: Path) -> list[dict]:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    out = []
-    for d in docs:
-        out.extend(d["items"] if d.get("kind", "").endswith("List") else [d])
-    return out
-
-
 #: The SLO loop with short windows, so a breach and the reaction to it show within a minute (docs/slo-loop.md).
 SANDBOX_SLO = SloSettings(window=timedelta(seconds=6), cooldown=timedelta(seconds=10),
                           calm_window=timedelta(seconds=20), correction_ttl=timedelta(hours=1), min_samples=5)
@@ -132,18 +72,11 @@ SANDBOX_SLO_INTERVAL = 1.0
 MOVE_REASONS = ("Upgraded", "Replanned", "UpgradePending")
 
 
-def _events(api, reasons: tuple[str, ...]) -> list[str]:
-    evs = api.resources.get(api_version="v1", kind="Event").get().to_dict()["items"]
-    evs.sort(key=lambda e: (e.get("metadata") or {}).get("resourceVersion", "0").zfill(20))
-    return [f"  {e['involvedObject']['name']}: {e['reason']}: {e['message']}" for e in evs
-            if e.get("reason") in reasons]
-
-
 def _scenario(api, join: Path, items: Callable[[], list[dict]], upgrade_delay: float, timeout: float) -> None:
     """Nodes join, the deployments move up once the capacity has been stable; the nodes leave, they fall back."""
     node_res = api.resources.get(api_version="v1", kind="Node")
     joined = load_docs(join)
-    seen = len(_events(api, MOVE_REASONS))
+    seen = len(events(api, MOVE_REASONS))
     before = {i["metadata"]["name"]: (i.get("status") or {}).get("variant") for i in items()}
     for n in joined:
         node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
@@ -164,8 +97,8 @@ def _scenario(api, join: Path, items: Callable[[], list[dict]], upgrade_delay: f
     print("$ kubectl get llamadeployments")
     print(printer_table(items()))
     print("Events:")
-    print("\n".join(_events(api, MOVE_REASONS)[seen:]) or "  (none)")
-    seen = len(_events(api, MOVE_REASONS))
+    print("\n".join(events(api, MOVE_REASONS)[seen:]) or "  (none)")
+    seen = len(events(api, MOVE_REASONS))
     for n in joined:
         node_res.delete(name=n["metadata"]["name"])
     print()
@@ -175,21 +108,13 @@ def _scenario(api, join: Path, items: Callable[[], list[dict]], upgrade_delay: f
     print("$ kubectl get llamadeployments")
     print(printer_table(items()))
     print("Events:")
-    print("\n".join(_events(api, MOVE_REASONS)[seen:]) or "  (none)")
+    print("\n".join(events(api, MOVE_REASONS)[seen:]) or "  (none)")
 
 
 #: The SLO loop's Events, which the SLO scenario shows.
 SLO_REASONS = ("SLOBreached", "ScaledOut", "ScaledIn", "Replanned", "Degraded")
 LATENCY_FACTOR = "sandbox.llama-operator.dev/latency-factor"
 LOAD_FACTOR = "sandbox.llama-operator.dev/load-factor"
-
-
-def _create_nodes(node_res, path: Path) -> list[dict]:
-    nodes = [d for d in load_docs(path) if d.get("kind") == "Node"]
-    for n in nodes:
-        node_res.create(body={k: v for k, v in n.items() if k != "metadata"} | {
-            "metadata": {k: v for k, v in n["metadata"].items() if k in ("name", "labels", "annotations")}})
-    return nodes
 
 
 def _slo_settled(item: dict) -> bool:
@@ -222,21 +147,11 @@ def _slo_table(items: list[dict]) -> str:
     return "\n".join("   ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def _apply(ld_res, path: Path) -> set[str]:
-    """Create every LlamaDeployment of a file (as `kubectl apply -f`); their names."""
-    names = set()
-    for doc in load_docs(path):
-        if doc.get("kind") == KIND:
-            ld_res.create(body=doc, namespace=doc["metadata"].get("namespace", "default"))
-            names.add(doc["metadata"]["name"])
-    return names
-
-
 def _slo_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -> bool:
     """The SLO loop: deployments whose simulated engines run slower or busier than planned; whether each did
     what the scenario shows in time."""
-    _create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
-    names = _apply(ld_res, deployments)
+    create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
+    names = apply_file(ld_res, deployments)
     print()
     print(f"--- the SLO loop: {', '.join(sorted(names))} from {display_path(deployments)} on the nodes of "
           f"{display_path(nodes)}; their simulated engines serve /metrics on 127.0.x.y with latency = the plan's "
@@ -250,7 +165,7 @@ def _slo_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -
     print("$ kubectl get llamadeployments (with status.observed and the SLOMet condition)")
     print(_slo_table(ours()))
     print("Events:")
-    print("\n".join(line for line in _events(api, SLO_REASONS) if line.split(":")[0].strip() in names) or "  (none)")
+    print("\n".join(line for line in events(api, SLO_REASONS) if line.split(":")[0].strip() in names) or "  (none)")
     for i in sorted(ours(), key=lambda i: i["metadata"]["name"]):
         for c in (i.get("status") or {}).get("corrections") or []:
             print(f"  {i['metadata']['name']}: correction {c['variant']} on {c['hardware']}: TTFT x{c['ttftFactor']:g}, "
@@ -261,8 +176,8 @@ def _slo_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -
 def _finetune_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -> bool:
     """Fine-tuned models (docs/adapters.md): LoRA adapters and a full fine-tune on their own nodes; whether
     every one of them was planned and rolled out in time."""
-    _create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
-    names = _apply(ld_res, deployments)
+    create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
+    names = apply_file(ld_res, deployments)
     print()
     print(f"--- fine-tuned models: {', '.join(sorted(names))} from {display_path(deployments)} on the nodes of "
           f"{display_path(nodes)}; adapters and custom weights pin the base model ---")
@@ -295,6 +210,95 @@ def _finetune_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: flo
         if reason:
             print(f"  {i['metadata']['name']}: " + reason.replace(" | ", "\n      "))
     return settled
+
+
+#: The Events of a deployment's draft, which the speculative scenario shows.
+DRAFT_REASONS = ("Planned", "DraftOff", "Replanned", "UpgradePending", "Upgraded", "SLOBreached")
+
+
+def _speculative_config(api, names: set[str]) -> list[str]:
+    """Each Deployment's draft arguments, as rendered (vLLM --speculative-config, llama.cpp --spec-*)."""
+    lines = []
+    for d in sorted(api.resources.get(api_version="apps/v1", kind="Deployment").get().to_dict()["items"],
+                    key=lambda d: d["metadata"]["name"]):
+        if d["metadata"]["name"] in names:
+            args = [str(a) for a in d["spec"]["template"]["spec"]["containers"][0].get("args") or []]
+            draft = [f"{a} {b}" for a, b in zip(args, args[1:]) if a.startswith(("--speculative", "--spec-"))]
+            lines.append(f"  {d['metadata']['name']}: {' '.join(draft) or 'no draft'}")
+    return lines
+
+
+def _draft_figures(item: dict, rates: dict[str, float]) -> str:
+    """status.plan.speculative and status.observed's draft figures (or status.slo.draftsOff) of one deployment."""
+    st = item.get("status") or {}
+    s, ob, name = (st.get("plan") or {}).get("speculative"), st.get("observed") or {}, item["metadata"]["name"]
+    if s is None:
+        seen = f"; last observed {rates[name]:.0%} of drafted tokens accepted" if name in rates else ""
+        return f"  {name}: {st.get('variant')}, no draft{seen}; status.slo.draftsOff: " \
+               f"{(st.get('slo') or {}).get('draftsOff') or '-'}"
+    rate, drafted = ob.get("draftAcceptanceRate"), ob.get("draftedTokensPerSecond")
+    least = f"{s['minAcceptanceRate']:.0%}" if s.get("minAcceptanceRate") is not None else "-"
+    return (f"  {name}: {st.get('variant')}, {s['numSpeculativeTokens']} tokens per step, predicted "
+            f"{s['predictedSpeedup']:g}x at {s['acceptance']:g} per token ({s.get('acceptanceSource') or '-'}); pays "
+            f"above {least} accepted, up to {s.get('paysUpToConcurrency') or '-'} requests per replica; observed "
+            + (f"{rate:.0%} accepted, {drafted or 0:.4g} drafted tokens/s" if rate is not None else "-"))
+
+
+def _speculative_scenario(api, ld_res, deployments: Path, nodes: Path, timeout: float) -> bool:
+    """Speculative decoding (docs/speculative.md): deployments planned with a draft; the one whose engine accepts
+    few drafted tokens (DRAFT_ACCEPTANCE) has its draft turned off by the SLO loop and re-planned, the others keep
+    theirs. Whether both steps happened in time."""
+    create_nodes(api.resources.get(api_version="v1", kind="Node"), nodes)
+    names = apply_file(ld_res, deployments)
+    print()
+    print(f"--- speculative decoding: {', '.join(sorted(names))} from {display_path(deployments)} on the nodes of "
+          f"{display_path(nodes)}; their simulated engines count drafted and accepted tokens at the plan's "
+          f"predicted acceptance, or {DRAFT_ACCEPTANCE} ---")
+
+    def ours() -> list[dict]:
+        return [i for i in ld_res.get().to_dict()["items"] if i["metadata"]["name"] in names]
+
+    def poor(item: dict) -> bool:  # the engine accepts fewer drafted tokens than the plan predicts
+        return DRAFT_ACCEPTANCE in (item["metadata"].get("annotations") or {})
+
+    first: list[dict] = []  # the deployments as they were when all served with a draft
+
+    def drafting() -> bool:
+        items = ours()
+        if len(items) == len(names) and all((i.get("status") or {}).get("phase") == "Ready" and (
+                (i.get("status") or {}).get("plan") or {}).get("speculative") for i in items):
+            first[:] = items
+        return bool(first)
+
+    planned = wait_for(drafting, timeout, interval=0.5)
+    print("$ kubectl get llamadeployments")
+    print(printer_table(first or ours()))
+    print("Rendered draft arguments:")
+    print("\n".join(_speculative_config(api, names)))
+    print(f"--- the SLO loop counts accepted over drafted tokens every {SANDBOX_SLO_INTERVAL:g}s over a "
+          f"{SANDBOX_SLO.window.total_seconds():g}s window; below the plan's minAcceptanceRate for the window, it "
+          "turns the draft off ---")
+    rates: dict[str, float] = {}
+
+    def settled_one(item: dict) -> bool:
+        st, name = item.get("status") or {}, item["metadata"]["name"]
+        if ((st.get("observed") or {}).get("draftAcceptanceRate")) is not None:
+            rates[name] = st["observed"]["draftAcceptanceRate"]
+        off, drafts = bool((st.get("slo") or {}).get("draftsOff")), bool((st.get("plan") or {}).get("speculative"))
+        ready = st.get("phase") == "Ready" and not st.get("pendingChange")
+        return ready and off and not drafts if poor(item) else ready and drafts and not off and name in rates
+
+    # From the deployments' status only: listing every Event at each poll would load the emulator.
+    done = wait_for(lambda: all([settled_one(i) for i in ours()]), timeout, interval=0.5)
+    print("$ kubectl get llamadeployments")
+    print(printer_table(ours()))
+    print("Events:")
+    shown = [line for line in events(api, DRAFT_REASONS) if line.split(":")[0].strip() in names]
+    print("\n".join(shown) or "  (none)")
+    print("Drafts (status.plan.speculative, status.observed):")
+    print("\n".join(_draft_figures(i, rates) for i in sorted(ours(), key=lambda i: i["metadata"]["name"])))
+    off = {line.split(":")[0].strip() for line in shown if line.split(":")[1].strip() == "DraftOff"}
+    return planned and done and off == {i["metadata"]["name"] for i in first if poor(i)}
 
 
 def _install_leaderworkerset(emulator, api) -> None:
@@ -331,7 +335,7 @@ def _multinode_scenario(emulator, api, ld_res, deployments: Path, pair: Path, ti
     a Deployment, and removes the group once that serves. Whether each step happened in time."""
     node_res = api.resources.get(api_version="v1", kind="Node")
     _install_leaderworkerset(emulator, api)
-    names = _apply(ld_res, deployments)
+    names = apply_file(ld_res, deployments)
 
     def ours() -> list[dict]:
         return [i for i in ld_res.get().to_dict()["items"] if i["metadata"]["name"] in names]
@@ -348,7 +352,7 @@ def _multinode_scenario(emulator, api, ld_res, deployments: Path, pair: Path, ti
     print(printer_table(ours()))
     # Nodes join one by one: the first takes FP8 (one node), and the plan moves up to bf16 across both once the
     # second has stayed for the upgrade delay (the FP8 Deployment gives the GPUs it holds back at once).
-    joined = _create_nodes(node_res, pair)
+    joined = create_nodes(node_res, pair)
     print(f"--- {len(joined)} 8x H100 nodes join from {display_path(pair)} ---")
     spanned = wait_for(lambda: phase("Ready", 2), timeout)
     print(printer_table(ours()))
@@ -360,7 +364,7 @@ def _multinode_scenario(emulator, api, ld_res, deployments: Path, pair: Path, ti
                          timeout)
     print(printer_table(ours()))
     print("Events:")
-    print("\n".join(line for line in _events(api, MOVE_REASONS + ("Planned", "Unschedulable"))
+    print("\n".join(line for line in events(api, MOVE_REASONS + ("Planned", "Unschedulable"))
                     if line.split(":")[0].strip() in names) or "  (none)")
     return spanned and fell_back
 
@@ -387,7 +391,7 @@ def _print_first_plans(api, items: list[dict]) -> None:
 def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconfig_path: Path | None,
                 upgrade_delay: float, timeout: float, join: Path | None = None,
                 slo: tuple[Path, Path] | None = None, finetunes: tuple[Path, Path] | None = None,
-                multinode: tuple[Path, Path] | None = None) -> int:
+                speculative: tuple[Path, Path] | None = None, multinode: tuple[Path, Path] | None = None) -> int:
     logging.getLogger("kopf").setLevel(logging.ERROR)  # the sandbox prints its own story
     with EmulatorThread() as emu:
         declare_crd(emu.emulator, crd_manifest())
@@ -433,6 +437,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
             # Two rounds of waiting: the first plans, then the loop's window of breach and its reaction.
             slo_done = _slo_scenario(api, ld_res, *slo, 2 * timeout) if slo is not None else True
             finetunes_done = _finetune_scenario(api, ld_res, *finetunes, timeout) if finetunes is not None else True
+            drafts_done = _speculative_scenario(api, ld_res, *speculative, timeout) if speculative is not None else True
             multinode_done = _multinode_scenario(emu.emulator, api, ld_res, *multinode, timeout) if multinode is not None else True
             if serve:
                 print()
@@ -442,7 +447,7 @@ def run_sandbox(cluster: Path, deployments: list[Path], *, serve: bool, kubeconf
                         time.sleep(3600)
                 except KeyboardInterrupt:
                     pass
-            return 0 if settled() and slo_done and finetunes_done and multinode_done else 1
+            return 0 if settled() and slo_done and finetunes_done and drafts_done and multinode_done else 1
         finally:
             operator.stop()
             kubelet.stop()

@@ -14,6 +14,22 @@ hardware slower than predicted), load is spec.slo.concurrency x spec.replicas x 
 `sandbox.llama-operator.dev/load-factor`, spread over the deployment's serving pods. Counters integrate the
 request rate over time, so two scrapes a window apart give rates as from a real server.
 
+A pod started with a draft model (its rendered arguments: vLLM `--speculative-config`, llama.cpp `--spec-type
+draft-simple`; docs/speculative.md) also counts drafted and accepted tokens, under the release's names
+(engines.yaml `speculative.metrics`): vLLM creates them only with a draft, llama.cpp always exports them (zero
+without one). Accepted over drafted tokens is what the plan predicts, acceptance_rate(status.plan.speculative.
+acceptance, the pod's draft length) (drafting.py), unless the annotation
+`sandbox.llama-operator.dev/draft-acceptance` gives the rate (0 to 1: traffic the draft guesses worse or better
+than published). Drafted tokens per second are the output tokens per second over the tokens one verifying pass
+yields, tokens_per_pass(alpha, k), times k: the mean of the real process, which is good enough for a rate the
+loop reads over a window. The annotation changes these counters only, not the latency (still the plan's
+estimate): the SLO loop turns a draft off on the acceptance it counts (slo.py), whatever the latency shows.
+
+Annotations (the sandbox's only; a real cluster ignores them; examples/slo-loop.yaml, examples/speculative.yaml):
+  sandbox.llama-operator.dev/latency-factor    the engine runs this many times slower than the plan's estimate
+  sandbox.llama-operator.dev/load-factor       offered load = slo.concurrency x replicas x this factor
+  sandbox.llama-operator.dev/draft-acceptance  accepted over drafted tokens (default: the plan's prediction)
+
 The servers are the standard library's: a ThreadingHTTPServer per pod, in daemon threads.
 """
 from __future__ import annotations
@@ -26,6 +42,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import islice
 
+from ..drafting import acceptance_rate, alpha_for_rate, tokens_per_pass
 from ..engines import EngineRelease
 from ..metrics import VLLM_TPOT_BUCKETS, VLLM_TTFT_BUCKETS, format_le
 
@@ -35,6 +52,7 @@ log = logging.getLogger(__name__)
 OUTPUT_TOKENS = 128
 LATENCY_FACTOR = "sandbox.llama-operator.dev/latency-factor"
 LOAD_FACTOR = "sandbox.llama-operator.dev/load-factor"
+DRAFT_ACCEPTANCE = "sandbox.llama-operator.dev/draft-acceptance"
 CONTENT_TYPE = "text/plain; version=0.0.4"
 #: The uniform latency distribution spans [LOW x q, HIGH x q]: its 95th percentile is q exactly.
 LOW, HIGH = 0.5, 0.5 + 0.5 / 0.95
@@ -54,6 +72,10 @@ class Traffic:
     waiting: float = 0.0
     prompt_tokens: int = 512
     concurrency: int = 1
+    #: The draft's per-token acceptance the plan assumes (status.plan.speculative.acceptance); None: no draft.
+    draft_alpha: float | None = None
+    #: Accepted over drafted tokens to report instead of the plan's (the draft-acceptance annotation).
+    draft_rate: float | None = None
 
     @property
     def requests_per_second(self) -> float:
@@ -70,6 +92,15 @@ def _factor(annotations: dict, key: str) -> float:
     except (TypeError, ValueError):
         return 1.0
     return value if math.isfinite(value) and value > 0 else 1.0
+
+
+def _rate(annotations: dict, key: str) -> float | None:
+    """A sandbox annotation's rate: a number from 0 to 1, else None (ignored)."""
+    try:
+        value = float(annotations[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if 0.0 <= value <= 1.0 else None
 
 
 def traffic(ld: dict | None, serving_pods: int) -> Traffic:
@@ -92,8 +123,10 @@ def traffic(ld: dict | None, serving_pods: int) -> Traffic:
     tpot = float(predicted["tpotSeconds"]) / float(corrected.get("tpotFactor") or 1) * slower
     offered = concurrency * int(spec.get("replicas", 1)) * _factor(annotations, LOAD_FACTOR) / serving_pods
     running = min(offered, concurrency)
+    alpha = (plan.get("speculative") or {}).get("acceptance")
     return Traffic(ttft=ttft, tpot=tpot, running=running, waiting=offered - running, prompt_tokens=prompt_tokens,
-                   concurrency=concurrency)
+                   concurrency=concurrency, draft_alpha=float(alpha) if alpha is not None else None,
+                   draft_rate=_rate(annotations, DRAFT_ACCEPTANCE))
 
 
 # --- the counters of one engine ----------------------------------------------------------------------------
@@ -126,9 +159,12 @@ class _Histogram:
 
 
 #: vLLM's series, in the order its PrometheusStatLogger registers them (vllm/v1/metrics/loggers.py of the
-#: pinned releases): gauges and the counter with their HELP text; then the histograms, with their HELP
-#: text, bucket bounds, which latency they observe, and how many observations a request makes.
+#: pinned releases): the draft's counters, gauges and the counter with their HELP text; then the histograms,
+#: with their HELP text, bucket bounds, which latency they observe, and how many observations a request makes.
 _VLLM_HELP = {
+    # vllm/v1/spec_decode/metrics.py (SpecDecodingProm, created before the gauges, loggers.py:508): only with a draft
+    "vllm:spec_decode_num_draft_tokens_total": "Number of draft tokens.",
+    "vllm:spec_decode_num_accepted_tokens_total": "Number of accepted tokens.",
     "vllm:num_requests_running": "Number of requests in model execution batches.",
     "vllm:num_requests_waiting": "Number of requests waiting to be processed.",
     "vllm:gpu_cache_usage_perc": "GPU KV-cache usage. 1 means 100 percent usage.DEPRECATED: Use "
@@ -151,11 +187,17 @@ _VLLM_HISTOGRAMS = {
 
 class SimulatedEngine:
     """One pod's engine: its counters, integrated over time at the request rate of its current `Traffic`,
-    and its /metrics text in the format of its release."""
+    and its /metrics text in the format of its release. `draft_tokens`: the draft length it was started with
+    (kubelet.draft_length), None without a draft."""
 
-    def __init__(self, release: EngineRelease, model_name: str):
+    def __init__(self, release: EngineRelease, model_name: str, draft_tokens: int | None = None):
         self.release = release
         self.model_name = model_name
+        self.draft_tokens = draft_tokens
+        #: (per-token acceptance, accepted over drafted tokens) the draft runs at; kept when a new plan without a
+        #: draft takes over (this pod still drafts until it is retired).
+        self._draft: tuple[float, float] | None = None
+        self._drafted = self._accepted = self._drafts = 0.0
         self._lock = threading.Lock()
         self._traffic = Traffic()
         self._at = time.monotonic()
@@ -171,6 +213,11 @@ class SimulatedEngine:
         with self._lock:
             self._advance()
             self._traffic = new
+            k = self.draft_tokens
+            if k and new.draft_rate is not None:
+                self._draft = (alpha_for_rate(new.draft_rate, k), new.draft_rate)
+            elif k and new.draft_alpha is not None:
+                self._draft = (new.draft_alpha, acceptance_rate(new.draft_alpha, k))
 
     def _advance(self) -> None:
         """Count what finished since the last call, at the rate of the traffic in force since then."""
@@ -190,6 +237,12 @@ class SimulatedEngine:
         self._decodes += decodes
         self._busy_slots += decodes * t.running
         self._largest_batch = max(self._largest_batch, t.prompt_tokens)
+        if self.draft_tokens and self._draft is not None:
+            alpha, rate = self._draft
+            passes = done * OUTPUT_TOKENS / tokens_per_pass(alpha, self.draft_tokens)
+            self._drafts += passes
+            self._drafted += passes * self.draft_tokens
+            self._accepted += passes * self.draft_tokens * rate
         for h in self._histograms.values():
             h.observe(done, t.ttft if h.latency == "ttft" else t.tpot)
 
@@ -206,6 +259,8 @@ class SimulatedEngine:
         gauges = {"vllm:num_requests_running": t.running, "vllm:num_requests_waiting": t.waiting,
                   "vllm:kv_cache_usage_perc": t.running / t.concurrency,
                   "vllm:gpu_cache_usage_perc": t.running / t.concurrency}
+        signals = self.release.slo_signals
+        drafting = {signals.draft_tokens: self._drafted, signals.draft_accepted: self._accepted}
         lines = []
         for name in [n for n in (*_VLLM_HELP, *_VLLM_HISTOGRAMS) if n in self.release.metrics]:
             if name in self._histograms:
@@ -221,6 +276,10 @@ class SimulatedEngine:
             elif name == "vllm:generation_tokens_total":
                 lines += [f"# HELP {name} {_VLLM_HELP[name]}", f"# TYPE {name} counter",
                           f"{name}{{{labels}}} {format_le(math.floor(self._output_tokens))}"]
+            elif name in drafting:
+                if self.draft_tokens:  # vLLM creates them only with a speculative config
+                    lines += [f"# HELP {name} {_VLLM_HELP[name]}", f"# TYPE {name} counter",
+                              f"{name}{{{labels}}} {format_le(math.floor(drafting[name]))}"]
             elif name in gauges:
                 lines += [f"# HELP {name} {_VLLM_HELP[name]}", f"# TYPE {name} gauge",
                           f"{name}{{{labels}}} {format_le(gauges[name])}"]
@@ -242,6 +301,13 @@ class SimulatedEngine:
             ("counter", "tokens_predicted_seconds_total", "Predict process time", out_seconds),
             ("counter", "n_decode_total", "Total number of llama_decode() calls", math.floor(self._decodes)),
             ("counter", "n_tokens_max", "Largest observed n_tokens.", self._largest_batch),
+            # always exported, zero without a draft (b11434 tools/server/server-task.cpp:1564-1575)
+            ("counter", "spec_decode_num_draft_tokens_total", "Speculative: Total draft tokens generated",
+             math.floor(self._drafted)),
+            ("counter", "spec_decode_num_accepted_tokens_total",
+             "Speculative: Total draft tokens accepted by the target model", math.floor(self._accepted)),
+            ("counter", "spec_decode_num_drafts_total", "Speculative: Total speculative decoding verification steps",
+             math.floor(self._drafts)),
             ("counter", "n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call",
              self._busy_slots / max(self._decodes, 1.0)),
             ("gauge", "prompt_tokens_seconds", "Average prompt throughput in tokens/s.",
@@ -351,16 +417,16 @@ class SimulatedEngines:
         self._stopped = False
 
     def serve(self, key: tuple[str, str], release: EngineRelease, model_name: str, port: int,
-              address: str | None = None) -> str | None:
+              address: str | None = None, draft_tokens: int | None = None) -> str | None:
         """Serve pod `key`'s engine on `address` (a pod that already has one), else on the lowest free
         loopback address; its address, or None when no address could be bound this time (logged; the
-        kubelet tries again at its next step)."""
+        kubelet tries again at its next step). `draft_tokens`: the pod drafts that many tokens per step."""
         with self._lock:
             if key in self._servers:
                 return self._servers[key][0]
             if self._stopped:
                 return None
-            engine = SimulatedEngine(release, model_name)
+            engine = SimulatedEngine(release, model_name, draft_tokens)
             tries = [address] if address else list(islice(self._pool.candidates(), _TRIES))
             problem: OSError | None = None
             for candidate in tries:

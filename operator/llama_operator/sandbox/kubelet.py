@@ -23,6 +23,10 @@ from . import lws
 from .engines import AddressPool, SimulatedEngines, traffic
 
 
+#: llama.cpp's draft length when --spec-draft-n-max is not given (engines.yaml speculative.flagsSource: default 3).
+LLAMACPP_DEFAULT_DRAFT_MAX = 3
+
+
 def dynamic_client(kubeconfig: str, user_agent: str = "llama-operator-sandbox"):
     import urllib3
     from kubernetes import config, dynamic
@@ -165,7 +169,7 @@ class SimulatedKubelet:
             if rel is None:
                 continue
             address = self.engines.serve((ns, name), rel, _served_name(p, owner[1]), PORTS[rel.engine],
-                                         _own_address(p))
+                                         _own_address(p), draft_length(_arguments(p), rel))
             if address is None:
                 continue
             serving[owner].append((ns, name))
@@ -279,11 +283,41 @@ def _release_of(pod: dict, owner: dict | None) -> EngineRelease | None:
     return found or (release(engine) if engine else None)
 
 
+def _arguments(pod: dict) -> list[str]:
+    """The server container's command and arguments."""
+    container = (pod["spec"].get("containers") or [{}])[0]
+    return [str(a) for a in [*(container.get("command") or []), *(container.get("args") or [])]]
+
+
+def draft_length(args: list[str], release: EngineRelease) -> int | None:
+    """Tokens the server drafts per step, from its arguments as the renderer writes them (render/speculative.py):
+    vLLM's --speculative-config JSON, llama.cpp's --spec-type draft-simple and --spec-draft-n-max; None: it
+    decodes without a draft (or the release does not draft)."""
+    support = release.speculative
+    if support is None:
+        return None
+    args = [str(a) for a in args]
+
+    def value(flag: str | None) -> str | None:
+        return args[args.index(flag) + 1] if flag and flag in args[:-1] else None
+
+    if release.engine == "vllm":
+        config = value(support.flags.get("config"))
+        try:
+            k = json.loads(config).get("num_speculative_tokens") if config else None
+        except (ValueError, AttributeError):
+            return None
+        return int(k) if isinstance(k, int) and k > 0 else None
+    if support.method not in (value(support.flags.get("type")) or "").split(","):
+        return None
+    k = value(support.flags.get("draftMax"))
+    return int(k) if k is not None and k.isdigit() and int(k) > 0 else LLAMACPP_DEFAULT_DRAFT_MAX
+
+
 def _served_name(pod: dict, deployment: str) -> str:
     """The model name the server answers to (vLLM --served-model-name, llama.cpp --alias); the renderer
     passes the LlamaDeployment's name."""
-    container = (pod["spec"].get("containers") or [{}])[0]
-    args = [str(a) for a in [*(container.get("command") or []), *(container.get("args") or [])]]
+    args = _arguments(pod)
     for flag in ("--served-model-name", "--alias"):
         if flag in args[:-1]:
             return args[args.index(flag) + 1]
