@@ -8,8 +8,8 @@ and their sources are in docs/speculative.md.
 * One speculative step is the target's verifying pass plus `k` draft steps. The verifying pass reads what a
   decode step reads (every weight once, the running sequences' KV cache: the target's decode step, estimate.py)
   and computes k + 1 tokens per sequence instead of one: the k extra tokens' FLOPs are added at the share of
-  peak the runtime's multi-token (prefill) kernels reach (prefill.py), because a verifying pass is a short
-  prefill. A draft step is the draft model's own decode step at the same concurrency, on the same GPUs.
+  peak the runtime's kernels reach on a batch of that size (_extra_token_seconds). A draft step is the draft
+  model's own decode step at the same concurrency, on the same GPUs, plus (vLLM) a fixed cost per pass.
 * Time per output token = (verifying pass + k x draft step) / tokens per pass. As concurrency grows the extra
   tokens' FLOPs grow with it while the weight traffic does not, so the gain shrinks; a long draft pays k draft
   steps for tokens that are rarely all accepted, so past some k it shrinks too.

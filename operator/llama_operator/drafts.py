@@ -1,7 +1,7 @@
 """The planner's drafts (speculative decoding, docs/speculative.md): which draft a rung's variant decodes with,
 why a candidate cannot draft, the draft length, and the chosen draft's limits for the SLO loop.
 
-A draft is a rung of its own, right after the variant it drafts for (planner._rungs): the same model and
+A draft is a rung of its own, right after the variant it drafts for (ladder.rungs): the same model and
 quantization, so the same answers, decoding faster where a step is bound by reading the weights. In mode Auto it
 is tried only when the variant failed on time per output token alone, and kept only when predicted at least
 `speculation.yaml minSpeedup` faster at the planned concurrency; mode On drafts every rung that can; Off never.

@@ -32,6 +32,7 @@ from .ladder import kv_dtype as kv_dtype_of
 from .multinode import across_nodes, out_of_one_node, span_problem
 from .pipeline import estimate_pipeline
 from .placement import DEFAULT_FORBIDDEN_TOLERATIONS, NO_GPU_NODE, NO_NODE, Pool, build_pools
+from .status import variant_name
 from .units import format_bytes, format_seconds
 
 __all__ = ["Corrections", "Plan", "STATUS_REJECTED_LIMIT", "check_choice", "ladder_models", "plan", "rank"]
@@ -156,7 +157,7 @@ def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload, limits: 
         hw = Hardware(gpu=gpu, gpu_count=c.gpus_per_replica)
     if corrections:  # a draft's own, else its variant's: a target slower than predicted verifies slower too
         c.correction = corrections.get((c.variant, c.hardware)) or (
-            corrections.get((f"{c.model.id}/{c.quant.id}", c.hardware)) if c.draft else None)
+            corrections.get((variant_name(c.model.id, c.quant.id), c.hardware)) if c.draft else None)
     fixed = _fixed_verdict(c.model, c.quant, hw, workload, limits or _Limits.of(spec), c.correction or NO_CORRECTION,
                            tuple(a.rank for a in spec.adapters), spec.weights is not None, c.nodes_per_replica,
                            c.pool.network_gbps, draft, spec.speculative.mode == "Auto")

@@ -29,6 +29,7 @@ from tiny_draft_gguf import COMPATIBLE, tiny_draft_gguf
 KINDS = sorted(SPECULATIVE_SPECS)  # draft (16-bit KV cache), draft-q8_0 (8-bit, the draft's too)
 PROMPTS = ("I believe the meaning of life is", "Once upon a time", "The capital of France is",
            "def fibonacci(n):", "Hello")
+CPU_LAYERS = 0  # the kinds are CPU plans: no layer on a GPU, the target's nor the draft's
 DRAFTED = "llamacpp:spec_decode_num_draft_tokens_total"
 ACCEPTED = "llamacpp:spec_decode_num_accepted_tokens_total"
 DRAFTS = "llamacpp:spec_decode_num_drafts_total"
@@ -115,7 +116,7 @@ def test_the_rendered_draft_is_a_command_line_the_release_accepts(kind):
     else:
         assert (r.arg("--spec-draft-type-k"), r.arg("--spec-draft-type-v")) == ("q8_0", "q8_0")
     # The draft's arguments, in one piece: what the tests below take away to run the same line without them.
-    without(r.args, draft_args(r.plan, release(r.plan.engine)))
+    without(r.args, draft_args(r.plan, release(r.plan.engine), CPU_LAYERS))
 
 
 def test_only_the_weights_the_draft_host_and_port_are_swapped(tmp_path):
@@ -194,7 +195,7 @@ def test_greedy_answers_are_the_same_with_and_without_the_draft(servers, start_s
     r = render_kind(kind)
     with_draft = [complete(servers.get(kind), prompt) for prompt in PROMPTS]
     port = free_port()
-    plain_args = local_args(without(r.args, draft_args(r.plan, release(r.plan.engine))), tiny_gguf, port)
+    plain_args = local_args(without(r.args, draft_args(r.plan, release(r.plan.engine), CPU_LAYERS)), tiny_gguf, port)
     assert not [a for a in plain_args if a.startswith("--spec-")]
     plain = start_server(plain_args, port)
     for prompt, answer in zip(PROMPTS, with_draft):

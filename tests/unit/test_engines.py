@@ -263,3 +263,29 @@ def test_every_multinode_flag_is_one_its_release_accepts():
                                     "--node-rank", "$(LWS_WORKER_INDEX)", "--master-addr", "$(LWS_LEADER_ADDRESS)",
                                     "--master-port", "29501", "--headless"]) == []
     assert rejected_arguments(rel, ["m", "--distributed-executor-backend", "torchrun"])
+
+
+# --- speculative decoding (issue 18) --------------------------------------------------------------------------
+
+def test_every_speculative_flag_is_one_its_release_accepts_and_every_fact_cites_its_source():
+    """Each flag engines.yaml names for drafting is in the release's generated option list and takes a value (a
+    llama-server option for llama.cpp); the counters are among what the release exports; every fact cites the
+    file and line it was read from; vLLM 0.10.2 refuses draft models, in its words, cited."""
+    drafting = [r for r in releases() if r.speculative is not None]
+    assert [r.id for r in drafting] == ["vllm-0.34.0", "llamacpp-b11434"]
+    for rel in drafting:
+        support = rel.speculative
+        for role, flag in support.flags.items():
+            spec = rel.options.get(flag)
+            assert spec is not None and spec["takesValue"] and spec.get("server", True), (rel.id, role, flag)
+        assert {support.accepted_metric, support.drafted_metric} <= rel.metrics, rel.id
+        for fact, source in support.sources.items():
+            assert re.search(r"\.(py|cpp|md):\d", source), (rel.id, fact)
+    assert release("vllm-0.34.0").speculative.method == "draft_model"
+    assert release("llamacpp-b11434").speculative.method == "draft-simple"
+    assert "--draft-max" not in release("llamacpp-b11434").speculative.flags.values()  # removed in this build
+    old = release("vllm-0.10.2")
+    assert old.speculative is None and "not supported yet" in old.speculative_refused
+    raw = next(r for r in load_yaml("engines.yaml")["releases"] if r["id"] == "vllm-0.10.2")
+    assert re.search(r"\.py:\d", raw["speculative"]["source"])
+

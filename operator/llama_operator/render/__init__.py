@@ -391,6 +391,7 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
     gpu_resource = GPU_RESOURCE[vendor] if on_gpu else None
     weights = weights_bytes(model, quant) + draft_weights_bytes(plan)  # downloaded, and loaded, together
     threads = _llamacpp_threads(plan)
+    gpu_layers = 999 if on_gpu else 0  # llama.cpp: every layer on the GPUs (and the draft's too)
     claim = cache_claim_name(owner, spec)
     requests, limits = _resources(plan, gpu_resource, threads, weights, claim)
     rel = _serving_release(plan, model)
@@ -418,7 +419,7 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "image": images.resolve(pinned),
         "command": list(rel.command),
         "kernel_args": list(_kernel_args(plan, rel, model, quant, gpu)),
-        "draft_args": draft_args(plan, rel),
+        "draft_args": draft_args(plan, rel, gpu_layers),
         "port": PORTS[plan.runtime],
         "weights_repo": weights_repo,
         "weights_file": weights_file,
@@ -426,7 +427,7 @@ def build_context(owner: Owner, spec: LlamaDeploymentSpec, plan: ChosenPlan, ima
         "context_length": spec.contextLength,
         "concurrency": spec.slo.concurrency,
         "gpus": plan.gpusPerReplica if on_gpu else 0,
-        "gpu_layers": 999 if on_gpu else 0,
+        "gpu_layers": gpu_layers,
         "threads": threads,
         "gpu_memory_utilization": plan.gpuMemoryUtilization if plan.gpuMemoryUtilization is not None else 0.9,
         "kv_cache_dtype": plan.kvCacheDtype,

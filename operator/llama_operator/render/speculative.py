@@ -20,8 +20,9 @@ from ..estimate import weights_bytes
 from ..status import ChosenPlan
 
 
-def draft_args(plan: ChosenPlan, rel: EngineRelease) -> list[str]:
-    """The arguments that make the server decode with the plan's draft; [] without one."""
+def draft_args(plan: ChosenPlan, rel: EngineRelease, gpu_layers: int) -> list[str]:
+    """The arguments that make the server decode with the plan's draft; [] without one. `gpu_layers`: the layers
+    the target's server puts on GPUs (llama.cpp), which the draft's follow."""
     s = plan.speculative
     if s is None:
         return []
@@ -35,7 +36,7 @@ def draft_args(plan: ChosenPlan, rel: EngineRelease) -> list[str]:
     repo = f"{org}/{name}"
     flags = support.flags
     args = [flags["type"], support.method or "", flags["draftRepo"], repo, flags["draft"], file,
-            flags["draftMax"], str(s.numSpeculativeTokens), flags["gpuLayers"], "999" if plan.gpuProduct else "0"]
+            flags["draftMax"], str(s.numSpeculativeTokens), flags["gpuLayers"], str(gpu_layers)]
     if plan.kvCacheDtype != "auto":
         args += [flags["cacheTypeK"], plan.kvCacheDtype, flags["cacheTypeV"], plan.kvCacheDtype]
     return args
