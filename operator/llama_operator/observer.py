@@ -284,10 +284,14 @@ class PrometheusSource:
                 window = format_window(window_seconds)
                 queries = {role: _role_query(_ROLES[role], _names(role), window) for role in roles}
                 queries["pods"] = _role_query("pods", _names("running"), window)
+                # One evaluation instant for every query of a collect: a ratio of two queries (the draft's
+                # acceptance) would otherwise mix windows that end a few milliseconds apart.
+                evaluated_at = f"{time.time():.3f}"
                 async with _session(len(queries)) as session:
                     results = await asyncio.gather(*(
-                        self._query(session, headers, query, by_le=_ROLES.get(role) == "buckets",
-                                    window_seconds=window_seconds) for role, query in queries.items()))
+                        self._query(session, headers, query, evaluated_at=evaluated_at,
+                                    by_le=_ROLES.get(role) == "buckets", window_seconds=window_seconds)
+                        for role, query in queries.items()))
                 answers = dict(zip(queries, results))
         return {(t.namespace, t.name): self._observe(t, known.get((t.namespace, t.name)), answers, window_seconds,
                                                      sampled_at) for t in targets}
@@ -300,11 +304,11 @@ class PrometheusSource:
         return headers
 
     async def _query(self, session: aiohttp.ClientSession, headers: Mapping[str, str], query: str, *,
-                     by_le: bool, window_seconds: float) -> dict | str:
+                     evaluated_at: str, by_le: bool, window_seconds: float) -> dict | str:
         """{(namespace, deployment): value, or {le: value}} from one instant query; or why there is none."""
         self.queries_sent += 1
         try:
-            status, body = await _get(session, f"{self.url}/api/v1/query", headers=headers, params={"query": query},
+            status, body = await _get(session, f"{self.url}/api/v1/query", headers=headers, params={"query": query, "time": evaluated_at},
                                       timeout=self.timeout, max_bytes=MAX_ANSWER_BYTES)
         except FetchError as exc:
             return str(exc)

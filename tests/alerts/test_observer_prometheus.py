@@ -123,7 +123,9 @@ async def test_one_query_per_signal_gives_each_deployment_its_figures(prometheus
         seen = await observer.collect(targets, {})
         settled = all(seen[(t.namespace, t.name)].problem is None and seen[(t.namespace, t.name)].pods
                       for t in (CHAT, LEGACY, TINY))
-        if settled and time.monotonic() > deadline - BUDGET_S + WINDOW_S + 3:
+        # Every pod scraped across the whole window (a slow first scrape would leave rate() a short span).
+        scrapes = _promql(prometheus, f"min by (llamadeployment) (count_over_time(up[{WINDOW_S}s]))")
+        if settled and all(scrapes.get(t.name, 0) >= WINDOW_S - 1 for t in (CHAT, LEGACY, TINY)):
             break
         assert time.monotonic() < deadline, {k: o.problem for k, o in seen.items()}
         time.sleep(1)
@@ -187,6 +189,7 @@ class FakePrometheus:
     def __init__(self, serve: Serve, mode: str):
         self.mode = mode
         self.authorizations: list[str | None] = []
+        self.evaluation_times: list[str | None] = []
         self.url = serve(self.handle).url
 
     def handle(self, request: Request) -> Reply | None:
@@ -195,8 +198,9 @@ class FakePrometheus:
             return None
         if self.mode == "500":
             return Reply(500)
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)["query"][0]
-        return self.answer(query)
+        params = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+        self.evaluation_times.append(params.get("time", [None])[0])
+        return self.answer(params["query"][0])
 
     def answer(self, query: str) -> Reply:
         if self.mode == "error":
@@ -251,6 +255,18 @@ async def test_series_without_the_deployment_labels_are_left_out_not_fatal(fake_
     observed = seen[(CHAT.namespace, CHAT.name)]
     assert observed.problem is None, observed.problem
     assert observed.requests_per_second == pytest.approx(1.0)  # its own +Inf bucket, not the foreign 7
+
+
+async def test_every_query_of_a_collect_is_evaluated_at_one_instant(fake_prometheus):
+    """The acceptance rate divides one query's answer by another's: asked at "now" each, their windows end a
+    few milliseconds apart and take in different scrapes (a CI run read 0.59985 for 0.6)."""
+    fake = fake_prometheus("empty")
+    observer = Observer(PrometheusSource(fake.url, timeout=TIMEOUT_S), window_seconds=30)
+    for _ in range(2):
+        fake.evaluation_times.clear()
+        await observer.collect([CHAT, TINY], {})
+        assert len(fake.evaluation_times) == 12 and len(set(fake.evaluation_times)) == 1, fake.evaluation_times
+        assert float(fake.evaluation_times[0]) == pytest.approx(time.time(), abs=2.0)
 
 
 async def test_the_bearer_token_is_read_again_each_collect(fake_prometheus, tmp_path):
