@@ -308,8 +308,9 @@ class PrometheusSource:
         """{(namespace, deployment): value, or {le: value}} from one instant query; or why there is none."""
         self.queries_sent += 1
         try:
-            status, body = await _get(session, f"{self.url}/api/v1/query", headers=headers, params={"query": query, "time": evaluated_at},
-                                      timeout=self.timeout, max_bytes=MAX_ANSWER_BYTES)
+            status, body = await _get(session, f"{self.url}/api/v1/query", headers=headers,
+                                      params={"query": query, "time": evaluated_at}, timeout=self.timeout,
+                                      max_bytes=MAX_ANSWER_BYTES)
         except FetchError as exc:
             return str(exc)
         try:
