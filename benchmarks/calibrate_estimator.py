@@ -5,9 +5,11 @@ tg512 rows, with the held-out groups (other lengths, layer splits, llama-facts-u
 and leave-one-GPU-out (the constants refitted without each GPU, that GPU's rows predicted). Prefill: relative
 least squares of the llama.cpp prefill constants on prefill-rows.json's pp512 and pp4096 rows, with
 leave-one-GPU-out (the constants refitted without each GPU, that GPU predicted), and of the vLLM TTFT constants on vllm-ttft-rows.json, with
-leave-one-row-out and leave-one-GPU-out.
+leave-one-row-out and leave-one-GPU-out. CPU (calibration/cpu.py): least absolute log error of the per-thread
+prefill rate, the 16-bit share and the decode bandwidth share on prefill-facts-used.json's mainline CPU rows,
+with leave-one-machine-out.
 
-The fitted values are copied by hand into llama_operator/estimate.py (constants are code, reviewed);
+The fitted values are copied by hand into llama_operator/estimate.py, prefill.py and cpunode.py (constants are code, reviewed);
 tests/unit/test_estimator_calibration.py then checks the error bounds with what is committed.
 Usage: .venv/bin/python benchmarks/calibrate_estimator.py
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 
 from calibration import compare as calibration
+from calibration import cpu
 from llama_operator import estimate as est
 from llama_operator import prefill
 
@@ -28,6 +31,7 @@ def main() -> None:
         "llamacppDecode": llamacpp_decode(),
         "llamacppPrefill": llamacpp_prefill(),
         "vllmTtft": vllm_ttft(),
+        "llamacppCpu": llamacpp_cpu(),
     }, indent=1))
 
 
@@ -105,6 +109,27 @@ def vllm_ttft() -> dict:
         "leaveOneGpuOut": {**errors(logo), "perGpu": per_gpu(logo)},
         "rows": [{"model": r.model, "variant": r.variant, "hardware": r.hardware, "measuredMs": r.measured,
                   "predictedMs": round(r.predicted, 1), "error": round(r.error, 4)} for r in committed],
+    }
+
+
+def llamacpp_cpu() -> dict:
+    fitted = cpu.fit(cpu.PREFILL, cpu.DECODE)
+    left_out = cpu.leave_one_machine_out(cpu.ROWS)
+    refits = {}
+    for machine in sorted({r.machine for r in cpu.ROWS}):
+        c = cpu.fit([r for r in cpu.PREFILL if r.machine != machine], [r for r in cpu.DECODE if r.machine != machine])
+        refits[machine] = {"flopsPerThread": c.flops_per_thread, "share16bit": c.share_16bit,
+                           "bandwidthShare": c.bandwidth_share}
+    return {
+        "fitted": {"CPU_PREFILL_FLOPS_PER_THREAD": fitted.flops_per_thread,
+                   "CPU_PREFILL_16BIT_SHARE": fitted.share_16bit,
+                   "CPU_PREFILL_MAX_THREADS (assumed, not fitted)": fitted.max_threads,
+                   "CPU_BANDWIDTH_EFFICIENCY": fitted.bandwidth_share},
+        "committedPrefill": errors(cpu.committed_comparisons(cpu.PREFILL)),
+        "committedDecode": errors(cpu.committed_comparisons(cpu.DECODE)),
+        "leaveOneMachineOutPrefill": errors([c for c in left_out if c.what.startswith("prefill")]),
+        "leaveOneMachineOutDecode": errors([c for c in left_out if c.what.startswith("decode")]),
+        "refittedWithout": refits,
     }
 
 

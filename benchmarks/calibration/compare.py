@@ -16,7 +16,6 @@ from pathlib import Path
 
 from llama_operator import estimate as est
 from llama_operator import prefill
-from llama_operator.candidate import CPU_MAX_THREADS
 from llama_operator.catalog import GPU, load_catalog
 
 HERE = Path(__file__).resolve().parent
@@ -545,21 +544,19 @@ def by_gpu(rows: list[Comparison]) -> dict[str, list[Comparison]]:
 FACTS_USED = json.loads((HERE / "prefill-facts-used.json").read_text())
 
 
-def _facts_threads(row) -> int:
+def facts_threads(row) -> int:
     found = re.search(r"(\d+) threads|-t (\d+)", row["conditions"])
     assert found, row["conditions"]
     return int(found.group(1) or found.group(2))
 
 
-def facts_hardware(row, planner_threads: bool = False) -> est.Hardware:
-    """A catalog or extra-gpus.json GPU, or a CPU node of the cores the run used (at most the node's, and at
-    most CPU_MAX_THREADS when `planner_threads`: what the planner would run) and the node's bandwidth."""
+def facts_hardware(row) -> est.Hardware:
+    """A catalog or extra-gpus.json GPU, or a CPU node of the threads the run used (at most the node's cores)
+    and the node's peak bandwidth."""
     spec = FACTS_USED["hardware"][row["hardware"]]
     if "gpu" in spec:
         return est.Hardware(gpu=_decode_gpu(spec["gpu"]))
-    cores = min(_facts_threads(row), spec["cpuCores"])
-    if planner_threads:
-        cores = min(cores, CPU_MAX_THREADS)
+    cores = min(facts_threads(row), spec["cpuCores"])
     return est.Hardware(gpu=None, cpu_cores=cores, cpu_bandwidth_gbps=spec["bandwidthGBps"])
 
 
@@ -568,14 +565,19 @@ def _facts_label(row, hw: est.Hardware) -> str:
         else row["hardware"]
 
 
-def _facts_llamacpp(row, planner_threads: bool) -> Comparison:
+def facts_decode_test(row) -> str:
+    """tg128 unless the run says otherwise (the AWS rows generate 256 tokens)."""
+    generated = re.search(r"\((\d+) tokens", row["conditions"])
+    return f"tg{generated.group(1)}" if generated else _decode_test(row)
+
+
+def _facts_llamacpp(row) -> Comparison:
     catalog = load_catalog()
     model = catalog.model(model_id(row["model"]))
     quant = catalog.quantizations[quant_id(row["variant"])]
-    hw = facts_hardware(row, planner_threads)
+    hw = facts_hardware(row)
     if "decode" in row["metric"]:
-        generated = re.search(r"\((\d+) tokens", row["conditions"])  # the AWS rows generate 256, not 128
-        test = f"tg{generated.group(1)}" if generated else _decode_test(row)
+        test = facts_decode_test(row)
         e = est.estimate(model, quant, hw, _decode_workload({**row, "metric": test}))
         return Comparison(f"decode {test}", model.id, quant.id, _facts_label(row, hw), float(row["value"]),
                           e.decode_tokens_per_second, row["source"])
@@ -599,30 +601,36 @@ def _facts_vllm_ttft(row) -> Comparison:
 
 
 def facts_groups() -> dict[str, list[Comparison]]:
-    """prefill-facts-used.json's rows by group: llama.cpp GPU prefill / decode, CPU prefill / decode (the
-    threads the run used, and as the planner would cap them), vLLM TTFT."""
+    """prefill-facts-used.json's rows by group: llama.cpp GPU prefill / decode and vLLM TTFT (outside every fit);
+    llama.cpp CPU prefill / decode, which the CPU constants are fitted on (calibration/cpu.py): each machine
+    predicted by the constants refitted without it, and every row by estimate() as committed."""
+    from calibration import cpu  # it builds on this module
+
     rows = FACTS_USED["rows"]
     gpu = [r for r in rows if "gpu" in FACTS_USED["hardware"][r["hardware"]] and r["metric"] != "TTFT"]
-    cpu = [r for r in rows if "cpuCores" in FACTS_USED["hardware"][r["hardware"]]]
-    cpu_prefill = [r for r in cpu if "decode" not in r["metric"]]
-    cpu_decode = [r for r in cpu if "decode" in r["metric"]]
+    cpu_rows = [r for r in rows if "cpuCores" in FACTS_USED["hardware"][r["hardware"]]]
+    cpu_logo = cpu.leave_one_machine_out(cpu.ROWS)
     return {
-        "(a) llama.cpp GPU prefill": [_facts_llamacpp(r, False) for r in gpu if "decode" not in r["metric"]],
-        "(b) llama.cpp GPU decode": [_facts_llamacpp(r, False) for r in gpu if "decode" in r["metric"]],
-        "(c) llama.cpp CPU prefill, threads as run": [_facts_llamacpp(r, False) for r in cpu_prefill],
-        "(c) llama.cpp CPU prefill, threads capped at 16": [_facts_llamacpp(r, True) for r in cpu_prefill],
-        "(c) llama.cpp CPU decode, threads as run": [_facts_llamacpp(r, False) for r in cpu_decode],
+        "(a) llama.cpp GPU prefill": [_facts_llamacpp(r) for r in gpu if "decode" not in r["metric"]],
+        "(b) llama.cpp GPU decode": [_facts_llamacpp(r) for r in gpu if "decode" in r["metric"]],
+        "(c) llama.cpp CPU prefill, leave one machine out": [c for c in cpu_logo if c.what.startswith("prefill")],
+        "(c) llama.cpp CPU decode, leave one machine out": [c for c in cpu_logo if c.what.startswith("decode")],
+        "(c) llama.cpp CPU prefill, the fit (estimate() as committed)":
+            [_facts_llamacpp(r) for r in cpu_rows if "decode" not in r["metric"]],
+        "(c) llama.cpp CPU decode, the fit (estimate() as committed)":
+            [_facts_llamacpp(r) for r in cpu_rows if "decode" in r["metric"]],
         "(d) vLLM TTFT, localhost": [_facts_vllm_ttft(r) for r in rows if r["metric"] == "TTFT"],
     }
 
 
 def facts_section() -> list[str]:
-    """docs/estimator.md's tables of prefill-facts-used.json's groups (outside the fit)."""
+    """docs/estimator.md's tables of prefill-facts-used.json's groups."""
     groups = facts_groups()
     lines = [
-        (f"**Outside the fit: prefill-facts.json** ({len(FACTS_USED['rows'])} rows in "
-         f"benchmarks/calibration/prefill-facts-used.json, the others left out there with the reason; "
-         f"nothing is fitted on them)."),
+        (f"**prefill-facts.json** ({len(FACTS_USED['rows'])} rows in "
+         f"benchmarks/calibration/prefill-facts-used.json, the others left out there with the reason): the GPU "
+         f"and vLLM rows are outside every fit; the CPU rows are the CPU constants' fit, shown left out one "
+         f"machine at a time and as fitted."),
         "",
         "| group | rows | median | largest |",
         "|---|---:|---:|---:|",

@@ -24,9 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .catalog import Model, Quantization, load_catalog
+from .catalog import Model, Quantization
+from .cpunode import cpu_flops_rate
 from .estimate import (
-    CPU_REFERENCE_CORES,
     DECODE_COMPUTE_EFFICIENCY,
     LLAMACPP_GPU_CONTEXT_BYTES,
     Estimate,
@@ -115,12 +115,11 @@ def _extra_token_seconds(target: Model, quant: Quantization, hw: Hardware) -> fl
     kernels reach on a batch of that size. vLLM: a decode-sized batch (concurrency x (k + 1) tokens, tens to
     hundreds) reaches what its batched decode GEMMs do (estimate.DECODE_COMPUTE_EFFICIENCY), over the
     tensor-parallel GPUs; llama.cpp on GPUs: its prefill share of the FP16-accumulate peak (it runs several
-    tokens through its prompt kernels), one GPU at a time as its layer split runs; on CPU: the node's measured
-    prefill rate."""
+    tokens through its prompt kernels), one GPU at a time as its layer split runs; on CPU: its threads' prefill
+    rate."""
     flops = 2 * parameter_counts(target.arch).active_per_token
     if hw.gpu is None:
-        cores = max(1, hw.cpu_cores)
-        return flops / (load_catalog().cpu.tflops * 1e12 * cores / CPU_REFERENCE_CORES)
+        return flops / cpu_flops_rate(quant, hw.cpu_cores)
     if quant.runtime == "vllm":
         return flops / (gpu_tflops(hw.gpu, quant) * 1e12 * DECODE_COMPUTE_EFFICIENCY * max(1, hw.gpu_count))
     efficiency = LLAMACPP_PREFILL_EFFICIENCY_16BIT if quant.bits >= 16 else LLAMACPP_PREFILL_EFFICIENCY_QUANTIZED

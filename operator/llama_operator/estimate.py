@@ -17,7 +17,7 @@ below say where each number comes from. The shape of the model:
   FP16 tensor peak, weight passes, the f32 attention-score matrix over the filled cache), vLLM as one batch
   of every request that arrives together (concurrency x prompt tokens) at a share of the kernel's peak plus
   a weight pass, all-reduces and a fixed per-request time; on CPU 2 x parameters x tokens plus attention at
-  the node's throughput. The first token is sampled from the prefill's last logits, so no decode step is
+  the fitted per-thread rate (up to 16 threads). The first token is sampled from the prefill's last logits, so no decode step is
   added for it; llama.cpp adds one decode step of the running slots when other sequences run (concurrency
   > 1: they share the server loop), vLLM's queue is the batch it prefills together.
 """
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from .catalog import GPU, Model, ModelArch, Quantization, load_catalog
+from .cpunode import CPU_BANDWIDTH_EFFICIENCY, cpu_flops_rate, cpu_prefill_seconds
 from .lora import AdapterMemory, adapter_memory
 from .prefill import (
     LLAMACPP_UBATCH,
     VLLM_REQUEST_OVERHEAD_SECONDS,
-    attention_flops,
     gpu_tflops,
     llamacpp_gpu_prefill_seconds,
     vllm_prefill_seconds,
@@ -77,9 +77,6 @@ LLAMACPP_DECODE_SECONDS_PER_LAYER = 80e-6
 #: (fitted with the per-layer time on the same rows). vLLM's kernels are not capped.
 LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_16BIT = 1100.0
 LLAMACPP_MAX_EFFECTIVE_BANDWIDTH_GBPS_QUANTIZED = 1150.0
-#: CPU decode: share of the node's memory bandwidth llama.cpp's CPU kernels reach (assumed equal to
-#: the GPU 16-bit figure; no x86 CPU decode result is in the calibration set).
-CPU_BANDWIDTH_EFFICIENCY = 0.92
 #: Decode compute (matters at high concurrency): batched GEMMs reach less of peak than prefill.
 DECODE_COMPUTE_EFFICIENCY = 0.50
 #: Tensor parallelism: every layer all-reduces twice per step. Latency per all-reduce (assumed from
@@ -87,8 +84,6 @@ DECODE_COMPUTE_EFFICIENCY = 0.50
 ALLREDUCE_LATENCY_SECONDS = {"nvlink": 10e-6, "pcie": 25e-6, "infinity-fabric": 12e-6}
 #: Decode speed is reported at a reference context: the prompt plus half of a 256-token answer.
 REFERENCE_OUTPUT_TOKENS = 256
-#: CPU prefill throughput in the catalog was measured on 16 cores; it scales with cores.
-CPU_REFERENCE_CORES = 16
 
 KvCacheDtype = Literal["auto", "fp8", "q8_0"]
 RuntimeName = Literal["vllm", "llamacpp"]
@@ -388,11 +383,10 @@ class _Decode(NamedTuple):
     allreduce_seconds: float  # tensor parallelism's all-reduces in one pass over the layers (else 0)
 
 
-def _cpu_decode(hw: Hardware, step_bytes: float, step_flops: float) -> _Decode:
-    """llama.cpp on CPU: the node's bandwidth at the calibrated share, its cores' FLOPs."""
-    cores = max(1, hw.cpu_cores)
+def _cpu_decode(quant: Quantization, hw: Hardware, step_bytes: float, step_flops: float) -> _Decode:
+    """llama.cpp on CPU: the node's peak bandwidth at the calibrated share, its threads' FLOPs."""
     bandwidth = hw.cpu_bandwidth_gbps * 1e9 * CPU_BANDWIDTH_EFFICIENCY
-    flops = load_catalog().cpu.tflops * 1e12 * cores / CPU_REFERENCE_CORES
+    flops = cpu_flops_rate(quant, hw.cpu_cores)
     t_memory = step_bytes / bandwidth
     t_compute = step_flops / flops
     return _Decode(max(t_memory, t_compute), bandwidth, 1, flops, 0.0)
@@ -430,14 +424,6 @@ def _gpu_decode(model: Model, quant: Quantization, hw: Hardware, step_bytes: flo
     return _Decode(max(t_memory, t_compute) + comm, bandwidth, parallel, 0.0, comm)
 
 
-def _cpu_prefill_seconds(arch: ModelArch, prompt: int, weights: int, active_parameters: float,
-                         decode: _Decode) -> float:
-    """llama.cpp on CPU: 2 x parameters x tokens plus causal attention FLOPs at the node's measured effective
-    rate (catalog `cpu`, which already is what llama.cpp reaches), never faster than one pass over the weights."""
-    flops = 2 * active_parameters * prompt + attention_flops(arch, prompt)
-    return max(flops / decode.prefill_flops_rate, weights / decode.bandwidth)
-
-
 def _vllm_gpu_memory_utilization(quant: Quantization, hw: Hardware, per_gpu: int) -> float | None:
     """vLLM's --gpu-memory-utilization: what the plan needs, plus 2% of the device for allocator
     fragmentation (None: not vLLM on GPUs)."""
@@ -464,7 +450,7 @@ def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload
     # and does 2 FLOPs per active parameter per sequence.
     step_bytes = memory.weights + adapters.read_per_step + kv_read_bytes_per_step(model.arch, workload)
     step_flops = 2 * active * workload.concurrency
-    decode = _cpu_decode(hw, step_bytes, step_flops) if hw.is_cpu \
+    decode = _cpu_decode(quant, hw, step_bytes, step_flops) if hw.is_cpu \
         else _gpu_decode(model, quant, hw, step_bytes, step_flops, active)
     prompt = workload.prompt_tokens
     if hw.gpu is not None and quant.runtime == "vllm":
@@ -479,7 +465,8 @@ def estimate(model: Model, quant: Quantization, hw: Hardware, workload: Workload
         if hw.gpu is not None:
             prefill = llamacpp_gpu_prefill_seconds(model.arch, quant, prompt, memory.weights, active, hw.gpu)
         else:
-            prefill = _cpu_prefill_seconds(model.arch, prompt, memory.weights, active, decode)
+            prefill = cpu_prefill_seconds(model.arch, prompt, memory.weights, active, decode.prefill_flops_rate,
+                                          decode.bandwidth)
         prefilled = prompt
         # llama-server decodes its other slots in the same loop: a new prompt waits one step of them.
         ttft = prefill + (decode.step_seconds if workload.concurrency > 1 else 0.0)

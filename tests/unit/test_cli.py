@@ -197,19 +197,20 @@ def test_later_deployments_see_the_gpus_earlier_ones_take(capsys, tmp_path, make
 
 
 def test_later_deployments_see_the_cpu_node_earlier_ones_take(capsys, tmp_path, make_node):
-    # Two 16-core CPU nodes; only the one labelled 120 GB/s streams the 1B fast enough (~2.5 GB of f16
-    # weights per token: ~22 ms at 120 GB/s, ~67 ms at the 40 GB/s default, against a 40 ms TPOT).
+    # Two 16-core CPU nodes; only the one labelled 240 GB/s streams the 1B fast enough (~2.5 GB of f16
+    # weights per token at 51% of the peak: ~20 ms at 240 GB/s, ~122 ms at the 40 GB/s default, against a 40 ms
+    # TPOT).
     # A replica takes 16 cores, so the fast node holds one replica: the second deployment has nowhere to go.
     cluster = write_yaml(tmp_path / "cluster.yaml", node_list(
         make_node("a-slow", cpu="16", memory="64Gi"),
-        make_node("z-fast", cpu="16", memory="64Gi", labels={"llama-operator.dev/memory-bandwidth-gbps": "120"}),
+        make_node("z-fast", cpu="16", memory="64Gi", labels={"llama-operator.dev/memory-bandwidth-gbps": "240"}),
     ))
     spec = dict(model="llama-3.2-1b-instruct", runtime="llamacpp", contextLength=4096, memoryBudget="8Gi",
                 slo={"ttftP95": "3s", "tpotP95": "40ms", "promptTokens": 256},
                 fallback={"allowQuantization": False})
     one = write_yaml(tmp_path / "one.yaml", deployment("first", **spec))
     code, out, _ = run(capsys, "plan", "-f", one, "--cluster", cluster, "-o", "json")
-    assert code == 0 and "120 GB/s" in json.loads(out)["chosen"]["hardware"]
+    assert code == 0 and "240 GB/s" in json.loads(out)["chosen"]["hardware"]
     two = write_yaml(tmp_path / "two.yaml", deployment("first", **spec), deployment("second", **spec))
     code, out, _ = run(capsys, "plan", "-f", two, "--cluster", cluster, "-o", "json")
     first, second = json.loads(out)

@@ -284,7 +284,7 @@ def test_cpu_section(catalog):
     cpu = catalog["cpu"]
     assert cpu["memoryBandwidthLabelKey"] == "llama-operator.dev/memory-bandwidth-gbps"
     assert 10 <= cpu["defaultMemoryBandwidthGBps"] <= 500
-    assert 0.1 <= cpu["defaultEffectiveTFLOPS"] <= 20
+    assert "defaultEffectiveTFLOPS" not in cpu  # a fitted estimator constant now: cpunode.py
     assert isinstance(cpu["source"], str) and len(cpu["source"]) > 40
 
 

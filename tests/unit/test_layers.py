@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "llama_operator"
 LAYERS: list[tuple[str, set[str]]] = [
     ("ground floor", {"catalog", "units", "ownership"}),
     ("api and engine facts", {"api", "fields", "finetune", "speculation", "status", "engines", "crd", "reference"}),
-    ("estimate", {"estimate", "prefill", "lora", "pipeline", "drafting"}),
+    ("estimate", {"estimate", "prefill", "cpunode", "lora", "pipeline", "drafting"}),
     ("observation", {"observe"}),
     ("inventory", {"inventory"}),
     ("placement", {"placement"}),

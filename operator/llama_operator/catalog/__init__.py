@@ -177,7 +177,6 @@ class CpuDefaults:
 
     memory_bandwidth_gbps: float  # node default; the node label `bandwidth_label` overrides it
     bandwidth_label: str
-    tflops: float  # effective prefill throughput of a 16-core node (measured), scaled by cores
     source: str
 
 
@@ -312,7 +311,6 @@ def _load_hardware() -> tuple[dict[str, GPU], dict[str, GPU], CpuDefaults, Netwo
     cpu = CpuDefaults(
         memory_bandwidth_gbps=float(cpu_raw["defaultMemoryBandwidthGBps"]),
         bandwidth_label=cpu_raw["memoryBandwidthLabelKey"],
-        tflops=float(cpu_raw["defaultEffectiveTFLOPS"]),
         source=cpu_raw.get("source", ""),
     )
     net_raw = raw["network"]
