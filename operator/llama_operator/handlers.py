@@ -42,7 +42,8 @@ def _register_lifecycle(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.startup(id="configure", registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, node_index: kopf.Index,
                         pod_index: kopf.Index, deployment_index: kopf.Index, service_index: kopf.Index,
-                        model_pod_index: kopf.Index, leaderworkerset_index: kopf.Index, **_):
+                        model_pod_index: kopf.Index, leaderworkerset_index: kopf.Index,
+                        networkpolicy_index: kopf.Index, **_):
         _configure_kopf(settings, memo.get("watch_timeout", 300))
         if "state" not in memo or _state(memo).workers is not None:  # kopf retries a startup handler that failed
             return
@@ -53,7 +54,7 @@ def _register_lifecycle(registry: kopf.OperatorRegistry) -> None:
         # kopf's index objects stay the same objects as they fill; kopf runs no handler before they are full.
         state.indexes = Indexes(nodes=node_index, pods=pod_index, deployments=deployment_index,
                                 services=service_index, model_pods=model_pod_index,
-                                leaderworkersets=leaderworkerset_index)
+                                leaderworkersets=leaderworkerset_index, networkpolicies=networkpolicy_index)
         _start_workers(state)
         if state.observer is not None:
             state.slo_task = asyncio.get_running_loop().create_task(observe_forever(state), name="slo-loop")
@@ -125,6 +126,13 @@ def _register_indexes(registry: kopf.OperatorRegistry) -> None:
         owner = labels.get(LABEL_DEPLOYMENT)
         return {(namespace, owner): Live.from_body("Service", body)} if owner else None
 
+    # Watched so that the one a LlamaDeployment no longer asks for (access.allowedClients removed) is deleted.
+    @kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED_BY, id="networkpolicy_index",
+                registry=registry)
+    async def networkpolicy_index(namespace: str, body: kopf.Body, labels: kopf.Labels, **_):
+        owner = labels.get(LABEL_DEPLOYMENT)
+        return {(namespace, owner): Live.from_body("NetworkPolicy", body)} if owner else None
+
     # Served only where LeaderWorkerSet is installed; kopf watches it once its CRD appears.
     @kopf.index(*LWS, labels=MANAGED_BY, id="leaderworkerset_index", registry=registry)
     async def leaderworkerset_index(namespace: str, body: kopf.Body, labels: kopf.Labels, **_):
@@ -154,6 +162,14 @@ def _register_watches(registry: kopf.OperatorRegistry) -> None:
     async def service_event(type: str, namespace: str, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **_):
         if labels.get(LABEL_DEPLOYMENT):
             _state(memo).owned_seen(namespace, labels[LABEL_DEPLOYMENT], Live.from_body("Service", body),
+                                    deleted=type == "DELETED")
+
+    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED_BY, id="networkpolicy_event",
+                   registry=registry)
+    async def networkpolicy_event(type: str, namespace: str, body: kopf.Body, labels: kopf.Labels,
+                                  memo: kopf.Memo, **_):
+        if labels.get(LABEL_DEPLOYMENT):
+            _state(memo).owned_seen(namespace, labels[LABEL_DEPLOYMENT], Live.from_body("NetworkPolicy", body),
                                     deleted=type == "DELETED")
 
     @kopf.on.event(*LWS, labels=MANAGED_BY, id="leaderworkerset_event", registry=registry)

@@ -40,7 +40,7 @@ from kubernetes.dynamic.exceptions import ConflictError, DynamicApiError, NotFou
 
 from .api import API_VERSION, KIND
 from .kubeclient import USER_AGENT, api_message, refusal, retry_delay, status_line
-from .live import Live, content_fingerprint, is_current
+from .live import WORKLOAD_KINDS, Live, content_fingerprint, is_current
 from .ownership import HASH_ANNOTATION, owner_uid, sha256_hex
 from .units import utc_now
 
@@ -71,8 +71,10 @@ CONFLICT, SUPERSEDED, REFUSED, BLOCKED = "conflict", "superseded", "refused", "b
 PROBLEMS = (CONFLICT, SUPERSEDED, REFUSED, BLOCKED)
 #: Order of writes: the claim a Deployment mounts first, so a Deployment never mounts a claim that is not its own.
 _APPLY_ORDER = {"PersistentVolumeClaim": 0, "Deployment": 1, "LeaderWorkerSet": 1, "Service": 2}
-#: The API versions of the workloads a new plan may replace (Writer.delete).
-WORKLOAD_API_VERSIONS = {"Deployment": "apps/v1", "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1"}
+#: The API versions of what the operator deletes (Writer.delete): the workload a new plan replaced, the
+#: NetworkPolicy a spec no longer asks for.
+DELETABLE_API_VERSIONS = {"Deployment": "apps/v1", "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1",
+                          "NetworkPolicy": "networking.k8s.io/v1"}
 
 
 class Applied(NamedTuple):
@@ -304,7 +306,7 @@ class Writer:
             obj = objects[i]
             kind, name = obj["kind"], obj["metadata"]["name"]
             if results[i] is None:
-                if kind in WORKLOAD_API_VERSIONS and claim_problem is not None:
+                if kind in WORKLOAD_KINDS and claim_problem is not None:
                     results[i] = Applied(BLOCKED, f"Deployment {obj['metadata']['namespace']}/{name} is not written "
                                                   f"while the claim it mounts is not its own")
                     continue
@@ -340,12 +342,13 @@ class Writer:
         return await self._in_thread(self._get, api_version, kind, namespace, name)
 
     async def delete(self, kind: str, namespace: str, name: str, owner_uid: str | None) -> bool:
-        """Delete a workload this LlamaDeployment controls (a Deployment or LeaderWorkerSet a new plan replaced);
-        read again first, so an object someone else now holds is left alone. Whether it was deleted."""
+        """Delete an object this LlamaDeployment controls (a Deployment or LeaderWorkerSet a new plan replaced, a
+        NetworkPolicy its spec no longer asks for); read again first, so an object someone else now holds is
+        left alone. Whether it was deleted."""
         return await self._in_thread(self._delete, kind, namespace, name, owner_uid)
 
     def _delete(self, kind: str, namespace: str, name: str, owner_uid: str | None) -> bool:
-        api_version = WORKLOAD_API_VERSIONS[kind]
+        api_version = DELETABLE_API_VERSIONS[kind]
         body = self._get(api_version, kind, namespace, name)
         if body is None or not Live.from_body(kind, body).owned_by(owner_uid):
             return False

@@ -134,6 +134,7 @@ async def _decide_and_write(state: OperatorState, key: Key, body: dict, obs: Obs
             return None  # deleted during the pass
         decision, restored = written
         await _retire_replaced_workload(state, key, body["metadata"].get("uid"), decision, owned)
+        await _retire_network_policy(state, key, body["metadata"].get("uid"), objects, owned)
     events = _event_bodies(body, key, obs.status, decision, restored)
     if not await _record(state, key, events, decision, raw_status):
         return None  # deleted during the pass
@@ -308,6 +309,19 @@ async def _retire_replaced_workload(state: OperatorState, key: Key, uid: str | N
         if stale is not None and (decision.status.phase == "Ready" or stale.gpu_product == decision.apply.gpuProduct):
             log.info("%s/%s: deleting %s %s, replaced by the %s of the plan in force", *key, kind, stale.name, keep)
             await state.writer.delete(kind, key[0], stale.name, uid)
+
+
+async def _retire_network_policy(state: OperatorState, key: Key, uid: str | None, objects: list[dict],
+                                 owned: Mapping[str, Mapping[str, Live]]) -> None:
+    """Delete this LlamaDeployment's NetworkPolicy once its spec no longer asks for one (access.allowedClients
+    removed): left in place, it would go on admitting only the clients it once listed, where the spec now says
+    every client may connect. Only a NetworkPolicy this LlamaDeployment controls is ever deleted."""
+    if any(obj["kind"] == "NetworkPolicy" for obj in objects):
+        return
+    for live in owned.get("NetworkPolicy", {}).values():
+        if live.owned_by(uid):
+            log.info("%s/%s: deleting NetworkPolicy %s: spec.access.allowedClients is no longer set", *key, live.name)
+            await state.writer.delete("NetworkPolicy", key[0], live.name, uid)
 
 
 async def _write_objects(state: OperatorState, key: Key, objects: list[dict], owned: dict[str, dict[str, Live]],

@@ -31,7 +31,7 @@ Key = tuple[str, str]  # (namespace, name)
 #: What a Pod takes from its node, and the LlamaDeployment owning it (None: not one of the operator's).
 PodUse = tuple[PodUsage, str | None]
 #: The kinds of owned objects the operator watches (and so never reads before writing).
-WATCHED_KINDS = ("Deployment", "Service", "LeaderWorkerSet")
+WATCHED_KINDS = ("Deployment", "Service", "LeaderWorkerSet", "NetworkPolicy")
 #: The CustomResourceDefinition whose presence (Established) says LeaderWorkerSet is installed: replicas may
 #: span nodes (docs/multinode.md).
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
@@ -89,11 +89,13 @@ class Indexes:
     model_pods: Any = None
     #: LeaderWorkerSets the operator owns, like deployments (empty while LeaderWorkerSet is not installed).
     leaderworkersets: Any = None
+    #: NetworkPolicies the operator owns (spec.access.allowedClients), like services.
+    networkpolicies: Any = None
 
     def owned(self, key: Key) -> dict[str, dict[str, Live]]:
         """The watched objects `key` owns, per kind and name, as `Writer.apply` takes them (`known`)."""
         indexes = (("Deployment", self.deployments), ("Service", self.services),
-                   ("LeaderWorkerSet", self.leaderworkersets or {}))
+                   ("LeaderWorkerSet", self.leaderworkersets or {}), ("NetworkPolicy", self.networkpolicies or {}))
         return {kind: {live.name: live for live in index.get(key, ())} for kind, index in indexes}
 
 

@@ -1,7 +1,7 @@
 """What the operator really asks of the Kubernetes API, against what the Helm chart's RBAC grants.
 
 The operator runs against the emulator through its whole life (plans on both runtimes, a cache
-claim, a NetworkPolicy, an invalid spec, an update, a delete, peering), every request it sends is recorded, and each
+claim, a NetworkPolicy made, changed, deleted and made again, an invalid spec, an update, a delete, peering), every request it sends is recorded, and each
 becomes (apiGroup, resource, verb). One path no scenario here can time is driven directly: the
 Writer applying objects its watch has not shown yet (a create answered 409, then a GET to compare). tests/chart/operator-api-usage.json keeps that set: this test fails
 when it is stale, and tests/chart/test_chart_rbac.py checks the rendered RBAC against it (nothing
@@ -118,6 +118,13 @@ def _exercise(peering: str | None, namespaces: list[str] | None = None) -> set[t
                       name="chat", namespace="default", content_type="application/merge-patch+json")
             assert wait_for(lambda: (lds.get(name="chat", namespace="default").to_dict().get("status") or {})
                          .get("observedGeneration") == 2, 30)
+            lds.patch(body={"spec": {"access": None}},  # no clients listed: the NetworkPolicy is deleted
+                      name="chat", namespace="default", content_type="application/merge-patch+json")
+            policies = api.resources.get(api_version="networking.k8s.io/v1", kind="NetworkPolicy")
+            assert wait_for(lambda: not policies.get(namespace="default").items, 30)
+            lds.patch(body={"spec": {"access": {"allowedClients": [{"podLabels": {"app": "router"}}]}}},
+                      name="chat", namespace="default", content_type="application/merge-patch+json")
+            assert wait_for(lambda: policies.get(namespace="default").items, 30)
             for name in ("tiny", "upgraded"):
                 lds.delete(name=name, namespace="default")
                 assert wait_for(lambda: not [i for i in lds.get(namespace="default").to_dict()["items"]

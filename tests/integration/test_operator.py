@@ -498,3 +498,41 @@ def test_a_toleration_of_everything_does_not_reach_control_plane_nodes(llama_clu
     tolerations = only(llama_cluster.deployments(), "Deployment")["spec"]["template"]["spec"]["tolerations"]
     assert all(t.get("key") for t in tolerations)  # no key-less toleration reaches the pod
     assert not any(t["key"] == "node-role.kubernetes.io/control-plane" for t in tolerations)
+
+
+# --- access.allowedClients ----------------------------------------------------------------------------------
+
+def _policy(llama_cluster, name: str) -> dict | None:
+    return llama_cluster.read("networking.k8s.io/v1", "NetworkPolicy", name)
+
+
+def test_removing_allowed_clients_deletes_the_network_policy_it_made_and_no_other(llama_cluster, run_operator,
+                                                                                     kubelet):
+    """A NetworkPolicy left behind would go on admitting only the clients once listed, where the spec now lets
+    every client in. A policy of the same name that this LlamaDeployment does not control is someone else's."""
+    llama_cluster.add_nodes("mixed")
+    run_operator(FAST)
+    chat = example("chat.yaml")
+    chat["spec"]["access"] = {"allowedClients": [{"podLabels": {"app": "gateway"}}]}
+    llama_cluster.create(chat)
+    llama_cluster.wait_phase("chat", "Ready")
+    policy = wait_until(lambda: _policy(llama_cluster, "chat"), 10, "the NetworkPolicy")
+    ld = llama_cluster.get("chat")
+    assert owned_by(policy, ld)
+
+    llama_cluster.patch_spec("chat", {"access": None})
+    llama_cluster.wait_status("chat", lambda s: s.get("observedGeneration") == 2 and s.get("phase") == "Ready",
+                              20, "generation 2 to be Ready")
+    wait_until(lambda: _policy(llama_cluster, "chat") is None, 10, "the NetworkPolicy to be deleted")
+    assert llama_cluster.deployment("chat") is not None  # the model keeps serving
+
+    # Someone's own policy carrying the operator's labels, under the name of a deployment without clients.
+    foreign = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "tiny", "namespace": "default",
+                            "labels": {"app.kubernetes.io/managed-by": "llama-operator",
+                                       "llama-operator.dev/llamadeployment": "tiny"}},
+               "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+    llama_cluster.resource("networking.k8s.io/v1", "NetworkPolicy").create(body=foreign, namespace="default")
+    llama_cluster.create(example("tiny-cpu.yaml"))
+    llama_cluster.wait_phase("tiny", "Ready")
+    holds_for(lambda: _policy(llama_cluster, "tiny") is not None, 3.0, "someone else's policy kept")

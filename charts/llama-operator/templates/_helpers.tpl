@@ -112,10 +112,10 @@ Cluster-wide install: a ClusterRole. Namespaced install: a Role in each watched 
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "create"]
-# spec.access.allowedClients: the NetworkPolicy in front of a model server (read with a GET: not watched).
+# spec.access.allowedClients: the NetworkPolicy in front of a model server (delete: once the spec drops it).
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
