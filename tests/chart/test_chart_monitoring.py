@@ -57,6 +57,20 @@ def test_prometheus_rule_wraps_the_rule_file(scenario):
     assert rule["spec"]["groups"] == (source.get("groups") or [])
 
 
+def test_runbook_urls_can_point_at_your_own_copy_of_the_runbooks(render):
+    _, docs = render("--set", "metrics.prometheusRule.enabled=true",
+                     "--set", "metrics.prometheusRule.runbookBaseUrl=https://wiki.example.com/llm/alerts/")
+    rules = [r for g in one(docs, "PrometheusRule", FULLNAME)["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    source = {r["alert"]: r for g in yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())["groups"]
+              for r in g["rules"] if "alert" in r}
+    assert rules and all("runbook_url" in (source[r["alert"]].get("annotations") or {}) for r in rules)
+    for rule in rules:
+        anchor = source[rule["alert"]]["annotations"]["runbook_url"].split("#")[1]
+        assert rule["annotations"]["runbook_url"] == f"https://wiki.example.com/llm/alerts#{anchor}"
+        assert {k: v for k, v in rule["annotations"].items() if k != "runbook_url"} == \
+            {k: v for k, v in source[rule["alert"]]["annotations"].items() if k != "runbook_url"}
+
+
 def test_dashboard_config_map_wraps_the_dashboard(scenario):
     cm = one(scenario("all-on"), "ConfigMap", f"{FULLNAME}-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"

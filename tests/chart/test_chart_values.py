@@ -31,6 +31,10 @@ BAD_VALUES = {
     "forbidden-toleration-not-a-key": ("operator:\n  forbiddenTolerations: [a b]\n",
                                        "/operator/forbiddenTolerations/0"),
     "pods-all-namespaces-string": ("watch:\n  podsAllNamespaces: yes please\n", "/watch/podsAllNamespaces"),
+    "runbook-base-not-a-url": ("metrics:\n  prometheusRule:\n    runbookBaseUrl: wiki page\n",
+                               "/metrics/prometheusRule/runbookBaseUrl"),
+    "runbook-base-with-anchor": ("metrics:\n  prometheusRule:\n    runbookBaseUrl: https://x.example/a#b\n",
+                                 "/metrics/prometheusRule/runbookBaseUrl"),
 }
 
 
