@@ -36,6 +36,32 @@ def configure_logging(*, verbose: bool = False, json_format: bool = False) -> No
     logging.getLogger("llama_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    install_leaderworkerset_filter()
+
+
+def install_leaderworkerset_filter() -> None:
+    """LeaderWorkerSetAbsent on kopf's resource-discovery logger, once."""
+    observation = logging.getLogger("kopf._core.reactor.observation")
+    if not any(isinstance(f, LeaderWorkerSetAbsent) for f in observation.filters):
+        observation.addFilter(LeaderWorkerSetAbsent())
+
+
+class LeaderWorkerSetAbsent(logging.Filter):
+    """kopf warns "Unresolved resources cannot be served" for every resource a handler names that the cluster
+    does not serve. LeaderWorkerSet is an optional prerequisite (docs/multinode.md): where it is the only such
+    resource, that is no fault, and the line says so at INFO. Any other unresolved resource keeps the warning."""
+
+    PREFIX = "Unresolved resources cannot be served"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno == logging.WARNING and message.startswith(self.PREFIX):
+            unresolved = message.split(":", 1)[1].split("Selector(")[1:]
+            if unresolved and all("leaderworkerset" in selector for selector in unresolved):
+                record.levelno, record.levelname = logging.INFO, "INFO"
+                record.msg, record.args = ("LeaderWorkerSet is not installed: replicas stay on one node until its "
+                                           "CRD appears (docs/multinode.md)"), ()
+        return True
 
 
 #: Young-generation size and older-generation ratios for the operator process (CPython's defaults:
