@@ -2,8 +2,9 @@
 (prefill pp512 and decode tg128/tg256 on a Ryzen 9 7950X, a Threadripper PRO 5975WX, an Apple M2 Max and AWS
 m7i, m7a, m6i and Graviton4 instances), the only public CPU rows of the llama.cpp the operator runs.
 
-The estimator's three CPU prefill constants (FLOP/s per thread on quantized weights, the share 16-bit weights
-reach, the thread count past which the rate stops growing) and its CPU decode bandwidth share are fitted here;
+The estimator's CPU prefill constants (FLOP/s per thread on quantized weights, the share 16-bit weights reach;
+the thread count past which the rate stops growing is assumed, fit() says why) and its CPU decode bandwidth
+share are fitted here;
 what shows the fit generalises is each machine predicted by the constants refitted without it (leave one
 machine out), and, for the 16-bit share, which only the 7950X measures, each 16-bit row predicted by the share
 refitted on the other.
