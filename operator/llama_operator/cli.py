@@ -364,8 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--concurrency", type=int, default=1)
     e.add_argument("--prompt-tokens", type=int, default=512)
     e.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "q8_0"], default="auto")
-    e.add_argument("--cpu-cores", type=int, default=16, help="with --gpu cpu")
-    e.add_argument("--cpu-bandwidth", type=float, default=None, help="with --gpu cpu: memory bandwidth, GB/s")
+    e.add_argument("--cpu-cores", type=int, default=16,
+                   help="with --gpu cpu: the threads llama.cpp runs (plan gives it the node's cores, at most 16)")
+    e.add_argument("--cpu-bandwidth", type=float, default=None,
+                   help="with --gpu cpu: the node's peak memory bandwidth, GB/s (spec sheet: channels x MT/s x 8 B)")
     e.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     e.set_defaults(func=cmd_estimate)
 
