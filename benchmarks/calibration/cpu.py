@@ -93,7 +93,7 @@ def predict(c: CpuConstants, r: CpuRow) -> float:
 
 def _score(c: CpuConstants, rows: list[CpuRow]) -> tuple[float, float]:
     """Sum of absolute log errors (for one constant: the median ratio), which the few runs far below every other
-    (two sockets, eight threads on a chiplet part, a shared cloud host) do not drag as squares would; ties (an
+    (two sockets, eight threads on a chiplet part) do not drag as squares would; ties (an
     even number of rows) broken by the sum of squared log errors (the geometric mean)."""
     logs = [math.log(predict(c, r) / r.measured) for r in rows]
     return sum(abs(x) for x in logs), sum(x * x for x in logs)

@@ -15,8 +15,8 @@ from .prefill import attention_flops
 #: the 10 CPU decode rows of prefill-facts-used.json (Ryzen 9 7950X, Threadripper PRO 5975WX, Apple M2 Max,
 #: AWS m7i, m7a, m6i, Graviton4; llama.cpp builds of 2024). The runs split in two: 0.50-0.63 where the threads
 #: can draw the node's bandwidth (the 7950X, m7i, Graviton4), 0.24-0.29 where they cannot (8 threads on one
-#: Threadripper chiplet, an M2 Max's CPU cluster, two sockets, a shared host); the fit is the first group's, and
-#: docs/estimator.md shows what leaving one machine out does to it.
+#: Threadripper chiplet, an M2 Max's CPU cluster, two sockets, an m7a whose row does not say why); the fit is the
+#: first group's, and docs/estimator.md shows what leaving one machine out does to it.
 CPU_BANDWIDTH_EFFICIENCY = 0.51
 #: CPU prefill: FLOP/s one llama.cpp thread reaches on quantized weights (Q4_0, Q8_0: repacked, int8 dot
 #: products), and the share of it 16-bit weights reach; the rate grows with threads up to
