@@ -37,13 +37,7 @@ from .estimate import (
     estimate,
     parameter_counts,
 )
-from .prefill import (
-    LLAMACPP_PREFILL_EFFICIENCY_16BIT,
-    LLAMACPP_PREFILL_EFFICIENCY_QUANTIZED,
-    VLLM_REQUEST_OVERHEAD_SECONDS,
-    gpu_tflops,
-    llamacpp_fp16_peak,
-)
+from .prefill import VLLM_REQUEST_OVERHEAD_SECONDS, gpu_tflops, llamacpp_fp16_peak, llamacpp_prefill_efficiency
 
 #: vLLM: what one draft pass costs beyond the draft model's own decode step as estimate.py times it (its
 #: weights and KV cache at the GPUs' bandwidth, its per-parameter cost): launching the pass, sampling its token,
@@ -122,8 +116,7 @@ def _extra_token_seconds(target: Model, quant: Quantization, hw: Hardware) -> fl
         return flops / cpu_flops_rate(quant, hw.cpu_cores)
     if quant.runtime == "vllm":
         return flops / (gpu_tflops(hw.gpu, quant) * 1e12 * DECODE_COMPUTE_EFFICIENCY * max(1, hw.gpu_count))
-    efficiency = LLAMACPP_PREFILL_EFFICIENCY_16BIT if quant.bits >= 16 else LLAMACPP_PREFILL_EFFICIENCY_QUANTIZED
-    return flops / (llamacpp_fp16_peak(hw.gpu) * efficiency)
+    return flops / (llamacpp_fp16_peak(hw.gpu) * llamacpp_prefill_efficiency(quant))
 
 
 def speculative_step(base: Estimate, draft: Estimate, target: Model, quant: Quantization, hw: Hardware,

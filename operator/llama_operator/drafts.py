@@ -9,6 +9,7 @@ The planner imports this module, never the reverse.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 from .api import LlamaDeploymentSpec
@@ -108,7 +109,7 @@ def draft_limits(model: Model, quant: Quantization, hw: Hardware, workload: Work
         min_rate = acceptance_rate(hi, k)
 
     def at(c: int) -> Workload:
-        return Workload(workload.context_length, c, workload.prompt_tokens, workload.kv_cache_dtype)
+        return replace(workload, concurrency=c)
 
     if gain(choice.alpha, at(1)) < minimum:
         return min_rate, None

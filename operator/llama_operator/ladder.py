@@ -142,8 +142,6 @@ def kv_is_the_problem(candidates: list[Candidate]) -> bool:
     return False
 
 
-
-
 def tpot_is_the_problem(candidates: list[Candidate]) -> bool:
     """True when some candidate failed on its time per output token alone: it fits, it has the GPUs, it meets
     the time to first token. A draft lowers time per output token only, and adds memory: it is tried for such

@@ -151,10 +151,7 @@ def _check(c: Candidate, spec: LlamaDeploymentSpec, workload: Workload, limits: 
         if problem:
             c.reasons.append(problem)
             return
-    if gpu is None:
-        hw = Hardware(gpu=None, cpu_cores=c.cpu_threads, cpu_bandwidth_gbps=c.pool.cpu_bandwidth_gbps)
-    else:
-        hw = Hardware(gpu=gpu, gpu_count=c.gpus_per_replica)
+    hw = _hardware(c)
     if corrections:  # a draft's own, else its variant's: a target slower than predicted verifies slower too
         c.correction = corrections.get((c.variant, c.hardware)) or (
             corrections.get((variant_name(c.model.id, c.quant.id), c.hardware)) if c.draft else None)
@@ -214,8 +211,7 @@ def _rung_candidates(spec: LlamaDeploymentSpec, rung: Rung, index: int, pools: l
     for quant in rung.tier:
         draft = draft_for(spec, rung.model, quant, measured) if rung.draft else None
         kv_dtype = kv_dtype_of(quant) if rung.kv_8bit else "auto"
-        workload = base if kv_dtype == "auto" else Workload(
-            base.context_length, base.concurrency, base.prompt_tokens, kv_dtype)  # type: ignore[arg-type]
+        workload = base if kv_dtype == "auto" else replace(base, kv_cache_dtype=kv_dtype)
         tried = []
         for pool in pools:
             if pool.gpu is None and quant.runtime == "vllm":
@@ -297,11 +293,17 @@ def plan(spec: LlamaDeploymentSpec, inventory: Inventory, *,
     )
 
 
+def _hardware(c: Candidate) -> Hardware:
+    """What one replica of `c` runs on, as the estimator takes it (on each node, for a replica spanning nodes)."""
+    if c.pool.gpu is None:
+        return Hardware(gpu=None, cpu_cores=c.cpu_threads, cpu_bandwidth_gbps=c.pool.cpu_bandwidth_gbps)
+    return Hardware(gpu=c.pool.gpu, gpu_count=c.gpus_per_replica)
+
+
 def _draft_limits(c: Candidate, spec: LlamaDeploymentSpec, base: Workload) -> tuple[float | None, int | None]:
     """The chosen draft's limits for the SLO loop (drafts.draft_limits), on the estimates without corrections."""
-    hw = Hardware(gpu=c.pool.gpu, gpu_count=c.gpus_per_replica) if c.pool.gpu else \
-        Hardware(gpu=None, cpu_cores=c.cpu_threads, cpu_bandwidth_gbps=c.pool.cpu_bandwidth_gbps)
-    workload = Workload(base.context_length, base.concurrency, base.prompt_tokens, c.kv_cache_dtype)  # type: ignore
+    hw = _hardware(c)
+    workload = replace(base, kv_cache_dtype=c.kv_cache_dtype)
 
     def base_of(w: Workload) -> Estimate:
         return estimate(c.model, c.quant, hw, w, in_flight=spec.weights is not None)

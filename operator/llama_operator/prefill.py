@@ -105,11 +105,15 @@ def llamacpp_prefill_terms(arch: ModelArch, prompt: int, weights: float, active_
     return LlamacppPrefillTerms(matmul, weight, kq)
 
 
+def llamacpp_prefill_efficiency(quant: Quantization) -> float:
+    """The share of the FP16-accumulate peak llama.cpp's prompt kernels reach with `quant`'s weights."""
+    return LLAMACPP_PREFILL_EFFICIENCY_16BIT if quant.bits >= 16 else LLAMACPP_PREFILL_EFFICIENCY_QUANTIZED
+
+
 def llamacpp_gpu_prefill_seconds(arch: ModelArch, quant: Quantization, prompt: int, weights: float,
                                   active_parameters: float, gpu: GPU) -> float:
     terms = llamacpp_prefill_terms(arch, prompt, weights, active_parameters, gpu)
-    efficiency = LLAMACPP_PREFILL_EFFICIENCY_16BIT if quant.bits >= 16 else LLAMACPP_PREFILL_EFFICIENCY_QUANTIZED
-    return (terms.matmul_at_peak / efficiency + LLAMACPP_PREFILL_WEIGHT_PASSES * terms.weight_pass
+    return (terms.matmul_at_peak / llamacpp_prefill_efficiency(quant) + LLAMACPP_PREFILL_WEIGHT_PASSES * terms.weight_pass
             + LLAMACPP_PREFILL_KQ_PASSES * terms.kq_pass)
 
 
